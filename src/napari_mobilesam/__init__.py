@@ -1,0 +1,34 @@
+"""napari-mobilesam: MobileSAM segmentation of microscopy stacks, for napari and scripts.
+
+Importing this package is cheap: it imports neither torch nor Qt nor napari (napari reads the
+plugin manifest at start-up). The public functions below are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module (relative to this package) that defines it
+_LAZY: dict[str, str] = {
+    "synthetic_nuclei": ".data",
+    "cell_image": ".data",
+    "NucleiStack": ".data",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
