@@ -1,0 +1,37 @@
+"""Shared test fixtures.
+
+GUI tests use napari's ``make_napari_viewer`` (pytest-qt) and run under Xvfb through pytest-xvfb.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The parity fixture computed by the official MobileSAM code sits beside the checkout.
+REFERENCE = REPO.parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """Folder of the official MobileSAM parity fixture (weights, image, prompts, expected outputs)."""
+    if not (REFERENCE / "mobile_sam_random_weights.pt").exists():
+        pytest.fail(f"parity fixture missing: expected it at {REFERENCE}")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def nuclei_stack():
+    """The default synthetic nuclei stack (40×256×256 uint16) with its ground truth."""
+    from napari_mobilesam.data import synthetic_nuclei
+
+    return synthetic_nuclei()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep every test's weights/IR/embedding caches out of the user's home directory."""
+    cache = tmp_path_factory.getbasetemp() / "napari-mobilesam-cache"
+    monkeypatch.setenv("NAPARI_MOBILESAM_CACHE", str(cache))
