@@ -16,6 +16,7 @@ _LAZY: dict[str, str] = {
     "synthetic_nuclei": ".data",
     "cell_image": ".data",
     "NucleiStack": ".data",
+    "SliceSource": ".image",
 }
 
 __all__ = ["__version__", *_LAZY]
