@@ -16,6 +16,9 @@ _LAZY: dict[str, str] = {
     "synthetic_nuclei": ".data",
     "cell_image": ".data",
     "NucleiStack": ".data",
+    "build_sam": ".build",
+    "load_model": ".build",
+    "model_identity": ".build",
     "SliceSource": ".image",
 }
 
