@@ -1,0 +1,644 @@
+"""Automatic instance segmentation: per-slice masks from candidate prompts, stitched through z.
+
+Pipeline for one slice (all arrays in napari's (row, col) order):
+
+1. :func:`candidate_points` — prompt positions taken from the image itself: one point per blob
+   (peaks of the distance transform of a thresholded, smoothed image: one per nucleus or cell,
+   touching ones included) plus a coarse grid for whatever the blobs miss.
+2. The points go through the predictor's batched decoder (``SlicePredictor.predict_many``), three
+   masks per point.
+3. :func:`filter_masks` — keep masks with a high predicted IoU and stability and a plausible area.
+4. :func:`mask_nms` — greedy non-maximum suppression on mask IoU (and containment).
+5. :func:`paint_masks` — the survivors become one (H, W) int32 label image, best score first;
+   fragments smaller than ``min_area`` are dropped.
+
+Through z, :class:`Stitcher` gives each object one id: the labels of slice z are matched to those
+of the previous slice by optimal assignment of their IoU (``scipy.optimize.linear_sum_assignment``).
+It works slice by slice, so a whole stack never has to sit in memory.
+
+Nothing here imports torch, napari or Qt: the predictor is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.optimize import linear_sum_assignment
+
+__all__ = [
+    "AutoParams",
+    "SliceResult",
+    "Stitcher",
+    "candidate_points",
+    "filter_masks",
+    "mask_nms",
+    "paint_masks",
+    "remove_small_fragments",
+    "segment_slice",
+    "stitch_labels",
+    "relabel_sequential",
+    "overlap_iou",
+    "segment_slices",
+]
+
+
+@dataclass(frozen=True)
+class AutoParams:
+    """Settings of automatic segmentation (every size is in pixels of the original slice).
+
+    Attributes
+    ----------
+    blob_sigma : float
+        Gaussian smoothing (pixels) applied before thresholding and peak finding.
+    min_distance : int
+        Minimum distance between two blob candidates; about the radius of the smallest object.
+    polarity : {"auto", "bright", "dark"}
+        Whether objects are brighter or darker than the background. ``"auto"`` takes the minority
+        side of the Otsu threshold as the objects.
+    grid : int
+        Points per side of the coarse grid added to the blob candidates (0: none). Grid points
+        closer than ``min_distance`` to a blob candidate are left out.
+    max_points : int
+        Upper bound on the number of prompts per slice (the strongest blobs are kept first).
+    points_per_batch : int
+        Prompts decoded per batched decoder call.
+    min_iou : float
+        Minimum predicted IoU of a kept mask.
+    min_stability : float
+        Minimum stability score (IoU of the mask thresholded at +1 and -1) of a kept mask.
+    min_area : int
+        Masks and painted fragments smaller than this are dropped.
+    max_area_fraction : float
+        Masks covering more than this fraction of the slice (background) are dropped.
+    nms_iou : float
+        Two masks overlapping with a higher IoU are duplicates; the lower-scoring one goes.
+    containment : float
+        A mask whose area lies inside a better mask by more than this fraction goes (sub-parts).
+    stitch_iou : float
+        Minimum IoU between labels of neighbouring slices for them to share an id.
+    stitch_overlap : float
+        Or: minimum fraction of the smaller of two labels of neighbouring slices inside the other.
+    """
+
+    blob_sigma: float = 2.0
+    min_distance: int = 7
+    polarity: str = "auto"
+    grid: int = 4
+    max_points: int = 256
+    points_per_batch: int = 64
+    min_iou: float = 0.80
+    min_stability: float = 0.85
+    min_area: int = 30
+    max_area_fraction: float = 0.25
+    nms_iou: float = 0.6
+    containment: float = 0.85
+    stitch_iou: float = 0.3
+    stitch_overlap: float = 0.6
+
+    def __post_init__(self) -> None:
+        if self.polarity not in ("auto", "bright", "dark"):
+            raise ValueError(f"polarity must be 'auto', 'bright' or 'dark', got {self.polarity!r}")
+        for name in ("min_iou", "min_stability", "max_area_fraction", "nms_iou", "containment",
+                     "stitch_iou", "stitch_overlap"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {v!r}")
+        for name in ("min_distance", "max_points", "points_per_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.grid < 0 or self.min_area < 0 or self.blob_sigma < 0:
+            raise ValueError("grid, min_area and blob_sigma must not be negative")
+
+    def replace(self, **changes) -> AutoParams:
+        """A copy with some fields changed (unknown names raise ``TypeError``)."""
+        return AutoParams(**{**asdict(self), **changes})
+
+
+# --------------------------------------------------------------------------- candidate prompts
+
+
+def _to_gray(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] in (3, 4):
+        image = image[..., :3].mean(axis=-1)
+    if image.ndim != 2:
+        raise ValueError(
+            f"expected one slice as (H, W) or (H, W, 3) RGB, got an array of shape {image.shape}"
+        )
+    return image.astype(np.float32, copy=False)
+
+
+def _otsu(values: np.ndarray) -> float:
+    from skimage.filters import threshold_otsu
+
+    if values.max() == values.min():
+        return float(values.max())
+    return float(threshold_otsu(values))
+
+
+def candidate_points(
+    image: np.ndarray, params: AutoParams | None = None
+) -> np.ndarray:
+    """Prompt positions for automatic segmentation of one slice.
+
+    Parameters
+    ----------
+    image : (H, W) array of any real dtype, or (H, W, 3) uint8 RGB
+        The slice. RGB is averaged to gray.
+    params : AutoParams, optional
+        Uses ``blob_sigma``, ``min_distance``, ``polarity``, ``grid`` and ``max_points``.
+
+    Returns
+    -------
+    (N, 2) float64 array
+        Points in (row, col) pixel coordinates: blob centres first (strongest first), then the
+        grid points that lie away from every blob.
+    """
+    from skimage.feature import peak_local_max
+
+    p = params or AutoParams()
+    gray = _to_gray(image)
+    h, w = gray.shape
+    smooth = ndi.gaussian_filter(gray, p.blob_sigma) if p.blob_sigma > 0 else gray
+    thr = _otsu(smooth)
+    fg = smooth > thr
+    polarity = p.polarity
+    if polarity == "auto":
+        polarity = "bright" if fg.mean() <= 0.5 else "dark"
+    if polarity == "dark":
+        fg = smooth < thr
+    blobs = np.zeros((0, 2), np.float64)
+    if fg.any() and not fg.all():
+        # One peak per object: maxima of the (smoothed) distance to the background split
+        # touching round objects at their neck.
+        dist = ndi.distance_transform_edt(fg)
+        dist = ndi.gaussian_filter(dist, 1.0)
+        peaks = peak_local_max(
+            dist,
+            min_distance=int(p.min_distance),
+            threshold_abs=max(1.0, p.min_distance / 3.0),
+            labels=ndi.label(fg)[0],
+            num_peaks=p.max_points,
+            exclude_border=False,
+        )
+        if len(peaks):
+            order = np.argsort(-dist[peaks[:, 0], peaks[:, 1]], kind="stable")
+            blobs = peaks[order].astype(np.float64)
+        # Touching objects whose union has a single distance peak still show one blob each in
+        # the Laplacian of Gaussian at the object scale: add those peaks, skipping duplicates.
+        sigma = max(p.min_distance / np.sqrt(2.0), p.blob_sigma, 1.0)
+        log = -ndi.gaussian_laplace(gray, sigma) * sigma**2
+        if polarity == "dark":
+            log = -log
+        ipeaks = peak_local_max(
+            log,
+            min_distance=int(p.min_distance),
+            threshold_abs=max(0.2 * float(log.max()), 1e-12),
+            labels=fg.astype(np.int32),
+            num_peaks=p.max_points,
+            exclude_border=False,
+        ).astype(np.float64)
+        extra = [q for q in ipeaks if not len(blobs) or np.hypot(*(blobs - q).T).min() >= p.min_distance]
+        if extra:
+            blobs = np.concatenate([blobs, np.asarray(extra)], axis=0)
+    pts = [blobs]
+    if p.grid > 0:
+        step_r, step_c = h / p.grid, w / p.grid
+        gr, gc = np.meshgrid(
+            (np.arange(p.grid) + 0.5) * step_r, (np.arange(p.grid) + 0.5) * step_c, indexing="ij"
+        )
+        grid = np.stack([gr.ravel(), gc.ravel()], axis=1)
+        if len(blobs):
+            d = np.sqrt(((grid[:, None, :] - blobs[None, :, :]) ** 2).sum(-1)).min(axis=1)
+            grid = grid[d >= p.min_distance]
+        pts.append(grid)
+    out = np.concatenate(pts, axis=0)[: p.max_points]
+    return np.ascontiguousarray(out, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- per-slice filtering
+
+
+def filter_masks(
+    masks: np.ndarray,
+    iou: np.ndarray,
+    stability: np.ndarray,
+    params: AutoParams | None = None,
+) -> np.ndarray:
+    """Which masks pass the quality filters.
+
+    Parameters
+    ----------
+    masks : (K, H, W) bool
+    iou, stability : (K,) float
+        Predicted IoU and stability score of each mask.
+    params : AutoParams, optional
+        Uses ``min_iou``, ``min_stability``, ``min_area`` and ``max_area_fraction``.
+
+    Returns
+    -------
+    (K,) bool
+        True for the masks to keep.
+    """
+    p = params or AutoParams()
+    masks = np.asarray(masks, bool)
+    iou = np.asarray(iou, float).reshape(-1)
+    stability = np.asarray(stability, float).reshape(-1)
+    if masks.ndim != 3 or not (len(masks) == len(iou) == len(stability)):
+        raise ValueError(
+            f"need masks (K, H, W) with K IoU and stability scores, got masks {masks.shape}, "
+            f"iou {iou.shape}, stability {stability.shape}"
+        )
+    area = masks.sum(axis=(1, 2))
+    max_area = p.max_area_fraction * masks.shape[1] * masks.shape[2]
+    return (
+        (iou >= p.min_iou)
+        & (stability >= p.min_stability)
+        & (area >= max(p.min_area, 1))
+        & (area <= max_area)
+    )
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return (0, 0, 0, 0)
+    return (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+
+
+def mask_nms(
+    masks: np.ndarray,
+    scores: np.ndarray,
+    iou_threshold: float = 0.6,
+    containment: float | None = 0.85,
+) -> np.ndarray:
+    """Greedy non-maximum suppression on masks.
+
+    Masks are visited from the best score down; one is dropped when its IoU with an already kept
+    mask exceeds ``iou_threshold``, or (when ``containment`` is set) when more than that fraction
+    of the smaller of the two lies inside the other. Ties keep the earlier index.
+
+    Parameters
+    ----------
+    masks : (K, H, W) bool
+    scores : (K,) float
+    iou_threshold : float in [0, 1]
+    containment : float in [0, 1] or None
+
+    Returns
+    -------
+    (M,) int64
+        Indices of the kept masks, best score first.
+    """
+    masks = np.asarray(masks, bool)
+    scores = np.asarray(scores, float).reshape(-1)
+    if masks.ndim != 3 or len(masks) != len(scores):
+        raise ValueError(f"need masks (K, H, W) and K scores, got {masks.shape} and {scores.shape}")
+    order = np.argsort(-scores, kind="stable")
+    areas = masks.sum(axis=(1, 2))
+    boxes = [_bbox(m) for m in masks]
+    kept: list[int] = []
+    for i in order:
+        if areas[i] == 0:
+            continue
+        r0, c0, r1, c1 = boxes[i]
+        drop = False
+        for j in kept:
+            s0, d0, s1, d1 = boxes[j]
+            rr0, cc0, rr1, cc1 = max(r0, s0), max(c0, d0), min(r1, s1), min(c1, d1)
+            if rr0 >= rr1 or cc0 >= cc1:
+                continue
+            inter = int(np.count_nonzero(masks[i, rr0:rr1, cc0:cc1] & masks[j, rr0:rr1, cc0:cc1]))
+            if inter == 0:
+                continue
+            union = areas[i] + areas[j] - inter
+            if inter / union > iou_threshold or (
+                containment is not None and inter / min(areas[i], areas[j]) > containment
+            ):
+                drop = True
+                break
+        if not drop:
+            kept.append(int(i))
+    return np.asarray(kept, dtype=np.int64)
+
+
+def remove_small_fragments(labels: np.ndarray, min_area: int) -> np.ndarray:
+    """Keep each label's largest connected piece and drop labels smaller than ``min_area``.
+
+    Parameters
+    ----------
+    labels : (H, W) integer array
+    min_area : int
+        Pixels.
+
+    Returns
+    -------
+    (H, W) int32
+        A new array (the input is not modified); ids are kept, not renumbered.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be one (H, W) slice, got shape {labels.shape}")
+    out = labels.astype(np.int32, copy=True)
+    for lab, sl in enumerate(ndi.find_objects(out), start=1):
+        if sl is None:
+            continue
+        region = out[sl] == lab
+        comp, n = ndi.label(region)
+        if n > 1:
+            sizes = np.bincount(comp.ravel())[1:]
+            region_keep = comp == (1 + int(np.argmax(sizes)))
+            out[sl][region & ~region_keep] = 0
+            region = region_keep
+        if region.sum() < min_area:
+            out[sl][region] = 0
+    return out
+
+
+def paint_masks(
+    masks: np.ndarray, scores: np.ndarray, min_area: int = 0
+) -> np.ndarray:
+    """Turn overlapping masks into one label image, the best score winning shared pixels.
+
+    Parameters
+    ----------
+    masks : (K, H, W) bool
+    scores : (K,) float
+    min_area : int
+        Fragments (after overlaps are resolved) smaller than this are dropped.
+
+    Returns
+    -------
+    (H, W) int32
+        0 is background; labels are numbered 1..N in decreasing score, without gaps.
+    """
+    masks = np.asarray(masks, bool)
+    scores = np.asarray(scores, float).reshape(-1)
+    if masks.ndim != 3 or len(masks) != len(scores):
+        raise ValueError(f"need masks (K, H, W) and K scores, got {masks.shape} and {scores.shape}")
+    out = np.zeros(masks.shape[1:], np.int32)
+    for n, i in enumerate(np.argsort(-scores, kind="stable"), start=1):
+        out[masks[i] & (out == 0)] = n
+    out = remove_small_fragments(out, min_area)
+    return relabel_sequential(out)
+
+
+def relabel_sequential(labels: np.ndarray) -> np.ndarray:
+    """Renumber the labels 1..N in order of their current id (0 stays background).
+
+    Parameters
+    ----------
+    labels : integer array of any shape
+
+    Returns
+    -------
+    int32 array of the same shape
+    """
+    labels = np.asarray(labels)
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    if len(ids) == 0:
+        return np.zeros(labels.shape, np.int32)
+    lut_keys = np.concatenate([[0], ids])
+    pos = np.searchsorted(lut_keys, labels)
+    return pos.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- one slice end to end
+
+
+@dataclass
+class SliceResult:
+    """Automatic segmentation of one slice.
+
+    Attributes
+    ----------
+    z : int
+    labels : (H, W) int32
+        Slice-local ids 1..N (stitching gives them stack-wide ids).
+    n_prompts : int
+        Candidate points decoded.
+    n_masks : int
+        Masks the decoder produced (three per point).
+    n_kept : int
+        Masks left after filtering and NMS.
+    """
+
+    z: int
+    labels: np.ndarray
+    n_prompts: int = 0
+    n_masks: int = 0
+    n_kept: int = 0
+
+
+def segment_slice(
+    predictor,
+    z: int,
+    params: AutoParams | None = None,
+    *,
+    image: np.ndarray | None = None,
+) -> SliceResult:
+    """Automatic instance segmentation of slice ``z``.
+
+    Parameters
+    ----------
+    predictor : SlicePredictor-like
+        Needs ``predict_many(z, prompts) -> list[Prediction]`` (each with ``masks`` (K, H, W) bool,
+        ``iou`` (K,), ``stability`` (K,)) and, unless ``image`` is given, ``source.rgb(z)``.
+    z : int
+        Slice index in the predictor's source.
+    params : AutoParams, optional
+    image : (H, W) or (H, W, 3) array, optional
+        The slice to take candidate points from (default: ``predictor.source.rgb(z)``).
+
+    Returns
+    -------
+    SliceResult
+        ``labels`` is (H, W) int32 with ids 1..N.
+    """
+    p = params or AutoParams()
+    if image is None:
+        image = predictor.source.rgb(z)
+    points = candidate_points(image, p)
+    h, w = np.asarray(image).shape[:2]
+    if len(points) == 0:
+        return SliceResult(z, np.zeros((h, w), np.int32))
+    all_masks: list[np.ndarray] = []
+    all_iou: list[np.ndarray] = []
+    all_stab: list[np.ndarray] = []
+    for start in range(0, len(points), p.points_per_batch):
+        chunk = points[start : start + p.points_per_batch]
+        prompts = [{"points": pt[None, :], "labels": np.ones(1, np.int64)} for pt in chunk]
+        for pred in predictor.predict_many(z, prompts):
+            m = np.asarray(pred.masks, bool)
+            iou = np.asarray(pred.iou, float).reshape(-1)
+            stab = np.asarray(pred.stability, float).reshape(-1)
+            keep = filter_masks(m, iou, stab, p)
+            if keep.any():
+                all_masks.append(m[keep])
+                all_iou.append(iou[keep])
+                all_stab.append(stab[keep])
+    n_masks = 3 * len(points)
+    if not all_masks:
+        return SliceResult(z, np.zeros((h, w), np.int32), len(points), n_masks, 0)
+    masks = np.concatenate(all_masks)
+    scores = np.concatenate(all_iou) * np.concatenate(all_stab)
+    kept = mask_nms(masks, scores, p.nms_iou, p.containment)
+    labels = paint_masks(masks[kept], scores[kept], p.min_area)
+    return SliceResult(z, labels, len(points), n_masks, len(kept))
+
+
+# --------------------------------------------------------------------------- stitching through z
+
+
+def _contingency(a: np.ndarray, b: np.ndarray):
+    """Pixel counts shared by every label of ``a`` and of ``b`` (background left out)."""
+    a = np.asarray(a).ravel()
+    b = np.asarray(b).ravel()
+    ids_a, inv_a = np.unique(a, return_inverse=True)
+    ids_b, inv_b = np.unique(b, return_inverse=True)
+    na, nb = len(ids_a), len(ids_b)
+    inter = np.bincount(inv_a * nb + inv_b, minlength=na * nb).reshape(na, nb).astype(np.float64)
+    area_a = inter.sum(axis=1)
+    area_b = inter.sum(axis=0)
+    sel_a = ids_a != 0
+    sel_b = ids_b != 0
+    return (
+        ids_a[sel_a].astype(np.int64),
+        ids_b[sel_b].astype(np.int64),
+        inter[sel_a][:, sel_b],
+        area_a[sel_a],
+        area_b[sel_b],
+    )
+
+
+def overlap_iou(
+    a: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU between every label of ``a`` and every label of ``b`` (two (H, W) slices).
+
+    Returns
+    -------
+    ids_a : (A,) int64, ids_b : (B,) int64, iou : (A, B) float64
+        Background (0) is left out.
+    """
+    ids_a, ids_b, inter, area_a, area_b = _contingency(a, b)
+    union = area_a[:, None] + area_b[None, :] - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return ids_a, ids_b, iou
+
+
+class Stitcher:
+    """Give objects one id through z by matching each slice's labels to the previous slice's.
+
+    Feed slices in z order with :meth:`add`; each returns the slice relabelled with stack-wide
+    ids. A label of slice z takes the id of the label of slice z-1 it is optimally assigned to
+    (Hungarian assignment maximising total IoU) when their IoU is at least ``min_iou``; otherwise
+    it gets a new id, and likewise when at least ``min_overlap`` of the smaller of the two lies
+    inside the other (the tip of a nucleus is much smaller than its next slice, so its IoU is low
+    although it is the same object). New ids count up from 1 in order of first appearance. Only
+    the previous slice is held, so memory does not grow with the stack.
+
+    Parameters
+    ----------
+    min_iou : float
+        Minimum IoU for two labels of neighbouring slices to be the same object.
+    min_overlap : float
+        Alternatively, minimum fraction of the smaller label covered by the other (1.0: off).
+    """
+
+    def __init__(self, min_iou: float = 0.3, min_overlap: float = 0.6) -> None:
+        for name, v in (("min_iou", min_iou), ("min_overlap", min_overlap)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {v!r}")
+        self.min_iou = float(min_iou)
+        self.min_overlap = float(min_overlap)
+        self.n_objects = 0
+        self._prev: np.ndarray | None = None
+
+    def add(self, labels: np.ndarray) -> np.ndarray:
+        """Stitch the next slice.
+
+        Parameters
+        ----------
+        labels : (H, W) integer array
+            Slice-local ids (any values; 0 is background).
+
+        Returns
+        -------
+        (H, W) int32
+            The slice with stack-wide ids.
+        """
+        labels = np.asarray(labels)
+        if labels.ndim != 2:
+            raise ValueError(f"Stitcher.add takes one (H, W) slice, got shape {labels.shape}")
+        if self._prev is not None and self._prev.shape != labels.shape:
+            raise ValueError(
+                f"slice shape changed from {self._prev.shape} to {labels.shape} within one stack"
+            )
+        ids_cur = np.unique(labels)
+        ids_cur = ids_cur[ids_cur != 0]
+        mapping: dict[int, int] = {}
+        if self._prev is not None and len(ids_cur) and self._prev.any():
+            ids_prev, ids_new, inter, area_p, area_n = _contingency(self._prev, labels)
+            if inter.size:
+                union = area_p[:, None] + area_n[None, :] - inter
+                iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+                smaller = np.minimum(area_p[:, None], area_n[None, :])
+                cover = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
+                rows, cols = linear_sum_assignment(-iou)
+                for r, c in zip(rows, cols):
+                    if inter[r, c] > 0 and (
+                        iou[r, c] >= self.min_iou or cover[r, c] >= self.min_overlap
+                    ):
+                        mapping[int(ids_new[c])] = int(ids_prev[r])
+        for lab in ids_cur:  # ascending: new ids follow the slice-local order
+            if int(lab) not in mapping:
+                self.n_objects += 1
+                mapping[int(lab)] = self.n_objects
+        out = np.zeros(labels.shape, np.int32)
+        if mapping:
+            keys = np.fromiter(mapping.keys(), np.int64, len(mapping))
+            vals = np.fromiter(mapping.values(), np.int64, len(mapping))
+            order = np.argsort(keys)
+            keys, vals = keys[order], vals[order]
+            fg = labels != 0
+            out[fg] = vals[np.searchsorted(keys, labels[fg])]
+        self._prev = out
+        return out
+
+
+def stitch_labels(
+    slices: Iterable[np.ndarray], min_iou: float = 0.3, min_overlap: float = 0.6
+) -> Iterator[np.ndarray]:
+    """Stitch per-slice labels lazily: yields each (H, W) int32 slice with stack-wide ids.
+
+    ``np.stack(list(stitch_labels(stack)))`` stitches a whole (Z, H, W) array; passing a generator
+    keeps only two slices in memory.
+    """
+    stitcher = Stitcher(min_iou, min_overlap)
+    for sl in slices:
+        yield stitcher.add(sl)
+
+
+def segment_slices(
+    predictor,
+    zs: Iterable[int],
+    params: AutoParams | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[SliceResult]:
+    """Run :func:`segment_slice` on each z in ``zs`` (slice-local ids, not stitched).
+
+    ``progress(z)`` is called after each slice.
+    """
+    for z in zs:
+        res = segment_slice(predictor, int(z), params)
+        if progress is not None:
+            progress(int(z))
+        yield res
+
