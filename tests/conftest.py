@@ -35,3 +35,19 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep every test's weights/IR/embedding caches out of the user's home directory."""
     cache = tmp_path_factory.getbasetemp() / "napari-mobilesam-cache"
     monkeypatch.setenv("NAPARI_MOBILESAM_CACHE", str(cache))
+
+
+@pytest.fixture(scope="session")
+def engine_sam_test():
+    """The tiny random ``vit_t_test`` model (fast; same shapes as MobileSAM), shared by engine tests."""
+    from napari_mobilesam.build import build_sam
+
+    return build_sam("vit_t_test", seed=0)
+
+
+@pytest.fixture(scope="session")
+def engine_sam_reference(reference_dir):
+    """The real MobileSAM architecture with the parity fixture's random weights (slow encoder: ~1 s)."""
+    from napari_mobilesam.build import build_sam
+
+    return build_sam("vit_t", reference_dir / "mobile_sam_random_weights.pt")
