@@ -180,7 +180,7 @@ def _tensor_digest(module) -> str:
         t = v.detach()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
         if t.numel():
-            h.update(t.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     digest = h.hexdigest()
     object.__setattr__(module, "_napari_mobilesam_digest", (signature, digest))
     return digest

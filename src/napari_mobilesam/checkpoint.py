@@ -91,11 +91,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError...
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if zipfile.is_zipfile(p) or "zip" in msg.lower() or isinstance(exc, EOFError):
+        text = str(exc)
+        msg = text.splitlines()[0].strip() if text else type(exc).__name__
+        if "weights only load failed" in text.lower() or "unsupported global" in text.lower():
+            reason = (
+                "it contains pickled Python objects (code) that a safe load "
+                "(torch.load(weights_only=True)) refuses; save a plain state dict instead"
+            )
+            msg = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), msg)
+        elif zipfile.is_zipfile(p) or "zip" in msg.lower() or isinstance(exc, EOFError):
             reason = "it is truncated or corrupt"
-        elif "weights_only" in msg or "Unsupported global" in msg:
-            reason = "it contains pickled Python objects that are not allowed in a safe load"
         else:
             reason = "it is not a PyTorch checkpoint"
         raise CheckpointError(

@@ -1,0 +1,195 @@
+"""Per-user weights cache and downloads with pinned SHA-256 (pooch).
+
+Nothing is downloaded at import: :func:`fetch_weights` runs when a model is built without an
+explicit checkpoint. The cache folder is ``$NAPARI_MOBILESAM_CACHE`` when that variable is set,
+otherwise the platform's user cache (``~/.cache/napari-mobilesam`` on Linux). Layout::
+
+    <cache>/weights/mobile_sam.pt          downloaded checkpoints (official file names)
+    <cache>/weights/mobile_sam.pt.sha256   "<size> <mtime_ns> <sha256>": skip re-hashing big files
+    <cache>/openvino/<key>/                converted OpenVINO models (see backends.py)
+
+Downloads go to a temporary file in the same folder and are renamed only after the SHA-256
+matched, so a failed or forged download leaves nothing behind. Offline, the error names the
+missing file, where to put it and where to get it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import file_sha256
+
+__all__ = [
+    "WEIGHTS",
+    "WeightsFile",
+    "WeightsError",
+    "WeightsHashError",
+    "cache_dir",
+    "weights_path",
+    "fetch_weights",
+    "verified_sha256",
+]
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "NAPARI_MOBILESAM_CACHE"
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A published checkpoint: file name, URL, pinned SHA-256 (hex) and size in bytes (or None)."""
+
+    filename: str
+    url: str
+    sha256: str
+    size: int | None = None
+
+
+_META = "https://dl.fbaipublicfiles.com/segment_anything/"
+WEIGHTS: dict[str, WeightsFile] = {
+    "vit_t": WeightsFile(
+        "mobile_sam.pt",
+        "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+        "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
+        40_728_226,
+    ),
+    "vit_b": WeightsFile(
+        "sam_vit_b_01ec64.pth",
+        _META + "sam_vit_b_01ec64.pth",
+        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+    ),
+    "vit_l": WeightsFile(
+        "sam_vit_l_0b3195.pth",
+        _META + "sam_vit_l_0b3195.pth",
+        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+    ),
+    "vit_h": WeightsFile(
+        "sam_vit_h_4b8939.pth",
+        _META + "sam_vit_h_4b8939.pth",
+        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+    ),
+}
+
+
+class WeightsError(RuntimeError):
+    """Weights that are not in the cache and could not be fetched (says what to do instead)."""
+
+
+class WeightsHashError(WeightsError, ValueError):
+    """A downloaded or cached file whose SHA-256 is not the pinned one (nothing was kept)."""
+
+
+def cache_dir() -> Path:
+    """Root of the per-user cache: ``$NAPARI_MOBILESAM_CACHE`` or the platform's user cache."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    import pooch
+
+    return Path(pooch.os_cache("napari-mobilesam"))
+
+
+def _entry(model: str) -> WeightsFile:
+    if model not in WEIGHTS:
+        raise ValueError(
+            f"no published weights for model {model!r}; known: {', '.join(WEIGHTS)} "
+            "(pass checkpoint=<path> for your own)"
+        )
+    return WEIGHTS[model]
+
+
+def weights_path(model: str = "vit_t") -> Path:
+    """Where the weights of ``model`` live in the cache (whether or not they are there yet)."""
+    return cache_dir() / "weights" / _entry(model).filename
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def verified_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of ``path``, remembered beside it (keyed by size and mtime) to avoid re-hashing."""
+    p = Path(path)
+    st = p.stat()
+    stamp = _stamp_path(p)
+    key = f"{st.st_size} {st.st_mtime_ns}"
+    try:
+        size, mtime, digest = stamp.read_text().split()
+        if f"{size} {mtime}" == key and len(digest) == 64:
+            return digest
+    except (OSError, ValueError):
+        pass
+    digest = file_sha256(p)
+    try:
+        stamp.write_text(f"{key} {digest}\n")
+    except OSError:  # read-only location: just don't remember
+        pass
+    return digest
+
+
+def _advice(entry: WeightsFile, target: Path) -> str:
+    size = f", {entry.size:,} bytes" if entry.size else ""
+    return (
+        f"Download {entry.filename} ({entry.url}{size}, SHA-256 {entry.sha256}) on a machine "
+        f"with internet access and put it at {target}, or pass checkpoint='/path/to/"
+        f"{entry.filename}' when loading the model. Set {CACHE_ENV} to move the cache folder."
+    )
+
+
+def fetch_weights(
+    model: str = "vit_t",
+    *,
+    url: str | None = None,
+    sha256: str | None = None,
+    progress: bool = False,
+    timeout: float = 60.0,
+) -> Path:
+    """Path of the verified weights of ``model`` in the cache, downloading them on first use.
+
+    ``url``/``sha256`` override the published ones (a mirror). A cached file with the right hash
+    is reused without any network access. Raises :class:`WeightsHashError` when the download's
+    SHA-256 is wrong (no file is left in the cache) and :class:`WeightsError` when the file cannot
+    be downloaded (the message says where to put a manually downloaded copy).
+    """
+    entry = _entry(model)
+    if url is not None or sha256 is not None:
+        entry = WeightsFile(entry.filename, url or entry.url, sha256 or entry.sha256, None)
+    target = weights_path(model)
+    if target.exists():
+        if verified_sha256(target) == entry.sha256:
+            return target
+        log.warning("cached %s has the wrong SHA-256; downloading it again", target)
+    import pooch
+    import requests
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s weights from %s to %s", model, entry.url, target)
+    try:
+        path = pooch.retrieve(
+            entry.url,
+            known_hash=f"sha256:{entry.sha256}",
+            fname=target.name,
+            path=target.parent,
+            progressbar=progress,
+            downloader=pooch.HTTPDownloader(timeout=timeout, progressbar=progress),
+        )
+    except ValueError as exc:
+        if "hash" not in str(exc).lower():
+            raise
+        raise WeightsHashError(
+            f"the file downloaded from {entry.url} does not have the pinned SHA-256 "
+            f"{entry.sha256}; it was discarded (nothing was written to {target.parent}). "
+            + _advice(entry, target)
+        ) from exc
+    except (requests.exceptions.RequestException, OSError) as exc:
+        state = "has the wrong SHA-256" if target.exists() else "is missing"
+        raise WeightsError(
+            f"{model} weights {target} {state} and could not be downloaded from {entry.url} "
+            f"({type(exc).__name__}: {exc}). " + _advice(entry, target)
+        ) from exc
+    path = Path(path)
+    verified_sha256(path)  # remember the hash pooch just checked
+    return path
