@@ -20,6 +20,11 @@ _LAZY: dict[str, str] = {
     "load_model": ".build",
     "model_identity": ".build",
     "SliceSource": ".image",
+    "EmbeddingCache": ".embeddings",
+    "SlicePredictor": ".predictor",
+    "Prompt": ".predictor",
+    "Prediction": ".predictor",
+    "PromptError": ".predictor",
 }
 
 __all__ = ["__version__", *_LAZY]

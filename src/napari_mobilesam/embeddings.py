@@ -1,0 +1,443 @@
+"""Per-slice image embeddings, computed lazily and cached in memory and (optionally) on disk.
+
+`EmbeddingCache.get(source, z)` returns the SAM image embedding of slice ``z`` of a
+`~napari_mobilesam.image.SliceSource`. Entries are keyed by the slice's RGB content (which already
+includes the normalisation) and the model's identity, so the same slice seen through two sources or
+two runs is computed once.
+
+- Memory: an LRU bounded by a byte budget; entries are stored as float16 by default (2 MiB a slice).
+- Disk (``disk_dir``): one ``.npy`` file per entry under a folder per model identity, written to a
+  temporary file and renamed into place, so a crash mid-write never leaves an entry that loads wrong.
+  An unreadable or malformed entry is recomputed and replaced.
+- `precompute` runs a range of slices with progress and cancellation callbacks; `prefetch` computes
+  slices in one background thread (e.g. the neighbours of the slice being annotated).
+
+No napari or Qt here; torch is imported by this module (it is only imported lazily by the package).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .image import SliceSource
+
+__all__ = ["Embedding", "EmbeddingCache", "CacheStats", "compute_embedding", "model_identity_of"]
+
+EMBED_SHAPE = (256, 64, 64)
+DEFAULT_MAX_BYTES = 512 * 2**20
+
+_identity_cache: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """The image embedding of one slice.
+
+    Attributes
+    ----------
+    features : torch.Tensor
+        (1, 256, 64, 64) float32, on the model's device.
+    input_size : (h, w)
+        Size of the slice after resizing its longest side to the encoder's input (1024).
+    original_size : (H, W)
+        Size of the slice itself (rows, cols).
+    """
+
+    features: torch.Tensor
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+@dataclass
+class CacheStats:
+    """Counters of an `EmbeddingCache` (requests = hits + disk_hits + computed)."""
+
+    hits: int = 0
+    disk_hits: int = 0
+    computed: int = 0
+    evictions: int = 0
+    entries: int = 0
+    bytes: int = 0
+
+    @property
+    def requests(self) -> int:
+        return self.hits + self.disk_hits + self.computed
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of requests served without running the encoder (memory or disk), 0..1."""
+        return (self.hits + self.disk_hits) / self.requests if self.requests else 0.0
+
+
+def model_identity_of(sam: Any) -> str:
+    """A stable string naming the model, its weights and backend, used in cache keys.
+
+    ``napari_mobilesam.build.model_identity`` (which follows in-place weight changes) for models it
+    knows; otherwise a hash of the state dict (names, shapes, dtypes and values), computed once per
+    model object.
+    """
+    try:
+        from .build import model_identity
+
+        return str(model_identity(sam))
+    except ImportError:
+        pass
+    try:
+        return _identity_cache[sam]
+    except (KeyError, TypeError):
+        pass
+    h = hashlib.blake2b(digest_size=16)
+    with torch.no_grad():
+        for name, t in sorted(sam.state_dict().items()):
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    ident = f"{type(sam.image_encoder).__name__}-{h.hexdigest()}"
+    try:
+        _identity_cache[sam] = ident
+    except TypeError:
+        pass
+    return ident
+
+
+def _encoder_size(sam: Any) -> int:
+    return int(getattr(sam.image_encoder, "img_size", 1024))
+
+
+def input_size_for(original_size: tuple[int, int], long_side: int = 1024) -> tuple[int, int]:
+    """(h, w) of a (H, W) image resized so its longest side is ``long_side`` (SAM's rule)."""
+    h, w = original_size
+    scale = long_side / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def compute_embedding(sam: Any, rgb: np.ndarray) -> Embedding:
+    """Run the image encoder on one (H, W, 3) uint8 RGB image.
+
+    Resize (longest side to the encoder size, bilinear with antialiasing), normalise with the model's
+    pixel mean/std, zero-pad bottom/right to a square, encode. Returns float32 features.
+    """
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
+    size = _encoder_size(sam)
+    resized = ResizeLongestSide(size).apply_image(np.ascontiguousarray(rgb))
+    h, w = resized.shape[:2]
+    device = sam.pixel_mean.device
+    with torch.inference_mode():
+        x = torch.as_tensor(resized, device=device).permute(2, 0, 1).float()
+        x = (x - sam.pixel_mean) / sam.pixel_std
+        x = torch.nn.functional.pad(x, (0, size - w, 0, size - h))[None]
+        feats = sam.image_encoder(x)
+    if not isinstance(feats, torch.Tensor):
+        feats = torch.as_tensor(np.asarray(feats))
+    feats = feats.float()
+    if tuple(feats.shape[1:]) != EMBED_SHAPE or feats.shape[0] != 1:
+        raise RuntimeError(f"the image encoder returned {tuple(feats.shape)}, expected (1, 256, 64, 64)")
+    return Embedding(feats, (h, w), (int(rgb.shape[0]), int(rgb.shape[1])))
+
+
+class EmbeddingCache:
+    """Lazily computed, cached slice embeddings for one model.
+
+    Parameters
+    ----------
+    sam : segment_anything.modeling.Sam
+        The model (any backend behind ``sam.image_encoder``).
+    max_bytes : int
+        Memory budget of the LRU, in bytes (default 512 MiB = 256 slices in float16). 0 keeps nothing
+        in memory (disk only).
+    disk_dir : path, optional
+        Folder for the on-disk cache; created if needed. ``None``: memory only.
+    dtype : torch.dtype
+        Storage dtype in memory and on disk: ``torch.float16`` (default) or ``torch.float32``.
+        `get` always returns float32.
+    """
+
+    def __init__(
+        self,
+        sam: Any,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        disk_dir: str | os.PathLike | None = None,
+        dtype: torch.dtype = torch.float16,
+    ) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        if dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"dtype must be torch.float16 or torch.float32, got {dtype}")
+        self.sam = sam
+        self.max_bytes = int(max_bytes)
+        self.dtype = dtype
+        self.disk_dir = None if disk_dir is None else Path(disk_dir)
+        self._model_dir: Path | None = None
+        self.identity = ""
+        self._set_identity(model_identity_of(sam))
+        self._mem: OrderedDict[str, tuple[torch.Tensor, tuple[int, int], tuple[int, int]]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.RLock()
+        self._encode_lock = threading.Lock()
+        self._inflight: dict[str, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._prefetch_jobs: list[Future] = []
+        self._stats = CacheStats()
+
+    def _set_identity(self, ident: str) -> None:
+        self.identity = ident
+        if self.disk_dir is not None:
+            tag = hashlib.blake2b(ident.encode(), digest_size=12).hexdigest()
+            self._model_dir = self.disk_dir / f"{tag}-{str(self.dtype).rsplit('.', 1)[-1]}"
+            self._model_dir.mkdir(parents=True, exist_ok=True)
+
+    def _check_identity(self) -> None:
+        """Drop the in-memory entries if the model's weights changed since they were computed."""
+        ident = model_identity_of(self.sam)
+        if ident != self.identity:
+            with self._lock:
+                self._mem.clear()
+                self._bytes = 0
+                self._set_identity(ident)
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    @property
+    def stats(self) -> CacheStats:
+        """A snapshot of the counters (hits, disk_hits, computed, evictions, entries, bytes)."""
+        with self._lock:
+            s = CacheStats(**{k: getattr(self._stats, k) for k in ("hits", "disk_hits", "computed", "evictions")})
+            s.entries = len(self._mem)
+            s.bytes = self._bytes
+            return s
+
+    def reset_stats(self) -> None:
+        """Zero the hit/miss counters (entries are kept)."""
+        with self._lock:
+            self._stats = CacheStats()
+
+    def clear_memory(self) -> None:
+        """Drop every in-memory entry (the disk cache is kept)."""
+        with self._lock:
+            self._mem.clear()
+            self._bytes = 0
+
+    def key(self, source: SliceSource, z: int) -> str:
+        """Cache key of slice ``z``: the slice's RGB content hash (normalisation included)."""
+        return source.slice_key(z)
+
+    def __contains__(self, item: tuple[SliceSource, int]) -> bool:
+        source, z = item
+        with self._lock:
+            return self.key(source, z) in self._mem
+
+    def _put_mem(self, key: str, feats: torch.Tensor, input_size, original_size) -> None:
+        nbytes = feats.numel() * feats.element_size()
+        with self._lock:
+            if key in self._mem:
+                self._mem.move_to_end(key)
+                return
+            if nbytes > self.max_bytes:
+                return
+            self._mem[key] = (feats, input_size, original_size)
+            self._bytes += nbytes
+            while self._bytes > self.max_bytes and self._mem:
+                _, (old, _, _) = self._mem.popitem(last=False)
+                self._bytes -= old.numel() * old.element_size()
+                self._stats.evictions += 1
+
+    def _disk_path(self, key: str) -> Path | None:
+        if self._model_dir is None:
+            return None
+        return self._model_dir / key[:2] / f"{key}.npy"
+
+    def _load_disk(self, key: str) -> torch.Tensor | None:
+        path = self._disk_path(key)
+        if path is None or not path.exists():
+            return None
+        want = np.float16 if self.dtype == torch.float16 else np.float32
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None  # unreadable: recomputed and replaced by the caller
+        if arr.shape != (1, *EMBED_SHAPE) or arr.dtype != want or not np.isfinite(arr).all():
+            return None
+        return torch.from_numpy(arr)
+
+    def _save_disk(self, key: str, feats: torch.Tensor) -> None:
+        path = self._disk_path(key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, feats.cpu().numpy(), allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic on POSIX and Windows
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    # -- public API -------------------------------------------------------------------------------
+    def get(self, source: SliceSource, z: int) -> Embedding:
+        """The embedding of slice ``z`` of ``source``: from memory, else disk, else the encoder.
+
+        Returns an `Embedding` with float32 ``features`` (1, 256, 64, 64) on the model's device.
+        Thread-safe; a slice being computed in the background is waited for, not recomputed.
+        """
+        feats, input_size, original_size = self._entry(source, z)
+        device = self.sam.pixel_mean.device
+        return Embedding(feats.to(device=device, dtype=torch.float32), input_size, original_size)
+
+    def _entry(self, source: SliceSource, z: int):
+        """(stored features, input_size, original_size) of slice ``z``, filling the cache."""
+        self._check_identity()
+        key = self.key(source, z)
+        with self._lock:
+            entry = self._mem.get(key)
+            if entry is not None:
+                self._mem.move_to_end(key)
+                self._stats.hits += 1
+            else:
+                fut = self._inflight.get(key)
+                own = fut is None
+                if own:
+                    fut = Future()
+                    self._inflight[key] = fut
+        if entry is None:
+            if own:
+                try:
+                    entry = self._fill(source, z, key)
+                    fut.set_result(entry)
+                except BaseException as exc:
+                    fut.set_exception(exc)
+                    raise
+                finally:
+                    with self._lock:
+                        self._inflight.pop(key, None)
+            else:
+                entry = fut.result()
+                with self._lock:
+                    self._stats.hits += 1
+        return entry
+
+    def _fill(self, source: SliceSource, z: int, key: str):
+        original_size = source.slice_shape
+        input_size = input_size_for(original_size, _encoder_size(self.sam))
+        feats = self._load_disk(key)
+        if feats is not None:
+            with self._lock:
+                self._stats.disk_hits += 1
+        else:
+            rgb = source.rgb(z)
+            with self._encode_lock:
+                emb = compute_embedding(self.sam, rgb)
+            input_size = emb.input_size
+            feats = emb.features.detach().to("cpu", self.dtype).contiguous()
+            with self._lock:
+                self._stats.computed += 1
+            self._save_disk(key, feats)
+        self._put_mem(key, feats, input_size, original_size)
+        return feats, input_size, original_size
+
+    def is_cached(self, source: SliceSource, z: int) -> bool:
+        """Whether slice ``z`` is in memory or on disk (no computation)."""
+        key = self.key(source, z)
+        with self._lock:
+            if key in self._mem:
+                return True
+        path = self._disk_path(key)
+        return path is not None and path.exists()
+
+    def precompute(
+        self,
+        source: SliceSource,
+        zs: Iterable[int] | None = None,
+        progress: Callable[[int, int], Any] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> int:
+        """Make sure slices ``zs`` (default: all) are cached; returns how many were processed.
+
+        ``progress(done, total)`` is called after each slice; ``cancel()`` is checked before each
+        slice and stops early when it returns True. With a memory budget smaller than the range and
+        no ``disk_dir``, the earliest slices are evicted again: give a ``disk_dir`` for big stacks.
+        """
+        zs = list(range(source.n_slices)) if zs is None else [int(z) for z in zs]
+        total = len(zs)
+        done = 0
+        for z in zs:
+            if cancel is not None and cancel():
+                break
+            self._entry(source, z)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        return done
+
+    def prefetch(self, source: SliceSource, zs: Iterable[int], *, replace: bool = True) -> list[Future]:
+        """Compute slices ``zs`` in a background thread, in the given order; returns their futures.
+
+        Slices already cached or out of range are skipped. With ``replace`` (default), pending
+        prefetches from earlier calls are cancelled first (the user moved on).
+        """
+        if replace:
+            self.cancel_prefetch()
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mobilesam-prefetch")
+        futures = []
+        for z in zs:
+            z = int(z)
+            if not 0 <= z < source.n_slices:
+                continue
+            fut = self._pool.submit(self._prefetch_one, source, z)
+            futures.append(fut)
+        with self._lock:
+            self._prefetch_jobs = [f for f in self._prefetch_jobs if not f.done()] + futures
+        return futures
+
+    def _prefetch_one(self, source: SliceSource, z: int) -> None:
+        if self.is_cached(source, z):
+            return
+        key = self.key(source, z)
+        with self._lock:
+            if key in self._inflight:
+                return
+        self._entry(source, z)
+
+    def cancel_prefetch(self) -> None:
+        """Cancel background prefetches that have not started (a running one finishes)."""
+        with self._lock:
+            for f in self._prefetch_jobs:
+                f.cancel()
+            self._prefetch_jobs = [f for f in self._prefetch_jobs if not f.done()]
+
+    def wait_prefetch(self, timeout: float | None = None) -> None:
+        """Block until every submitted prefetch has finished (or ``timeout`` seconds)."""
+        with self._lock:
+            jobs = list(self._prefetch_jobs)
+        for f in jobs:
+            if not f.cancelled():
+                f.result(timeout=timeout)
+
+    def close(self) -> None:
+        """Cancel pending prefetches and stop the background thread."""
+        self.cancel_prefetch()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -1,0 +1,339 @@
+"""Prompts in napari's (row, col) order to masks on one slice: `SlicePredictor`.
+
+This is the only module that speaks SAM's (x, y) pixel order: points (row, col) become (x, y) =
+(col, row) and boxes (row0, col0, row1, col1) become (x0, y0, x1, y1), scaled into the resized
+encoder frame. Everything returned is in (row, col) order at the slice's own resolution.
+
+Speed for interactive use: the embedding comes from an `EmbeddingCache`; the dense positional
+encoding is computed once; several objects on a slice share one decoder call; the two bilinear
+up-scalings SAM applies to the 256x256 logits (to 1024, crop, to the original size) are done as one
+separable matrix product, and only over the rows/columns where a mask can be positive (found exactly
+from the low-res logits), so full-resolution work scales with the object, not the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .embeddings import EmbeddingCache
+from .image import SliceSource
+
+__all__ = ["Prompt", "Prediction", "SlicePredictor", "PromptError"]
+
+LOW_RES = 256
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used (empty, outside the slice, NaN, wrong shape)."""
+
+
+@dataclass
+class Prompt:
+    """Prompts for one object on one slice, in napari's order.
+
+    Attributes
+    ----------
+    points : (N, 2) float, optional
+        Points as (row, col) pixel coordinates of the slice.
+    labels : (N,) int, optional
+        1 for a positive (object) point, 0 for a negative (background) point. Default: all 1.
+    box : (4,) float, optional
+        (row0, col0, row1, col1), corners in any order.
+    mask_input : (256, 256) float32, optional
+        Low-res logits of an earlier prediction (`Prediction.low_res[k]`), to refine it.
+    multimask : bool
+        Return SAM's 3 candidate masks (True) or its single mask (False).
+    """
+
+    points: Any = None
+    labels: Any = None
+    box: Any = None
+    mask_input: Any = None
+    multimask: bool = True
+
+
+@dataclass
+class Prediction:
+    """Masks for one object on one slice.
+
+    Attributes
+    ----------
+    masks : (K, H, W) bool
+        K = 3 with multimask, else 1; (row, col) at the slice's resolution.
+    iou : (K,) float32
+        The model's predicted IoU of each mask.
+    stability : (K,) float32
+        IoU between the mask thresholded at +1 and at -1 (logit units); 0 for an empty mask.
+    low_res : (K, 256, 256) float32
+        The decoder's low-res logits; feed one back as ``mask_input``.
+    logits : (K, H, W) float32 or None
+        Full-resolution logits, only when asked for (``return_logits=True``).
+    """
+
+    masks: np.ndarray
+    iou: np.ndarray
+    stability: np.ndarray
+    low_res: np.ndarray
+    logits: np.ndarray | None = None
+
+    @property
+    def best(self) -> int:
+        """Index of the mask with the highest predicted IoU."""
+        return int(np.argmax(self.iou))
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(H, W) bool: the mask with the highest predicted IoU."""
+        return self.masks[self.best]
+
+
+def _interp_matrix(n_out: int, n_in: int) -> torch.Tensor:
+    """(n_out, n_in) float64 matrix equal to 1-D bilinear resizing (align_corners=False)."""
+    eye = torch.eye(n_in, dtype=torch.float64)[None, None]
+    m = torch.nn.functional.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=False)
+    return m[0, 0]
+
+
+def _as_prompt(p: Prompt | dict) -> Prompt:
+    if isinstance(p, Prompt):
+        return p
+    if isinstance(p, dict):
+        unknown = set(p) - {"points", "labels", "box", "mask_input", "multimask"}
+        if unknown:
+            raise PromptError(f"unknown prompt keys {sorted(unknown)}: use points, labels, box, mask_input, multimask")
+        return Prompt(**p)
+    raise PromptError(f"a prompt must be a Prompt or a dict, got {type(p).__name__}")
+
+
+class SlicePredictor:
+    """Decode prompts into masks on the slices of one `SliceSource`.
+
+    Parameters
+    ----------
+    sam : segment_anything.modeling.Sam
+        The model (exact torch or a faster backend behind ``sam.image_encoder``).
+    source : SliceSource or array
+        The stack; an array is wrapped in ``SliceSource(array)``.
+    cache : EmbeddingCache, optional
+        Shared embedding cache; default: a new in-memory one for ``sam``.
+    """
+
+    def __init__(self, sam: Any, source: SliceSource | Any, cache: EmbeddingCache | None = None) -> None:
+        self.sam = sam
+        self.source = source if isinstance(source, SliceSource) else SliceSource(source)
+        if cache is not None and cache.sam is not sam:
+            raise ValueError("the EmbeddingCache belongs to another model: pass a cache built for this sam")
+        self.cache = cache if cache is not None else EmbeddingCache(sam)
+        self.device = sam.pixel_mean.device
+        with torch.inference_mode():
+            self._dense_pe = sam.prompt_encoder.get_dense_pe()
+        self._mats: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def n_slices(self) -> int:
+        return self.source.n_slices
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        return self.source.slice_shape
+
+    def prefetch(self, zs: Sequence[int]) -> None:
+        """Compute the embeddings of slices ``zs`` in the background (see `EmbeddingCache.prefetch`)."""
+        self.cache.prefetch(self.source, zs)
+
+    # -- validation and (row, col) -> (x, y) ------------------------------------------------------
+    def _check(self, p: Prompt, original: tuple[int, int], resized: tuple[int, int]):
+        H, W = original
+        h, w = resized
+        sy, sx = h / H, w / W
+        coords = labels = box = mask = None
+        if p.points is not None:
+            pts = np.asarray(p.points, dtype=np.float64)
+            if pts.size == 0:
+                pts = pts.reshape(0, 2)
+            if pts.ndim == 1 and pts.shape == (2,):
+                pts = pts[None]
+            if pts.ndim != 2 or pts.shape[1] != 2:
+                raise PromptError(f"points must be (N, 2) (row, col) coordinates, got shape {pts.shape}")
+            if not np.isfinite(pts).all():
+                raise PromptError("points contain NaN or inf: every point needs finite (row, col)")
+            bad = (pts[:, 0] < -0.5) | (pts[:, 0] > H - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > W - 0.5)
+            if bad.any():
+                raise PromptError(
+                    f"point(s) {pts[bad].tolist()} lie outside the slice of {H} x {W} pixels "
+                    f"(rows 0..{H - 1}, cols 0..{W - 1})"
+                )
+            if p.labels is None:
+                lab = np.ones(len(pts), np.int64)
+            else:
+                lab_raw = np.asarray(p.labels).reshape(-1)
+                if lab_raw.shape != (len(pts),):
+                    raise PromptError(f"labels must have one entry per point ({len(pts)}), got {lab_raw.shape}")
+                if lab_raw.dtype.kind == "f" and not np.isfinite(lab_raw).all():
+                    raise PromptError("labels contain NaN: use 1 (positive) or 0 (negative)")
+                lab = lab_raw.astype(np.int64)
+                if not np.isin(lab, (0, 1)).all() or (lab_raw.dtype.kind == "f" and (lab != lab_raw).any()):
+                    raise PromptError(f"labels must be 1 (positive) or 0 (negative), got {lab_raw.tolist()}")
+            if len(pts):
+                xy = np.stack([pts[:, 1] * sx, pts[:, 0] * sy], axis=1)  # (row, col) -> (x, y)
+                coords, labels = xy, lab
+        elif p.labels is not None and len(np.asarray(p.labels).reshape(-1)):
+            raise PromptError("labels were given without points")
+        if p.box is not None:
+            b = np.asarray(p.box, dtype=np.float64).reshape(-1)
+            if b.shape != (4,):
+                raise PromptError(f"box must be (row0, col0, row1, col1), got {np.asarray(p.box).shape}")
+            if not np.isfinite(b).all():
+                raise PromptError("box contains NaN or inf")
+            r0, r1 = sorted((b[0], b[2]))
+            c0, c1 = sorted((b[1], b[3]))
+            if r0 < -0.5 or c0 < -0.5 or r1 > H - 0.5 or c1 > W - 0.5:
+                raise PromptError(
+                    f"box (row0, col0, row1, col1) = {b.tolist()} reaches outside the slice of {H} x {W} pixels"
+                )
+            if r1 <= r0 or c1 <= c0:
+                raise PromptError(f"box {b.tolist()} has no area: give two opposite corners")
+            box = np.array([c0 * sx, r0 * sy, c1 * sx, r1 * sy])  # (x0, y0, x1, y1)
+        if p.mask_input is not None:
+            m = np.asarray(p.mask_input, dtype=np.float32)
+            if m.shape == (1, LOW_RES, LOW_RES):
+                m = m[0]
+            if m.shape != (LOW_RES, LOW_RES):
+                raise PromptError(f"mask_input must be (256, 256) low-res logits, got {m.shape}")
+            if not np.isfinite(m).all():
+                raise PromptError("mask_input contains NaN or inf")
+            mask = m
+        if coords is None and box is None and mask is None:
+            raise PromptError("empty prompt: give at least one point, a box or a mask_input")
+        return coords, labels, box, mask, bool(p.multimask)
+
+    def to_sam_points(self, points: Any) -> np.ndarray:
+        """(N, 2) (row, col) slice coordinates -> (N, 2) SAM (x, y) in the resized encoder frame."""
+        from .embeddings import _encoder_size, input_size_for
+
+        H, W = self.slice_shape
+        h, w = input_size_for((H, W), _encoder_size(self.sam))
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        return np.stack([pts[:, 1] * w / W, pts[:, 0] * h / H], axis=1)
+
+    # -- up-scaling -------------------------------------------------------------------------------
+    def _matrices(self, original: tuple[int, int], resized: tuple[int, int]):
+        """Row and column resize matrices (H, 256), (W, 256) float32 and their supports (bool)."""
+        key = (original, resized)
+        m = self._mats.get(key)
+        if m is None:
+            full = 4 * LOW_RES  # 1024: the decoder's logits are up-scaled to the encoder size first
+            mats = []
+            for n_orig, n_res in zip(original, resized):
+                r1 = _interp_matrix(full, LOW_RES)[:n_res]  # 256 -> 1024, crop padding
+                r2 = _interp_matrix(n_orig, n_res)  # crop -> original size
+                mats.append(r2 @ r1)
+            mr, mc = mats
+            m = (mr.float(), mc.float(), mr > 0, mc > 0)
+            self._mats[key] = m
+        return m
+
+    def _upscale(self, low: torch.Tensor, original, resized, full: bool):
+        """low (K, 256, 256) logits -> masks (K, H, W) bool, stability (K,), logits or None."""
+        H, W = original
+        mr, mc, sr, sc = self._matrices(original, resized)
+        K = low.shape[0]
+        if full:
+            r0, r1, c0, c1 = 0, H, 0, W
+        else:
+            cand = low > -1.0  # outside the support of these cells the logits are <= -1
+            rows_any = cand.any(dim=2).any(dim=0)
+            cols_any = cand.any(dim=1).any(dim=0)
+            if not rows_any.any():
+                z = np.zeros(K, np.float32)
+                return np.zeros((K, H, W), bool), z, None
+            rr = torch.nonzero(sr[:, rows_any].any(dim=1)).flatten()
+            cc = torch.nonzero(sc[:, cols_any].any(dim=1)).flatten()
+            r0, r1 = int(rr[0]), int(rr[-1]) + 1
+            c0, c1 = int(cc[0]), int(cc[-1]) + 1
+        logits = mr[r0:r1] @ low @ mc[c0:c1].T  # (K, rh, rw)
+        masks = np.zeros((K, H, W), bool)
+        masks[:, r0:r1, c0:c1] = (logits > 0).numpy()
+        hi = (logits > 1.0).flatten(1).sum(1).float()
+        lo = (logits > -1.0).flatten(1).sum(1).float()
+        stab = torch.where(lo > 0, hi / lo.clamp(min=1), torch.zeros_like(lo)).numpy().astype(np.float32)
+        return masks, stab, (logits.numpy() if full else None)
+
+    # -- prediction -------------------------------------------------------------------------------
+    def predict(
+        self,
+        z: int,
+        points: Any = None,
+        labels: Any = None,
+        box: Any = None,
+        mask_input: Any = None,
+        multimask: bool = True,
+        *,
+        return_logits: bool = False,
+    ) -> Prediction:
+        """Masks for one object on slice ``z``; see `Prompt` for the arguments (all (row, col))."""
+        return self.predict_many(
+            z, [Prompt(points, labels, box, mask_input, multimask)], return_logits=return_logits
+        )[0]
+
+    def predict_many(
+        self, z: int, prompts: Sequence[Prompt | dict], *, return_logits: bool = False
+    ) -> list[Prediction]:
+        """Masks for several objects on slice ``z``, one `Prediction` per prompt, in order.
+
+        Prompts with the same structure (number of points, box or not, mask or not, multimask) share
+        one batched decoder call; results equal one-by-one calls.
+        """
+        prompts = [_as_prompt(p) for p in prompts]
+        if not prompts:
+            return []
+        original = self.source.slice_shape
+        from .embeddings import _encoder_size, input_size_for
+
+        resized = input_size_for(original, _encoder_size(self.sam))
+        checked = [self._check(p, original, resized) for p in prompts]  # before any heavy work
+        emb = self.cache.get(self.source, z)
+        groups: dict[tuple, list[int]] = {}
+        for i, (coords, _lab, box, mask, multi) in enumerate(checked):
+            sig = (0 if coords is None else len(coords), box is not None, mask is not None, multi)
+            groups.setdefault(sig, []).append(i)
+        out: list[Prediction | None] = [None] * len(prompts)
+        pe = self.sam.prompt_encoder
+        dec = self.sam.mask_decoder
+        dev = self.device
+        with torch.inference_mode():
+            for (n_pts, has_box, has_mask, multi), idx in groups.items():
+                pts_arg = boxes_arg = masks_arg = None
+                if n_pts:
+                    c = torch.as_tensor(np.stack([checked[i][0] for i in idx]), dtype=torch.float32, device=dev)
+                    lab = torch.as_tensor(np.stack([checked[i][1] for i in idx]), dtype=torch.int64, device=dev)
+                    pts_arg = (c, lab)
+                if has_box:
+                    boxes_arg = torch.as_tensor(np.stack([checked[i][2] for i in idx]), dtype=torch.float32, device=dev)
+                if has_mask:
+                    masks_arg = torch.as_tensor(np.stack([checked[i][3] for i in idx]), device=dev)[:, None]
+                sparse, dense = pe(points=pts_arg, boxes=boxes_arg, masks=masks_arg)
+                low, iou = dec(
+                    image_embeddings=emb.features,
+                    image_pe=self._dense_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multi,
+                )
+                low = low.float().cpu()
+                iou = iou.float().cpu()
+                for j, i in enumerate(idx):
+                    masks, stab, logits = self._upscale(low[j], original, resized, return_logits)
+                    out[i] = Prediction(
+                        masks=masks,
+                        iou=iou[j].numpy().copy(),
+                        stability=stab,
+                        low_res=low[j].numpy().copy(),
+                        logits=logits,
+                    )
+        return out  # type: ignore[return-value]
