@@ -1,0 +1,112 @@
+"""Persisted choices of the segmentation widget (model, checkpoint, device).
+
+The choices are kept in a small JSON file so that they survive a napari restart:
+``$NAPARI_MOBILESAM_CONFIG/segment_widget.json`` when that variable is set, otherwise in the
+per-user configuration directory (``platformdirs.user_config_dir("napari-mobilesam")``).
+A missing or unreadable file gives the defaults; it is never an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+__all__ = [
+    "MODEL_CHOICES",
+    "DEV_MODEL_CHOICES",
+    "WidgetSettings",
+    "dev_mode",
+    "model_choices",
+    "settings_path",
+    "load_settings",
+    "save_settings",
+]
+
+log = logging.getLogger(__name__)
+
+#: Model choices every user sees: key -> label shown in the widget.
+MODEL_CHOICES: dict[str, str] = {
+    "vit_t": "MobileSAM (default weights, downloaded once)",
+    "checkpoint": "MobileSAM checkpoint file",
+    "distilled": "Distilled model (file)",
+}
+#: Extra choices shown only in development mode (``NAPARI_MOBILESAM_DEV=1``).
+DEV_MODEL_CHOICES: dict[str, str] = {
+    "vit_t_test": "vit_t_test (tiny, random weights: for development)",
+}
+
+
+def dev_mode() -> bool:
+    """True when the environment variable ``NAPARI_MOBILESAM_DEV`` is set to 1/true/yes."""
+    return os.environ.get("NAPARI_MOBILESAM_DEV", "").strip().lower() in {"1", "true", "yes"}
+
+
+def model_choices(include_dev: bool | None = None) -> dict[str, str]:
+    """The model choices to offer: ``MODEL_CHOICES`` plus the dev ones in development mode."""
+    include_dev = dev_mode() if include_dev is None else include_dev
+    return {**MODEL_CHOICES, **(DEV_MODEL_CHOICES if include_dev else {})}
+
+
+@dataclass
+class WidgetSettings:
+    """What the widget remembers between sessions.
+
+    Attributes
+    ----------
+    model : str
+        A key of :func:`model_choices` (``"vit_t"``, ``"checkpoint"``, ``"distilled"``...).
+    checkpoint : str
+        Path of the checkpoint / distilled model file ("" when the model needs none).
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
+    """
+
+    model: str = "vit_t"
+    checkpoint: str = ""
+    device: str = "auto"
+
+
+def settings_path() -> Path:
+    """The JSON file the settings are read from and written to."""
+    base = os.environ.get("NAPARI_MOBILESAM_CONFIG")
+    if base:
+        return Path(base) / "segment_widget.json"
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("napari-mobilesam")) / "segment_widget.json"
+
+
+def load_settings() -> WidgetSettings:
+    """Read the saved settings; unknown keys are ignored, bad values fall back to defaults."""
+    path = settings_path()
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return WidgetSettings()
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable widget settings %s: %s", path, exc)
+        return WidgetSettings()
+    if not isinstance(raw, dict):
+        return WidgetSettings()
+    known = {f.name for f in fields(WidgetSettings)}
+    values = {k: v for k, v in raw.items() if k in known and isinstance(v, str)}
+    return WidgetSettings(**values)
+
+
+def save_settings(settings: WidgetSettings) -> Path:
+    """Write the settings atomically (temporary file + rename) and return the file's path."""
+    path = settings_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".segment_widget.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(asdict(settings), fh, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

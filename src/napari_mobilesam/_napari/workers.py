@@ -1,0 +1,105 @@
+"""Background work for the widget: napari thread workers with a progress bar and cancellation.
+
+Every call that may take longer than a frame (loading a model, embedding a slice, propagating,
+automatic segmentation) goes through :func:`start_task`, so the GUI thread never waits on torch.
+The progress bar appears in napari's activity dock; the task can be cancelled from there, from
+the widget's Cancel button, or by calling ``task.cancel()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from qtpy.QtCore import QObject, Signal
+
+__all__ = ["Task", "start_task"]
+
+
+class _Relay(QObject):
+    """Carries progress from the worker thread to the GUI thread (queued Qt signal)."""
+
+    advanced = Signal(int)
+
+
+class Task:
+    """A running background job.
+
+    Attributes
+    ----------
+    worker : napari FunctionWorker
+        The underlying worker (signals ``returned``, ``errored``, ``finished``).
+    description : str
+        What the progress bar says.
+    """
+
+    def __init__(self, worker, relay: _Relay, pbar, description: str):
+        self.worker = worker
+        self._relay = relay
+        self.pbar = pbar
+        self.description = description
+        self.done = False
+        worker.finished.connect(self._on_finished)
+
+    def _on_finished(self) -> None:
+        self.done = True
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self.worker.abort_requested)
+
+    def cancel(self) -> None:
+        """Ask the job to stop; its result (if any) is dropped and ``on_result`` is not called."""
+        self.worker.quit()
+
+
+def start_task(
+    fn: Callable[[Callable[[int], None], Callable[[], bool]], Any],
+    *,
+    description: str,
+    total: int = 0,
+    on_result: Callable[[Any], None] | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
+    on_finished: Callable[[], None] | None = None,
+) -> Task:
+    """Run ``fn(advance, cancelled)`` in a napari thread worker and return the :class:`Task`.
+
+    Parameters
+    ----------
+    fn
+        Called in the worker thread with ``advance(n)`` (moves the progress bar by ``n`` steps;
+        thread-safe) and ``cancelled()`` (True once cancel was asked: long loops should check it
+        and return early). Its return value goes to ``on_result``.
+    description
+        Label of the progress bar in the activity dock.
+    total
+        Number of ``advance`` steps for a determinate bar; 0 gives a busy indicator.
+    on_result, on_error, on_finished
+        Called on the GUI thread: with the result (not after a cancel), with the exception, and
+        at the end in every case.
+    """
+    from napari.qt.threading import create_worker
+    from napari.utils import progress
+
+    relay = _Relay()
+    pbar = progress(total=total, desc=description)
+    relay.advanced.connect(lambda n: pbar.update(n))
+    holder: dict[str, Any] = {}
+
+    def run():
+        worker = holder["worker"]
+        return fn(relay.advanced.emit, lambda: bool(worker.abort_requested))
+
+    run.__name__ = run.__qualname__ = description
+    worker = create_worker(run, _start_thread=False, _ignore_errors=on_error is not None)
+    holder["worker"] = worker
+    task = Task(worker, relay, pbar, description)
+    if on_result is not None:
+        worker.returned.connect(on_result)
+    if on_error is not None:
+        worker.errored.connect(on_error)
+    worker.finished.connect(pbar.close)
+    if on_finished is not None:
+        worker.finished.connect(on_finished)
+    worker.start()
+    return task
