@@ -25,6 +25,10 @@ _LAZY: dict[str, str] = {
     "Prompt": ".predictor",
     "Prediction": ".predictor",
     "PromptError": ".predictor",
+    "propagate": ".propagate",
+    "ObjectPrompts": ".propagate",
+    "PropagationResult": ".propagate",
+    "objects_from_labels": ".propagate",
 }
 
 __all__ = ["__version__", *_LAZY]
