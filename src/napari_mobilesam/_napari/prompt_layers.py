@@ -34,6 +34,7 @@ __all__ = [
     "show_preview",
     "slice_prompts",
     "SlicePrompts",
+    "negative_only_slices",
     "next_free_label",
     "write_slice_labels",
     "write_volume_labels",
@@ -279,6 +280,30 @@ def slice_prompts(image, z: int, points=None, boxes=None) -> SlicePrompts:
     return SlicePrompts(points=pts, labels=lab, box=box)
 
 
+def negative_only_slices(image, points=None, boxes=None) -> dict[int, np.ndarray]:
+    """Slices of a stack whose prompts are negative points only: ``{z: (N, 2) (row, col)}``.
+
+    Propagation treats such a slice as a wall the object must not cross.
+    """
+    geom = image_geometry(image)
+    if not geom.is_stack or points is None or not len(points.data):
+        return {}
+    coords = _to_image_coords(points, np.asarray(points.data), image)
+    positive = np.asarray(points.features["positive"], dtype=bool)
+    zs = np.round(coords[:, 0]).astype(int)
+    boxed = set()
+    if boxes is not None:
+        for vertices, kind in zip(boxes.data, boxes.shape_type, strict=True):
+            if kind == "rectangle":
+                boxed.add(int(np.round(_to_image_coords(boxes, np.asarray(vertices), image)[0, 0])))
+    out = {}
+    for z in np.unique(zs):
+        here = zs == z
+        if not positive[here].any() and int(z) not in boxed:
+            out[int(z)] = coords[here][:, -2:]
+    return out
+
+
 def next_free_label(labels) -> int:
     """One more than the largest id in a Labels layer (1 for an empty layer)."""
     data = np.asarray(_level0(labels.data))
@@ -317,16 +342,23 @@ def write_slice_labels(labels, z: int, slice_labels: np.ndarray, *, keep_existin
     return ids
 
 
-def write_volume_labels(labels, volume: np.ndarray, *, keep_existing: bool = True) -> list[int]:
+def write_volume_labels(
+    labels, volume: np.ndarray, *, keep_existing: bool = True, label: int | None = None
+) -> list[int]:
     """Commit the objects of ``volume`` (same shape as ``labels``) as one undo step.
 
-    Same id and overwrite rules as :func:`write_slice_labels`. Returns the ids written.
+    Same id and overwrite rules as :func:`write_slice_labels`; with ``label``, every non-zero
+    voxel of ``volume`` is written as that id instead (extending an existing label).
+    Returns the ids written.
     """
     src = np.asarray(volume)
     target = np.asarray(_level0(labels.data))
     if src.shape != target.shape:
         raise ValueError(f"volume of shape {src.shape} does not fit labels of shape {target.shape}")
-    ids, values = _relabel(src, target, keep_existing, next_free_label(labels))
+    if label is not None:
+        src = (src != 0).astype(np.uint8)
+    first = next_free_label(labels) if label is None else int(label)
+    ids, values = _relabel(src, target, keep_existing, first)
     index = np.nonzero(values)
     _write(labels, index, values[index])
     return ids

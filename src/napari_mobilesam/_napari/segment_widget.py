@@ -119,6 +119,7 @@ class SegmentWidget(Container):
         self._preview_labels: np.ndarray | None = None
         self._preview_kind: str | None = None  # "object" | "auto"
         self._prediction: ObjectPrediction | None = None
+        self.last_propagation = None  # the engine's PropagationResult of the last propagation
 
 
         self._image_combo = ComboBox(label="image", choices=self._image_choices)
@@ -253,7 +254,7 @@ class SegmentWidget(Container):
             return self._model_task
         self._model_status.value = f"model: loading {request.describe()}…"
         self._model_task = start_task(
-            lambda advance, cancelled: load_requested_model(request),
+            lambda report, cancelled: load_requested_model(request),
             description=f"MobileSAM: loading {request.describe()}",
             on_result=lambda sam: self.set_model(sam, request),
             on_error=lambda exc: self._on_model_error(exc, request),
@@ -280,7 +281,19 @@ class SegmentWidget(Container):
 
     @property
     def session(self) -> Session | None:
+        """The engine session of the current (model, image) pair, or None."""
         return self._session
+
+    @property
+    def busy(self) -> bool:
+        """True while a model load, an embedding or a long task runs in the background."""
+        tasks = (self._model_task, self._embed_task, self._long_task)
+        return any(t is not None and not t.done for t in tasks)
+
+    @property
+    def status(self) -> str:
+        """The text of the widget's status line."""
+        return self._status.value
 
     def _new_session(self) -> None:
         if self._sam is None or self._image is None:
@@ -428,7 +441,7 @@ class SegmentWidget(Container):
             return False
         self._embed_z = z
         self._embed_task = start_task(
-            lambda advance, cancelled: session.embed(z),
+            lambda report, cancelled: session.embed(z),
             description=f"MobileSAM: embedding slice {z}",
             on_result=lambda _r: self._on_embedded(session, z),
             on_error=lambda exc: self._report(exc, f"embedding slice {z}"),
@@ -642,7 +655,7 @@ class SegmentWidget(Container):
             self._status.value = f"Slice {z}: {n} objects found. C commits them all, Shift-C discards."
 
         return self._start_long(
-            lambda advance, cancelled: session.segment_automatically(z),
+            lambda report, cancelled: session.segment_automatically(z),
             f"MobileSAM: segmenting slice {z} automatically",
             0,
             done,
@@ -659,11 +672,96 @@ class SegmentWidget(Container):
             return False
         return True
 
-    def propagate(self):  # replaced below once the engine's propagation is wired
-        raise NotImplementedError
+    def _z_range(self) -> tuple[int, int] | None:
+        """The (start, stop) z-range for propagation, or None when not limited."""
+        if not self._limit_z.value:
+            return None
+        lo, hi = sorted((int(self._z_from.value), int(self._z_to.value)))
+        return lo, hi + 1
 
-    def propagate_selected_label(self):
-        raise NotImplementedError
+    def propagate(self) -> Task | None:
+        """Follow the current slice's object through the stack (worker; one undo step at the end)."""
+        if not self._ready_for_engine():
+            return None
+        if not pl.image_geometry(self._image).is_stack:
+            show_info("Propagation needs a stack (z, row, col); this image is 2D.")
+            return None
+        z = self.current_z()
+        prompts = pl.slice_prompts(self._image, z, self._points, self._boxes)
+        if not prompts.has_positive:
+            show_info(f"Nothing to propagate on slice {z}: click on an object first.")
+            return None
+        z_range = self._z_range()
+        if z_range is not None and not z_range[0] <= z < z_range[1]:
+            show_warning(f"Slice {z} lies outside the z-range {z_range[0]}–{z_range[1] - 1}: widen it.")
+            return None
+        stops = pl.negative_only_slices(self._image, self._points, self._boxes)
+        session = self._session
+
+        def run(report, cancelled):
+            return session.propagate_prompts(
+                z, prompts.points, prompts.labels, prompts.box,
+                stop_points=stops, z_range=z_range, progress=report, cancel=cancelled,
+            )
+
+        def done(result):
+            if session is not self._session or result.cancelled:
+                return
+            self._write_propagation(result, None, f"object from slice {z}", clear_z=z)
+
+        n = pl.image_geometry(self._image).n_slices
+        return self._start_long(run, f"MobileSAM: propagating from slice {z}", n, done)
+
+    def propagate_selected_label(self) -> Task | None:
+        """Extend the target layer's selected label through z from every slice where it appears."""
+        if not self._ready_for_engine():
+            return None
+        target = self._target_combo.value
+        if not isinstance(target, Labels):
+            show_info("Pick a Labels layer in 'labels' and select one of its labels (picker, key L).")
+            return None
+        try:
+            pl.check_target_layer(target, self._image)
+        except ValueError as exc:
+            self._report(exc, "propagating a label")
+            return None
+        label = int(target.selected_label)
+        volume = np.asarray(target.data)
+        session, z_range = self._session, self._z_range()
+
+        def run(report, cancelled):
+            return session.propagate_label(volume, label, z_range=z_range, progress=report, cancel=cancelled)
+
+        def done(result):
+            if session is not self._session or result.cancelled:
+                return
+            self._write_propagation(result, label, f"label {label}", clear_z=None)
+
+        n = pl.image_geometry(self._image).n_slices
+        return self._start_long(run, f"MobileSAM: propagating label {label}", n, done)
+
+    def _write_propagation(self, result, label: int | None, what: str, clear_z: int | None) -> None:
+        from .session import describe_stops
+
+        try:
+            target = self.target_layer(create=True) if label is None else self._target_combo.value
+            ids = pl.write_volume_labels(
+                target, result.labels, keep_existing=self._keep_existing.value, label=label
+            )
+        except Exception as exc:  # noqa: BLE001
+            self._report(exc, f"writing the propagated {what}")
+            return
+        if clear_z is not None:
+            self._remove_prompts(clear_z)
+            self._clear_preview_state()
+        self.last_propagation = result
+        zs = sorted({r.z for r in result.records if r.accepted})
+        span = f"z={zs[0]}–{zs[-1]}" if zs else "no slice"
+        name = f"id {ids[0]}" if ids else "nothing new"
+        self._status.value = (
+            f"Propagated {what} ({name}) over {span} into {target.name!r}; one undo step.\n"
+            + describe_stops(result)
+        )
 
     # ------------------------------------------------------------------ errors
     def _report(self, exc: BaseException, doing: str) -> None:

@@ -19,7 +19,45 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ModelLoadError", "ModelRequest", "load_requested_model", "Session", "ObjectPrediction"]
+__all__ = [
+    "ModelLoadError",
+    "ModelRequest",
+    "load_requested_model",
+    "Session",
+    "ObjectPrediction",
+    "describe_stops",
+]
+
+#: Plain-language meaning of the propagation engine's stop reasons.
+STOP_REASONS = {
+    "empty": "the mask vanished",
+    "low_score": "the model was unsure (low predicted IoU)",
+    "low_iou": "the mask changed too much from the slice before",
+    "low_overlap": "the mask jumped away from the previous slice's object",
+    "area_change": "the area changed too much",
+    "z_range": "end of the chosen z-range",
+    "stack_end": "end of the stack",
+    "negative_prompt": "a slice marked with negative points only",
+    "met": "met another part of the same object",
+    "cancelled": "cancelled",
+    "empty_seed": "the seed prompts gave an empty mask",
+}
+
+
+def describe_stops(result) -> str:
+    """One line per object and direction: where propagation stopped and why.
+
+    ``result`` is a :class:`~napari_mobilesam.propagate.PropagationResult`.
+    """
+    lines = []
+    names = {1: "up (z+)", -1: "down (z-)", 0: "seed"}
+    for stop in sorted(result.stops, key=lambda s: (s.label, s.seed_z, -s.direction)):
+        why = STOP_REASONS.get(stop.reason, stop.reason)
+        lines.append(
+            f"{names.get(stop.direction, stop.direction)} from z={stop.seed_z}: "
+            f"last slice z={stop.last_z}, stopped at z={stop.at_z}: {why}"
+        )
+    return "\n".join(lines)
 
 
 class ModelLoadError(RuntimeError):
@@ -208,3 +246,63 @@ class Session:
         from ..automatic import segment_slice
 
         return segment_slice(self.predictor, z, params).labels
+
+    # -- propagation ----------------------------------------------------------------------------
+    def propagate_prompts(
+        self,
+        z: int,
+        points,
+        labels,
+        box=None,
+        *,
+        stop_points=None,
+        z_range=None,
+        progress=None,
+        cancel=None,
+    ):
+        """Follow the object prompted on slice ``z`` through the stack (slow: call it in a worker).
+
+        ``points``/``labels``/``box`` as in :meth:`predict`; ``stop_points``: ``{z: (N, 2) points}``,
+        negative-only points marking slices the object must not reach; ``z_range``: (start, stop)
+        like ``range``. Returns the engine's ``PropagationResult``; its ``labels`` volume
+        ``(Z, H, W)`` holds the object as label 1.
+        """
+        from ..predictor import Prompt
+        from ..propagate import ObjectPrompts, propagate
+
+        points = None if points is None or len(points) == 0 else np.asarray(points, float)
+        n_prompts = (0 if points is None else len(points)) + (box is not None)
+        seed = Prompt(
+            points=points,
+            labels=None if points is None else np.asarray(labels, int),
+            box=box,
+            multimask=n_prompts == 1,
+        )
+        prompts = {int(z): seed}
+        for zs, pts in (stop_points or {}).items():
+            if int(zs) != int(z) and len(pts):
+                pts = np.asarray(pts, float).reshape(-1, 2)
+                prompts[int(zs)] = Prompt(points=pts, labels=np.zeros(len(pts), int))
+        obj = ObjectPrompts(1, prompts=prompts)
+        return propagate(self.predictor, [obj], z_range=z_range, progress=progress, cancel=cancel)
+
+    def propagate_label(self, volume, label: int, *, z_range=None, progress=None, cancel=None):
+        """Extend label ``label`` of ``volume`` ((Z, H, W) int, e.g. a Labels layer's data) through z.
+
+        Every slice where the label appears (inside ``z_range``) seeds the propagation; the
+        existing voxels are kept. Returns the engine's ``PropagationResult`` whose ``labels``
+        volume holds only the label (other ids of ``volume`` are not copied).
+        """
+        from ..propagate import objects_from_labels, propagate
+
+        volume = np.asarray(volume)
+        lo, hi = (0, volume.shape[0]) if z_range is None else z_range
+        present = np.flatnonzero((volume[lo:hi] == label).reshape(hi - lo, -1).any(axis=1)) + lo
+        if present.size == 0:
+            where = "" if z_range is None else f" between z={lo} and z={hi - 1}"
+            raise ValueError(
+                f"label {label} does not appear in the labels layer{where}: pick an existing label "
+                "(the layer's picker tool, key L) before propagating it"
+            )
+        objects = objects_from_labels(volume, [label], zs=present)
+        return propagate(self.predictor, objects, z_range=z_range, progress=progress, cancel=cancel)

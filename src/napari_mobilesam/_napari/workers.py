@@ -17,9 +17,9 @@ __all__ = ["Task", "start_task"]
 
 
 class _Relay(QObject):
-    """Carries progress from the worker thread to the GUI thread (queued Qt signal)."""
+    """Carries progress ``(done, total)`` from the worker thread to the GUI thread (queued signal)."""
 
-    advanced = Signal(int)
+    progressed = Signal(int, int)
 
 
 class Task:
@@ -54,7 +54,7 @@ class Task:
 
 
 def start_task(
-    fn: Callable[[Callable[[int], None], Callable[[], bool]], Any],
+    fn: Callable[[Callable[[int, int], None], Callable[[], bool]], Any],
     *,
     description: str,
     total: int = 0,
@@ -62,18 +62,19 @@ def start_task(
     on_error: Callable[[BaseException], None] | None = None,
     on_finished: Callable[[], None] | None = None,
 ) -> Task:
-    """Run ``fn(advance, cancelled)`` in a napari thread worker and return the :class:`Task`.
+    """Run ``fn(report, cancelled)`` in a napari thread worker and return the :class:`Task`.
 
     Parameters
     ----------
     fn
-        Called in the worker thread with ``advance(n)`` (moves the progress bar by ``n`` steps;
-        thread-safe) and ``cancelled()`` (True once cancel was asked: long loops should check it
-        and return early). Its return value goes to ``on_result``.
+        Called in the worker thread with ``report(done, total)`` (sets the progress bar; safe to
+        call from any thread; ``total`` may change between calls) and ``cancelled()`` (True once
+        cancel was asked: long loops should check it and return early). Its return value goes to
+        ``on_result``.
     description
         Label of the progress bar in the activity dock.
     total
-        Number of ``advance`` steps for a determinate bar; 0 gives a busy indicator.
+        Initial number of steps for a determinate bar; 0 gives a busy indicator.
     on_result, on_error, on_finished
         Called on the GUI thread: with the result (not after a cancel), with the exception, and
         at the end in every case.
@@ -83,12 +84,18 @@ def start_task(
 
     relay = _Relay()
     pbar = progress(total=total, desc=description)
-    relay.advanced.connect(lambda n: pbar.update(n))
+
+    def show(done: int, new_total: int) -> None:
+        if new_total != pbar.total:
+            pbar.total = new_total
+        pbar.update(done - pbar.n)
+
+    relay.progressed.connect(show)
     holder: dict[str, Any] = {}
 
     def run():
         worker = holder["worker"]
-        return fn(relay.advanced.emit, lambda: bool(worker.abort_requested))
+        return fn(relay.progressed.emit, lambda: bool(worker.abort_requested))
 
     run.__name__ = run.__qualname__ = description
     worker = create_worker(run, _start_thread=False, _ignore_errors=on_error is not None)
