@@ -773,20 +773,24 @@ class ModelSpec:
 
     def load(self):
         """Build the model (see ``build.load_model``)."""
-        from .build import load_model
+        return _load_model(self.model, self.checkpoint, self.device, self.backend, self.precision)
 
-        return load_model(self.model, self.checkpoint, self.device, backend=self.backend,
-                          precision=self.precision)
+
+def _load_model(model, checkpoint, device, backend, precision):
+    """``build.load_model``; the exact eager model on the CPU needs no backend machinery."""
+    from .build import build_sam, load_model
+
+    if backend == "eager" and (device is None or str(device) == "cpu") and precision in ("auto", "fp32"):
+        return build_sam(model, checkpoint)
+    return load_model(model, checkpoint, device, backend=backend, precision=precision)
 
 
 def _resolve_model(model: Any, checkpoint: Any, device: Any, backend: str, precision: str):
     """(sam, spec): ``model`` is a name (loaded here) or an already built ``Sam`` (spec None)."""
     if isinstance(model, str):
-        from .build import load_model
-
         if isinstance(checkpoint, (str, os.PathLike)):
             checkpoint = str(Path(checkpoint).expanduser())
-        sam = load_model(model, checkpoint, device, backend=backend, precision=precision)
+        sam = _load_model(model, checkpoint, device, backend, precision)
         return sam, None
     if hasattr(model, "image_encoder") and hasattr(model, "mask_decoder"):
         return model, None

@@ -1,0 +1,260 @@
+"""The ``napari-mobilesam`` command line.
+
+Subcommands::
+
+    napari-mobilesam segment STACK.tif --prompts prompts.csv -o labels.tif [--propagate]
+    napari-mobilesam auto STACK.tif -o labels.tif
+    napari-mobilesam distill --teacher sam_vit_h.pth --images data/ -o student.pt
+
+Common options: ``--model``, ``--checkpoint``, ``--device``, ``--backend``, ``--z-range START:STOP``,
+``--overwrite``, ``--no-progress``. Input stacks are read lazily (one TIFF page at a time) and the
+labels are streamed into a compressed TIFF that keeps the input's resolution metadata, so stacks
+larger than memory work. ``--dask-workers N`` runs slices on a local dask cluster of N worker
+processes, ``--scheduler ADDRESS`` on an existing dask.distributed cluster.
+
+Exit codes (:data:`EXIT_CODES`): 0 done, 1 unexpected error, 2 usage error, 3 bad input (image,
+prompts file, shapes), 4 output exists or cannot be written, 5 model or weights problem,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_OUTPUT = 4
+EXIT_MODEL = 5
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES = {
+    EXIT_OK: "done",
+    EXIT_ERROR: "unexpected error (a bug: please report it with the message)",
+    EXIT_USAGE: "bad command line",
+    EXIT_INPUT: "bad input: unreadable image, wrong shape or bad prompts file",
+    EXIT_OUTPUT: "output exists (use --overwrite) or cannot be written",
+    EXIT_MODEL: "model, checkpoint or weights problem",
+    EXIT_INTERRUPTED: "interrupted",
+}
+
+PROG = "napari-mobilesam"
+
+__all__ = ["main", "build_parser", "EXIT_CODES"]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stack", metavar="STACK", help="input image or stack (TIFF: (Z, Y, X), (Y, X), RGB or with channels)")
+    p.add_argument("-o", "--output", required=True, metavar="LABELS.tif",
+                   help="labels TIFF to write (compressed, uint32, the input's resolution metadata)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never done otherwise)")
+    p.add_argument("--model", default="vit_t", help="model name: vit_t (MobileSAM, default), vit_b, vit_l, vit_h, vit_t_test")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="weights file (default: the model's downloaded weights)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--backend", default="auto", choices=("auto", "openvino", "torch", "eager"),
+                   help="encoder backend (default: the fastest for the device)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="encoder precision (default: auto)")
+    p.add_argument("--z-range", default=None, metavar="START:STOP",
+                   help="only slices START..STOP-1 (either end may be left out; negative counts from the end)")
+    p.add_argument("--channel-axis", type=int, default=None, metavar="AXIS",
+                   help="axis holding channels in a multichannel stack")
+    p.add_argument("--normalize", default="stack", choices=("stack", "slice", "none"),
+                   help="intensity normalisation: one range for the stack (default) or per slice")
+    p.add_argument("--cache-mb", type=int, default=256, metavar="MB",
+                   help="embedding cache budget in MiB (bounds memory; default 256)")
+    p.add_argument("--eager-read", action="store_true",
+                   help="read the whole input into memory first (default: one page at a time)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--dask-workers", type=int, default=None, metavar="N",
+                   help="segment slices on a local dask cluster of N worker processes")
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="segment slices on an existing dask.distributed scheduler (e.g. tcp://host:8786)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with its ``segment``, ``auto`` and ``distill`` subcommands."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="MobileSAM segmentation of microscopy stacks from the command line.",
+        epilog="exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()),
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    seg = sub.add_parser(
+        "segment",
+        help="segment objects from point/box prompts in a CSV file",
+        description="Segment each prompted object on the slices where it has prompts, or follow it "
+        "through z with --propagate. The prompts CSV has columns z,row,col,label,object_id "
+        "(label 1 positive, 0 negative; napari's (z, row, col) pixel order).",
+    )
+    _add_common(seg)
+    seg.add_argument("--prompts", required=True, metavar="PROMPTS.csv", help="CSV of point prompts")
+    seg.add_argument("--propagate", action="store_true",
+                     help="follow each object from its prompted slices through the z range")
+
+    auto = sub.add_parser(
+        "auto",
+        help="automatic instance segmentation, one id per object through z",
+        description="Find objects without prompts: candidate points from blobs plus a coarse grid, "
+        "masks filtered by predicted IoU and stability, NMS, then stitching through z.",
+    )
+    _add_common(auto)
+    from .automatic import AutoParams
+
+    d = AutoParams()
+    auto.add_argument("--min-iou", type=float, default=d.min_iou, help="minimum predicted IoU of a mask")
+    auto.add_argument("--min-stability", type=float, default=d.min_stability, help="minimum stability score")
+    auto.add_argument("--min-area", type=int, default=d.min_area, help="smallest object, in pixels")
+    auto.add_argument("--max-area-fraction", type=float, default=d.max_area_fraction,
+                      help="largest object as a fraction of the slice")
+    auto.add_argument("--min-distance", type=int, default=d.min_distance,
+                      help="minimum distance between blob prompts (about the smallest object radius)")
+    auto.add_argument("--grid", type=int, default=d.grid, help="points per side of the coarse grid (0: none)")
+    auto.add_argument("--max-points", type=int, default=d.max_points,
+                      help="most prompts decoded per slice (the strongest blobs first)")
+    auto.add_argument("--points-per-batch", type=int, default=d.points_per_batch,
+                      help="prompts per batched decoder call")
+    auto.add_argument("--polarity", default=d.polarity, choices=("auto", "bright", "dark"),
+                      help="objects brighter or darker than the background")
+    auto.add_argument("--stitch-iou", type=float, default=d.stitch_iou,
+                      help="minimum IoU between slices for one object id")
+
+    dist = sub.add_parser(
+        "distill",
+        help="distil a MobileSAM image encoder from a SAM teacher on your images",
+    )
+    from .distill import configure_parser
+
+    configure_parser(dist)
+    return parser
+
+
+def _error(msg: str, code: int) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _classify(exc: BaseException) -> int:
+    """Exit code for an exception raised by a run."""
+    from .batch import BatchError, PromptsError
+
+    try:
+        from .checkpoint import CheckpointError
+    except ImportError:  # pragma: no cover
+        CheckpointError = ()  # type: ignore[assignment]
+    try:
+        from .weights import WeightsError
+    except ImportError:  # pragma: no cover
+        WeightsError = ()  # type: ignore[assignment]
+    if isinstance(exc, (CheckpointError, WeightsError)):
+        return EXIT_MODEL
+    if isinstance(exc, PromptsError):
+        return EXIT_INPUT
+    if isinstance(exc, BatchError):
+        msg = str(exc)
+        if "already exists" in msg or "cannot write" in msg or "is a folder; give a file name" in msg:
+            return EXIT_OUTPUT
+        return EXIT_INPUT
+    if isinstance(exc, (ValueError, IndexError)):
+        return EXIT_INPUT  # SliceSource and friends: shapes, dtypes, layouts
+    if isinstance(exc, PermissionError):
+        return EXIT_OUTPUT
+    return EXIT_ERROR
+
+
+def _client(args) -> tuple[Any, Any]:
+    """(client, cluster) for --dask-workers / --scheduler, else (None, None)."""
+    if args.dask_workers is None and args.scheduler is None:
+        return None, None
+    from distributed import Client, LocalCluster
+
+    if args.scheduler is not None:
+        return Client(args.scheduler), None
+    if args.dask_workers < 1:
+        raise ValueError("--dask-workers needs at least 1 worker")
+    cluster = LocalCluster(n_workers=args.dask_workers, threads_per_worker=1, processes=True,
+                           host="127.0.0.1", dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def _run(args) -> int:
+    from . import batch
+    from .batch import BatchError, check_output_path, open_stack
+
+    out = Path(args.output)
+    check_output_path(out, args.overwrite)  # before any heavy work
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise BatchError(f"output {out} must be a .tif or .tiff file")
+    data, meta = open_stack(args.stack, lazy=not args.eager_read)
+    common = dict(
+        model=args.model, checkpoint=args.checkpoint, device=args.device, backend=args.backend,
+        precision=args.precision, z_range=args.z_range, channel_axis=args.channel_axis,
+        normalize=args.normalize, out=out, overwrite=args.overwrite, metadata=meta,
+        cache_bytes=args.cache_mb * 2**20, progress=not args.no_progress,
+    )
+    prompts = batch.read_prompts_csv(args.prompts) if args.command == "segment" else None
+    client, cluster = _client(args)
+    try:
+        if args.command == "segment":
+            if args.propagate:
+                if client is not None:
+                    raise BatchError("--propagate runs slice after slice: drop --dask-workers/--scheduler")
+                batch.propagate_stack(data, prompts, **common)
+            else:
+                batch.segment_stack(data, prompts, client=client, **common)
+        else:
+            from .automatic import AutoParams
+
+            params = AutoParams(
+                min_iou=args.min_iou, min_stability=args.min_stability, min_area=args.min_area,
+                max_area_fraction=args.max_area_fraction, min_distance=args.min_distance,
+                grid=args.grid, polarity=args.polarity, stitch_iou=args.stitch_iou,
+                max_points=args.max_points, points_per_batch=args.points_per_batch,
+            )
+            batch.segment_stack_auto(data, params=params, client=client, **common)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    print(f"wrote {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``napari-mobilesam`` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code or 0)
+    if args.command == "distill":
+        from .distill import run_cli
+
+        return int(run_cli(args))
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return _error("interrupted; no output was written", EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - turned into an exit code and a message
+        code = _classify(exc)
+        if code == EXIT_ERROR:
+            import traceback
+
+            traceback.print_exc()
+        return _error(str(exc) or type(exc).__name__, code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""dask.distributed: slices spread over two worker processes on 127.0.0.1 give the same labels as
+one process, and each worker loads the model once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_mobilesam import batch
+from napari_mobilesam.automatic import AutoParams
+from napari_mobilesam.batch import prompts_from_arrays, segment_stack, segment_stack_auto
+from napari_mobilesam.data import synthetic_nuclei
+
+# Tiny random model, exact eager float32: workers and this process compute the same numbers.
+MODEL = dict(model="vit_t_test", backend="eager")
+PARAMS = AutoParams(min_iou=0.0, min_stability=0.0, max_area_fraction=0.6, grid=2, max_points=3,
+                    points_per_batch=3)
+
+
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        dashboard_address=None, silence_logs=40,
+    )
+    c = distributed.Client(cluster)
+    try:
+        yield c
+    finally:
+        c.close()
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return synthetic_nuclei((8, 96, 96), n_nuclei=6, seed=1, z_radius_range=(2.5, 3.5),
+                            radius_range=(9, 14)).image
+
+
+def _loads(client) -> dict[str, int]:
+    return client.run(lambda: __import__("napari_mobilesam.batch").batch.WORKER_LOAD_COUNT["n"])
+
+
+def test_auto_on_two_workers_equals_one_process(client, stack, tmp_path):
+    assert len(client.scheduler_info()["workers"]) == 2
+    assert all(addr.startswith("tcp://127.0.0.1:") for addr in client.scheduler_info()["workers"])
+    single = segment_stack_auto(stack, params=PARAMS, z_range=(1, 7), **MODEL)
+    assert single[1:7].any()
+    spread = segment_stack_auto(stack, params=PARAMS, z_range=(1, 7), client=client, **MODEL)
+    assert spread.dtype == single.dtype and np.array_equal(spread, single)
+    loads = _loads(client)
+    assert sorted(loads.values()) == [1, 1], loads  # both workers worked, each loaded once
+    # Streaming to a file through the cluster: same labels; the workers reuse their model.
+    out = tmp_path / "auto.tif"
+    segment_stack_auto(stack, params=PARAMS, z_range=(1, 7), client=client, out=out, **MODEL)
+    assert np.array_equal(tifffile.imread(out), single)
+    assert _loads(client) == loads
+
+
+def test_prompts_on_two_workers_equal_one_process(client, stack):
+    prompts = prompts_from_arrays([[2, 40, 40], [3, 60, 30], [5, 30, 60], [5, 70, 70]],
+                                  object_ids=[1, 2, 1, 3])
+    single = segment_stack(stack, prompts, **MODEL)
+    spread = segment_stack(stack, prompts, client=client, **MODEL)
+    assert np.array_equal(spread, single)
+    assert set(np.unique(spread)) <= {0, 1, 2, 3}
+
+
+def test_cluster_needs_a_loadable_model_spec(client, stack, engine_sam_test):
+    with pytest.raises(batch.BatchError, match="by name"):
+        segment_stack_auto(stack, model=engine_sam_test, client=client)
+    with pytest.raises(batch.BatchError, match="file path"):
+        segment_stack_auto(stack, model="vit_t_test", checkpoint={"a": 1}, client=client)
