@@ -550,3 +550,20 @@ def test_real_engine_slice_change_embeds_in_background(make_napari_viewer, qtbot
     widget.points_layer.add([7, 64, 64])
     pred = widget.update_preview()
     assert pred is not None, "a cached slice is predicted right away on the GUI thread"
+
+
+def test_each_image_keeps_its_own_prompt_layers(make_napari_viewer, qtbot, stack):
+    viewer, widget, first = _open(make_napari_viewer, stack.image)
+    first_set = (widget.points_layer, widget.boxes_layer, widget.preview_layer)
+    z, r, c, _ = _nucleus(stack, 0)
+    second = viewer.add_image(stack.image[z], name="one slice")
+    widget._image_combo.value = second
+    assert widget.points_layer not in first_set and widget.points_layer.ndim == 2
+    assert widget.preview_layer.data.shape == (128, 128)
+    widget._image_combo.value = first
+    assert (widget.points_layer, widget.boxes_layer, widget.preview_layer) == first_set
+    # a deleted prompt layer comes back
+    viewer.layers.remove(widget.points_layer)
+    widget._image_combo.value = second
+    widget._image_combo.value = first
+    assert widget.points_layer in viewer.layers and widget.points_layer is not first_set[0]

@@ -104,7 +104,8 @@ class SegmentWidget(Container):
         self._points = None
         self._boxes = None
         self._preview = None
-        self._created_target: Labels | None = None
+        self._layer_sets: dict[int, tuple] = {}  # id(image) -> (points, boxes, preview)
+        self._created_targets: dict[int, Labels] = {}  # id(image) -> Labels layer made for it
         self._sam = None
         self._sam_request: ModelRequest | None = None
         self._session: Session | None = None
@@ -205,7 +206,7 @@ class SegmentWidget(Container):
         return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
 
     def _target_choices(self, _widget=None) -> list[tuple[str, Any]]:
-        own = {id(x) for x in (self._preview,) if x is not None}
+        own = {id(layers[2]) for layers in self._layer_sets.values()}
         layers = [
             (layer.name, layer)
             for layer in self._viewer.layers
@@ -340,31 +341,34 @@ class SegmentWidget(Container):
         self._new_session()
 
     def _ensure_prompt_layers(self) -> None:
-        """(Re)create the prompt, box and preview layers of the current image when missing."""
+        """Use the current image's prompt, box and preview layers, creating any that is missing.
+
+        Each image keeps its own set (switching images back and forth reuses them); a layer the
+        user deleted is created again.
+        """
         image = self._image
         if image is None:
             return
         layers = self._viewer.layers
-        if self._preview is None or self._preview not in layers or not self._same_grid(self._preview, image):
-            self._preview = pl.make_preview_layer(image)
-            layers.append(self._preview)
-        if self._boxes is None or self._boxes not in layers or self._boxes.ndim != image.ndim:
-            self._boxes = pl.make_boxes_layer(image)
-            self._boxes.events.data.connect(self._on_prompts_changed)
-            layers.append(self._boxes)
-        if self._points is None or self._points not in layers or self._points.ndim != image.ndim:
-            self._points = pl.make_points_layer(image)
-            self._points.events.data.connect(self._on_prompts_changed)
-            self._points.mouse_drag_callbacks.insert(0, self._on_points_press)
-            layers.append(self._points)
-            self._points.mode = "add"
-            layers.selection.active = self._points
-        self._points.feature_defaults["positive"] = not self._negative_default
+        points, boxes, preview = self._layer_sets.get(id(image), (None, None, None))
+        if preview is None or preview not in layers:
+            preview = pl.make_preview_layer(image)
+            layers.append(preview)
+        if boxes is None or boxes not in layers:
+            boxes = pl.make_boxes_layer(image)
+            boxes.events.data.connect(self._on_prompts_changed)
+            layers.append(boxes)
+        if points is None or points not in layers:
+            points = pl.make_points_layer(image)
+            points.events.data.connect(self._on_prompts_changed)
+            points.mouse_drag_callbacks.insert(0, self._on_points_press)
+            layers.append(points)
+            points.mode = "add"
+            layers.selection.active = points
+        points.feature_defaults["positive"] = not self._negative_default
+        self._layer_sets[id(image)] = (points, boxes, preview)
+        self._points, self._boxes, self._preview = points, boxes, preview
         self.reset_choices()
-
-    @staticmethod
-    def _same_grid(preview, image) -> bool:
-        return preview.data.shape[-2:] == tuple(pl.image_geometry(image).slice_shape) and preview.ndim == image.ndim
 
     @property
     def points_layer(self):
@@ -402,6 +406,8 @@ class SegmentWidget(Container):
         action = str(getattr(event, "action", "")) if event is not None else ""
         if self._suspend_prompt_events or action.endswith("ing"):  # adding/removing/changing
             return
+        if event is not None and getattr(event, "source", None) not in (self._points, self._boxes):
+            return  # the prompts of another image
         self.update_preview()
 
     def _on_dims_changed(self, event=None) -> None:
@@ -522,12 +528,11 @@ class SegmentWidget(Container):
             return choice
         if not create or self._image is None:
             return None
-        if self._created_target is not None and self._created_target in self._viewer.layers:
-            target = self._created_target
-        else:
+        target = self._created_targets.get(id(self._image))
+        if target is None or target not in self._viewer.layers:
             target = pl.make_target_layer(self._image)
             self._viewer.layers.insert(self._viewer.layers.index(self._image) + 1, target)
-            self._created_target = target
+            self._created_targets[id(self._image)] = target
         self.reset_choices()
         self._target_combo.value = target
         return target
