@@ -254,14 +254,16 @@ class OraclePredictor:
         self.calls.append((z, len(prompts)))
         out = []
         for p in prompts:
-            if p["points"] is not None:
-                r, c = np.asarray(p["points"])[np.asarray(p["labels"]) == 1][0].astype(int)
+            get = p.get if isinstance(p, dict) else lambda key: getattr(p, key)
+            if get("points") is not None:
+                lab = np.ones(len(get("points"))) if get("labels") is None else np.asarray(get("labels"))
+                r, c = np.asarray(get("points"))[lab == 1][0].astype(int)
             else:
-                b = np.asarray(p["box"])
+                b = np.asarray(get("box"))
                 r, c = int((b[0] + b[2]) / 2), int((b[1] + b[3]) / 2)
             gt_id = int(self.labels[z, r, c])
-            m = self.labels[z] == gt_id
-            k = 3 if p["multimask"] else 1
+            m = (self.labels[z] == gt_id) if gt_id else np.zeros(self.labels.shape[1:], bool)
+            k = 3 if get("multimask") else 1
             iou = np.full(k, self.iou_of.get(gt_id, 0.9), np.float32)
             iou[0] -= 0.5  # the first candidate is worse: the best one must be picked
             masks = np.stack([np.zeros_like(m)] + [m] * (k - 1)) if k > 1 else m[None]
@@ -297,6 +299,44 @@ def test_segment_stack_with_oracle(monkeypatch, small):
     assert set(np.unique(lab)) == {0, 1}
     with pytest.raises(PromptsError, match="no prompts lie in z range"):
         segment_stack(small.image, same, model="unused", z_range=(5, 10))
+
+
+def test_propagate_stack_with_oracle_follows_objects_through_z(monkeypatch, small):
+    gt = small.labels.astype(np.int32)
+    z = 5
+    ids = [int(i) for i in np.unique(gt[z]) if i][:2]
+    pts = []
+    for i in ids:
+        rr, cc = np.nonzero(ndi_erode(gt[z] == i))
+        pts.append((z, rr[len(rr) // 2], cc[len(cc) // 2]))
+    oracle = OraclePredictor(gt)
+    monkeypatch.setattr(batch, "_make_predictor", lambda *a, **k: oracle)
+    seen = []
+    lab = batch.propagate_stack(small.image, prompts_from_arrays(pts, object_ids=[21, 22]),
+                                model="unused", progress=lambda d, t: seen.append(d))
+    assert lab.dtype == np.int32 and lab.shape == gt.shape and seen
+    for new_id, i in zip((21, 22), ids):
+        # Every slice of the nucleus, not just the prompted one, carries the prompt's object id.
+        assert np.array_equal(lab == new_id, gt == i), new_id
+    lab = batch.propagate_stack(small.image, prompts_from_arrays(pts, object_ids=[21, 22]),
+                                model="unused", z_range=(4, 7))
+    assert not lab[:4].any() and not lab[7:].any() and (lab[4:7] == 21).any()
+
+
+def ndi_erode(mask):
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, iterations=2)
+
+
+def test_propagate_stack_real_model(small, engine_sam_test, tmp_path):
+    prompts = prompts_from_arrays([[5, 40, 40]], object_ids=[4])
+    out = tmp_path / "prop.tif"
+    got = batch.propagate_stack(small.image, prompts, model=engine_sam_test, z_range=(3, 8), out=out,
+                                min_score=0.0)
+    lab = tifffile.imread(got)
+    assert lab.shape == small.image.shape and set(np.unique(lab)) <= {0, 4}
+    assert not lab[:3].any() and not lab[8:].any()
 
 
 def test_segment_stack_real_model_and_streamed_output(tmp_path, small, engine_sam_test):

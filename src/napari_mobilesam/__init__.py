@@ -29,6 +29,19 @@ _LAZY: dict[str, str] = {
     "ObjectPrompts": ".propagate",
     "PropagationResult": ".propagate",
     "objects_from_labels": ".propagate",
+    "AutoParams": ".automatic",
+    "Stitcher": ".automatic",
+    "segment_slice": ".automatic",
+    "Prompts": ".batch",
+    "read_prompts_csv": ".batch",
+    "prompts_from_points": ".batch",
+    "prompts_from_shapes": ".batch",
+    "prompts_from_arrays": ".batch",
+    "segment_stack": ".batch",
+    "propagate_stack": ".batch",
+    "segment_stack_auto": ".batch",
+    "open_stack": ".batch",
+    "add_labels_layer": ".batch",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -895,15 +895,8 @@ def _finish(result, viewer, name, image, metadata):
 def _segment_objects_on_slice(predictor, z: int, objects: list[tuple[int, dict]]) -> np.ndarray:
     """(H, W) int32: each object's best mask on slice ``z``, the higher predicted IoU winning
     shared pixels."""
-    prompts = []
-    for _, item in objects:
-        single_point = item["box"] is None and len(item["points"]) == 1
-        prompts.append({
-            "points": item["points"] if len(item["points"]) else None,
-            "labels": item["labels"] if len(item["points"]) else None,
-            "box": item["box"],
-            "multimask": single_point,  # one click is ambiguous: take the best of three
-        })
+    # One click is ambiguous: take the best of SAM's three masks; more prompts: its single mask.
+    prompts = [_prompt_dict(item) for _, item in objects]
     preds = predictor.predict_many(z, prompts)
     h, w = predictor.source.slice_shape
     masks, scores = [], []
@@ -1058,14 +1051,28 @@ def propagate_stack(
         check_output_path(out, overwrite)
     predictor = _make_predictor(model, checkpoint, device, backend, precision, source, cache_bytes)
     objects = _objects_for_propagate(prm, zr)
-    update, close = _progress_callback(progress, len(zr), "propagate")
+    kwargs = dict(propagate_options)
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(zr) * len(objects), desc="propagate", unit="slice")
+
+        def _bar(done, total):
+            bar.total = max(int(total), int(done))
+            bar.n = int(done)
+            bar.refresh()
+
+        kwargs.setdefault("progress", _bar)
+    elif callable(progress):
+        kwargs.setdefault("progress", progress)
+    elif progress not in (None, False):
+        raise TypeError("progress must be None, True (a progress bar) or a callable(done, total)")
     try:
-        kwargs = dict(propagate_options)
-        if progress is not None and "progress" not in kwargs:
-            kwargs["progress"] = lambda *a, **k: update()
         result = propagate(predictor, objects, z_range=(zr.start, zr.stop), **kwargs)
     finally:
-        close()
+        if bar is not None:
+            bar.close()
     labels = np.asarray(result.labels)
     if out is None:
         return _finish(labels.astype(LABELS_DTYPE, copy=False), viewer, name, image, metadata)
@@ -1075,16 +1082,29 @@ def propagate_stack(
     return _finish(output.result(), viewer, name, image, metadata)
 
 
-def _objects_for_propagate(prm: Prompts, zr: range) -> list[dict]:
-    """Prompts grouped per object in the form ``propagate.propagate`` takes."""
-    objs: dict[int, dict] = {}
+def _objects_for_propagate(prm: Prompts, zr: range) -> dict[int, dict[int, dict]]:
+    """Prompts grouped per object, ``{object_id: {z: prompt dict}}``, as ``propagate`` takes them."""
+    objs: dict[int, dict[int, dict]] = {}
     for oid, z, item in prm.iter_objects():
         if z not in zr:
             continue
-        objs.setdefault(oid, {"id": oid, "prompts": {}})["prompts"][z] = item
+        objs.setdefault(oid, {})[z] = _prompt_dict(item)
     if not objs:
         raise PromptsError(f"no prompts lie in z range {zr.start}:{zr.stop}")
-    return list(objs.values())
+    return objs
+
+
+def _prompt_dict(item: dict, multimask: bool | None = None) -> dict:
+    """A predictor prompt from an :meth:`Prompts.iter_objects` item (no empty point arrays)."""
+    has_pts = len(item["points"]) > 0
+    if multimask is None:
+        multimask = item["box"] is None and len(item["points"]) == 1
+    return {
+        "points": item["points"] if has_pts else None,
+        "labels": item["labels"] if has_pts else None,
+        "box": item["box"],
+        "multimask": multimask,
+    }
 
 
 # =========================================================================== automatic
@@ -1151,18 +1171,10 @@ def segment_stack_auto(
                 for z in zs:
                     res = segment_slice(predictor, z, params)
                     output.put(z, stitcher.add(res.labels))
-                    _drop_embedding(predictor, z)
                     update()
     finally:
         close()
     return _finish(output.result(), viewer, name, image, metadata)
-
-
-def _drop_embedding(predictor, z: int) -> None:
-    """Automatic mode visits each slice once: nothing to gain from keeping its embedding."""
-    cache = getattr(predictor, "cache", None)
-    if cache is not None and hasattr(cache, "clear_memory") and cache.max_bytes < 64 * 2**20:
-        cache.clear_memory()
 
 
 # =========================================================================== dask.distributed
