@@ -51,9 +51,13 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+    mod = importlib.import_module(module, __name__)
+    # Bind every public name of that module now: importing a submodule sets the package attribute of
+    # the same name to the module itself (e.g. ``propagate``), which must not shadow the function.
+    for other, where in _LAZY.items():
+        if where == module:
+            globals()[other] = getattr(mod, other)
+    return globals()[name]
 
 
 def __dir__() -> list[str]:

@@ -256,7 +256,9 @@ class SlicePredictor:
             cc = torch.nonzero(sc[:, cols_any].any(dim=1)).flatten()
             r0, r1 = int(rr[0]), int(rr[-1]) + 1
             c0, c1 = int(cc[0]), int(cc[-1]) + 1
-        logits = mr[r0:r1] @ low @ mc[c0:c1].T  # (K, rh, rw)
+        a, b = mr[r0:r1], mc[c0:c1].T
+        # (K, rh, rw) = a @ low @ b; contract the 256-side against the smaller output side first
+        logits = (a @ low) @ b if (r1 - r0) <= (c1 - c0) else a @ (low @ b)
         masks = np.zeros((K, H, W), bool)
         masks[:, r0:r1, c0:c1] = (logits > 0).numpy()
         hi = (logits > 1.0).flatten(1).sum(1).float()
