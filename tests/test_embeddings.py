@@ -148,3 +148,15 @@ def test_prefetch_in_background(engine_sam_test, stack):
         assert cache.stats.computed <= 3
     finally:
         cache.close()
+
+
+def test_predictor_prefetches_neighbours(engine_sam_test, stack):
+    from napari_mobilesam.predictor import SlicePredictor
+
+    pred = SlicePredictor(engine_sam_test, stack)
+    try:
+        pred.prefetch_around(0, radius=2)  # z = 1 and 2 (no negative slices)
+        pred.cache.wait_prefetch(timeout=60)
+        assert [pred.cache.is_cached(stack, z) for z in range(6)] == [False, True, True, False, False, False]
+    finally:
+        pred.cache.close()

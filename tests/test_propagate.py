@@ -367,3 +367,12 @@ def test_real_model_through_the_same_path(engine_sam_reference, nuclei_stack):
     again = propagate(pred, objs, min_score=0.0, min_overlap=0.0, area_ratio=(0.0, 1e9), prefetch=False)
     assert cache.stats.computed == 0 and cache.stats.hit_rate == 1.0
     assert np.array_equal(again.labels, res.labels)  # deterministic
+
+
+def test_package_attribute_is_callable_whatever_the_import_order():
+    import napari_mobilesam
+    import napari_mobilesam.propagate  # noqa: F401  (sets the package attribute to the submodule)
+
+    assert callable(napari_mobilesam.propagate)
+    res = napari_mobilesam.propagate(ScriptedPredictor(n=4), {1: {1: {"points": [[48, 48]]}}})
+    assert res.extent(1) == (0, 3)

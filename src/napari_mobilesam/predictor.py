@@ -146,6 +146,12 @@ class SlicePredictor:
         """Compute the embeddings of slices ``zs`` in the background (see `EmbeddingCache.prefetch`)."""
         self.cache.prefetch(self.source, zs)
 
+    def prefetch_around(self, z: int, radius: int = 2) -> None:
+        """Prefetch the neighbours of slice ``z`` (z+1, z-1, z+2, z-2, ... up to ``radius``), nearest
+        first, cancelling earlier pending prefetches; for an annotator moving through the stack."""
+        order = [z + s * d for d in range(1, radius + 1) for s in (1, -1)]
+        self.cache.prefetch(self.source, [q for q in order if 0 <= q < self.n_slices])
+
     # -- validation and (row, col) -> (x, y) ------------------------------------------------------
     def _check(self, p: Prompt, original: tuple[int, int], resized: tuple[int, int]):
         H, W = original
