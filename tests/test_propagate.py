@@ -376,3 +376,21 @@ def test_package_attribute_is_callable_whatever_the_import_order():
     assert callable(napari_mobilesam.propagate)
     res = napari_mobilesam.propagate(ScriptedPredictor(n=4), {1: {1: {"points": [[48, 48]]}}})
     assert res.extent(1) == (0, 3)
+
+
+def test_background_prefetch_gives_the_same_result(engine_sam_test, nuclei_stack):
+    """The real SlicePredictor path with background prefetching on (the default) and off."""
+    src = SliceSource(nuclei_stack.image[10:14, :96, :96])
+    loose = {"min_score": 0.0, "min_overlap": 0.0, "area_ratio": (0.0, 1e9)}
+    objs = {1: {1: {"points": [[40, 40]]}}, 2: {2: {"box": [5, 5, 30, 30]}}}
+    outs = []
+    for prefetch in (True, False):
+        cache = EmbeddingCache(engine_sam_test)
+        try:
+            res = propagate(SlicePredictor(engine_sam_test, src, cache), objs, prefetch=prefetch, **loose)
+        finally:
+            cache.close()
+        assert cache.stats.computed <= 4
+        outs.append(res)
+    assert np.array_equal(outs[0].labels, outs[1].labels)
+    assert [(r.label, r.z, r.accepted) for r in outs[0].records] == [(r.label, r.z, r.accepted) for r in outs[1].records]
