@@ -42,6 +42,11 @@ _LAZY: dict[str, str] = {
     "segment_stack_auto": ".batch",
     "open_stack": ".batch",
     "add_labels_layer": ".batch",
+    "DistillConfig": ".distill",
+    "DistillEvent": ".distill",
+    "DistillResult": ".distill",
+    "DistillError": ".distill",
+    "iter_distill": ".distill",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -374,7 +374,7 @@ def iter_distill(
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             model = DDP(encoder, device_ids=[device.index] if device.type == "cuda" else None,
-                        find_unused_parameters=True)
+                        find_unused_parameters=False)
 
         def state_now(epoch: int, step_in_epoch: int) -> dict:
             return {
@@ -491,7 +491,11 @@ def distill(
     callback: Callable[[DistillEvent], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> DistillResult:
-    """Run :func:`iter_distill` to the end, passing each event to ``callback``; see there."""
+    """Run :func:`iter_distill` to the end, passing each event to ``callback``; see there.
+
+    An exception raised by ``callback`` stops the run like a cancel (the training state is saved)
+    and is then re-raised.
+    """
     gen = iter_distill(config, cancel=cancel)
     while True:
         try:
@@ -499,7 +503,11 @@ def distill(
         except StopIteration as stop:
             return stop.value
         if callback is not None:
-            callback(event)
+            try:
+                callback(event)
+            except BaseException:
+                gen.close()
+                raise
 
 
 # --------------------------------------------------------------------------------------------

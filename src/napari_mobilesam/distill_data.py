@@ -295,7 +295,7 @@ class Teacher:
 def vit_teacher_encoder(kind: str = "tiny", *, seed: int = 0) -> Any:
     """A randomly initialised SAM ViT image encoder (segment-anything's ``ImageEncoderViT``).
 
-    ``kind="tiny"``: embed dim 48, 2 blocks (one windowed, one global), 2 heads — fast enough for
+    ``kind="tiny"``: embed dim 32, 2 blocks (one windowed, one global), 1 head — fast enough for
     tests, same 1024 input and ``(256, 64, 64)`` output as every SAM encoder.
     ``kind="vit_b"``: SAM ViT-B's shape (768 dims, 12 blocks, 12 heads, global blocks 2/5/8/11),
     for benchmarks. Relative position tables are randomised too (SAM initialises them to zero).
@@ -304,7 +304,7 @@ def vit_teacher_encoder(kind: str = "tiny", *, seed: int = 0) -> Any:
     from segment_anything.modeling import ImageEncoderViT
 
     shapes = {
-        "tiny": dict(embed_dim=48, depth=2, num_heads=2, global_attn_indexes=(1,)),
+        "tiny": dict(embed_dim=32, depth=2, num_heads=1, global_attn_indexes=(1,)),
         "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
     }
     if kind not in shapes:
