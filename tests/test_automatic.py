@@ -254,6 +254,7 @@ class OraclePredictor:
         self.labels = labels
         self.image = image
         self.calls = 0
+        self.sizes = []
 
         class _Source:
             def rgb(_, z):
@@ -265,6 +266,7 @@ class OraclePredictor:
 
     def predict_many(self, z, prompts):
         self.calls += 1
+        self.sizes.append(len(prompts))
         gt = self.labels[z]
         out = []
         for p in prompts:
@@ -288,7 +290,7 @@ def test_segment_slice_with_oracle_recovers_ground_truth(stack):
     res = segment_slice(oracle, z, params)
     gt = stack.labels[z]
     assert res.labels.shape == gt.shape and res.labels.dtype == np.int32
-    assert oracle.calls == -(-res.n_prompts // 8)  # prompts decoded in batches
+    assert max(oracle.sizes) == 8 and sum(oracle.sizes) == res.n_prompts  # decoded in batches
     ious = best_match_iou(res.labels, gt)
     ids, areas = np.unique(gt[gt > 0], return_counts=True)
     for i, a in zip(ids, areas):
@@ -314,3 +316,24 @@ def test_real_model_automatic_slice(stack):
     ids = np.unique(res.labels)
     assert ids[0] == 0 or len(ids) == res.labels.max()
     assert res.labels.max() == len(ids[ids > 0])  # ids 1..N without gaps
+
+
+def test_grid_points_on_found_objects_are_skipped():
+    """A grid point lying on an object the blob prompts already found is not decoded again."""
+    from napari_mobilesam.automatic import _split_candidates
+
+    img = np.zeros((1, 100, 100), np.float32)
+    gt = np.zeros((1, 100, 100), np.int32)
+    # The image shows a small bright spot (one blob prompt); the object the (oracle) model
+    # returns for it is large and reaches several grid points.
+    img[0][disk((100, 100), (40, 40), 6)] = 1
+    gt[0][disk((100, 100), (40, 40), 32)] = 1
+    oracle = OraclePredictor(gt, img)
+    p = AutoParams(grid=4, min_distance=10, blob_sigma=1, max_area_fraction=0.5, points_per_batch=4)
+    blobs, grid = _split_candidates(oracle.source.rgb(0), p)
+    assert len(blobs) >= 1 and (gt[0][tuple(blobs.astype(int).T)] == 1).all()
+    on_object = int((gt[0][tuple(grid.astype(int).T)] == 1).sum())
+    assert on_object >= 1
+    res = segment_slice(oracle, 0, p)
+    assert res.n_prompts == len(blobs) + len(grid) - on_object == sum(oracle.sizes)
+    assert np.array_equal(res.labels == 1, gt[0] == 1)

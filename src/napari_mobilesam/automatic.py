@@ -201,7 +201,10 @@ def candidate_points(
             num_peaks=p.max_points,
             exclude_border=False,
         ).astype(np.float64)
-        extra = [q for q in ipeaks if not len(blobs) or np.hypot(*(blobs - q).T).min() >= p.min_distance]
+        # A Laplacian peak inside the inscribed disk of a distance peak is the same object.
+        reach = np.maximum(dist[blobs[:, 0].astype(int), blobs[:, 1].astype(int)], p.min_distance) \
+            if len(blobs) else np.zeros(0)
+        extra = [q for q in ipeaks if not len(blobs) or (np.hypot(*(blobs - q).T) >= reach).all()]
         if extra:
             blobs = np.concatenate([blobs, np.asarray(extra)], axis=0)
     pts = [blobs]
@@ -217,6 +220,16 @@ def candidate_points(
         pts.append(grid)
     out = np.concatenate(pts, axis=0)[: p.max_points]
     return np.ascontiguousarray(out, dtype=np.float64)
+
+
+def _split_candidates(image: np.ndarray, p: AutoParams) -> tuple[np.ndarray, np.ndarray]:
+    """(blob points, grid points), each (N, 2) float64 (row, col), together at most max_points."""
+    pts = candidate_points(image, p)
+    if p.grid == 0:
+        return pts, pts[:0]
+    only_blobs = candidate_points(image, p.replace(grid=0))
+    n_blobs = min(len(only_blobs), len(pts))
+    return pts[:n_blobs], pts[n_blobs:]
 
 
 # --------------------------------------------------------------------------- per-slice filtering
@@ -463,25 +476,38 @@ def segment_slice(
     p = params or AutoParams()
     if image is None:
         image = predictor.source.rgb(z)
-    points = candidate_points(image, p)
+    blobs, grid = _split_candidates(image, p)
     h, w = np.asarray(image).shape[:2]
-    if len(points) == 0:
+    if len(blobs) + len(grid) == 0:
         return SliceResult(z, np.zeros((h, w), np.int32))
     all_masks: list[np.ndarray] = []
     all_iou: list[np.ndarray] = []
     all_stab: list[np.ndarray] = []
-    for start in range(0, len(points), p.points_per_batch):
-        chunk = points[start : start + p.points_per_batch]
-        prompts = [{"points": pt[None, :], "labels": np.ones(1, np.int64)} for pt in chunk]
-        for pred in predictor.predict_many(z, prompts):
-            m = np.asarray(pred.masks, bool)
-            iou = np.asarray(pred.iou, float).reshape(-1)
-            stab = np.asarray(pred.stability, float).reshape(-1)
-            keep = filter_masks(m, iou, stab, p)
-            if keep.any():
-                all_masks.append(m[keep])
-                all_iou.append(iou[keep])
-                all_stab.append(stab[keep])
+    covered = np.zeros((h, w), bool)
+
+    def decode(points: np.ndarray) -> None:
+        for start in range(0, len(points), p.points_per_batch):
+            chunk = points[start : start + p.points_per_batch]
+            prompts = [{"points": pt[None, :], "labels": np.ones(1, np.int64)} for pt in chunk]
+            for pred in predictor.predict_many(z, prompts):
+                m = np.asarray(pred.masks, bool)
+                iou = np.asarray(pred.iou, float).reshape(-1)
+                stab = np.asarray(pred.stability, float).reshape(-1)
+                keep = filter_masks(m, iou, stab, p)
+                if keep.any():
+                    all_masks.append(m[keep])
+                    all_iou.append(iou[keep])
+                    all_stab.append(stab[keep])
+                    covered[m[keep][int(np.argmax(iou[keep] * stab[keep]))]] = True
+
+    decode(blobs)
+    # Grid points are for what the blobs missed: those on an object already found are skipped.
+    if len(grid):
+        r = np.clip(np.round(grid[:, 0]).astype(int), 0, h - 1)
+        c = np.clip(np.round(grid[:, 1]).astype(int), 0, w - 1)
+        grid = grid[~covered[r, c]]
+        decode(grid)
+    points = np.concatenate([blobs, grid])
     n_masks = 3 * len(points)
     if not all_masks:
         return SliceResult(z, np.zeros((h, w), np.int32), len(points), n_masks, 0)
