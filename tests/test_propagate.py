@@ -320,6 +320,7 @@ def test_prompts_from_mask():
         ([ObjectPrompts(1, prompts={3: Prompt(points=[[5, 5]])})], {"target": np.zeros((30, 96, 96))}, "integer"),
         ([ObjectPrompts(1, prompts={3: Prompt(points=[[5, 5]])})], {"area_ratio": (2, 3)}, "area_ratio"),
         ({1: [1, 2]}, {}, "dict z"),
+        ({1: {3: [[5, 5]]}}, {}, "must be a Prompt or a dict"),
     ],
 )
 def test_bad_input(objects, kwargs, match):

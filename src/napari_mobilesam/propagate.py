@@ -274,7 +274,14 @@ def _coerce_objects(objects: Any, n: int, shape: tuple[int, int]) -> list[Object
             z = int(z)
             if not 0 <= z < n:
                 raise ValueError(f"object {label}: prompt on slice {z}, but the stack has {n} slices")
-            prompts[z] = p if isinstance(p, Prompt) else Prompt(**p)
+            if isinstance(p, Mapping):
+                p = Prompt(**p)
+            if not isinstance(p, Prompt):
+                raise ValueError(
+                    f"object {label}: the prompt on slice {z} must be a Prompt or a dict of its fields "
+                    f"(points, labels, box, mask_input, multimask), got {type(p).__name__}"
+                )
+            prompts[z] = p
         masks = {}
         for z, m in o.masks.items():
             z = int(z)
