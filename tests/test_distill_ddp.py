@@ -1,0 +1,116 @@
+"""Distillation in separate processes: DDP under torchrun (gloo, 2 CPU processes on 127.0.0.1) and
+a run killed with SIGKILL that resumes from its last training state.
+
+Both run ``python -m napari_mobilesam.distill`` (the same arguments as ``napari-mobilesam distill``)
+with the tiny teacher and the ``vit_t_test`` student.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny SAM ViT teacher checkpoint and a 6-slice TIFF stack."""
+    import tifffile
+
+    from napari_mobilesam.data import synthetic_nuclei
+    from napari_mobilesam.distill_data import save_teacher_checkpoint, vit_teacher_encoder
+
+    d = tmp_path_factory.mktemp("ddp_inputs")
+    teacher = save_teacher_checkpoint(vit_teacher_encoder("tiny", seed=1), d / "teacher.pth")
+    stack = d / "stack.tif"
+    tifffile.imwrite(stack, synthetic_nuclei(shape=(6, 96, 96), n_nuclei=6, seed=4).image)
+    return teacher, stack
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp_path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        NAPARI_MOBILESAM_CACHE=str(tmp_path / "cache"),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        MASTER_ADDR="127.0.0.1",
+    )
+    if sys.platform.startswith("linux"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's traffic on the loopback interface
+    return env
+
+
+def _args(teacher, stack, out, *extra):
+    return ["--teacher", str(teacher), "--images", str(stack), "-o", str(out), "--student-model",
+            "vit_t_test", "--batch-size", "1", "--lr", "2e-3", "--val-fraction", "0.34",
+            "--val-prompts", "2", "--device", "cpu", *extra]
+
+
+def test_ddp_two_gloo_processes_end_with_a_strict_checkpoint(tmp_path, inputs):
+    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.checkpoint import read_checkpoint_metadata
+
+    teacher, stack = inputs
+    out = tmp_path / "ddp.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "napari_mobilesam.distill", *_args(teacher, stack, out, "--epochs", "2")]
+    proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "process 1 of 2" in proc.stderr
+    assert proc.stdout.count("wrote ") == 1  # only process 0 writes
+    meta = read_checkpoint_metadata(out)
+    assert meta["processes"] == 2
+    assert meta["data"]["n_train"] == 4 and meta["data"]["n_val"] == 2
+    after = meta["metrics"]["after"]
+    assert after["n_slices"] == 2  # the two processes' validation shares were combined
+    assert after["mse"] < meta["metrics"]["before"]["mse"]
+    trained = build_sam("vit_t_test", out)  # strict load
+    init = build_sam("vit_t_test", seed=0)
+    assert not torch.equal(trained.image_encoder.neck[0].weight, init.image_encoder.neck[0].weight)
+    states = sorted(p.name for p in out.with_name("ddp.pt.distill").glob("*/state-*.pt"))
+    assert states == ["state-e0001-s0000000.pt", "state-e0002-s0000000.pt"]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, inputs):
+    teacher, stack = inputs
+    out = tmp_path / "killed.pt"
+    cmd = [sys.executable, "-m", "napari_mobilesam.distill", *_args(teacher, stack, out, "--epochs", "4")]
+    env = _env(tmp_path)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_root = out.with_name("killed.pt.distill")
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(run_root.glob("*/state-e0001-*.pt")):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert not out.exists()
+    assert not list(run_root.glob("*/.*.tmp"))  # no partial file is ever visible under a state name
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr and "state-e000" in again.stderr
+    assert "teacher embeddings" not in again.stderr  # the cache survived the kill
+    assert "step 1/" not in again.stderr  # epoch 1 was not trained again
+    assert out.exists()
