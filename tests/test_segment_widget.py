@@ -1,17 +1,16 @@
 """The segmentation dock widget, driven as a user would: prompts through the layers, keys, buttons.
 
-Most tests answer prompts with ``GroundTruthOracle`` -- a stand-in for the predictor that returns
-the synthetic stack's ground-truth object under the prompt, so that *where* labels land can be
-checked exactly. It is not a model. The real engine path (tiny random ``vit_t_test`` encoder, real
-embedding cache, worker threads and decoder) is covered by the ``real_engine`` tests.
+Most tests answer prompts with ``GroundTruthOracle`` (``_napari/oracle.py``) -- a stand-in for the
+predictor that returns the synthetic stack's ground-truth object under the prompt, so that *where*
+labels land can be checked exactly. It is not a model. The real engine path (model loading in a
+worker, tiny random ``vit_t_test`` encoder, embedding cache, prefetch, decoder) is covered by the
+``test_real_engine_*`` tests.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ import pytest
 # imported at collection time, before any viewer: also loads triton safely (see _preload.py)
 from napari_mobilesam._napari import segment_widget as sw
 from napari_mobilesam._napari import prompt_layers as pl
+from napari_mobilesam._napari.oracle import GroundTruthOracle
 from napari_mobilesam._napari.session import ModelRequest, Session
 from napari_mobilesam._napari.settings import WidgetSettings, load_settings, save_settings, settings_path
 
@@ -39,64 +39,6 @@ def stack():
     return synthetic_nuclei(shape=(12, 128, 128), n_nuclei=8, radius_range=(9, 14), z_radius_range=(3, 5))
 
 
-class GroundTruthOracle:
-    """Test oracle standing in for ``SlicePredictor``: NOT a model.
-
-    Every prompt is answered with the ground-truth object under its first positive point (or the
-    object covering most of its box), unless a negative point lies on that object. ``delay``
-    seconds are slept per call, to make propagations slow enough to cancel.
-    """
-
-    def __init__(self, labels: np.ndarray, image: np.ndarray, delay: float = 0.0):
-        from napari_mobilesam.image import SliceSource
-
-        self.gt = labels if labels.ndim == 3 else labels[None]
-        self.source = SliceSource(image)
-        self.delay = delay
-        self.calls = 0
-
-    def _object(self, z, points, labels, box) -> int:
-        lab = self.gt[z]
-        obj = 0
-        if points is not None and len(points):
-            labels = np.ones(len(points)) if labels is None else np.asarray(labels)
-            for (r, c), sign in zip(np.asarray(points), labels):
-                r, c = int(round(r)), int(round(c))
-                if sign == 1 and lab[r, c] and not obj:
-                    obj = int(lab[r, c])
-            for (r, c), sign in zip(np.asarray(points), labels):
-                if sign == 0 and lab[int(round(r)), int(round(c))] == obj:
-                    return 0
-        if not obj and box is not None:
-            r0, c0, r1, c1 = (int(round(v)) for v in box)
-            ids, counts = np.unique(lab[r0 : r1 + 1, c0 : c1 + 1], return_counts=True)
-            counts[ids == 0] = 0
-            obj = int(ids[np.argmax(counts)]) if counts.max() > 0 else 0
-        return obj
-
-    def predict(self, z, points=None, labels=None, box=None, mask_input=None, multimask=True, **_):
-        self.calls += 1
-        if self.delay:
-            time.sleep(self.delay)
-        obj = self._object(z, points, labels, box)
-        mask = (self.gt[z] == obj) if obj else np.zeros(self.gt.shape[1:], bool)
-        k = 3 if multimask else 1
-        return SimpleNamespace(
-            masks=np.repeat(mask[None], k, 0),
-            iou=np.full(k, 0.95 if obj else 0.0, np.float32),
-            stability=np.full(k, 0.95 if obj else 0.0, np.float32),
-            low_res=np.zeros((k, 256, 256), np.float32),
-            best=0,
-        )
-
-    def predict_many(self, z, prompts):
-        out = []
-        for p in prompts:
-            p = p if isinstance(p, dict) else vars(p)
-            out.append(self.predict(z, p.get("points"), p.get("labels"), p.get("box"), None, p.get("multimask", True)))
-        return out
-
-
 def _open(make_napari_viewer, data, *, rgb=False, scale=None, translate=None, name="nuclei"):
     viewer = make_napari_viewer()
     kwargs = {}
@@ -111,7 +53,7 @@ def _open(make_napari_viewer, data, *, rgb=False, scale=None, translate=None, na
 
 
 def _with_oracle(widget, image, gt, delay=0.0):
-    oracle = GroundTruthOracle(gt, np.asarray(image.data), delay)
+    oracle = GroundTruthOracle(gt, np.asarray(image.data), rgb=bool(image.rgb), delay=delay)
     widget.set_session(Session(None, image.data, rgb=bool(image.rgb), predictor=oracle))
     return oracle
 
@@ -523,7 +465,8 @@ def test_real_engine_dev_model_loads_in_worker_and_commit_matches_preview(
     z, r, c, _ = _nucleus(stack, 0)
     _go_to(viewer, image, z)
     widget.points_layer.add([z, r, c])  # no model yet: the click starts loading it
-    _wait_idle(qtbot, widget)
+    # first load converts the encoder to OpenVINO (tens of seconds on a busy 2-core machine)
+    _wait_idle(qtbot, widget, timeout=400_000)
     assert widget.session is not None and widget.session.cache is not None
     qtbot.waitUntil(lambda: widget.session.is_embedded(z), timeout=WAIT_MS)
     pred = widget.update_preview()

@@ -1,6 +1,6 @@
 """Screenshot under Xvfb: after a click, the preview overlay covers the clicked nucleus.
 
-The prompt is answered by ``GroundTruthOracle`` (see test_segment_widget.py: a stand-in for the
+The prompt is answered by ``GroundTruthOracle`` (``_napari/oracle.py``: a stand-in for the
 predictor that returns the ground-truth object, not a model), so the expected overlay is known
 exactly; what is tested is the rendering path: the prompt layer, the one-slice preview layer at the
 right z, its colours over the image, and the canvas.
@@ -14,7 +14,9 @@ from scipy import ndimage as ndi
 from napari_mobilesam._napari import segment_widget as sw
 from napari_mobilesam._napari.session import Session
 
-from test_segment_widget import GroundTruthOracle, _config_dir, _nucleus, stack  # noqa: F401 (fixtures)
+from napari_mobilesam._napari.oracle import GroundTruthOracle
+
+from test_segment_widget import _config_dir, _nucleus, stack  # noqa: F401 (fixtures)
 
 
 def _screen_to_data(viewer, image, shape, rows, cols):

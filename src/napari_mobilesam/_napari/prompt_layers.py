@@ -215,8 +215,15 @@ def show_preview(preview, image, z: int, slice_labels: np.ndarray | None) -> Non
         step = np.array([float(z), 0.0, 0.0])
         offset_world = np.asarray(image.data_to_world(step)) - np.asarray(image.data_to_world(origin))
         offset = np.linalg.solve(image.affine.linear_matrix, offset_world)
-        preview.translate = np.asarray(image.translate, dtype=float) + offset
-    preview.data = data
+        translate = np.asarray(image.translate, dtype=float) + offset
+        if not np.allclose(preview.translate, translate):  # the setter costs ms even when unchanged
+            preview.translate = translate
+    current = preview.data
+    if isinstance(current, np.ndarray) and current.shape == data.shape and current.dtype == data.dtype:
+        current[...] = data  # in place + refresh: cheaper than replacing the layer's data
+        preview.refresh(extent=False)
+    else:
+        preview.data = data
 
 
 def _to_image_coords(layer, coords: np.ndarray, image) -> np.ndarray:

@@ -1,0 +1,229 @@
+"""Click-to-preview latency of the napari widget on a cached slice, and GUI stalls while embedding.
+
+In a real napari viewer (shown; under Xvfb on a machine without a screen) with the segmentation
+widget and the real MobileSAM architecture (``vit_t``; the parity fixture's random weights stand in
+for ``mobile_sam.pt``, which has the same shapes and therefore the same cost):
+
+1. **click -> preview**: a point is added to the prompt layer exactly as napari's add-mode click
+   does (``Points.add`` on mouse release); timed until the preview layer holds the new mask, and
+   until the canvas has been repainted. One click per nucleus, each followed by Clear, median of
+   ``--clicks`` (default 20) clicks on a slice whose embedding is cached;
+2. **engine only**: ``SlicePredictor.predict`` for the same points (what the widget calls);
+3. **baseline**: ``segment_anything.SamPredictor.predict`` for the same points, with the image
+   already set (the per-click cost of the official predictor: same decoder, full-size upscaling);
+4. **uncached slice**: a click on a slice that is not embedded yet: time until the preview shows
+   (the encoder runs in a worker), and the longest GUI-thread stall meanwhile (a 5 ms timer's
+   largest gap).
+
+    xvfb-run -a python benchmarks/interaction.py           # 20 clicks, 3 uncached runs
+    xvfb-run -a python benchmarks/interaction.py --quick   # 10 clicks, 1 uncached run
+
+Without a display the script restarts itself under ``xvfb-run`` when that is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mobile_sam_random_weights.pt"
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), load average {load:.2f} at start"
+    )
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="10 clicks and 1 uncached run")
+    ap.add_argument("--clicks", type=int, default=None, help="clicks on the cached slice (default 20)")
+    ap.add_argument("--uncached", type=int, default=None, help="clicks on uncached slices (default 3)")
+    ap.add_argument("--size", type=int, default=512, help="slice side in pixels (default 512)")
+    ap.add_argument("--checkpoint", default=str(REFERENCE), help="vit_t state dict (default: parity fixture)")
+    ap.add_argument("--backend", default="auto", help="encoder backend for load_model (default auto)")
+    args = ap.parse_args(argv)
+    if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY") and shutil.which("xvfb-run"):
+        cmd = ["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", sys.executable, *sys.argv]
+        return subprocess.call(cmd)
+    n_clicks = args.clicks or (10 if args.quick else 20)
+    n_uncached = args.uncached if args.uncached is not None else (1 if args.quick else 3)
+
+    # napari first (GL context), then the widget module: it loads triton safely before torch
+    import napari
+    import numpy as np
+    from qtpy.QtCore import QElapsedTimer, QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_mobilesam._napari.segment_widget import SegmentWidget
+    from napari_mobilesam._napari.session import ModelRequest
+    from napari_mobilesam.build import load_model
+    from napari_mobilesam.data import synthetic_nuclei
+
+    os.environ.setdefault("NAPARI_MOBILESAM_CONFIG", tempfile.mkdtemp(prefix="mobilesam-config-"))
+    os.environ.pop("NAPARI_MOBILESAM_CACHE", None)  # embeddings in memory only: easy to drop
+    n_z = max(16, n_uncached * 3 + 6)
+    s = args.size / 256
+    stack = synthetic_nuclei(
+        shape=(n_z, args.size, args.size),
+        n_nuclei=int(15 * s * s),
+        radius_range=(11 * s, 22 * s),
+        z_radius_range=(3, 6),
+    )
+    print(f"stack {stack.image.shape} ready; loading the model...", flush=True)
+    t = time.perf_counter()
+    sam = load_model("vit_t", args.checkpoint, "cpu", backend=args.backend)
+    load_s = time.perf_counter() - t
+
+    app = QApplication.instance() or QApplication([])
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1400, 900)
+    image = viewer.add_image(stack.image, name="nuclei")
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+
+    def spin_until(cond, timeout=120.0):
+        end = time.perf_counter() + timeout
+        while not cond():
+            app.processEvents()
+            time.sleep(0.001)
+            if time.perf_counter() > end:
+                raise TimeoutError("the widget did not finish in time")
+
+    print(f"model loaded in {load_s:.1f} s; embedding the annotated slice...", flush=True)
+    widget.set_model(sam, ModelRequest("vit_t", args.checkpoint, "cpu"))
+    session = widget.session
+    # the annotated slice: the one holding the most nucleus centres
+    z = int(np.bincount(np.clip(np.round(stack.centers[:, 0]).astype(int), 0, n_z - 1)).argmax())
+    viewer.dims.set_point(0, float(z))
+    spin_until(lambda: session.is_embedded(z) and not widget.busy)
+    session.cache.wait_prefetch(timeout=300)
+    canvas = viewer.window._qt_viewer.canvas.native
+
+    # the clicked points: centres of the nuclei on slice z, deepest first
+    ids = [i for i in np.unique(stack.labels[z]) if i]
+    points = []
+    for i in ids:
+        r, c = (int(round(v)) for v in stack.centers[i - 1][1:])
+        if stack.labels[z, r, c] == i:
+            points.append((r, c))
+    points = (points * (n_clicks // max(1, len(points)) + 1))[:n_clicks]
+    if not points:
+        raise SystemExit("no nucleus centre on the middle slice: change --size")
+
+    layer_ms, paint_ms = [], []
+    for r, c in [points[0]] + points:  # first click is a warm-up
+        widget.clear_prompts()
+        app.processEvents()
+        t0 = time.perf_counter()
+        widget.points_layer.add([z, r, c])
+        t1 = time.perf_counter()
+        assert widget.preview_layer.data.any() or widget._prediction is not None, widget.status
+        canvas.repaint()
+        app.processEvents()
+        t2 = time.perf_counter()
+        layer_ms.append((t1 - t0) * 1e3)
+        paint_ms.append((t2 - t0) * 1e3)
+    layer_ms, paint_ms = layer_ms[1:], paint_ms[1:]
+
+    from segment_anything import SamPredictor
+
+    engine_ms, base_ms = [], []
+    predictor = session.predictor
+    official = SamPredictor(sam)
+    official.set_image(session.source.rgb(z))
+    for r, c in [points[0]] + points:
+        pts = np.array([[r, c]], float)
+        t0 = time.perf_counter()
+        predictor.predict(z, pts, np.ones(1, int), multimask=True)
+        t1 = time.perf_counter()
+        official.predict(point_coords=pts[:, ::-1], point_labels=np.ones(1), multimask_output=True)
+        t2 = time.perf_counter()
+        engine_ms.append((t1 - t0) * 1e3)
+        base_ms.append((t2 - t1) * 1e3)
+    engine_ms, base_ms = engine_ms[1:], base_ms[1:]
+
+    # uncached slices: time to preview, and the longest GUI stall while the encoder runs
+    uncached_ms, stall_ms = [], []
+    gaps = []
+    clock = QElapsedTimer()
+    ticker = QTimer()
+    ticker.setInterval(5)
+
+    def tick():
+        gaps.append(clock.restart())
+
+    ticker.timeout.connect(tick)
+    for k in range(n_uncached):
+        zu = (z + 2 + 3 * k) % n_z
+        session.cache.cancel_prefetch()
+        session.cache.wait_prefetch(timeout=300)
+        session.cache.clear_memory()
+        viewer.dims.set_point(0, float(zu))
+        widget._slice_timer.stop()  # the click itself must start the embedding
+        app.processEvents()
+        ids_u = [i for i in np.unique(stack.labels[zu]) if i]
+        rr, cc = np.argwhere(stack.labels[zu] == ids_u[0])[0] if ids_u else (args.size // 2, args.size // 2)
+        widget.clear_prompts()
+        gaps.clear()
+        clock.start()
+        ticker.start()
+        t0 = time.perf_counter()
+        widget.points_layer.add([zu, rr, cc])
+        spin_until(lambda: widget._prediction is not None and widget._preview_z == zu)
+        uncached_ms.append((time.perf_counter() - t0) * 1e3)
+        ticker.stop()
+        stall_ms.append(max(gaps) if gaps else float("nan"))
+
+    rows = [
+        ("click -> preview layer updated (widget, cached slice)", layer_ms),
+        ("click -> preview painted on the canvas", paint_ms),
+        ("SlicePredictor.predict (engine only)", engine_ms),
+        ("baseline: SamPredictor.predict (segment-anything)", base_ms),
+    ]
+    base = statistics.median(base_ms)
+    print(f"\nClick-to-preview latency, {args.size}x{args.size} slices, vit_t architecture "
+          f"(model load {load_s:.1f} s)")
+    print(f"{'what':58s} {'median ms':>10s} {'p90 ms':>8s} {'n':>4s} {'vs baseline':>12s}")
+    for name, vals in rows:
+        med = statistics.median(vals)
+        print(f"{name:58s} {med:10.1f} {pct(vals, 0.9):8.1f} {len(vals):4d} {base / med:11.2f}x")
+    if uncached_ms:
+        print(f"{'click on an uncached slice -> preview (encoder in worker)':58s} "
+              f"{statistics.median(uncached_ms):10.1f} {pct(uncached_ms, 0.9):8.1f} {len(uncached_ms):4d}")
+        print(f"{'longest GUI stall while embedding (5 ms timer gap)':58s} "
+              f"{statistics.median(stall_ms):10.1f} {max(stall_ms):8.1f} {len(stall_ms):4d}")
+    print(f"\nmachine: {machine()}")
+    print(f"model: {session.cache.identity}")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

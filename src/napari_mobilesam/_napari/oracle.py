@@ -1,0 +1,89 @@
+"""A ground-truth oracle with the predictor's interface, for tests, screenshots and demos.
+
+:class:`GroundTruthOracle` is **not a model**: it answers every prompt with the ground-truth object
+under it, taken from a labels volume that is known in advance (e.g. the synthetic nuclei stack's
+``labels``). It lets tests check *where* the widget writes labels, and lets the documentation show
+the interface on machines where the real MobileSAM weights cannot be downloaded. It has the
+``SlicePredictor`` calls the widget and the engine use: ``source``, ``predict`` and ``predict_many``.
+Coordinates: (z, row, col).
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+__all__ = ["GroundTruthOracle"]
+
+
+class GroundTruthOracle:
+    """Answer prompts with ground-truth objects (a stand-in for ``SlicePredictor``; NOT a model).
+
+    Parameters
+    ----------
+    labels : (Z, H, W) or (H, W) int array
+        The ground truth.
+    image : array
+        The image the labels belong to (any layout ``SliceSource`` accepts), for ``source``.
+    rgb : bool, optional
+        Whether ``image`` has a trailing colour axis.
+    delay : float
+        Seconds slept in every ``predict`` call (to make long runs cancellable in tests).
+
+    Rules: the object is the ground-truth label under the first positive point; without one, the
+    label covering most of the box. A negative point on that object cancels it (empty mask).
+    """
+
+    def __init__(self, labels: np.ndarray, image, *, rgb: bool | None = None, delay: float = 0.0):
+        from ..image import SliceSource
+
+        labels = np.asarray(labels)
+        self.gt = labels if labels.ndim == 3 else labels[None]
+        self.source = SliceSource(image, rgb=rgb)
+        self.delay = float(delay)
+        self.calls = 0
+
+    def _object(self, z: int, points, labels, box) -> int:
+        lab = self.gt[z]
+        h, w = lab.shape
+        obj = 0
+        if points is not None and len(points):
+            pts = np.clip(np.round(np.asarray(points, float)).astype(int), 0, [h - 1, w - 1])
+            signs = np.ones(len(pts), int) if labels is None else np.asarray(labels, int)
+            positive = [int(lab[r, c]) for (r, c), s in zip(pts, signs) if s == 1 and lab[r, c]]
+            obj = positive[0] if positive else 0
+            if obj and any(s == 0 and lab[r, c] == obj for (r, c), s in zip(pts, signs)):
+                return 0
+        if not obj and box is not None:
+            r0, c0, r1, c1 = (int(round(v)) for v in box)
+            ids, counts = np.unique(lab[max(r0, 0) : r1 + 1, max(c0, 0) : c1 + 1], return_counts=True)
+            counts[ids == 0] = 0
+            obj = int(ids[np.argmax(counts)]) if counts.size and counts.max() > 0 else 0
+        return obj
+
+    def predict(self, z, points=None, labels=None, box=None, mask_input=None, multimask=True, **_):
+        """Like ``SlicePredictor.predict``: masks (K, H, W) bool, iou, stability, low_res."""
+        self.calls += 1
+        if self.delay:
+            time.sleep(self.delay)
+        obj = self._object(int(z), points, labels, box)
+        mask = (self.gt[z] == obj) if obj else np.zeros(self.gt.shape[1:], bool)
+        k = 3 if multimask else 1
+        score = 0.95 if obj else 0.0
+        return SimpleNamespace(
+            masks=np.repeat(mask[None], k, 0),
+            iou=np.full(k, score, np.float32),
+            stability=np.full(k, score, np.float32),
+            low_res=np.zeros((k, 256, 256), np.float32),
+            best=0,
+        )
+
+    def predict_many(self, z, prompts):
+        """Like ``SlicePredictor.predict_many``: one prediction per prompt (a dict or a Prompt)."""
+        out = []
+        for p in prompts:
+            p = p if isinstance(p, dict) else vars(p)
+            out.append(self.predict(z, p.get("points"), p.get("labels"), p.get("box"), None, p.get("multimask", True)))
+        return out
