@@ -443,3 +443,9 @@ def test_cli_functions(tmp_path, teacher_ckpt, small_stack, capsys):
     args = parser.parse_args([*common, "--teacher", str(bad), "--images", str(stack), "-o", str(tmp_path / "x.pt")])
     assert run_cli(args) == 2
     assert "not a SAM image encoder" in capsys.readouterr().err
+
+    # the same refusal through the napari-mobilesam command's entry point
+    from napari_mobilesam.cli import main
+
+    code = main(["distill", *common, "--teacher", str(bad), "--images", str(stack), "-o", str(tmp_path / "y.pt")])
+    assert code == 2 and "not a SAM image encoder" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """Distillation in separate processes: DDP under torchrun (gloo, 2 CPU processes on 127.0.0.1) and
 a run killed with SIGKILL that resumes from its last training state.
 
-Both run ``python -m napari_mobilesam.distill`` (the same arguments as ``napari-mobilesam distill``)
-with the tiny teacher and the ``vit_t_test`` student.
+The DDP run uses ``python -m napari_mobilesam.distill`` under torchrun, the killed run the real
+``napari-mobilesam distill`` command (``python -m napari_mobilesam.cli``); both with the tiny
+teacher and the ``vit_t_test`` student.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def test_ddp_two_gloo_processes_end_with_a_strict_checkpoint(tmp_path, inputs):
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, inputs):
     teacher, stack = inputs
     out = tmp_path / "killed.pt"
-    cmd = [sys.executable, "-m", "napari_mobilesam.distill", *_args(teacher, stack, out, "--epochs", "4")]
+    # through the real command line: napari-mobilesam distill ...
+    cmd = [sys.executable, "-m", "napari_mobilesam.cli", "distill", *_args(teacher, stack, out, "--epochs", "4")]
     env = _env(tmp_path)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_root = out.with_name("killed.pt.distill")

@@ -36,7 +36,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -323,7 +323,8 @@ def iter_distill(
             fill_teacher_cache(cache, sources, [ref], device=device)
             done += 1
             yield DistillEvent("cache", step=done, total=n_missing)
-        teacher.encoder = None  # free the teacher before training
+        if teacher.loader is not None:
+            teacher.encoder = None  # free the teacher before training (it can be loaded again)
         env.barrier()
         still = cache.missing(r.key for r in everything)
         if still:
@@ -467,8 +468,9 @@ def iter_distill(
                             "source": str(cfg.teacher) if isinstance(cfg.teacher, (str, os.PathLike)) else None},
                 "student_init": student_source,
                 "data": {"images": [name for name, _ in sources], "n_train": len(train), "n_val": len(val)},
-                "settings": {k: (str(v) if isinstance(v, os.PathLike) else v)
-                             for k, v in asdict(cfg).items() if k not in ("teacher", "images")},
+                "settings": {f.name: (str(getattr(cfg, f.name)) if isinstance(getattr(cfg, f.name), os.PathLike)
+                                      else getattr(cfg, f.name))
+                             for f in fields(cfg) if f.name not in ("teacher", "images")},
                 "processes": env.world,
                 "metrics": {"before": _clean(before), "after": _clean(after),
                             "history": [_clean(h) for h in history]},
