@@ -157,7 +157,7 @@ def model_info(sam) -> dict[str, str]:
     """``{"model", "source", "backend", "precision", "device"}`` of a ``Sam`` built here."""
     info = dict(getattr(sam, INFO_ATTR, {"model": "unknown", "source": "unknown"}))
     enc = sam.image_encoder
-    info["backend"] = getattr(enc, "backend_name", "torch")
+    info["backend"] = getattr(enc, "backend_name", "eager")
     info["precision"] = getattr(enc, "precision", "fp32")
     info["device"] = str(getattr(enc, "device", None) or next(sam.mask_decoder.parameters()).device)
     return info
@@ -189,7 +189,8 @@ def _tensor_digest(module) -> str:
 def model_identity(sam) -> str:
     """Stable string naming model, weights, backend and precision, e.g. for embedding caches.
 
-    ``"vit_t:<16 hex of the weights' SHA-256>:openvino:bf16"``. The weights part covers the image
+    ``"vit_t:<16 hex of the weights' SHA-256>:openvino:bf16"`` (backend ``eager``, ``torch`` or
+    ``openvino``). The weights part covers the image
     encoder (taken from the source torch module when a backend wraps it) and the prompt encoder and
     mask decoder; it changes when any weight changes, also in place. Two models with equal
     identities give the same embeddings.
@@ -199,7 +200,8 @@ def model_identity(sam) -> str:
     enc_digest = getattr(enc, "weights_digest", None) or _tensor_digest(enc)
     h = hashlib.sha256(enc_digest.encode())
     h.update(_tensor_digest(sam.prompt_encoder).encode())
-    h.update(_tensor_digest(sam.mask_decoder).encode())
+    dec = sam.mask_decoder
+    h.update((getattr(dec, "weights_digest", None) or _tensor_digest(dec)).encode())
     return f"{info['model']}:{h.hexdigest()[:16]}:{info['backend']}:{info['precision']}"
 
 
@@ -216,8 +218,10 @@ def load_model(
     ``device``: ``None`` picks CUDA, then MPS, then the CPU; or a ``torch.device``/string.
     ``backend``: ``"auto"`` (OpenVINO on the CPU, optimised torch elsewhere), ``"openvino"``,
     ``"torch"`` (BatchNorm folded, channels-last, optional bf16 autocast) or ``"eager"`` (the model
-    exactly as built). ``precision``: ``"auto"``, ``"fp32"`` or ``"bf16"``. ``backend="torch",
-    precision="fp32"`` (or ``"eager"``) is exact float32. Returns a ``Sam`` in eval mode that
+    exactly as built). ``precision``: ``"auto"`` (``"mixed"`` where bf16 pays off, else
+    ``"fp32"``), ``"fp32"``, ``"mixed"`` (bf16 except the encoder's last stage and neck) or
+    ``"bf16"``. ``precision="fp32"`` is exact float32 (within 1e-5 of the official model) with
+    every backend; ``backend="eager"`` is the unmodified model. Returns a ``Sam`` in eval mode that
     ``SamPredictor`` can drive; :func:`model_identity` tells what was applied.
     """
     from .backends import apply_backend, choose_device

@@ -1,0 +1,298 @@
+"""Inference backends: folded torch, OpenVINO encoder/decoder, IR cache, fallback, identities."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+TOL = {"embedding": 1e-3, "logits": 1e-2, "low_res": 1e-2, "iou": 1e-3}
+
+
+def _randomize(sam, seed=0):
+    """Give every parameter and BatchNorm statistic of ``sam`` random values (in place)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in sam.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+    return sam
+
+
+@pytest.fixture
+def test_sam():
+    from napari_mobilesam.build import build_sam
+
+    return _randomize(build_sam("vit_t_test", seed=5))
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("NAPARI_MOBILESAM_CACHE", str(folder))
+    return folder
+
+
+def _x(seed=0):
+    return torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(seed))
+
+
+def test_choose_device():
+    from napari_mobilesam.backends import choose_device
+
+    assert choose_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert choose_device(None).type in ("cpu", "mps")
+    with pytest.raises(ValueError, match="invalid device"):
+        choose_device("graphics-card")
+
+
+def test_fold_batchnorm_is_exact_and_removes_bn(test_sam):
+    import copy
+
+    from napari_mobilesam.backends import fold_batchnorm
+
+    enc = test_sam.image_encoder
+    folded = fold_batchnorm(copy.deepcopy(enc))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = _x()
+    with torch.no_grad():
+        ref, out = enc(x), folded(x)
+    assert float((ref - out).abs().max()) < 1e-4 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "mixed", "bf16"])
+def test_torch_encoder(test_sam, precision):
+    from napari_mobilesam.backends import TorchEncoder
+
+    enc = TorchEncoder(test_sam.image_encoder, torch.device("cpu"), precision)
+    x = _x()
+    with torch.no_grad():
+        ref, out = test_sam.image_encoder(x), enc(x)
+    assert out.dtype == torch.float32 and out.shape == (1, 256, 64, 64)
+    err = float((ref - out).abs().max())
+    if precision == "fp32":
+        assert err < 1e-4
+    else:
+        assert 0 < err < 0.5  # bf16 really ran, and still computes the same function
+
+
+def test_openvino_encoder_ir_cached_and_keyed_by_weights(test_sam, fresh_cache):
+    from napari_mobilesam.backends import OpenVINOEncoder
+    from napari_mobilesam.build import build_sam
+
+    x = _x()
+    first = OpenVINOEncoder(test_sam.image_encoder, "fp32")
+    assert first.converted
+    assert all(p.is_relative_to(fresh_cache / "openvino") for p in first.ir_paths)
+    with torch.no_grad():
+        ref = test_sam.image_encoder(x)
+    out = first(x)
+    assert out.dtype == torch.float32 and out.shape == (1, 256, 64, 64)
+    assert float((ref - out).abs().max()) < 1e-4
+    second = OpenVINOEncoder(test_sam.image_encoder, "mixed")  # same weights: IR reused
+    assert not second.converted and second.ir_paths == first.ir_paths
+    assert 0 < float((ref - second(x)).abs().max()) < 0.5
+    other = OpenVINOEncoder(_randomize(build_sam("vit_t_test"), seed=9).image_encoder, "fp32")
+    assert other.converted and other.ir_paths != first.ir_paths
+    # batches run image by image
+    xb = torch.cat([x, _x(1)])
+    assert torch.allclose(first(xb)[1:], first(xb[1:]), atol=1e-6)
+    with pytest.raises(ValueError, match="1024"):
+        first(torch.zeros(1, 3, 512, 512))
+    assert not list((fresh_cache / "openvino").glob(".*"))  # no temporary folders left
+
+
+def test_interrupted_conversion_leaves_nothing(test_sam, fresh_cache, monkeypatch):
+    import openvino as ov
+
+    from napari_mobilesam.backends import OpenVINOEncoder
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ov, "save_model", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        OpenVINOEncoder(test_sam.image_encoder, "fp32")
+    assert list((fresh_cache / "openvino").iterdir()) == []
+
+
+def test_openvino_decoder_matches_torch(test_sam, fresh_cache):
+    from napari_mobilesam.backends import OpenVINOMaskDecoder
+
+    torch_dec = test_sam.mask_decoder
+    ov_dec = OpenVINOMaskDecoder(torch_dec)
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(1, 256, 64, 64, generator=g)
+    pe = test_sam.prompt_encoder.get_dense_pe()
+    for n_prompts, n_tokens in [(1, 2), (3, 5)]:
+        sparse = torch.randn(n_prompts, n_tokens, 256, generator=g)
+        dense = torch.randn(n_prompts, 256, 64, 64, generator=g)
+        for multimask in (True, False):
+            with torch.no_grad():
+                m_ref, i_ref = torch_dec(emb, pe, sparse, dense, multimask)
+                m_ov, i_ov = ov_dec(emb, pe, sparse, dense, multimask)
+            assert m_ov.shape == m_ref.shape == (n_prompts, 3 if multimask else 1, 256, 256)
+            assert i_ov.shape == i_ref.shape
+            assert float((m_ov - m_ref).abs().max()) < 1e-3
+            assert float((i_ov - i_ref).abs().max()) < 1e-4
+
+
+def test_apply_backend_choices_and_identities(test_sam, fresh_cache):
+    from segment_anything import SamPredictor
+
+    from napari_mobilesam.backends import OpenVINOEncoder, OpenVINOMaskDecoder, TorchEncoder, apply_backend
+    from napari_mobilesam.build import build_sam, model_identity, model_info
+
+    def fresh():
+        return _randomize(build_sam("vit_t_test", seed=5))
+
+    eager = apply_backend(fresh(), "cpu", "eager")
+    torch32 = apply_backend(fresh(), "cpu", "torch", "fp32")
+    ov32 = apply_backend(fresh(), "cpu", "openvino", "fp32")
+    ovmix = apply_backend(fresh(), "cpu", "openvino", "mixed")
+    auto = apply_backend(fresh(), "cpu")
+    assert isinstance(torch32.image_encoder, TorchEncoder)
+    assert isinstance(ov32.image_encoder, OpenVINOEncoder)
+    assert isinstance(ov32.mask_decoder, OpenVINOMaskDecoder)
+    assert model_info(auto)["backend"] == "openvino"
+    ids = {model_identity(s) for s in (eager, torch32, ov32, ovmix)}
+    assert len(ids) == 4
+    assert model_identity(ov32).endswith(":openvino:fp32")
+    assert model_identity(eager).endswith(":eager:fp32")
+    # weights are the same: the weights part of the identity agrees
+    assert len({i.split(":")[1] for i in ids}) == 1
+    # every backend drives SamPredictor; fp32 ones agree with eager
+    img = (np.random.default_rng(0).random((300, 200, 3)) * 255).astype(np.uint8)
+    outs = []
+    for sam in (eager, torch32, ov32):
+        pred = SamPredictor(sam)
+        pred.set_image(img)
+        outs.append(pred.predict(np.array([[100.0, 150.0]]), np.array([1]), return_logits=True))
+    for logits, iou, _ in outs[1:]:
+        assert np.abs(logits - outs[0][0]).max() < 1e-2
+        assert np.abs(iou - outs[0][1]).max() < 1e-3
+
+
+def test_identity_changes_with_weights(test_sam):
+    from napari_mobilesam.build import model_identity
+
+    before = model_identity(test_sam)
+    assert model_identity(test_sam) == before  # stable
+    with torch.no_grad():
+        test_sam.mask_decoder.iou_token.weight.add_(1.0)  # in place
+    assert model_identity(test_sam) != before
+
+
+def test_backend_errors(test_sam):
+    from napari_mobilesam.backends import apply_backend
+
+    with pytest.raises(ValueError, match="backend must be one of"):
+        apply_backend(test_sam, "cpu", "tensorrt")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        apply_backend(test_sam, "cpu", "torch", "int4")
+    with pytest.raises(ValueError, match="OpenVINO backend runs on the CPU"):
+        apply_backend(test_sam, "cuda", "openvino")
+    with pytest.raises(ValueError, match="float32 only"):
+        apply_backend(test_sam, "cpu", "eager", "bf16")
+    apply_backend(test_sam, "cpu", "torch", "fp32")
+    with pytest.raises(ValueError, match="already applied"):
+        apply_backend(test_sam, "cpu", "torch")
+
+
+def test_openvino_failure_falls_back_to_torch(test_sam, monkeypatch, caplog):
+    import sys
+
+    from napari_mobilesam.backends import TorchEncoder, apply_backend
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # "import openvino" now fails
+    with caplog.at_level(logging.WARNING, logger="napari_mobilesam.backends"):
+        sam = apply_backend(test_sam, "cpu", "openvino", "fp32")
+    assert isinstance(sam.image_encoder, TorchEncoder)
+    assert "falling back to the torch backend" in caplog.text
+
+
+def test_load_model_with_test_config(fresh_cache):
+    from napari_mobilesam import load_model, model_identity
+
+    sam = load_model("vit_t_test", device="cpu", backend="torch", precision="fp32")
+    assert not sam.training
+    assert model_identity(sam).startswith("vit_t_test:")
+    assert model_identity(sam).endswith(":torch:fp32")
+
+
+# --- the real model on the parity fixture (a few encoder runs) ---
+
+
+def _fixture_run(sam, reference_dir):
+    from segment_anything import SamPredictor
+
+    expected = dict(np.load(reference_dir / "mobile_sam_expected.npz"))
+    cases = json.loads((reference_dir / "mobile_sam_cases.json").read_text())
+    pred = SamPredictor(sam)
+    pred.set_image(expected["image"])
+    emb = pred.get_image_embedding().numpy()
+    outs = {}
+    for name, case in cases.items():
+        kw = {"multimask_output": case["multimask"], "return_logits": True}
+        if "points" in case:
+            kw["point_coords"] = np.asarray(case["points"], np.float32)
+            kw["point_labels"] = np.asarray(case["labels"], np.int64)
+        if "box" in case:
+            kw["box"] = np.asarray(case["box"], np.float32)
+        if "mask_from" in case:
+            kw["mask_input"] = expected[f"{case['mask_from']}/low_res"]
+        outs[name] = dict(zip(("logits", "iou", "low_res"), pred.predict(**kw)))
+    return expected, emb, outs
+
+
+def _assert_fp32_parity(expected, emb, outs):
+    assert np.abs(emb - expected["embedding"]).max() < TOL["embedding"]
+    for name, out in outs.items():
+        for key, value in out.items():
+            err = np.abs(value - expected[f"{name}/{key}"]).max()
+            assert err < TOL[key], f"{name}/{key}: {err}"
+
+
+def _min_median_iou(expected, outs):
+    worst = 1.0
+    for name, out in outs.items():
+        ref = expected[f"{name}/logits"]
+        for k in range(ref.shape[0]):
+            thr = np.median(ref[k])
+            a, b = out["logits"][k] > thr, ref[k] > thr
+            worst = min(worst, np.logical_and(a, b).sum() / np.logical_or(a, b).sum())
+    return worst
+
+
+@pytest.mark.slow
+def test_real_model_openvino_fp32_parity_and_mixed_masks(reference_dir):
+    from napari_mobilesam import load_model
+    from napari_mobilesam.backends import OpenVINOEncoder
+
+    ckpt = reference_dir / "mobile_sam_random_weights.pt"
+    sam = load_model("vit_t", ckpt, device="cpu", backend="openvino", precision="fp32")
+    _assert_fp32_parity(*_fixture_run(sam, reference_dir))
+    mixed = load_model("vit_t", ckpt, device="cpu")  # the default CPU path
+    assert isinstance(mixed.image_encoder, OpenVINOEncoder)
+    assert not mixed.image_encoder.converted  # IR reused from the fp32 model above
+    expected, emb, outs = _fixture_run(mixed, reference_dir)
+    if mixed.image_encoder.precision == "mixed":
+        assert np.abs(emb - expected["embedding"]).max() > 0  # bf16 really ran
+    assert _min_median_iou(expected, outs) >= 0.98
+
+
+@pytest.mark.slow
+def test_real_model_torch_fp32_parity(reference_dir):
+    from napari_mobilesam import load_model
+
+    ckpt = reference_dir / "mobile_sam_random_weights.pt"
+    sam = load_model("vit_t", ckpt, device="cpu", backend="torch", precision="fp32")
+    _assert_fp32_parity(*_fixture_run(sam, reference_dir))
