@@ -77,7 +77,7 @@ def main(argv=None) -> int:
 
     if model == "oracle":
         oracle = GroundTruthOracle(stack.labels, stack.image)
-        widget.set_session(Session(None, image.data, rgb=False, predictor=oracle))
+        widget.set_session(Session(None, image.data, rgb=False, predictor=oracle), "ground-truth oracle (not a model)")
         print("model: ground-truth oracle (no MobileSAM weights in the cache)")
     else:
         widget.load_model(ModelRequest("vit_t" if model == "vit_t" else "checkpoint", args.checkpoint, "auto"))
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     widget.points_layer.feature_defaults["positive"] = True
     wait(lambda: not widget.busy)
     viewer.camera.center = (float(z), (ra + rb) / 2, (ca + cb) / 2)
-    viewer.camera.zoom = 4.0
+    viewer.camera.zoom *= 2.5
     shot("02_click_preview.png")
     widget.commit()
     wait()
@@ -119,10 +119,10 @@ def main(argv=None) -> int:
     widget.boxes_layer.add_rectangles(np.array([[z, r0, c0], [z, r0, c1], [z, r1, c1], [z, r1, c0]], float))
     wait(lambda: widget.preview_layer.data.any() and not widget.busy)
     shot("03_box_prompt.png")
-    widget.commit()
-    wait()
 
-    # 4. propagate A through the stack (its committed label, picked in the labels layer)
+    # 4. propagate B from its box (Shift-S), then A from its committed label
+    widget.propagate()
+    wait(lambda: not widget.busy)
     target = widget.target_layer(create=False)
     target.selected_label = int(target.data[z, ra, ca])
     widget.propagate_selected_label()
@@ -132,8 +132,10 @@ def main(argv=None) -> int:
     viewer.dims.ndisplay = 3
     image.visible = False
     widget.preview_layer.visible = False
-    viewer.camera.angles = (15.0, -30.0, 60.0)
     viewer.reset_view()
+    viewer.camera.angles = (-10.0, 35.0, 130.0)
+    viewer.camera.center = tuple(np.argwhere(target.data).mean(axis=0))
+    viewer.camera.zoom *= 3.0
     wait(settle=1.0)
     shot("05_propagated_3d.png")
     viewer.dims.ndisplay = 2

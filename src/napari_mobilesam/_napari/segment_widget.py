@@ -273,11 +273,11 @@ class SegmentWidget(Container):
         self._model_status.value = f"model: {self._sam_request.describe()} ✓"
         self._new_session()
 
-    def set_session(self, session: Session) -> None:
+    def set_session(self, session: Session, description: str = "custom session") -> None:
         """Use a ready-made :class:`Session` for the current image (e.g. one with an oracle predictor)."""
         self._replace_session(session)
         self._sam_request = self._sam_request or ModelRequest("custom")
-        self._model_status.value = "model: custom session ✓"
+        self._model_status.value = f"model: {description} ✓"
         self._on_slice_settled()
 
     @property
