@@ -510,3 +510,29 @@ def test_each_image_keeps_its_own_prompt_layers(make_napari_viewer, qtbot, stack
     widget._image_combo.value = second
     widget._image_combo.value = first
     assert widget.points_layer in viewer.layers and widget.points_layer is not first_set[0]
+
+
+def test_opening_the_widget_after_opengl_does_not_crash_torch_imports(qtbot):
+    """napari's GL context first, then our widget, then torch._dynamo (triton): must not segfault.
+
+    Without ``_preload.preload_triton`` this crashes on Mesa's llvmpipe (two LLVMs in one process).
+    Runs in a child process on the Xvfb display pytest-xvfb provides.
+    """
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import napari, numpy as np\n"
+        "from qtpy.QtWidgets import QApplication\n"
+        "v = napari.Viewer(show=True)\n"
+        "v.add_image(np.zeros((8, 8)))\n"
+        "QApplication.processEvents()\n"
+        "import napari_mobilesam._napari.segment_widget\n"
+        "import torch._dynamo, segment_anything\n"
+        "print('alive')\n"
+        "v.close()\n"
+    )
+    assert os.environ.get("DISPLAY"), "needs the Xvfb display"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "alive" in out.stdout, out.stderr[-2000:]

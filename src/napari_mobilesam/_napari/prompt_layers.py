@@ -35,6 +35,7 @@ __all__ = [
     "slice_prompts",
     "SlicePrompts",
     "negative_only_slices",
+    "remove_slice_prompts",
     "next_free_label",
     "write_slice_labels",
     "write_volume_labels",
@@ -309,6 +310,28 @@ def negative_only_slices(image, points=None, boxes=None) -> dict[int, np.ndarray
         if not positive[here].any() and int(z) not in boxed:
             out[int(z)] = coords[here][:, -2:]
     return out
+
+
+def _prompt_slices(layer, image) -> np.ndarray:
+    """Image z index (rounded) of every point of a Points layer / every shape of a Shapes layer."""
+    if not len(layer.data):
+        return np.zeros(0, int)
+    if hasattr(layer, "shape_type"):
+        firsts = np.array([np.asarray(v)[0] for v in layer.data])
+        return np.round(_to_image_coords(layer, firsts, image)[:, 0]).astype(int)
+    return np.round(_to_image_coords(layer, np.asarray(layer.data), image)[:, 0]).astype(int)
+
+
+def remove_slice_prompts(image, z: int, points=None, boxes=None) -> None:
+    """Delete the points and boxes lying on slice ``z`` (every prompt of a 2D image)."""
+    stack = image_geometry(image).is_stack
+    for layer in (points, boxes):
+        if layer is None or not len(layer.data):
+            continue
+        drop = _prompt_slices(layer, image) == z if stack else np.ones(len(layer.data), bool)
+        if drop.any():
+            layer.selected_data = set(np.flatnonzero(drop).tolist())
+            layer.remove_selected()
 
 
 def next_free_label(labels) -> int:

@@ -28,9 +28,8 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from . import prompt_layers as pl
-from ._preload import preload_triton
 from .session import ModelRequest, ObjectPrediction, Session, load_requested_model
-from .settings import WidgetSettings, load_settings, model_choices, save_settings
+from .settings import WidgetSettings, device_choices, load_settings, model_choices, save_settings
 from .workers import Task, start_task
 
 if TYPE_CHECKING:
@@ -39,8 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["SegmentWidget", "KEYS", "HINT"]
 
 log = logging.getLogger(__name__)
-
-preload_triton()  # before anything imports torch._dynamo inside napari's GL context
 
 #: Key -> action, bound on the viewer while the widget lives.
 KEYS: dict[str, str] = {
@@ -58,21 +55,6 @@ HINT = (
 
 _NEW_LAYER = "(new layer)"
 _DEBOUNCE_MS = 120
-
-
-def _device_choices() -> list[str]:
-    choices = ["auto", "cpu"]
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            choices.append("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            choices.append("mps")
-    except Exception:  # torch broken: the error surfaces when the model loads
-        pass
-    return choices
 
 
 def _error_message(exc: BaseException, doing: str) -> str:
@@ -126,7 +108,7 @@ class SegmentWidget(Container):
         self._image_combo = ComboBox(label="image", choices=self._image_choices)
         self._model_combo = ComboBox(label="model", choices=self._model_choice_list)
         self._checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.pt *.pth *.pth.tar")
-        self._device_combo = ComboBox(label="device", choices=_device_choices())
+        self._device_combo = ComboBox(label="device", choices=device_choices())
         self._load_btn = PushButton(text="Load model")
         self._model_status = Label(value="model: not loaded")
         self._hint = Label(value=HINT)
@@ -570,31 +552,11 @@ class SegmentWidget(Container):
 
     def _remove_prompts(self, z: int) -> None:
         """Delete the points and boxes lying on slice z, without recomputing the preview."""
-        stack = pl.image_geometry(self._image).is_stack
         self._suspend_prompt_events = True
         try:
-            if self._points is not None and len(self._points.data):
-                keep = self._keep_mask(self._points, [np.asarray(self._points.data)], z, stack)
-                if not keep.all():
-                    self._points.selected_data = set(np.flatnonzero(~keep).tolist())
-                    self._points.remove_selected()
-            if self._boxes is not None and len(self._boxes.data):
-                keep = self._keep_mask(self._boxes, self._boxes.data, z, stack)
-                if not keep.all():
-                    self._boxes.selected_data = set(np.flatnonzero(~keep).tolist())
-                    self._boxes.remove_selected()
+            pl.remove_slice_prompts(self._image, z, self._points, self._boxes)
         finally:
             self._suspend_prompt_events = False
-
-    def _keep_mask(self, layer, items, z: int, stack: bool) -> np.ndarray:
-        """Which prompts of ``layer`` lie off slice ``z`` (for a 2D image: none)."""
-        if not stack:
-            return np.zeros(len(layer.data), bool)
-        if layer is self._points:
-            coords = pl._to_image_coords(layer, items[0], self._image)
-            return np.round(coords[:, 0]) != z
-        zs = [np.round(pl._to_image_coords(layer, np.asarray(v), self._image)[:, 0]).min() for v in items]
-        return np.asarray(zs) != z
 
     # ------------------------------------------------------------------ keys
     def _bind_keys(self) -> None:

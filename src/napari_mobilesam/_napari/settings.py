@@ -20,6 +20,7 @@ __all__ = [
     "DEV_MODEL_CHOICES",
     "WidgetSettings",
     "dev_mode",
+    "device_choices",
     "model_choices",
     "settings_path",
     "load_settings",
@@ -49,6 +50,22 @@ def model_choices(include_dev: bool | None = None) -> dict[str, str]:
     """The model choices to offer: ``MODEL_CHOICES`` plus the dev ones in development mode."""
     include_dev = dev_mode() if include_dev is None else include_dev
     return {**MODEL_CHOICES, **(DEV_MODEL_CHOICES if include_dev else {})}
+
+
+def device_choices() -> list[str]:
+    """``["auto", "cpu"]`` plus ``"cuda"`` / ``"mps"`` when torch can use them."""
+    choices = ["auto", "cpu"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            choices.append("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            choices.append("mps")
+    except Exception:  # noqa: BLE001 - a broken torch shows up when the model loads
+        pass
+    return choices
 
 
 @dataclass
