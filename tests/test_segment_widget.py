@@ -536,3 +536,42 @@ def test_opening_the_widget_after_opengl_does_not_crash_torch_imports(qtbot):
     assert os.environ.get("DISPLAY"), "needs the Xvfb display"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "alive" in out.stdout, out.stderr[-2000:]
+
+
+def test_out_of_memory_is_a_notification_and_keeps_labels(make_napari_viewer, qtbot, stack, monkeypatch):
+    messages = []
+    monkeypatch.setattr(sw, "show_error", messages.append)
+    viewer, widget, image = _open(make_napari_viewer, stack.image)
+    oracle = _with_oracle(widget, image, stack.labels)
+    z, r, c, gt_id = _nucleus(stack, 0)
+    _go_to(viewer, image, z)
+    widget.points_layer.add([z, r, c])
+    qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=5000)
+    widget.commit()
+    target = widget.target_layer(create=False)
+    before = target.data.copy()
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CPU out of memory: tried to allocate 4 GiB")
+
+    monkeypatch.setattr(oracle, "predict", out_of_memory)
+    monkeypatch.setattr(oracle, "predict_many", out_of_memory)
+    z2, r2, c2, _ = _nucleus(stack, 1)
+    _go_to(viewer, image, z2)
+    widget.points_layer.add([z2, r2, c2])  # the preview fails on the GUI thread
+    widget.segment_slice_automatically()  # and in a worker
+    _wait_idle(qtbot, widget)
+    assert len(messages) >= 2 and all("Out of memory" in m for m in messages), messages
+    np.testing.assert_array_equal(target.data, before)
+
+
+def test_closing_the_widget_releases_keys_and_viewer_events(make_napari_viewer, qtbot, stack):
+    from napari.utils.key_bindings import coerce_keybinding
+
+    viewer, widget, image = _open(make_napari_viewer, stack.image)
+    viewer.window.remove_dock_widget(widget.native)
+    widget.native.deleteLater()
+    qtbot.waitUntil(lambda: coerce_keybinding("C") not in viewer.keymap, timeout=5000)
+    viewer.dims.set_point(0, 3.0)  # no callback into the deleted widget
+    viewer.add_image(stack.image[0], name="later")
+    qtbot.wait(300)

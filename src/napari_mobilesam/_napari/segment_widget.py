@@ -179,7 +179,7 @@ class SegmentWidget(Container):
         viewer.layers.events.removed.connect(self._on_layers_changed)
         viewer.dims.events.current_step.connect(self._on_dims_changed)
         self._bind_keys()
-        self.native.destroyed.connect(self._unbind_keys_static(viewer))
+        self.native.destroyed.connect(self._on_destroyed)
 
         self._on_image_changed(self._image_combo.value)
 
@@ -566,19 +566,26 @@ class SegmentWidget(Container):
             "toggle_sign": lambda viewer: self.toggle_sign(),
             "propagate": lambda viewer: self.propagate(),
         }
-        for key, action in KEYS.items():
-            self._viewer.bind_key(key, actions[action], overwrite=True)
+        self._key_funcs = {key: actions[action] for key, action in KEYS.items()}
+        for key, func in self._key_funcs.items():
+            self._viewer.bind_key(key, func, overwrite=True)
 
-    @staticmethod
-    def _unbind_keys_static(viewer):
-        def unbind(*_):
-            for key in KEYS:
-                try:
-                    viewer.bind_key(key, None)
-                except (KeyError, TypeError, ValueError):
-                    pass
+    def _on_destroyed(self, *_) -> None:
+        """The dock widget is gone: release the viewer (keys, events) and background work."""
+        from napari.utils.key_bindings import coerce_keybinding
 
-        return unbind
+        viewer = self._viewer
+        for key, func in getattr(self, "_key_funcs", {}).items():
+            if viewer.keymap.get(coerce_keybinding(key)) is func:  # not rebound by another widget
+                viewer.bind_key(key, None)
+        viewer.layers.events.inserted.disconnect(self._on_layers_changed)
+        viewer.layers.events.removed.disconnect(self._on_layers_changed)
+        viewer.dims.events.current_step.disconnect(self._on_dims_changed)
+        self._slice_timer.stop()
+        for task in (self._embed_task, self._long_task):
+            if task is not None and not task.done:
+                task.cancel()
+        self._replace_session(None)
 
     # ------------------------------------------------------------------ long tasks
     def _start_long(self, fn, description: str, total: int, on_result) -> Task | None:
