@@ -88,9 +88,16 @@ def test_candidate_points_grid_and_limits():
     img[disk(img.shape, (25, 25), 10)] = 1
     pts = candidate_points(img, AutoParams(grid=4, min_distance=20, blob_sigma=1))
     assert np.allclose(pts[0], (25, 25), atol=2)  # the blob first
-    d = np.hypot(pts[1:, 0] - 25, pts[1:, 1] - 25)
-    # The four grid points within 20 px of the blob (17.7 px away) are left out.
-    assert (d >= 20).all() and len(pts) == 1 + 16 - 4
+    # The four grid points within 20 px of the blob (17.7 px away) are left out, and so are the
+    # others: plain background, more than 20 px from the foreground.
+    assert len(pts) == 1
+    img[disk(img.shape, (60, 60), 2)] = 1  # foreground, but too small to be a blob
+    pts = candidate_points(img, AutoParams(grid=4, min_distance=20, blob_sigma=1))
+    assert len(pts) == 2 and np.allclose(pts[1], (62.5, 62.5))  # the grid point near it stays
+    pts = candidate_points(img, AutoParams(grid=4, min_distance=20, blobs=False))
+    assert len(pts) == 16  # grid-only mode ("everything" mode) keeps the whole grid
+    noise = np.random.default_rng(0).normal(100, 5, (100, 100))
+    assert len(candidate_points(noise, AutoParams(grid=4))) == 16  # no blobs in pure noise
     assert len(candidate_points(img, AutoParams(grid=8, max_points=5))) == 5
     with pytest.raises(ValueError, match="one slice"):
         candidate_points(np.zeros((2, 3, 4, 5)))
@@ -324,9 +331,8 @@ def test_grid_points_on_found_objects_are_skipped():
 
     img = np.zeros((1, 100, 100), np.float32)
     gt = np.zeros((1, 100, 100), np.int32)
-    # The image shows a small bright spot (one blob prompt); the object the (oracle) model
-    # returns for it is large and reaches several grid points.
-    img[0][disk((100, 100), (40, 40), 6)] = 1
+    # One large round object: one blob prompt at its centre; several grid points lie on it too.
+    img[0][disk((100, 100), (40, 40), 32)] = 1
     gt[0][disk((100, 100), (40, 40), 32)] = 1
     oracle = OraclePredictor(gt, img)
     p = AutoParams(grid=4, min_distance=10, blob_sigma=1, max_area_fraction=0.5, points_per_batch=4)

@@ -81,6 +81,15 @@ class AutoParams:
         Minimum IoU between labels of neighbouring slices for them to share an id.
     stitch_overlap : float
         Or: minimum fraction of the smaller of two labels of neighbouring slices inside the other.
+    min_contrast : float
+        Blob prompts only where objects stand out: the median difference between the Otsu
+        classes must be at least this many times the pixel noise (estimated from a high-pass of
+        the slice). Slices of background and noise give no blob prompts (the grid still runs).
+    blobs : bool
+        Take prompts from blob detection (True) or use the grid alone (False: SAM's "everything"
+        mode when ``grid`` is dense, e.g. 32).
+    skip_covered : bool
+        Skip grid points that lie on an object the earlier prompts already found.
     """
 
     blob_sigma: float = 2.0
@@ -97,6 +106,9 @@ class AutoParams:
     containment: float = 0.85
     stitch_iou: float = 0.3
     stitch_overlap: float = 0.6
+    min_contrast: float = 6.0
+    blobs: bool = True
+    skip_covered: bool = True
 
     def __post_init__(self) -> None:
         if self.polarity not in ("auto", "bright", "dark"):
@@ -109,8 +121,8 @@ class AutoParams:
         for name in ("min_distance", "max_points", "points_per_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        if self.grid < 0 or self.min_area < 0 or self.blob_sigma < 0:
-            raise ValueError("grid, min_area and blob_sigma must not be negative")
+        if self.grid < 0 or self.min_area < 0 or self.blob_sigma < 0 or self.min_contrast < 0:
+            raise ValueError("grid, min_area, blob_sigma and min_contrast must not be negative")
 
     def replace(self, **changes) -> AutoParams:
         """A copy with some fields changed (unknown names raise ``TypeError``)."""
@@ -139,6 +151,16 @@ def _otsu(values: np.ndarray) -> float:
     return float(threshold_otsu(values))
 
 
+def _contrast(gray: np.ndarray, smooth: np.ndarray, fg: np.ndarray) -> float:
+    """Median difference between foreground and background (smoothed) in units of pixel noise."""
+    diff = abs(float(np.median(smooth[fg])) - float(np.median(smooth[~fg])))
+    hp = gray - ndi.gaussian_filter(gray, 1.0)
+    noise = 1.4826 * float(np.median(np.abs(hp - np.median(hp))))
+    if noise <= 1e-12:
+        return np.inf if diff > 0 else 0.0
+    return diff / noise
+
+
 def candidate_points(
     image: np.ndarray, params: AutoParams | None = None
 ) -> np.ndarray:
@@ -155,7 +177,8 @@ def candidate_points(
     -------
     (N, 2) float64 array
         Points in (row, col) pixel coordinates: blob centres first (strongest first), then the
-        grid points that lie away from every blob.
+        grid points that lie away from every blob (and, when the slice has blobs, not in plain
+        background farther than ``min_distance`` from the foreground).
     """
     from skimage.feature import peak_local_max
 
@@ -171,7 +194,7 @@ def candidate_points(
     if polarity == "dark":
         fg = smooth < thr
     blobs = np.zeros((0, 2), np.float64)
-    if fg.any() and not fg.all():
+    if p.blobs and fg.any() and not fg.all() and _contrast(gray, smooth, fg) >= p.min_contrast:
         # One peak per object: maxima of the (smoothed) distance to the background split
         # touching round objects at their neck.
         dist = ndi.distance_transform_edt(fg)
@@ -217,6 +240,11 @@ def candidate_points(
         if len(blobs):
             d = np.sqrt(((grid[:, None, :] - blobs[None, :, :]) ** 2).sum(-1)).min(axis=1)
             grid = grid[d >= p.min_distance]
+            # The slice has clear objects (blobs passed the contrast test): grid points in plain
+            # background, farther than min_distance from any foreground, would only find it.
+            far = ndi.distance_transform_edt(~fg) > p.min_distance
+            gi = np.clip(np.round(grid).astype(int), 0, [h - 1, w - 1])
+            grid = grid[~far[gi[:, 0], gi[:, 1]]]
         pts.append(grid)
     out = np.concatenate(pts, axis=0)[: p.max_points]
     return np.ascontiguousarray(out, dtype=np.float64)
@@ -227,6 +255,8 @@ def _split_candidates(image: np.ndarray, p: AutoParams) -> tuple[np.ndarray, np.
     pts = candidate_points(image, p)
     if p.grid == 0:
         return pts, pts[:0]
+    if not p.blobs:
+        return pts[:0], pts
     only_blobs = candidate_points(image, p.replace(grid=0))
     n_blobs = min(len(only_blobs), len(pts))
     return pts[:n_blobs], pts[n_blobs:]
@@ -502,11 +532,11 @@ def segment_slice(
 
     decode(blobs)
     # Grid points are for what the blobs missed: those on an object already found are skipped.
-    if len(grid):
+    if len(grid) and p.skip_covered:
         r = np.clip(np.round(grid[:, 0]).astype(int), 0, h - 1)
         c = np.clip(np.round(grid[:, 1]).astype(int), 0, w - 1)
         grid = grid[~covered[r, c]]
-        decode(grid)
+    decode(grid)
     points = np.concatenate([blobs, grid])
     n_masks = 3 * len(points)
     if not all_masks:

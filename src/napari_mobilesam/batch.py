@@ -53,6 +53,7 @@ __all__ = [
     "LabelsTiffWriter",
     "add_labels_layer",
     "parse_z_range",
+    "preload_model_on_workers",
 ]
 
 LABELS_DTYPE = np.int32
@@ -1206,6 +1207,28 @@ def _worker_model(spec: ModelSpec):
             _WORKER_MODELS[spec] = sam
             WORKER_LOAD_COUNT["n"] += 1
         return sam
+
+
+def _preload(spec: ModelSpec) -> str:
+    _worker_model(spec)
+    return str(os.getpid())
+
+
+def preload_model_on_workers(
+    client: Any,
+    model: str = "vit_t",
+    checkpoint: str | os.PathLike | None = None,
+    device: Any = None,
+    backend: str = "auto",
+    precision: str = "auto",
+) -> dict[str, str]:
+    """Load the model on every worker of a ``dask.distributed`` client now (it stays loaded for
+    later :func:`segment_stack` / :func:`segment_stack_auto` calls with the same model arguments).
+
+    Returns ``{worker address: worker process id}``.
+    """
+    spec = _spec_for_client(model, checkpoint, device, backend, precision)
+    return client.run(_preload, spec)
 
 
 def _one_slice_predictor(spec: ModelSpec, rgb: np.ndarray):
