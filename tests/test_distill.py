@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -353,6 +354,14 @@ def test_cancel_saves_a_state_and_the_next_run_continues(tmp_path, teacher_ckpt,
     done = distill(cfg, callback=events.append)
     assert [e.step for e in events if e.kind == "step"] == [2, 3]
     assert done.output.exists() and not done.cancelled
+
+    # save_every: states inside the epoch too (the two newest are kept)
+    cfg3 = _config(tmp_path, teacher_ckpt, [small_stack], output=tmp_path / "often.pt", epochs=1,
+                   cache_dir=shared_cache, save_every=1)
+    saved = []
+    distill(cfg3, callback=lambda ev: ev.kind == "saved" and saved.append(Path(ev.message).name))
+    assert saved == ["state-e0000-s0000001.pt", "state-e0000-s0000002.pt", "state-e0001-s0000000.pt",
+                     "often.pt"]
 
     # closing the generator (what a GUI does on quit) also keeps the progress
     cfg2 = _config(tmp_path, teacher_ckpt, [small_stack], output=tmp_path / "closed.pt", epochs=1,

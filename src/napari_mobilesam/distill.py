@@ -105,6 +105,9 @@ class DistillConfig:
         Replace an existing ``output``; without it an existing file is an error.
     keep_states : int
         Training-state files kept per run (the newest ones).
+    save_every : int
+        Also save a training state every this many steps inside an epoch (0: only at the end of
+        each epoch and on cancel), so a crash in a long epoch loses little.
     """
 
     teacher: Any
@@ -131,6 +134,7 @@ class DistillConfig:
     resume: bool = True
     overwrite: bool = False
     keep_states: int = 2
+    save_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,7 @@ def _check_config(cfg: DistillConfig) -> Path:
         (int(cfg.mask_points) >= 1, f"mask_points must be at least 1, got {cfg.mask_points}"),
         (int(cfg.val_prompts) >= 1, f"val_prompts must be at least 1, got {cfg.val_prompts}"),
         (int(cfg.keep_states) >= 1, f"keep_states must be at least 1, got {cfg.keep_states}"),
+        (int(cfg.save_every) >= 0, f"save_every must be >= 0 (0: every epoch only), got {cfg.save_every}"),
         (cfg.max_slices_per_image is None or int(cfg.max_slices_per_image) >= 1,
          f"max_slices_per_image must be at least 1 or None, got {cfg.max_slices_per_image}"),
     ]
@@ -434,6 +439,11 @@ def iter_distill(
                                        total=total_steps, values={
                                            "loss": float(loss.detach()), "mse": float(mse.detach()),
                                            "mask": float(mask_term.detach()), "lr": sched.get_last_lr()[0]})
+                    if (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps_per_epoch
+                            and env.is_main):
+                        path = save_state(run_dir, state_now(*resume_point), keep=cfg.keep_states)
+                        saved_at = resume_point
+                        yield DistillEvent("saved", epoch=epoch, message=str(path))
                     if cancel is not None and cancel() and env.world == 1:
                         path = save_state(run_dir, state_now(*resume_point), keep=cfg.keep_states)
                         saved_at = resume_point
@@ -544,6 +554,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default=d.precision, choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--cache-dir", default=None, help="teacher-embedding cache root")
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--save-every", type=int, default=d.save_every, metavar="STEPS",
+                        help="also save a training state every STEPS steps (default: each epoch only)")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even if a training state exists")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors and the summary")
@@ -558,7 +570,7 @@ def _config_from_args(args: argparse.Namespace) -> DistillConfig:
         mask_loss_weight=args.mask_loss_weight, val_fraction=args.val_fraction,
         val_prompts=args.val_prompts, max_slices_per_image=args.max_slices, device=args.device,
         precision=args.precision, cache_dir=args.cache_dir, seed=args.seed,
-        resume=not args.no_resume, overwrite=args.overwrite,
+        resume=not args.no_resume, overwrite=args.overwrite, save_every=args.save_every,
     )
 
 
