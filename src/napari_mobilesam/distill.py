@@ -274,6 +274,7 @@ def iter_distill(
 
     from .build import build_sam
     from .checkpoint import CheckpointError, file_sha256, save_checkpoint
+    from .weights import WeightsError
     from .distill_train import (
         Validator, aug_op, choose_device, choose_precision, epoch_order, freeze_batchnorm,
         init_distributed, latest_state, load_state, make_batch, mask_distill_loss, save_state,
@@ -295,6 +296,8 @@ def iter_distill(
         sam = build_sam(cfg.student_model, cfg.student_checkpoint, seed=cfg.seed)
     except CheckpointError as exc:
         raise DistillError(f"student: {exc}") from exc
+    except WeightsError as exc:  # default weights not downloadable (offline...)
+        raise DistillError(f"student weights: {exc}; or give --student /path/to/mobile_sam.pt") from exc
     if cfg.student_checkpoint is not None:
         student_source = "file-sha256:" + file_sha256(Path(cfg.student_checkpoint).expanduser())
     else:
