@@ -212,6 +212,7 @@ def show_preview(preview, image, z: int, slice_labels: np.ndarray | None) -> Non
         data = data.astype(np.uint32, copy=False)
     if geom.is_stack:
         data = data[None]
+    if geom.is_stack and slice_labels is not None:  # an empty preview can stay where it is
         origin = np.zeros(3)
         step = np.array([float(z), 0.0, 0.0])
         offset_world = np.asarray(image.data_to_world(step)) - np.asarray(image.data_to_world(origin))

@@ -409,17 +409,20 @@ class SegmentWidget(Container):
         z = self.current_z()
         if self._preview_kind == "auto" and self._preview_z != z:
             self._clear_preview_state()
-        self._ensure_embedded(z)
+        if self._ensure_embedded(z):
+            self._session.prefetch(self._neighbours(z))
         self.update_preview()
 
     def _ensure_embedded(self, z: int) -> bool:
-        """True when slice z is ready; otherwise start (or queue) its embedding in a worker."""
+        """True when slice z is ready; otherwise start (or queue) its embedding in a worker.
+
+        Once a worker has embedded the slice, its neighbours are prefetched.
+        """
         session = self._session
         if session is None:
             return False
         try:
             if session.is_embedded(z):
-                session.prefetch(self._neighbours(z))
                 return True
         except Exception as exc:  # noqa: BLE001
             self._report(exc, f"reading slice {z}")
