@@ -89,7 +89,8 @@ class AutoParams:
         Take prompts from blob detection (True) or use the grid alone (False: SAM's "everything"
         mode when ``grid`` is dense, e.g. 32).
     skip_covered : bool
-        Skip grid points that lie on an object the earlier prompts already found.
+        Decode in two rounds: first one point per blob (distance peaks), then the other candidates
+        (Laplacian extras, grid) except those lying on an object the first round found.
     """
 
     blob_sigma: float = 2.0
@@ -180,9 +181,16 @@ def candidate_points(
         grid points that lie away from every blob (and, when the slice has blobs, not in plain
         background farther than ``min_distance`` from the foreground).
     """
+    p = params or AutoParams()
+    primary, extra, grid = _candidates(image, p)
+    out = np.concatenate([primary, extra, grid], axis=0)[: p.max_points]
+    return np.ascontiguousarray(out, dtype=np.float64)
+
+
+def _candidates(image: np.ndarray, p: AutoParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distance peaks, Laplacian extras, grid points), each (N, 2) float64 (row, col)."""
     from skimage.feature import peak_local_max
 
-    p = params or AutoParams()
     gray = _to_gray(image)
     h, w = gray.shape
     smooth = ndi.gaussian_filter(gray, p.blob_sigma) if p.blob_sigma > 0 else gray
@@ -194,6 +202,7 @@ def candidate_points(
     if polarity == "dark":
         fg = smooth < thr
     blobs = np.zeros((0, 2), np.float64)
+    extra_pts = np.zeros((0, 2), np.float64)
     if p.blobs and fg.any() and not fg.all() and _contrast(gray, smooth, fg) >= p.min_contrast:
         # One peak per object: maxima of the (smoothed) distance to the background split
         # touching round objects at their neck.
@@ -229,37 +238,34 @@ def candidate_points(
             if len(blobs) else np.zeros(0)
         extra = [q for q in ipeaks if not len(blobs) or (np.hypot(*(blobs - q).T) >= reach).all()]
         if extra:
-            blobs = np.concatenate([blobs, np.asarray(extra)], axis=0)
-    pts = [blobs]
+            extra_pts = np.asarray(extra, np.float64)
+    grid = np.zeros((0, 2), np.float64)
     if p.grid > 0:
         step_r, step_c = h / p.grid, w / p.grid
         gr, gc = np.meshgrid(
             (np.arange(p.grid) + 0.5) * step_r, (np.arange(p.grid) + 0.5) * step_c, indexing="ij"
         )
         grid = np.stack([gr.ravel(), gc.ravel()], axis=1)
-        if len(blobs):
-            d = np.sqrt(((grid[:, None, :] - blobs[None, :, :]) ** 2).sum(-1)).min(axis=1)
+        found = np.concatenate([blobs, extra_pts])
+        if len(found):
+            d = np.sqrt(((grid[:, None, :] - found[None, :, :]) ** 2).sum(-1)).min(axis=1)
             grid = grid[d >= p.min_distance]
             # The slice has clear objects (blobs passed the contrast test): grid points in plain
             # background, farther than min_distance from any foreground, would only find it.
             far = ndi.distance_transform_edt(~fg) > p.min_distance
             gi = np.clip(np.round(grid).astype(int), 0, [h - 1, w - 1])
             grid = grid[~far[gi[:, 0], gi[:, 1]]]
-        pts.append(grid)
-    out = np.concatenate(pts, axis=0)[: p.max_points]
-    return np.ascontiguousarray(out, dtype=np.float64)
+    return blobs, extra_pts, grid
 
 
 def _split_candidates(image: np.ndarray, p: AutoParams) -> tuple[np.ndarray, np.ndarray]:
-    """(blob points, grid points), each (N, 2) float64 (row, col), together at most max_points."""
-    pts = candidate_points(image, p)
-    if p.grid == 0:
-        return pts, pts[:0]
-    if not p.blobs:
-        return pts[:0], pts
-    only_blobs = candidate_points(image, p.replace(grid=0))
-    n_blobs = min(len(only_blobs), len(pts))
-    return pts[:n_blobs], pts[n_blobs:]
+    """(first-round points, second-round points), each (N, 2) float64 (row, col), together at
+    most ``max_points``: the distance peaks (one per object), then the Laplacian extras and the
+    grid (decoded only where the first round found nothing)."""
+    primary, extra, grid = _candidates(image, p)
+    primary = primary[: p.max_points]
+    secondary = np.concatenate([extra, grid])[: p.max_points - len(primary)]
+    return primary, secondary
 
 
 # --------------------------------------------------------------------------- per-slice filtering
@@ -506,9 +512,9 @@ def segment_slice(
     p = params or AutoParams()
     if image is None:
         image = predictor.source.rgb(z)
-    blobs, grid = _split_candidates(image, p)
+    first, second = _split_candidates(image, p)
     h, w = np.asarray(image).shape[:2]
-    if len(blobs) + len(grid) == 0:
+    if len(first) + len(second) == 0:
         return SliceResult(z, np.zeros((h, w), np.int32))
     all_masks: list[np.ndarray] = []
     all_iou: list[np.ndarray] = []
@@ -530,14 +536,14 @@ def segment_slice(
                     all_stab.append(stab[keep])
                     covered[m[keep][int(np.argmax(iou[keep] * stab[keep]))]] = True
 
-    decode(blobs)
-    # Grid points are for what the blobs missed: those on an object already found are skipped.
-    if len(grid) and p.skip_covered:
-        r = np.clip(np.round(grid[:, 0]).astype(int), 0, h - 1)
-        c = np.clip(np.round(grid[:, 1]).astype(int), 0, w - 1)
-        grid = grid[~covered[r, c]]
-    decode(grid)
-    points = np.concatenate([blobs, grid])
+    decode(first)
+    # Second round (extra blob points, grid): points on an object already found are skipped.
+    if len(second) and p.skip_covered:
+        r = np.clip(np.round(second[:, 0]).astype(int), 0, h - 1)
+        c = np.clip(np.round(second[:, 1]).astype(int), 0, w - 1)
+        second = second[~covered[r, c]]
+    decode(second)
+    points = np.concatenate([first, second])
     n_masks = 3 * len(points)
     if not all_masks:
         return SliceResult(z, np.zeros((h, w), np.int32), len(points), n_masks, 0)
