@@ -110,6 +110,20 @@ def test_openvino_encoder_ir_cached_and_keyed_by_weights(test_sam, fresh_cache):
     assert not list((fresh_cache / "openvino").glob(".*"))  # no temporary folders left
 
 
+def test_openvino_encoder_is_thread_safe(test_sam):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from napari_mobilesam.backends import OpenVINOEncoder
+
+    enc = OpenVINOEncoder(test_sam.image_encoder, "fp32")
+    xs = [_x(i) for i in range(4)]
+    alone = [enc(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(enc, xs))
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)
+
+
 def test_interrupted_conversion_leaves_nothing(test_sam, fresh_cache, monkeypatch):
     import openvino as ov
 
@@ -143,6 +157,26 @@ def test_openvino_decoder_matches_torch(test_sam, fresh_cache):
             assert i_ov.shape == i_ref.shape
             assert float((m_ov - m_ref).abs().max()) < 1e-3
             assert float((i_ov - i_ref).abs().max()) < 1e-4
+
+
+def test_fast_decoder_is_the_same_function(test_sam):
+    from napari_mobilesam.backends import FastMaskDecoder, apply_backend, fast_predict_masks
+
+    dec = test_sam.mask_decoder
+    g = torch.Generator().manual_seed(2)
+    emb = torch.randn(1, 256, 64, 64, generator=g)
+    pe = test_sam.prompt_encoder.get_dense_pe()
+    sparse = torch.randn(2, 4, 256, generator=g)
+    dense = torch.randn(2, 256, 64, 64, generator=g)
+    with torch.no_grad():
+        m_ref, i_ref = dec.predict_masks(emb, pe, sparse, dense)
+        m, i = fast_predict_masks(dec, emb, pe, sparse, dense)
+        assert float((m - m_ref).abs().max()) < 1e-4 * max(1.0, float(m_ref.abs().max()))
+        assert float((i - i_ref).abs().max()) < 1e-5
+        sam = apply_backend(test_sam, "cpu", "torch", "fp32")
+        assert isinstance(sam.mask_decoder, FastMaskDecoder)
+        m1, i1 = sam.mask_decoder(emb, pe, sparse, dense, False)
+    assert m1.shape == (2, 1, 256, 256) and torch.allclose(m1, m[:, :1]) and torch.allclose(i1, i[:, :1])
 
 
 def test_apply_backend_choices_and_identities(test_sam, fresh_cache):

@@ -159,7 +159,7 @@ def model_info(sam) -> dict[str, str]:
     enc = sam.image_encoder
     info["backend"] = getattr(enc, "backend_name", "eager")
     info["precision"] = getattr(enc, "precision", "fp32")
-    info["device"] = str(getattr(enc, "device", None) or next(sam.mask_decoder.parameters()).device)
+    info["device"] = str(getattr(enc, "device", None) or sam.pixel_mean.device)
     return info
 
 
