@@ -244,6 +244,8 @@ def test_invalid_settings_are_refused_before_anything_runs(tmp_path, teacher_ckp
         (dict(output=tmp_path / "student.txt"), r"\.pt"),
         (dict(student_model="vit_b"), "student_model"),
         (dict(teacher=42), "teacher must be a checkpoint path"),
+        (dict(device="gpu"), "is not a device"),
+        (dict(precision="int4"), "precision"),
     ]
     for kw, match in cases:
         cfg = _config(tmp_path, teacher_ckpt, [small_stack], **kw)

@@ -214,6 +214,17 @@ def _check_config(cfg: DistillConfig) -> Path:
     for ok, msg in checks:
         if not ok:
             raise DistillError(msg)
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise DistillError(f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+    if cfg.device not in (None, "auto"):
+        import torch
+
+        try:
+            torch.device(cfg.device)
+        except (RuntimeError, TypeError):
+            raise DistillError(
+                f"device {cfg.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
+            ) from None
     return out
 
 
