@@ -575,3 +575,19 @@ def test_closing_the_widget_releases_keys_and_viewer_events(make_napari_viewer, 
     viewer.dims.set_point(0, 3.0)  # no callback into the deleted widget
     viewer.add_image(stack.image[0], name="later")
     qtbot.wait(300)
+
+
+def test_use_model_chooses_remembers_and_loads(make_napari_viewer, qtbot, stack, monkeypatch, tmp_path):
+    """What the distillation panel calls when a distilled model is ready."""
+    messages = []
+    monkeypatch.setattr(sw, "show_error", messages.append)
+    viewer, widget, image = _open(make_napari_viewer, stack.image)
+    missing = str(tmp_path / "student.pt")
+    task = widget.use_model("distilled", missing)
+    assert task is not None
+    assert widget.model_request() == ModelRequest("distilled", missing, "auto")
+    assert load_settings() == WidgetSettings("distilled", missing, "auto")
+    _wait_idle(qtbot, widget)
+    assert any("checkpoint file not found" in m for m in messages), messages
+    with pytest.raises(ValueError, match="unknown model"):
+        widget.use_model("vit_z", "")

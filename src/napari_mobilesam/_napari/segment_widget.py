@@ -223,6 +223,20 @@ class SegmentWidget(Container):
         if self._sam_request is not None and request != self._sam_request:
             self._model_status.value = f"model: {self._sam_request.describe()} (choice changed: Load model to switch)"
 
+    def use_model(self, model: str, checkpoint: str = "", *, load: bool = True) -> Task | None:
+        """Choose ``model`` (a key of the model list) and its ``checkpoint`` file, and load it.
+
+        Called, for instance, by the distillation panel when a distilled model is ready. The
+        choice is remembered like a choice made in the widget.
+        """
+        choices = {key for _label, key in self._model_choice_list()}
+        if model not in choices:
+            raise ValueError(f"unknown model {model!r}: choose one of {sorted(choices)}")
+        self._model_combo.value = model
+        if checkpoint:
+            self._checkpoint.value = checkpoint
+        return self.load_model() if load else None
+
     def enable_dev_models(self) -> None:
         """Offer the tiny random ``vit_t_test`` model (also shown when NAPARI_MOBILESAM_DEV=1)."""
         from .settings import DEV_MODEL_CHOICES
