@@ -591,3 +591,13 @@ def test_use_model_chooses_remembers_and_loads(make_napari_viewer, qtbot, stack,
     assert any("checkpoint file not found" in m for m in messages), messages
     with pytest.raises(ValueError, match="unknown model"):
         widget.use_model("vit_z", "")
+
+
+def test_widget_opened_before_any_image_picks_up_the_first_one(make_napari_viewer, stack):
+    viewer = make_napari_viewer()
+    widget = sw.SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert widget.image_layer is None and "image" in widget.status
+    image = viewer.add_image(stack.image, name="late")
+    assert widget.image_layer is image
+    assert widget.points_layer in viewer.layers and widget.preview_layer.data.shape == (1, 128, 128)
