@@ -601,3 +601,15 @@ def test_widget_opened_before_any_image_picks_up_the_first_one(make_napari_viewe
     image = viewer.add_image(stack.image, name="late")
     assert widget.image_layer is image
     assert widget.points_layer in viewer.layers and widget.preview_layer.data.shape == (1, 128, 128)
+
+
+def test_real_engine_rapid_slice_changes_end_on_the_last_slice(make_napari_viewer, qtbot, stack, engine_sam_test):
+    viewer, widget, image = _open(make_napari_viewer, stack.image)
+    widget.set_model(engine_sam_test, ModelRequest("vit_t_test", "", "cpu"))
+    widget.points_layer.add([10, 64, 64])  # a prompt waiting on slice 10
+    for z in (2, 5, 8, 10):  # faster than the encoder
+        _go_to(viewer, image, z)
+        qtbot.wait(30)
+    qtbot.waitUntil(lambda: widget.session.is_embedded(10) and not widget.busy, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: widget._preview_z == 10 and widget._prediction is not None, timeout=WAIT_MS)
+    assert widget.current_z() == 10
