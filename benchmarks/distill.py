@@ -103,7 +103,7 @@ def bench_device(device: str, args, tmp: Path, images, teacher, student_ckpt) ->
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few slices and steps (about 2-4 minutes on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="few slices and steps (about 2-3 minutes on an idle 2-core machine)")
     parser.add_argument("--device", default="auto", help="auto (CPU, plus CUDA when available), cpu or cuda")
     parser.add_argument("--batch-size", type=int, default=2)
     args = parser.parse_args(argv)

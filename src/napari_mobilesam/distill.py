@@ -347,7 +347,11 @@ def iter_distill(
         env.barrier()
         still = cache.missing(r.key for r in everything)
         if still:
-            raise DistillError(f"{len(still)} teacher embeddings are missing from {cache.dir} after filling it")
+            raise DistillError(
+                f"{len(still)} teacher embeddings are missing from {cache.dir} after filling it: with "
+                "several machines, every process must see the same cache folder (--cache-dir on a "
+                "shared file system)"
+            )
 
         # 2. student, optimiser, schedule
         encoder = sam.image_encoder.to(device)
