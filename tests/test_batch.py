@@ -413,3 +413,12 @@ def test_add_labels_layer_matches_image_layer(make_napari_viewer, small):
     img2d = viewer.add_image(small.image[0])
     layer2 = batch.add_labels_layer(viewer, lab[2:3], image=img2d)
     assert layer2.data.shape == small.image.shape[1:]
+
+
+def test_open_stack_uncompressed_imagej_is_lazy(tmp_path):
+    a = np.random.default_rng(0).integers(0, 1000, (5, 64, 64)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "ij.tif", a, imagej=True, metadata={"axes": "ZYX", "spacing": 2.0})
+    data, meta = open_stack(tmp_path / "ij.tif")
+    assert not isinstance(data, np.ndarray) or isinstance(data, np.memmap)  # never read at once
+    assert np.array_equal(np.asarray(data[3]), a[3]) and np.array_equal(np.asarray(data), a)
+    assert meta.spacing == 2.0

@@ -540,7 +540,8 @@ def open_stack(path: str | os.PathLike, *, lazy: bool = True) -> tuple[Any, Stac
     path : TIFF file
     lazy : bool
         True: a dask array that reads one TIFF page when a slice is needed (for stacks larger than
-        memory; works with compressed files). False: a numpy array read at once.
+        memory; works with compressed files), or a read-only memory map for an uncompressed file
+        whose pages are not indexed (ImageJ hyperstacks). False: a numpy array read at once.
 
     Returns
     -------
@@ -559,7 +560,17 @@ def open_stack(path: str | os.PathLike, *, lazy: bool = True) -> tuple[Any, Stac
         shape, dtype = tuple(series.shape), series.dtype
         pages = [p for p in series.pages]
         page_shape = tuple(pages[0].shape) if pages else ()
-        if not lazy or len(pages) <= 1 or int(np.prod(shape)) != len(pages) * int(np.prod(page_shape)):
+        indexed = len(pages) > 1 and int(np.prod(shape)) == len(pages) * int(np.prod(page_shape))
+        if lazy and not indexed and len(shape) > 2:
+            # e.g. an uncompressed ImageJ hyperstack, whose pages tifffile does not list: map the
+            # file into memory instead of reading it (the OS pages slices in and out).
+            try:
+                import tifffile
+
+                return tifffile.memmap(path, mode="r"), meta
+            except Exception:  # compressed or not contiguous: read it
+                pass
+        if not lazy or not indexed:
             try:
                 return series.asarray(), meta
             except Exception as e:
