@@ -13,7 +13,9 @@ Workflow (see ``docs/usage.md``):
 5. ``Shift-S`` / Propagate follows the object through the stack in a worker (progress and cancel
    in the activity dock and in the widget) and writes the result as one undo step.
 
-The engine is reached only through :class:`~napari_mobilesam._napari.session.Session`.
+The engine is reached only through :class:`~napari_mobilesam._napari.session.Session`; the layers
+are made and read by :mod:`.prompt_layers`; propagation and automatic segmentation live in
+:mod:`.long_tasks`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from . import prompt_layers as pl
+from .long_tasks import LongTasksMixin
 from .session import ModelRequest, ObjectPrediction, Session, load_requested_model
 from .settings import WidgetSettings, device_choices, load_settings, model_choices, save_settings
 from .workers import Task, start_task
@@ -67,7 +70,7 @@ def _error_message(exc: BaseException, doing: str) -> str:
     return f"Error while {doing}: {text}"
 
 
-class SegmentWidget(Container):
+class SegmentWidget(LongTasksMixin, Container):
     """MobileSAM interactive segmentation dock widget.
 
     Parameters
@@ -604,157 +607,13 @@ class SegmentWidget(Container):
                 task.cancel()
         self._replace_session(None)
 
-    # ------------------------------------------------------------------ long tasks
-    def _start_long(self, fn, description: str, total: int, on_result) -> Task | None:
-        if self._long_task is not None and not self._long_task.done:
-            show_info("Another MobileSAM task is running: wait for it or press Cancel.")
-            return None
+    # ------------------------------------------------------------------ messages
+    def _info(self, message: str) -> None:
+        show_info(message)
 
-        def finished():
-            self._cancel_btn.enabled = False
+    def _warn(self, message: str) -> None:
+        show_warning(message)
 
-        self._cancel_btn.enabled = True
-        self._long_task = start_task(
-            fn,
-            description=description,
-            total=total,
-            on_result=on_result,
-            on_error=lambda exc: self._report(exc, description[len("MobileSAM: "):]),
-            on_finished=finished,
-        )
-        self._status.value = f"{description[len('MobileSAM: '):].capitalize()}…"
-        return self._long_task
-
-    def cancel(self) -> None:
-        """Cancel the running propagation / automatic segmentation (nothing is written)."""
-        if self._long_task is not None and not self._long_task.done:
-            self._long_task.cancel()
-            self._status.value = "Cancelled: nothing was written."
-
-    def segment_slice_automatically(self) -> Task | None:
-        """Find every object of the current slice (worker) and show them in the preview."""
-        if not self._ready_for_engine():
-            return None
-        session, z = self._session, self.current_z()
-
-        def done(labels):
-            if session is not self._session:
-                return
-            self._prediction = None
-            self._set_preview(z, np.asarray(labels, dtype=np.uint32), "auto")
-            n = len(np.unique(labels)) - 1
-            self._status.value = f"Slice {z}: {n} objects found. C commits them all, Shift-C discards."
-
-        return self._start_long(
-            lambda report, cancelled: session.segment_automatically(z),
-            f"MobileSAM: segmenting slice {z} automatically",
-            0,
-            done,
-        )
-
-    def _ready_for_engine(self) -> bool:
-        if self._image is None:
-            show_warning("No image layer: open or pick an image first.")
-            return False
-        if self._session is None:
-            show_info("The model is loading; try again in a moment." if self._sam is None else "No session.")
-            if self._sam is None:
-                self.load_model()
-            return False
-        return True
-
-    def _z_range(self) -> tuple[int, int] | None:
-        """The (start, stop) z-range for propagation, or None when not limited."""
-        if not self._limit_z.value:
-            return None
-        lo, hi = sorted((int(self._z_from.value), int(self._z_to.value)))
-        return lo, hi + 1
-
-    def propagate(self) -> Task | None:
-        """Follow the current slice's object through the stack (worker; one undo step at the end)."""
-        if not self._ready_for_engine():
-            return None
-        if not pl.image_geometry(self._image).is_stack:
-            show_info("Propagation needs a stack (z, row, col); this image is 2D.")
-            return None
-        z = self.current_z()
-        prompts = pl.slice_prompts(self._image, z, self._points, self._boxes)
-        if not prompts.has_positive:
-            show_info(f"Nothing to propagate on slice {z}: click on an object first.")
-            return None
-        z_range = self._z_range()
-        if z_range is not None and not z_range[0] <= z < z_range[1]:
-            show_warning(f"Slice {z} lies outside the z-range {z_range[0]}–{z_range[1] - 1}: widen it.")
-            return None
-        stops = pl.negative_only_slices(self._image, self._points, self._boxes)
-        session = self._session
-
-        def run(report, cancelled):
-            return session.propagate_prompts(
-                z, prompts.points, prompts.labels, prompts.box,
-                stop_points=stops, z_range=z_range, progress=report, cancel=cancelled,
-            )
-
-        def done(result):
-            if session is not self._session or result.cancelled:
-                return
-            self._write_propagation(result, None, f"object from slice {z}", clear_z=z)
-
-        n = pl.image_geometry(self._image).n_slices
-        return self._start_long(run, f"MobileSAM: propagating from slice {z}", n, done)
-
-    def propagate_selected_label(self) -> Task | None:
-        """Extend the target layer's selected label through z from every slice where it appears."""
-        if not self._ready_for_engine():
-            return None
-        target = self._target_combo.value
-        if not isinstance(target, Labels):
-            show_info("Pick a Labels layer in 'labels' and select one of its labels (picker, key L).")
-            return None
-        try:
-            pl.check_target_layer(target, self._image)
-        except ValueError as exc:
-            self._report(exc, "propagating a label")
-            return None
-        label = int(target.selected_label)
-        volume = np.asarray(target.data)
-        session, z_range = self._session, self._z_range()
-
-        def run(report, cancelled):
-            return session.propagate_label(volume, label, z_range=z_range, progress=report, cancel=cancelled)
-
-        def done(result):
-            if session is not self._session or result.cancelled:
-                return
-            self._write_propagation(result, label, f"label {label}", clear_z=None)
-
-        n = pl.image_geometry(self._image).n_slices
-        return self._start_long(run, f"MobileSAM: propagating label {label}", n, done)
-
-    def _write_propagation(self, result, label: int | None, what: str, clear_z: int | None) -> None:
-        from .session import describe_stops
-
-        try:
-            target = self.target_layer(create=True) if label is None else self._target_combo.value
-            ids = pl.write_volume_labels(
-                target, result.labels, keep_existing=self._keep_existing.value, label=label
-            )
-        except Exception as exc:  # noqa: BLE001
-            self._report(exc, f"writing the propagated {what}")
-            return
-        if clear_z is not None:
-            self._remove_prompts(clear_z)
-            self._clear_preview_state()
-        self.last_propagation = result
-        zs = sorted({r.z for r in result.records if r.accepted})
-        span = f"z={zs[0]}–{zs[-1]}" if zs else "no slice"
-        name = f"id {ids[0]}" if ids else "nothing new"
-        self._status.value = (
-            f"Propagated {what} ({name}) over {span} into {target.name!r}; one undo step.\n"
-            + describe_stops(result)
-        )
-
-    # ------------------------------------------------------------------ errors
     def _report(self, exc: BaseException, doing: str) -> None:
         """Show an error as a napari notification and in the status line (never raise)."""
         message = _error_message(exc, doing)
