@@ -135,3 +135,27 @@ def test_console_script_runs_as_a_process(tmp_path, stack_file):
     assert r.returncode == cli.EXIT_INPUT and "START:STOP" in r.stderr
     r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "napari-mobilesam" in r.stdout
+
+
+def test_folder_of_stacks(tmp_path, stack_file, capsys):
+    src = tmp_path / "stacks"
+    src.mkdir()
+    small = tifffile.imread(stack_file)[3:5]
+    tifffile.imwrite(src / "a.tif", small)
+    tifffile.imwrite(src / "b.tiff", small[::-1])
+    (src / "broken.tif").write_bytes(b"not a tiff")
+    (src / "notes.txt").write_text("ignored")
+    out = tmp_path / "labels"
+    code = run("auto", src, "-o", out, *MODEL, *LOOSE, "--no-progress")
+    err = capsys.readouterr().err
+    # The broken file is reported and the others are still done; the exit code says input failed.
+    assert code == cli.EXIT_INPUT and "broken.tif" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.tif", "b_labels.tif"]
+    assert tifffile.imread(out / "a_labels.tif").shape == small.shape
+    before = (out / "a_labels.tif").read_bytes()
+    assert run("auto", src, "-o", out, *MODEL, "--no-progress") == cli.EXIT_OUTPUT  # nothing replaced
+    assert (out / "a_labels.tif").read_bytes() == before
+    # segment over a folder needs a folder of NAME.csv prompts
+    assert run("segment", src, "--prompts", tmp_path / "none.csv", "-o", tmp_path / "o2", *MODEL) \
+        == cli.EXIT_INPUT
+    assert "folder of" in capsys.readouterr().err

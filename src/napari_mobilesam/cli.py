@@ -48,9 +48,12 @@ __all__ = ["main", "build_parser", "EXIT_CODES"]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stack", metavar="STACK", help="input image or stack (TIFF: (Z, Y, X), (Y, X), RGB or with channels)")
+    p.add_argument("stack", metavar="STACK",
+                   help="input image or stack (TIFF: (Z, Y, X), (Y, X), RGB or with channels), or a "
+                   "folder of them")
     p.add_argument("-o", "--output", required=True, metavar="LABELS.tif",
-                   help="labels TIFF to write (compressed, uint32, the input's resolution metadata)")
+                   help="labels TIFF to write (compressed, uint32, the input's resolution metadata); "
+                   "for a folder of stacks, a folder receiving NAME_labels.tif for each NAME.tif")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never done otherwise)")
     p.add_argument("--model", default="vit_t", help="model name: vit_t (MobileSAM, default), vit_b, vit_l, vit_h, vit_t_test")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
@@ -99,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(label 1 positive, 0 negative; napari's (z, row, col) pixel order).",
     )
     _add_common(seg)
-    seg.add_argument("--prompts", required=True, metavar="PROMPTS.csv", help="CSV of point prompts")
+    seg.add_argument("--prompts", required=True, metavar="PROMPTS.csv",
+                     help="CSV of point prompts (for a folder of stacks: a folder of NAME.csv)")
     seg.add_argument("--propagate", action="store_true",
                      help="follow each object from its prompted slices through the z range")
 
@@ -188,48 +192,99 @@ def _client(args) -> tuple[Any, Any]:
     return Client(cluster), cluster
 
 
-def _run(args) -> int:
-    from . import batch
-    from .batch import BatchError, check_output_path, open_stack
+def _jobs(args) -> list[tuple[Path, Path, Path | None]]:
+    """(stack, output, prompts) for each input; every output is checked before any work."""
+    from .batch import BatchError, check_output_path
 
-    out = Path(args.output)
-    check_output_path(out, args.overwrite)  # before any heavy work
-    if out.suffix.lower() not in (".tif", ".tiff"):
-        raise BatchError(f"output {out} must be a .tif or .tiff file")
-    data, meta = open_stack(args.stack, lazy=not args.eager_read)
+    src, out = Path(args.stack), Path(args.output)
+    segment = args.command == "segment"
+    if src.is_dir():
+        files = sorted(f for f in src.iterdir() if f.is_file() and f.suffix.lower() in (".tif", ".tiff"))
+        if not files:
+            raise BatchError(f"folder {src} holds no .tif/.tiff files")
+        if out.exists() and not out.is_dir():
+            raise BatchError(f"with a folder of stacks, -o must be a folder; {out} is a file")
+        prompts_dir = Path(args.prompts) if segment else None
+        if segment and not prompts_dir.is_dir():
+            raise BatchError(
+                f"with a folder of stacks, --prompts must be a folder holding one NAME.csv per "
+                f"NAME.tif; {prompts_dir} is not a folder"
+            )
+        jobs = [(f, out / f"{f.stem}_labels.tif", prompts_dir / f"{f.stem}.csv" if segment else None)
+                for f in files]
+    else:
+        if out.suffix.lower() not in (".tif", ".tiff"):
+            raise BatchError(f"output {out} must be a .tif or .tiff file")
+        jobs = [(src, out, Path(args.prompts) if segment else None)]
+    for _, o, _ in jobs:
+        check_output_path(o, args.overwrite)
+    return jobs
+
+
+def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any, client) -> None:
+    from . import batch
+    from .batch import BatchError, open_stack
+
+    data, meta = open_stack(stack, lazy=not args.eager_read)
     common = dict(
-        model=args.model, checkpoint=args.checkpoint, device=args.device, backend=args.backend,
+        model=model, checkpoint=args.checkpoint, device=args.device, backend=args.backend,
         precision=args.precision, z_range=args.z_range, channel_axis=args.channel_axis,
         normalize=args.normalize, out=out, overwrite=args.overwrite, metadata=meta,
         cache_bytes=args.cache_mb * 2**20, progress=not args.no_progress,
     )
-    prompts = batch.read_prompts_csv(args.prompts) if args.command == "segment" else None
-    client, cluster = _client(args)
-    try:
-        if args.command == "segment":
-            if args.propagate:
-                if client is not None:
-                    raise BatchError("--propagate runs slice after slice: drop --dask-workers/--scheduler")
-                batch.propagate_stack(data, prompts, **common)
-            else:
-                batch.segment_stack(data, prompts, client=client, **common)
+    if args.command == "segment":
+        prompts = batch.read_prompts_csv(prompts_path)
+        if args.propagate:
+            if client is not None:
+                raise BatchError("--propagate runs slice after slice: drop --dask-workers/--scheduler")
+            batch.propagate_stack(data, prompts, **common)
         else:
-            from .automatic import AutoParams
+            batch.segment_stack(data, prompts, client=client, **common)
+    else:
+        from .automatic import AutoParams
 
-            params = AutoParams(
-                min_iou=args.min_iou, min_stability=args.min_stability, min_area=args.min_area,
-                max_area_fraction=args.max_area_fraction, min_distance=args.min_distance,
-                grid=args.grid, polarity=args.polarity, stitch_iou=args.stitch_iou,
-                max_points=args.max_points, points_per_batch=args.points_per_batch,
-            )
-            batch.segment_stack_auto(data, params=params, client=client, **common)
+        params = AutoParams(
+            min_iou=args.min_iou, min_stability=args.min_stability, min_area=args.min_area,
+            max_area_fraction=args.max_area_fraction, min_distance=args.min_distance,
+            grid=args.grid, polarity=args.polarity, stitch_iou=args.stitch_iou,
+            max_points=args.max_points, points_per_batch=args.points_per_batch,
+        )
+        batch.segment_stack_auto(data, params=params, client=client, **common)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def _run(args) -> int:
+    from . import batch
+
+    jobs = _jobs(args)  # before any heavy work: outputs that exist stop the run here
+    if len(jobs) > 1:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+    client, cluster = _client(args)
+    model: Any = args.model
+    code = EXIT_OK
+    try:
+        for stack, out, prompts_path in jobs:
+            try:
+                if client is None and isinstance(model, str) and len(jobs) > 1:
+                    # Many files: load the model once, when the first input has opened.
+                    batch.open_stack(stack)
+                    model, _ = batch._resolve_model(model, args.checkpoint, args.device,
+                                                    args.backend, args.precision)
+                _run_one(args, stack, out, prompts_path, model, client)
+            except Exception as exc:  # noqa: BLE001
+                if len(jobs) == 1:
+                    raise
+                c = _classify(exc)
+                print(f"{PROG}: error: {stack}: {exc}", file=sys.stderr)
+                code = code or c
+                if c in (EXIT_MODEL, EXIT_ERROR):
+                    raise  # the same for every file: stop here
     finally:
         if client is not None:
             client.close()
         if cluster is not None:
             cluster.close()
-    print(f"wrote {out}", file=sys.stderr)
-    return EXIT_OK
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
