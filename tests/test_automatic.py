@@ -214,17 +214,32 @@ def test_stitcher_rules():
     s3 = np.zeros(shape, np.int32)
     s3[disk(shape, (10, 30), 6) & (np.arange(40)[None, :] > 34)] = 1  # sliver of object 3 only
     # Containment off: the sliver of object 1 is a new object.
-    st = Stitcher(min_iou=0.4, min_overlap=1.0)
+    st = Stitcher(min_iou=0.4, min_overlap=1.0, max_gap=0)
     o0, o1, o2 = st.add(s0), st.add(s1), st.add(s2)
     assert set(np.unique(o0)) == {0, 1, 2}
     assert o1[11, 10] == 1 and o1[10, 30] == 3
     assert o2[10, 4] == 4 and st.n_objects == 4
     # Containment on (the tip of a nucleus): the sliver inside object 1 keeps id 1.
-    st = Stitcher(min_iou=0.4, min_overlap=0.6)
+    st = Stitcher(min_iou=0.4, min_overlap=0.6, max_gap=0)
     o0, o1, o2 = st.add(s0), st.add(s1), st.add(s2)
     assert o2[10, 4] == 1 and st.n_objects == 3
-    o3 = st.add(s3)  # object 3 is absent from slice 2: only the previous slice counts
+    o3 = st.add(s3)  # object 3 is absent from slice 2; with max_gap=0 only slice 2 counts
     assert o3[10, 35] == 4 and st.n_objects == 4
+    # With max_gap=1 the object missed on slice 2 keeps its id on slice 3...
+    st = Stitcher(min_iou=0.4, min_overlap=0.6, max_gap=1)
+    o3 = [st.add(x) for x in (s0, s1, s2, s3)][-1]
+    assert o3[10, 35] == 3 and st.n_objects == 3
+    # ...but not after a gap of two slices, and an id present on the slice before is not reused.
+    st = Stitcher(min_iou=0.4, min_overlap=0.6, max_gap=1)
+    o = [st.add(x) for x in (s0, s1, s2, np.zeros_like(s2), s3)][-1]
+    assert o[10, 35] == 4
+    s4 = s1.copy()
+    s4[s4 == 9] = 0  # object 1 missing; object 3 present
+    s5 = np.zeros(shape, np.int32)
+    s5[disk(shape, (10, 30), 6)] = 1  # overlaps object 3 (in s4) only
+    st = Stitcher(min_iou=0.4, min_overlap=0.6, max_gap=2)
+    out = [st.add(x) for x in (s0, s1, s4, s5)]
+    assert out[3][10, 30] == out[2][10, 30] == 3
     with pytest.raises(ValueError, match="shape"):
         st.add(np.zeros((5, 5), np.int32))
     # Optimal, not greedy: one big label overlapping two must go to the better total.

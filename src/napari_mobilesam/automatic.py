@@ -85,6 +85,8 @@ class AutoParams:
         Minimum IoU between labels of neighbouring slices for them to share an id.
     stitch_overlap : float
         Or: minimum fraction of the smaller of two labels of neighbouring slices inside the other.
+    stitch_gap : int
+        Slices an object may be missed on and still keep its id through z.
     min_contrast : float
         Blob prompts only where objects stand out: the median difference between the Otsu
         classes must be at least this many times the pixel noise (estimated from a high-pass of
@@ -111,6 +113,7 @@ class AutoParams:
     containment: float = 0.85
     stitch_iou: float = 0.3
     stitch_overlap: float = 0.6
+    stitch_gap: int = 1
     min_contrast: float = 6.0
     blobs: bool = True
     skip_covered: bool = True
@@ -126,8 +129,8 @@ class AutoParams:
         for name in ("min_distance", "max_points", "points_per_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        if self.grid < 0 or self.min_area < 0 or self.blob_sigma < 0 or self.min_contrast < 0:
-            raise ValueError("grid, min_area, blob_sigma and min_contrast must not be negative")
+        if min(self.grid, self.min_area, self.blob_sigma, self.min_contrast, self.stitch_gap) < 0:
+            raise ValueError("grid, min_area, blob_sigma, min_contrast and stitch_gap must not be negative")
 
     def replace(self, **changes) -> AutoParams:
         """A copy with some fields changed (unknown names raise ``TypeError``)."""
@@ -603,11 +606,13 @@ class Stitcher:
 
     Feed slices in z order with :meth:`add`; each returns the slice relabelled with stack-wide
     ids. A label of slice z takes the id of the label of slice z-1 it is optimally assigned to
-    (Hungarian assignment maximising total IoU) when their IoU is at least ``min_iou``; otherwise
-    it gets a new id, and likewise when at least ``min_overlap`` of the smaller of the two lies
-    inside the other (the tip of a nucleus is much smaller than its next slice, so its IoU is low
-    although it is the same object). New ids count up from 1 in order of first appearance. Only
-    the previous slice is held, so memory does not grow with the stack.
+    (Hungarian assignment maximising total IoU) when their IoU is at least ``min_iou``, or when at
+    least ``min_overlap`` of the smaller of the two lies inside the other (the tip of a nucleus is
+    much smaller than its next slice, so its IoU is low although it is the same object). Labels
+    left unmatched are then matched, the same way, to objects last seen up to ``max_gap`` slices
+    further back (an object missed on one slice keeps its id); the rest get new ids, counting up
+    from 1 in order of first appearance. Only ``max_gap + 1`` slices are held, so memory does not
+    grow with the stack.
 
     Parameters
     ----------
@@ -615,16 +620,39 @@ class Stitcher:
         Minimum IoU for two labels of neighbouring slices to be the same object.
     min_overlap : float
         Alternatively, minimum fraction of the smaller label covered by the other (1.0: off).
+    max_gap : int
+        Slices an object may be missing from and still keep its id (0: neighbours only).
     """
 
-    def __init__(self, min_iou: float = 0.3, min_overlap: float = 0.6) -> None:
+    def __init__(self, min_iou: float = 0.3, min_overlap: float = 0.6, max_gap: int = 1) -> None:
         for name, v in (("min_iou", min_iou), ("min_overlap", min_overlap)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {v!r}")
+        if max_gap < 0:
+            raise ValueError(f"max_gap must be >= 0, got {max_gap!r}")
         self.min_iou = float(min_iou)
         self.min_overlap = float(min_overlap)
+        self.max_gap = int(max_gap)
         self.n_objects = 0
-        self._prev: np.ndarray | None = None
+        self._history: list[np.ndarray] = []  # stitched slices, oldest first
+
+    def _match(self, ref: np.ndarray, labels: np.ndarray) -> dict[int, int]:
+        """{local id: stack id} for the labels of ``labels`` optimally matched to ``ref``'s."""
+        mapping: dict[int, int] = {}
+        if not ref.any() or not labels.any():
+            return mapping
+        ids_ref, ids_new, inter, area_r, area_n = _contingency(ref, labels)
+        if not inter.size:
+            return mapping
+        union = area_r[:, None] + area_n[None, :] - inter
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        smaller = np.minimum(area_r[:, None], area_n[None, :])
+        cover = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
+        rows, cols = linear_sum_assignment(-iou)
+        for r, c in zip(rows, cols):
+            if inter[r, c] > 0 and (iou[r, c] >= self.min_iou or cover[r, c] >= self.min_overlap):
+                mapping[int(ids_new[c])] = int(ids_ref[r])
+        return mapping
 
     def add(self, labels: np.ndarray) -> np.ndarray:
         """Stitch the next slice.
@@ -642,26 +670,25 @@ class Stitcher:
         labels = np.asarray(labels)
         if labels.ndim != 2:
             raise ValueError(f"Stitcher.add takes one (H, W) slice, got shape {labels.shape}")
-        if self._prev is not None and self._prev.shape != labels.shape:
+        if self._history and self._history[-1].shape != labels.shape:
             raise ValueError(
-                f"slice shape changed from {self._prev.shape} to {labels.shape} within one stack"
+                f"slice shape changed from {self._history[-1].shape} to {labels.shape} within one "
+                "stack"
             )
         ids_cur = np.unique(labels)
         ids_cur = ids_cur[ids_cur != 0]
         mapping: dict[int, int] = {}
-        if self._prev is not None and len(ids_cur) and self._prev.any():
-            ids_prev, ids_new, inter, area_p, area_n = _contingency(self._prev, labels)
-            if inter.size:
-                union = area_p[:, None] + area_n[None, :] - inter
-                iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-                smaller = np.minimum(area_p[:, None], area_n[None, :])
-                cover = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
-                rows, cols = linear_sum_assignment(-iou)
-                for r, c in zip(rows, cols):
-                    if inter[r, c] > 0 and (
-                        iou[r, c] >= self.min_iou or cover[r, c] >= self.min_overlap
-                    ):
-                        mapping[int(ids_new[c])] = int(ids_prev[r])
+        if self._history:
+            mapping = self._match(self._history[-1], labels)
+            seen = set(np.unique(self._history[-1]).tolist())
+            for older in reversed(self._history[:-1]):
+                left = [int(i) for i in ids_cur if int(i) not in mapping]
+                if not left:
+                    break
+                # Only objects absent from the more recent slices, and not yet taken.
+                ref = np.where(np.isin(older, list(seen | set(mapping.values()))), 0, older)
+                mapping.update(self._match(ref, np.where(np.isin(labels, left), labels, 0)))
+                seen |= set(np.unique(older).tolist())
         for lab in ids_cur:  # ascending: new ids follow the slice-local order
             if int(lab) not in mapping:
                 self.n_objects += 1
@@ -674,19 +701,20 @@ class Stitcher:
             keys, vals = keys[order], vals[order]
             fg = labels != 0
             out[fg] = vals[np.searchsorted(keys, labels[fg])]
-        self._prev = out
+        self._history.append(out)
+        del self._history[: -(self.max_gap + 1)]
         return out
 
 
 def stitch_labels(
-    slices: Iterable[np.ndarray], min_iou: float = 0.3, min_overlap: float = 0.6
+    slices: Iterable[np.ndarray], min_iou: float = 0.3, min_overlap: float = 0.6, max_gap: int = 1
 ) -> Iterator[np.ndarray]:
     """Stitch per-slice labels lazily: yields each (H, W) int32 slice with stack-wide ids.
 
     ``np.stack(list(stitch_labels(stack)))`` stitches a whole (Z, H, W) array; passing a generator
     keeps only two slices in memory.
     """
-    stitcher = Stitcher(min_iou, min_overlap)
+    stitcher = Stitcher(min_iou, min_overlap, max_gap)
     for sl in slices:
         yield stitcher.add(sl)
 

@@ -1167,7 +1167,7 @@ def segment_stack_auto(
     zs = list(parse_z_range(z_range, shape[0]))
     if out is not None:
         check_output_path(out, overwrite)
-    stitcher = Stitcher(params.stitch_iou, params.stitch_overlap)
+    stitcher = Stitcher(params.stitch_iou, params.stitch_overlap, params.stitch_gap)
     update, close = _progress_callback(progress, len(zs), "auto")
     try:
         with _Output(shape, out, overwrite, metadata, out_dtype) as output:
