@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="objects brighter or darker than the background")
     auto.add_argument("--stitch-iou", type=float, default=d.stitch_iou,
                       help="minimum IoU between slices for one object id")
+    auto.add_argument("--stitch-gap", type=int, default=d.stitch_gap,
+                      help="slices an object may be missed on and keep its id")
 
     dist = sub.add_parser(
         "distill",
