@@ -249,7 +249,8 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
             min_iou=args.min_iou, min_stability=args.min_stability, min_area=args.min_area,
             max_area_fraction=args.max_area_fraction, min_distance=args.min_distance,
             grid=args.grid, polarity=args.polarity, stitch_iou=args.stitch_iou,
-            stitch_gap=args.stitch_gap, max_points=args.max_points, points_per_batch=args.points_per_batch,
+            stitch_gap=args.stitch_gap, max_points=args.max_points,
+            points_per_batch=args.points_per_batch,
         )
         batch.segment_stack_auto(data, params=params, client=client, **common)
     print(f"wrote {out}", file=sys.stderr)
