@@ -27,7 +27,7 @@ import csv
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -488,8 +488,6 @@ class StackMetadata:
 
 def read_stack_metadata(path: str | os.PathLike) -> StackMetadata:
     """Resolution, resolution unit, z spacing and unit of a TIFF file (missing ones are None)."""
-    import tifffile
-
     with _open_tiff(path) as tif:
         page = tif.pages.first
         tags = page.tags
@@ -514,7 +512,6 @@ def read_stack_metadata(path: str | os.PathLike) -> StackMetadata:
                 meta.unit = desc.get("unit", meta.unit)
             except (ValueError, AttributeError):
                 pass
-        _ = tifffile
         return meta
 
 
