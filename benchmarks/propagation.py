@@ -9,8 +9,9 @@ For each stack size (default 50, 100 and 200 slices of 512 x 512) a fresh proces
 
 The embedding cache has a memory budget (``--budget-mb``) and an on-disk cache in a temporary folder,
 so the second run shows memory hits and disk hits separately. Peak memory is the child process's
-maximum resident set size; the stack and labels volume are listed beside it so the part the cache
-adds can be read off. Printed: a table and the machine description.
+maximum resident set size; "peak - model - data" subtracts the resident size after loading the model
+and the data volumes held at the end (the stack and the two runs' labels volumes): what propagation
+itself needs on top, which should not grow with the stack. Printed: tables and the machine description.
 
     python benchmarks/propagation.py            # 50/100/200 slices, real MobileSAM architecture
     python benchmarks/propagation.py --quick    # 6/12/24 slices: about a minute on an idle 2-core CPU
@@ -197,7 +198,7 @@ def main() -> None:
     base_t = rows[0]["first_s"]
     hdr = ("| slices | encoder alone s/slice (baseline) | propagation s/slice (median) | ratio to encoder "
            "| total s | linearity vs n=%d (1.00 = linear) | 2nd run s | 2nd run hit rate (mem + disk) "
-           "| peak RSS MiB (after model load) | stack + labels MiB | cache in memory MiB |" % base_n)
+           "| peak RSS MiB (after model load) | stack + labels MiB | peak - model - data MiB | cache in memory MiB |" % base_n)
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     mib = 2**20
@@ -207,6 +208,7 @@ def main() -> None:
               f"| {r['per_slice_s'] / r['encoder_s']:.2f} | {r['first_s']:.1f} | {lin:.2f} | {r['second_s']:.1f} "
               f"| {r['second_hit_rate']:.2f} ({r['second_mem_hits']} + {r['second_disk_hits']}) "
               f"| {r['peak_rss'] / mib:.0f} ({r['rss_model'] / mib:.0f}) | {(r['stack_bytes'] + r['labels_bytes']) / mib:.0f} "
+              f"| {(r['peak_rss'] - r['rss_model'] - r['stack_bytes'] - 2 * r['labels_bytes']) / mib:.0f} "
               f"| {r['cache_bytes'] / mib:.0f} |")
     print("| slices | click -> mask on a cached slice, ms (median) | 5 objects, one batched call, ms |")
     print("|---|---|---|")
