@@ -162,7 +162,9 @@ def test_two_seeds_fill_from_both_ends(nuclei_stack):
     lo_seed, hi_seed = z0 + 2, z1 - 2
     objs = {i: {lo_seed: {"points": [_center_point(gt[lo_seed] == i)]},
                 hi_seed: gt[hi_seed] == i}}  # one prompt seed, one mask seed
-    res = propagate(OraclePredictor(gt), objs)
+    progress = []
+    res = propagate(OraclePredictor(gt), objs, progress=lambda d, t: progress.append((d, t)))
+    assert progress[-1][0] == progress[-1][1] == sum(r.direction != 0 for r in res.records)
     assert res.extent(i) == (z0, z1)
     inner = [r for r in res.records_for(i) if lo_seed < r.z < hi_seed]
     assert {r.z for r in inner} == set(range(lo_seed + 1, hi_seed))

@@ -388,7 +388,12 @@ def propagate(
     prefetch : bool
         Ask the predictor to compute the next slices' embeddings in the background meanwhile.
     progress : callable(done, total), optional
+        Called after each decoder call (one slice, all objects due there): ``done`` counts decoded
+        object-slices, ``total`` is ``done`` plus the most that can still come (it shrinks as
+        directions stop, and equals ``done`` at the end).
     cancel : callable() -> bool, optional
+        Checked before every decoder call; when it returns True the run stops and returns what it
+        has (``cancelled=True``, stop reason ``"cancelled"``).
 
     Returns
     -------
@@ -588,6 +593,8 @@ def propagate(
             if progress is not None:
                 total = n_done + remaining()
                 progress(n_done, total)
+    if progress is not None and not is_cancelled and total != n_done:
+        progress(n_done, n_done)  # fronts that met in a gap: the bound was not reached
     if is_cancelled:
         for f in fronts:
             if f.active:
