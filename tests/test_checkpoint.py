@@ -212,3 +212,21 @@ def test_failed_save_keeps_previous_file(tmp_path, test_state, monkeypatch):
     assert path.read_bytes() == before
     assert {p.name for p in tmp_path.iterdir()} == {"keep.pt", "keep.pt.json"}  # no temp files
     json.loads((tmp_path / "keep.pt.json").read_text())
+
+
+def test_registry_lists_sam_teachers():
+    from napari_mobilesam.build import MODELS, build_sam
+
+    assert {"vit_t", "vit_b", "vit_l", "vit_h", "vit_t_test"} <= set(MODELS)
+    with pytest.raises(ValueError, match="vit_t, vit_b"):
+        build_sam("vit_x")
+
+
+@pytest.mark.slow
+def test_vit_b_rejects_mobilesam_checkpoint(test_state):
+    """The real SAM ViT-B tree (built by segment-anything) recognises a MobileSAM state dict."""
+    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"MobileSAM \(TinyViT\) checkpoint.*model='vit_t'"):
+        build_sam("vit_b", test_state)
