@@ -260,6 +260,13 @@ def test_load_model_with_test_config(fresh_cache):
     assert not sam.training
     assert model_identity(sam).startswith("vit_t_test:")
     assert model_identity(sam).endswith(":torch:fp32")
+    from segment_anything.modeling import MaskDecoder
+
+    from napari_mobilesam.backends import FastMaskDecoder
+
+    assert isinstance(sam.mask_decoder, FastMaskDecoder)
+    plain = load_model("vit_t_test", device="cpu", backend="torch", fast_decoder=False)
+    assert type(plain.mask_decoder) is MaskDecoder
 
 
 # --- the real model on the parity fixture (a few encoder runs) ---

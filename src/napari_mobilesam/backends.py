@@ -583,12 +583,14 @@ def resolve_precision(backend: str, device: torch.device, precision: str = "auto
     return "fp32"
 
 
-def apply_backend(sam, device=None, backend: str = "auto", precision: str = "auto", *, decoder=True):
+def apply_backend(
+    sam, device=None, backend: str = "auto", precision: str = "auto", *, fast_decoder: bool = True
+):
     """Put ``sam`` (from ``build_sam``, exact float32) on ``device`` with ``backend``; returns it.
 
     ``backend``: ``"auto"`` (OpenVINO on the CPU, ``"torch"`` elsewhere), ``"openvino"`` (CPU only),
     ``"torch"`` or ``"eager"``; ``precision``: ``"auto"``, ``"fp32"``, ``"mixed"`` or ``"bf16"``
-    (see :func:`resolve_precision`). With OpenVINO and ``decoder=True`` the mask decoder runs
+    (see :func:`resolve_precision`). With OpenVINO and ``fast_decoder=True`` the mask decoder runs
     through OpenVINO too (always float32; bf16 moves the masks too much), and with the torch
     backend on the CPU through :class:`FastMaskDecoder`. If OpenVINO is not installed or fails, a
     warning is logged and the torch backend is used. ``sam`` is modified in place.
@@ -611,7 +613,7 @@ def apply_backend(sam, device=None, backend: str = "auto", precision: str = "aut
         try:
             prec = resolve_precision("openvino", dev, precision, sam.image_encoder)
             encoder = OpenVINOEncoder(sam.image_encoder, prec)
-            new_decoder = OpenVINOMaskDecoder(sam.mask_decoder) if decoder else None
+            new_decoder = OpenVINOMaskDecoder(sam.mask_decoder) if fast_decoder else None
         except Exception as exc:  # noqa: BLE001 - ImportError or any conversion failure
             log.warning(
                 "OpenVINO backend unavailable (%s: %s); falling back to the torch backend",
@@ -626,6 +628,6 @@ def apply_backend(sam, device=None, backend: str = "auto", precision: str = "aut
             return sam
     prec = resolve_precision("torch", dev, precision, sam.image_encoder)
     sam.image_encoder = TorchEncoder(sam.image_encoder, dev, prec)
-    if decoder and dev.type == "cpu":
+    if fast_decoder and dev.type == "cpu":
         sam.mask_decoder = FastMaskDecoder(sam.mask_decoder)
     return sam

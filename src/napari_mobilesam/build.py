@@ -212,6 +212,7 @@ def load_model(
     *,
     backend: str = "auto",
     precision: str = "auto",
+    fast_decoder: bool = True,
 ):
     """Build ``model`` (see :func:`build_sam`) and apply the fastest backend for ``device``.
 
@@ -221,11 +222,15 @@ def load_model(
     exactly as built). ``precision``: ``"auto"`` (``"mixed"`` where bf16 pays off, else
     ``"fp32"``), ``"fp32"``, ``"mixed"`` (bf16 except the encoder's last stage and neck) or
     ``"bf16"``. ``precision="fp32"`` is exact float32 (within 1e-5 of the official model) with
-    every backend; ``backend="eager"`` is the unmodified model. Returns a ``Sam`` in eval mode that
+    every backend; ``backend="eager"`` is the unmodified model. ``fast_decoder=False`` keeps
+    segment-anything's own torch mask decoder (by default the CPU runs the same function,
+    reassociated, through OpenVINO or torch). Returns a ``Sam`` in eval mode that
     ``SamPredictor`` can drive; :func:`model_identity` tells what was applied.
     """
     from .backends import apply_backend, choose_device
 
     dev = choose_device(device)
     sam = build_sam(model, checkpoint)
-    return apply_backend(sam, device=dev, backend=backend, precision=precision)
+    return apply_backend(
+        sam, device=dev, backend=backend, precision=precision, fast_decoder=fast_decoder
+    )
