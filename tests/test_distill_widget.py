@@ -69,25 +69,28 @@ def test_panel_trains_cancels_resumes_and_offers_the_model(make_napari_viewer, q
     offered = []
     widget.model_ready.connect(offered.append)
 
-    # 1. cancel after the first training step
+    # 1. cancel after the first training step (as a click on Cancel would, on the GUI thread)
+    show_event = widget._on_event
+
     def cancel_on_first_step(ev):
+        show_event(ev)
         if ev.kind == "step":
             widget.cancel()
 
+    widget._on_event = cancel_on_first_step  # connected to the worker by run()
     worker = widget.run()
-    assert worker is not None and widget._cancel_btn.enabled and not widget._run_btn.enabled
-    worker.yielded.connect(cancel_on_first_step)
-    with qtbot.waitSignal(worker.finished, timeout=TIMEOUT_MS):
-        pass
+    assert worker is not None and widget.busy
+    assert widget._cancel_btn.enabled and not widget._run_btn.enabled
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     assert widget.result.cancelled and not output.exists()
     assert "Cancelled" in widget._status.value
     assert widget._run_btn.enabled and not widget._cancel_btn.enabled
     assert not offered
 
     # 2. run again: resumes from the saved state and finishes
+    widget._on_event = show_event
     worker = widget.run()
-    with qtbot.waitSignal(worker.finished, timeout=TIMEOUT_MS):
-        pass
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     result = widget.result
     assert result is not None and not result.cancelled, widget._status.value
     assert result.resumed_from is not None and result.resumed_from.name == "state-e0000-s0000001.pt"
@@ -141,7 +144,6 @@ def test_panel_refuses_invalid_settings_before_running(make_napari_viewer, qtbot
     widget._teacher.value = bad
     widget._output.value = tmp_path / "other.pt"
     worker = widget.run()
-    with qtbot.waitSignal(worker.finished, timeout=TIMEOUT_MS):
-        pass
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     assert "not a SAM image encoder" in widget._status.value
     assert widget.result is None and not (tmp_path / "other.pt").exists()

@@ -153,8 +153,9 @@ class DistillWidget(Container):
     """The distillation dock panel (see the module docstring).
 
     Public API used by scripts and tests: :meth:`config` (the settings as a ``DistillConfig``, or
-    a ``DistillError`` naming what is wrong), :meth:`run`, :meth:`cancel`, :attr:`worker` (the
-    running napari worker), :attr:`result` (the last ``DistillResult``), :attr:`model_ready`
+    a ``DistillError`` naming what is wrong), :meth:`run`, :meth:`cancel`, :attr:`busy` (a run
+    has started and its end is not handled yet), :attr:`worker` (the napari worker of the last
+    run), :attr:`result` (the last ``DistillResult``), :attr:`model_ready`
     (emitted with the output path when a model was written), :meth:`enable_dev_models`.
     """
 
@@ -170,6 +171,7 @@ class DistillWidget(Container):
         d = DistillConfig(teacher=None, images=None, output="")
         self.worker = None
         self.result = None
+        self._busy = False
         self._cancel_event = threading.Event()
         self._steps_per_epoch = 0
 
@@ -298,8 +300,9 @@ class DistillWidget(Container):
     # ---- running
 
     @property
-    def running(self) -> bool:
-        return self.worker is not None and self.worker.is_running
+    def busy(self) -> bool:
+        """True from :meth:`run` until the worker's end has been handled on the GUI thread."""
+        return self._busy
 
     def run(self):
         """Check the settings and start the run in a worker; returns the worker (None if refused)."""
@@ -308,7 +311,7 @@ class DistillWidget(Container):
         from ..distill import iter_distill
         from ..distill_data import DistillError
 
-        if self.running:
+        if self._busy:
             return self.worker
         try:
             cfg = self.config()
@@ -331,13 +334,14 @@ class DistillWidget(Container):
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self.worker = worker
+        self._busy = True
         self._run_btn.enabled, self._cancel_btn.enabled = False, True
         worker.start()
         return worker
 
     def cancel(self) -> None:
         """Stop after the current step; a training state is kept, so running again resumes."""
-        if self.running:
+        if self._busy:
             self._cancel_event.set()
             self._status.value = "cancelling after the current step…"
 
@@ -381,6 +385,7 @@ class DistillWidget(Container):
 
     def _on_finished(self) -> None:
         self._run_btn.enabled, self._cancel_btn.enabled = True, False
+        self._busy = False
 
     # ---- handing the model over
 
