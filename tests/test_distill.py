@@ -134,6 +134,10 @@ def test_open_images_and_split(tmp_path, small_stack):
     empty.mkdir()
     with pytest.raises(DistillError, match="holds no image files"):
         open_images(empty)
+    with pytest.raises(DistillError, match="cannot be used as an image"):
+        open_images([np.zeros((2, 3, 4, 5, 6), dtype=np.uint8)])
+    two_channel = open_images(np.stack([small_stack[:2], small_stack[2:4]], axis=1), channel_axis=1)
+    assert two_channel[0][1].n_slices == 2  # (z, c, row, col) read as 2 slices of 2 channels
     with pytest.raises(DistillError, match="set val_fraction=0"):
         split_slices(open_images(small_stack[0]), val_fraction=0.5)
 

@@ -78,6 +78,8 @@ class DistillConfig:
     images : sequence
         Arrays (2D ``(row, col)`` or stacks ``(z, row, col)``, e.g. napari layer data), TIFF files,
         folders of TIFFs, or ``SliceSource`` objects (see ``distill_data.open_images``).
+    channel_axis : int or None
+        Channel axis of multichannel arrays/files (as ``SliceSource`` takes it); None: none.
     output : path
         Where the distilled model goes (``.pt``); its metadata goes to ``<output>.json``.
     student_model : ``"vit_t"`` (MobileSAM) or ``"vit_t_test"`` (tiny, tests only)
@@ -135,6 +137,7 @@ class DistillConfig:
     overwrite: bool = False
     keep_states: int = 2
     save_every: int = 0
+    channel_axis: int | None = None
 
 
 @dataclass(frozen=True)
@@ -299,7 +302,7 @@ def iter_distill(
 
     cache_root = cache_root or default_cache_root()
     teacher = _teacher(cfg, cache_root)
-    sources = open_images(cfg.images)
+    sources = open_images(cfg.images, channel_axis=cfg.channel_axis)
     train, val = split_slices(
         sources, max_slices_per_image=cfg.max_slices_per_image, val_fraction=cfg.val_fraction, seed=cfg.seed
     )
@@ -551,6 +554,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, nargs="+",
                         help="TIFF files and/or folders of TIFFs (2D images or stacks) to train on")
     parser.add_argument("-o", "--output", required=True, help="distilled model to write (.pt)")
+    parser.add_argument("--channel-axis", type=int, default=None,
+                        help="channel axis of multichannel images (up to 3 channels shown as RGB)")
     parser.add_argument("--student", default=None, metavar="CHECKPOINT",
                         help="initial student weights (default: the MobileSAM weights)")
     parser.add_argument("--student-model", default=d.student_model, choices=STUDENT_MODELS,
@@ -581,7 +586,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def _config_from_args(args: argparse.Namespace) -> DistillConfig:
     return DistillConfig(
-        teacher=args.teacher, images=list(args.images), output=args.output,
+        teacher=args.teacher, images=list(args.images), output=args.output, channel_axis=args.channel_axis,
         student_model=args.student_model, student_checkpoint=args.student, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, augment=not args.no_augment,

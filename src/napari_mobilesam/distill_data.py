@@ -93,7 +93,16 @@ def _read_image_file(path: Path) -> np.ndarray:
     return np.asarray(skio.imread(path))
 
 
-def open_images(images: Sequence[Any] | Any, *, rgb: bool | None = None) -> list[tuple[str, Any]]:
+def _slice_source(cls: Any, data: Any, rgb: bool | None, name: str, channel_axis: int | None = None) -> Any:
+    try:
+        return cls(data, rgb=rgb, channel_axis=channel_axis)
+    except (ValueError, TypeError) as exc:
+        raise DistillError(f"{name} cannot be used as an image: {exc}") from exc
+
+
+def open_images(
+    images: Sequence[Any] | Any, *, rgb: bool | None = None, channel_axis: int | None = None
+) -> list[tuple[str, Any]]:
     """Open every image to train on as a :class:`~napari_mobilesam.image.SliceSource`.
 
     Parameters
@@ -103,7 +112,9 @@ def open_images(images: Sequence[Any] | Any, *, rgb: bool | None = None) -> list
         layer's ``data``), an existing ``SliceSource``, a TIFF/PNG/JPEG file, or a folder (every
         ``.tif``/``.tiff``/``.png``/``.jpg`` file in it, sorted by name, non-recursive).
     rgb : bool or None
-        Passed to ``SliceSource`` for arrays (None: let it decide from the shape).
+        Passed to ``SliceSource`` for arrays and files (None: let it decide from the shape).
+    channel_axis : int or None
+        Passed to ``SliceSource`` for arrays and files: the channel axis of multichannel data.
 
     Returns
     -------
@@ -146,13 +157,13 @@ def open_images(images: Sequence[Any] | Any, *, rgb: bool | None = None) -> list
                     arr = _read_image_file(f)
                 except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
                     raise DistillError(f"cannot read image file {str(f)!r}: {exc}") from exc
-                out.append((str(f), SliceSource(arr, rgb=rgb)))
+                out.append((str(f), _slice_source(SliceSource, arr, rgb, str(f), channel_axis)))
             continue
         if not hasattr(item, "shape"):
             raise DistillError(
                 f"image item {i} is a {type(item).__name__}: give an array, a file path or a folder"
             )
-        out.append((f"array[{i}]", SliceSource(item, rgb=rgb)))
+        out.append((f"array[{i}]", _slice_source(SliceSource, item, rgb, f"image {i}", channel_axis)))
     return out
 
 
