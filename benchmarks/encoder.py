@@ -131,7 +131,9 @@ def main(argv=None) -> int:
     )
     from napari_mobilesam.build import build_sam
 
-    os.environ["NAPARI_MOBILESAM_CACHE"] = tempfile.mkdtemp(prefix="nms-bench-")
+    # a fresh cache, so that the first-use conversion is really timed; removed at exit
+    tmp_cache = tempfile.TemporaryDirectory(prefix="nms-bench-")
+    os.environ["NAPARI_MOBILESAM_CACHE"] = tmp_cache.name
     expected = dict(np.load(REFERENCE / "mobile_sam_expected.npz"))
     cases = json.loads((REFERENCE / "mobile_sam_cases.json").read_text())
     print(f"machine: {machine()}")
@@ -256,6 +258,7 @@ def main(argv=None) -> int:
                 indent=2,
             )
         )
+    tmp_cache.cleanup()
     return 0
 
 
