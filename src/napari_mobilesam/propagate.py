@@ -386,7 +386,8 @@ def propagate(
     score_weight : float
         Candidate choice: maximise IoU-with-previous + ``score_weight`` * predicted IoU.
     prefetch : bool
-        Ask the predictor to compute the next slices' embeddings in the background meanwhile.
+        Ask the predictor to compute the next slices' embeddings in the background meanwhile (this
+        may embed up to one slice per direction beyond where the direction then stops).
     progress : callable(done, total), optional
         Called after each decoder call (one slice, all objects due there): ``done`` counts decoded
         object-slices, ``total`` is ``done`` plus the most that can still come (it shrinks as
