@@ -54,7 +54,7 @@ def _fill(widget, layer, teacher, output, epochs):
 
 
 def test_panel_trains_cancels_resumes_and_offers_the_model(make_napari_viewer, qtbot, tmp_path,
-                                                          teacher_file, config_dir):
+                                                          teacher_file, config_dir, monkeypatch):
     from napari_mobilesam._napari.settings import load_settings
     from napari_mobilesam.build import build_sam
     from napari_mobilesam.data import synthetic_nuclei
@@ -69,15 +69,36 @@ def test_panel_trains_cancels_resumes_and_offers_the_model(make_napari_viewer, q
     offered = []
     widget.model_ready.connect(offered.append)
 
-    # 1. cancel after the first training step (as a click on Cancel would, on the GUI thread)
+    # 1. Cancel pressed when the first training step shows up. The run checks the cancel event
+    # after each step, but the GUI thread sees a step only some time after the worker moved on; to
+    # stop after exactly one step, the worker waits after that step until the GUI has cancelled.
+    import threading
+
+    import napari_mobilesam.distill as distill_module
+
+    real_iter = distill_module.iter_distill
     show_event = widget._on_event
+    pressed = threading.Event()
 
-    def cancel_on_first_step(ev):
+    def press_cancel_on_first_step(ev):  # GUI thread
         show_event(ev)
-        if ev.kind == "step":
+        if ev.kind == "step" and not pressed.is_set():
             widget.cancel()
+            pressed.set()
 
-    widget._on_event = cancel_on_first_step  # connected to the worker by run()
+    def wait_for_the_gui(cfg, cancel=None):  # worker thread
+        gen = real_iter(cfg, cancel=cancel)
+        try:
+            while True:
+                ev = next(gen)
+                yield ev
+                if ev.kind == "step":
+                    assert pressed.wait(120), "the GUI never saw the step"
+        except StopIteration as stop:
+            return stop.value
+
+    monkeypatch.setattr(distill_module, "iter_distill", wait_for_the_gui)
+    widget._on_event = press_cancel_on_first_step  # run() connects it to the worker
     worker = widget.run()
     assert worker is not None and widget.busy
     assert widget._cancel_btn.enabled and not widget._run_btn.enabled
@@ -88,6 +109,7 @@ def test_panel_trains_cancels_resumes_and_offers_the_model(make_napari_viewer, q
     assert not offered
 
     # 2. run again: resumes from the saved state and finishes
+    monkeypatch.setattr(distill_module, "iter_distill", real_iter)
     widget._on_event = show_event
     worker = widget.run()
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
