@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts-per-slice", type=int, default=4)
     ap.add_argument("--auto-slices", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None, help="repeats of the automatic timing")
-    ap.add_argument("--cache-mb", type=int, default=256)
+    ap.add_argument("--cache-mb", type=int, default=64, help="embedding cache budget (MiB)")
     ap.add_argument("--skip-depth", action="store_true", help="only the automatic-mode table")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
