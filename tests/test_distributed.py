@@ -73,3 +73,16 @@ def test_cluster_needs_a_loadable_model_spec(client, stack, engine_sam_test):
         segment_stack_auto(stack, model=engine_sam_test, client=client)
     with pytest.raises(batch.BatchError, match="file path"):
         segment_stack_auto(stack, model="vit_t_test", checkpoint={"a": 1}, client=client)
+
+
+def test_cli_dask_workers_flag(tmp_path, stack):
+    """`--dask-workers 2` starts a local cluster and gives the single-process labels."""
+    from napari_mobilesam import cli
+
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack[2:5])
+    opts = ["--model", "vit_t_test", "--backend", "eager", "--min-iou", "0", "--min-stability", "0",
+            "--grid", "2", "--max-points", "3", "--max-area-fraction", "0.6", "--no-progress"]
+    assert cli.main(["auto", str(path), "-o", str(tmp_path / "one.tif"), *opts]) == 0
+    assert cli.main(["auto", str(path), "-o", str(tmp_path / "two.tif"), "--dask-workers", "2", *opts]) == 0
+    assert np.array_equal(tifffile.imread(tmp_path / "two.tif"), tifffile.imread(tmp_path / "one.tif"))

@@ -57,7 +57,9 @@ __all__ = [
 ]
 
 LABELS_DTYPE = np.int32
-DEFAULT_CACHE_BYTES = 256 * 2**20
+# Batch runs visit each slice once: a small embedding cache is enough (one slice is 2 MiB).
+DEFAULT_CACHE_BYTES = 64 * 2**20
+MIN_AUTO_CACHE_BYTES = 4 * 2**20  # automatic mode decodes a slice in several calls
 
 
 class BatchError(ValueError):
@@ -963,7 +965,8 @@ def segment_stack(
     metadata : StackMetadata, optional
         Resolution metadata written to ``out`` (see :func:`open_stack`).
     cache_bytes : int
-        Embedding cache budget (bounds the memory of a run).
+        Embedding cache budget in bytes (default 64 MiB; bounds the memory of a run; automatic
+        mode keeps at least 4 MiB, since it decodes each slice in several calls).
     progress : None, True (a tqdm bar on stderr) or callable(done, total)
     client : dask.distributed.Client, optional
         Spread the prompted slices over the cluster (``model`` must then be a name).
@@ -1176,7 +1179,7 @@ def segment_stack_auto(
                     update()
             else:
                 predictor = _make_predictor(model, checkpoint, device, backend, precision, source,
-                                            cache_bytes)
+                                            max(int(cache_bytes), MIN_AUTO_CACHE_BYTES))
                 for z in zs:
                     res = segment_slice(predictor, z, params)
                     output.put(z, stitcher.add(res.labels))

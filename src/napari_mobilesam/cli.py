@@ -69,8 +69,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="axis holding channels in a multichannel stack")
     p.add_argument("--normalize", default="stack", choices=("stack", "slice", "none"),
                    help="intensity normalisation: one range for the stack (default) or per slice")
-    p.add_argument("--cache-mb", type=int, default=256, metavar="MB",
-                   help="embedding cache budget in MiB (bounds memory; default 256)")
+    p.add_argument("--cache-mb", type=int, default=64, metavar="MB",
+                   help="embedding cache budget in MiB (bounds memory; default 64)")
     p.add_argument("--eager-read", action="store_true",
                    help="read the whole input into memory first (default: one page at a time)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -190,7 +190,7 @@ def _client(args) -> tuple[Any, Any]:
     if args.dask_workers < 1:
         raise ValueError("--dask-workers needs at least 1 worker")
     cluster = LocalCluster(n_workers=args.dask_workers, threads_per_worker=1, processes=True,
-                           host="127.0.0.1", dashboard_address=None)
+                           host="127.0.0.1", dashboard_address=":0")
     return Client(cluster), cluster
 
 
