@@ -313,6 +313,7 @@ def test_segment_slice_with_oracle_recovers_ground_truth(stack):
     gt = stack.labels[z]
     assert res.labels.shape == gt.shape and res.labels.dtype == np.int32
     assert max(oracle.sizes) == 8 and sum(oracle.sizes) == res.n_prompts  # decoded in batches
+    assert set(oracle.sizes) <= {1, 2, 4, 8}  # few distinct batch shapes
     ious = best_match_iou(res.labels, gt)
     ids, areas = np.unique(gt[gt > 0], return_counts=True)
     for i, a in zip(ids, areas):
@@ -358,3 +359,18 @@ def test_grid_points_on_found_objects_are_skipped():
     res = segment_slice(oracle, 0, p)
     assert res.n_prompts == len(blobs) + len(grid) - on_object == sum(oracle.sizes)
     assert np.array_equal(res.labels == 1, gt[0] == 1)
+
+
+def test_batch_bounds_use_few_shapes():
+    from napari_mobilesam.automatic import batch_bounds
+
+    assert batch_bounds(0, 16) == []
+    assert batch_bounds(13, 16) == [(0, 8), (8, 12), (12, 13)]
+    b = batch_bounds(45, 16)
+    assert b == [(0, 16), (16, 32), (32, 40), (40, 44), (44, 45)]
+    for n in range(0, 100):
+        bb = batch_bounds(n, 16)
+        assert sum(e - s for s, e in bb) == n and all(b2[0] == b1[1] for b1, b2 in zip(bb, bb[1:]))
+        assert {e - s for s, e in bb} <= {1, 2, 4, 8, 16}
+    with pytest.raises(ValueError):
+        batch_bounds(3, 0)

@@ -46,6 +46,7 @@ __all__ = [
     "relabel_sequential",
     "overlap_iou",
     "segment_slices",
+    "batch_bounds",
 ]
 
 
@@ -68,7 +69,8 @@ class AutoParams:
     max_points : int
         Upper bound on the number of prompts per slice (the strongest blobs are kept first).
     points_per_batch : int
-        Prompts decoded per batched decoder call.
+        Prompts decoded per batched decoder call (the rest in power-of-two batches, see
+        :func:`batch_bounds`). 16 was fastest on a 2-core CPU; 64 was slower per prompt.
     min_iou : float
         Minimum predicted IoU of a kept mask.
     min_stability : float
@@ -104,7 +106,7 @@ class AutoParams:
     polarity: str = "auto"
     grid: int = 4
     max_points: int = 256
-    points_per_batch: int = 64
+    points_per_batch: int = 16
     min_iou: float = 0.80
     min_stability: float = 0.85
     min_area: int = 30
@@ -529,8 +531,8 @@ def segment_slice(
     covered = np.zeros((h, w), bool)
 
     def decode(points: np.ndarray) -> None:
-        for start in range(0, len(points), p.points_per_batch):
-            chunk = points[start : start + p.points_per_batch]
+        for start, stop in batch_bounds(len(points), p.points_per_batch):
+            chunk = points[start:stop]
             prompts = [{"points": pt[None, :], "labels": np.ones(1, np.int64)} for pt in chunk]
             for pred in predictor.predict_many(z, prompts):
                 m = np.asarray(pred.masks, bool)
@@ -559,6 +561,31 @@ def segment_slice(
     kept = mask_nms(masks, scores, p.nms_iou, p.containment)
     labels = paint_masks(masks[kept], scores[kept], p.min_area)
     return SliceResult(z, labels, len(points), n_masks, len(kept))
+
+
+def batch_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) of batches covering ``n`` items: full batches of ``size``, then the remainder
+    split into decreasing powers of two (13 -> 8, 4, 1).
+
+    Compiled decoders (OpenVINO) re-plan for every new batch shape, which costs more than the
+    decoding; this way only a few shapes ever occur, whatever the number of prompts.
+    """
+    if size < 1:
+        raise ValueError(f"batch size must be at least 1, got {size}")
+    out = []
+    start = 0
+    while n - start >= size:
+        out.append((start, start + size))
+        start += size
+    rest = n - start
+    bit = 1 << max(rest.bit_length() - 1, 0)
+    while rest > 0:
+        if rest >= bit:
+            out.append((start, start + bit))
+            start += bit
+            rest -= bit
+        bit >>= 1
+    return out
 
 
 # --------------------------------------------------------------------------- stitching through z
