@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,30 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
+from _machine import describe_machine as machine  # noqa: E402 (benchmarks/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO.parent / "shared" / "reference" / "mobile_sam_random_weights.pt"
 
-
-def machine() -> str:
-    import torch
-
-    try:
-        import psutil
-
-        mem = f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
-        load = "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except Exception:  # pragma: no cover
-        mem, load = "", ""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, {mem}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}, {load}")
 
 
 # --------------------------------------------------------------------------- data

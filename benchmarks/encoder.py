@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,28 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _machine import describe_machine as machine  # noqa: E402 (benchmarks/ is on sys.path)
+
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = Path("/proc/cpuinfo").read_text()
-        isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    except OSError:
-        isa = []
-    import openvino
-
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (
-        f"{cpu}, {os.cpu_count()} logical cores ({', '.join(isa) or 'no avx512'}), "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"OpenVINO {openvino.__version__}, load average {load:.2f} at start"
-    )
 
 
 def timed_ms(fn, runs: int, warmup: int = 2) -> tuple[float, float]:
@@ -211,7 +192,6 @@ def main(argv=None) -> int:
     )
 
     # --- prompt to mask on a 512×512 slice ---
-    slice_img = np.ascontiguousarray(np.resize(expected["image"], (512, 512, 3)))
     decoders = {
         "torch fp32 (segment-anything)": sam.mask_decoder,
         "torch fp32 (reassociated)": FastMaskDecoder(sam.mask_decoder),

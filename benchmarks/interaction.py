@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -34,25 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import describe_machine as machine  # noqa: E402 (benchmarks/ is on sys.path)
+
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mobile_sam_random_weights.pt"
 
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (
-        f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), load average {load:.2f} at start"
-    )
 
 
 def pct(values, q):
@@ -104,7 +88,7 @@ def main(argv=None) -> int:
     app = QApplication.instance() or QApplication([])
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1400, 900)
-    image = viewer.add_image(stack.image, name="nuclei")
+    viewer.add_image(stack.image, name="nuclei")
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget)
 

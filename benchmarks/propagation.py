@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -30,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _machine import describe_machine as machine  # noqa: E402 (benchmarks/ is on sys.path)
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mobile_sam_random_weights.pt"
 
@@ -153,18 +153,6 @@ def child(args) -> dict:
     }
 
 
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}, load average {load:.1f} at start"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,7 +160,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", help="stack sizes (slices)")
     ap.add_argument("--size", type=int, default=512, help="slice side in pixels (default 512)")
     ap.add_argument("--model", default="vit_t", help="vit_t (fixture weights) or vit_t_test")
-    ap.add_argument("--backend", default="eager", help="load_model backend: eager, torch, openvino, auto")
+    ap.add_argument("--backend", default="auto", help="load_model backend: auto (the default path: OpenVINO on a CPU), eager, torch, openvino")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--budget-mb", type=float, default=64.0, help="embedding cache memory budget (MiB)")
     ap.add_argument("--clicks", type=int, default=10, help="repeats of the click-to-mask timing")
