@@ -89,3 +89,18 @@ def test_screenshot_of_sample_is_not_blank(make_napari_viewer, tmp_path):
     assert rgb.std() > 10, "screenshot is blank"
     assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 50
     assert (tmp_path / "sample.png").stat().st_size > 1000
+
+
+@pytest.mark.gui
+def test_demo_opens_sample_and_every_dock_widget(make_napari_viewer):
+    """What `./quickstart demo` shows: the sample stack and the plugin's dock widgets."""
+    from npe2 import PluginManifest
+
+    from napari_mobilesam._napari.demo import open_demo
+
+    viewer = make_napari_viewer()
+    widgets = open_demo(viewer)
+    manifest = PluginManifest.from_distribution("napari-mobilesam")
+    assert len(widgets) == len(manifest.contributions.widgets) >= 2
+    assert "nuclei" in viewer.layers
+    assert [type(w).__name__ for w in widgets] == ["SegmentWidget", "DistillWidget"]
