@@ -350,7 +350,7 @@ def _vit_from_state_dict(sd: dict, path: Path) -> Any:
     w = sd["patch_embed.proj.weight"]
     embed_dim, in_chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    if "pos_embed" not in sd or f"blocks.0.attn.rel_pos_h" not in sd:
+    if "pos_embed" not in sd or "blocks.0.attn.rel_pos_h" not in sd:
         raise DistillError(
             f"teacher {str(path)!r} is a ViT without absolute/relative position tables: "
             "only SAM's ViT-B/L/H image encoders are supported as ViT teachers"

@@ -38,7 +38,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 from psygnal import Signal
-from qtpy.QtCore import QPointF, Qt
+from qtpy.QtCore import QPointF
 from qtpy.QtGui import QColor, QPainter, QPen
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
