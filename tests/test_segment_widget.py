@@ -473,8 +473,8 @@ def test_real_engine_dev_model_loads_in_worker_and_commit_matches_preview(
     assert pred is not None and pred.mask.shape == (128, 128)
     preview = widget.preview_layer.data[0].copy()
     np.testing.assert_array_equal(preview > 0, pred.mask)
-    if not pred.mask.any():
-        pytest.skip("the random test model predicted an empty mask for this point")
+    # vit_t_test's weights are seeded: this point gives a non-empty mask, so the commit is checked
+    assert pred.mask.any(), "the seeded test model gave an empty mask: pick another point"
     widget.commit()
     target = widget.target_layer(create=False)
     np.testing.assert_array_equal(target.data[z] > 0, preview > 0)
