@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from fixture_cases import run_fixture_cases
 
 TOL = {"embedding": 1e-3, "logits": 1e-2, "low_res": 1e-2, "iou": 1e-3}
 
@@ -280,17 +281,7 @@ def _fixture_run(sam, reference_dir):
     pred = SamPredictor(sam)
     pred.set_image(expected["image"])
     emb = pred.get_image_embedding().numpy()
-    outs = {}
-    for name, case in cases.items():
-        kw = {"multimask_output": case["multimask"], "return_logits": True}
-        if "points" in case:
-            kw["point_coords"] = np.asarray(case["points"], np.float32)
-            kw["point_labels"] = np.asarray(case["labels"], np.int64)
-        if "box" in case:
-            kw["box"] = np.asarray(case["box"], np.float32)
-        if "mask_from" in case:
-            kw["mask_input"] = expected[f"{case['mask_from']}/low_res"]
-        outs[name] = dict(zip(("logits", "iou", "low_res"), pred.predict(**kw)))
+    outs = dict(run_fixture_cases(pred, cases, expected))
     return expected, emb, outs
 
 

@@ -12,23 +12,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from fixture_cases import run_fixture_cases
 
 TOL = {"embedding": 1e-3, "logits": 1e-2, "low_res": 1e-2, "iou": 1e-3}
-
-
-def _run_cases(predictor, cases, expected):
-    """Run every fixture case through ``predictor`` (image already set); yields name, outputs."""
-    for name, case in cases.items():
-        kwargs = {"multimask_output": case["multimask"], "return_logits": True}
-        if "points" in case:
-            kwargs["point_coords"] = np.asarray(case["points"], dtype=np.float32)
-            kwargs["point_labels"] = np.asarray(case["labels"], dtype=np.int64)
-        if "box" in case:
-            kwargs["box"] = np.asarray(case["box"], dtype=np.float32)
-        if "mask_from" in case:
-            kwargs["mask_input"] = expected[f"{case['mask_from']}/low_res"]
-        logits, iou, low_res = predictor.predict(**kwargs)
-        yield name, {"logits": logits, "iou": iou, "low_res": low_res}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +57,7 @@ def test_parity_with_official_fixture(official_random, reference):
     assert emb.shape == (1, 256, 64, 64)
     assert np.abs(emb - expected["embedding"]).max() < TOL["embedding"]
     seen = set()
-    for name, out in _run_cases(predictor, cases, expected):
+    for name, out in run_fixture_cases(predictor, cases, expected):
         seen.add(name)
         for key in ("logits", "iou", "low_res"):
             ref = expected[f"{name}/{key}"]
