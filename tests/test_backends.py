@@ -169,15 +169,73 @@ def test_fast_decoder_is_the_same_function(test_sam):
     pe = test_sam.prompt_encoder.get_dense_pe()
     sparse = torch.randn(2, 4, 256, generator=g)
     dense = torch.randn(2, 256, 64, 64, generator=g)
+    # one vector broadcast over the pixels, as the prompt encoder gives without a mask prompt
+    dense_flat = torch.randn(2, 256, 1, 1, generator=g).expand(-1, -1, 64, 64)
     with torch.no_grad():
-        m_ref, i_ref = dec.predict_masks(emb, pe, sparse, dense)
-        m, i = fast_predict_masks(dec, emb, pe, sparse, dense)
-        assert float((m - m_ref).abs().max()) < 1e-4 * max(1.0, float(m_ref.abs().max()))
-        assert float((i - i_ref).abs().max()) < 1e-5
+        for d in (dense, dense_flat):
+            m_ref, i_ref = dec.predict_masks(emb, pe, sparse, d)
+            m, i = fast_predict_masks(dec, emb, pe, sparse, d)
+            assert m.shape == m_ref.shape == (2, 4, 256, 256)
+            assert float((m - m_ref).abs().max()) < 1e-4 * max(1.0, float(m_ref.abs().max()))
+            assert float((i - i_ref).abs().max()) < 1e-5
         sam = apply_backend(test_sam, "cpu", "torch", "fp32")
         assert isinstance(sam.mask_decoder, FastMaskDecoder)
-        m1, i1 = sam.mask_decoder(emb, pe, sparse, dense, False)
+        m1, i1 = sam.mask_decoder(emb, pe, sparse, d, False)
     assert m1.shape == (2, 1, 256, 256) and torch.allclose(m1, m[:, :1]) and torch.allclose(i1, i[:, :1])
+
+
+def test_openvino_decoder_reuses_the_image_only_while_unchanged(test_sam, fresh_cache):
+    from napari_mobilesam.backends import OpenVINOMaskDecoder
+
+    torch_dec = test_sam.mask_decoder
+    ov_dec = OpenVINOMaskDecoder(torch_dec)
+    pe = test_sam.prompt_encoder.get_dense_pe()
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(1, 256, 64, 64, generator=g)
+    with torch.no_grad():
+        pts = (torch.tensor([[[300.0, 200.0]]]), torch.tensor([[1]]))
+        sparse, dense = test_sam.prompt_encoder(points=pts, boxes=None, masks=None)
+        assert dense.stride(-1) == 0  # the no-mask embedding, passed to OpenVINO as one vector
+
+        def same_as_torch(e):
+            m_ref, i_ref = torch_dec(e, pe, sparse, dense, True)
+            m, i = ov_dec(e, pe, sparse, dense, True)
+            assert float((m - m_ref).abs().max()) < 1e-3 and float((i - i_ref).abs().max()) < 1e-4
+            return ov_dec._image_tokens._tokens
+
+        first = same_as_torch(emb)
+        assert same_as_torch(emb) is first  # the same tensor again: its token layout is reused
+        emb.mul_(-1)  # changed in place: must be laid out again
+        changed = same_as_torch(emb)
+        assert changed is not first
+        assert same_as_torch(emb.clone()) is changed  # equal values in another tensor: reused
+        assert same_as_torch(torch.randn(1, 256, 64, 64, generator=g)) is not changed
+
+
+def test_cached_dense_pe_follows_the_prompt_encoder(test_sam):
+    import copy
+
+    from napari_mobilesam.backends import apply_backend
+
+    sam = apply_backend(test_sam, "cpu", "torch", "fp32")
+    enc = sam.prompt_encoder
+
+    def computed():
+        return type(enc).get_dense_pe(enc)
+
+    with torch.no_grad():
+        a = enc.get_dense_pe()
+        assert enc.get_dense_pe() is a and torch.equal(a, computed())
+        enc.pe_layer.positional_encoding_gaussian_matrix.mul_(2)  # the weights changed
+        b = enc.get_dense_pe()
+        assert b is not a and torch.equal(b, computed())
+        b.zero_()  # a caller changed the returned tensor in place
+        c = enc.get_dense_pe()
+        assert torch.equal(c, computed()) and float(c.abs().sum()) > 0
+    with torch.inference_mode():
+        assert torch.equal(enc.get_dense_pe(), computed())
+    twin = copy.deepcopy(sam)
+    assert twin.prompt_encoder.get_dense_pe.prompt_encoder is twin.prompt_encoder
 
 
 def test_apply_backend_choices_and_identities(test_sam, fresh_cache):

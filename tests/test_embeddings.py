@@ -32,6 +32,18 @@ def test_get_computes_once_and_matches_encoder(engine_sam_test, stack):
     assert s.hit_rate == 0.5
 
 
+def test_get_again_returns_the_same_tensor_unless_changed(engine_sam_test, stack):
+    cache = EmbeddingCache(engine_sam_test)  # float16 storage: `get` converts to float32
+    a = cache.get(stack, 1).features
+    assert cache.get(stack, 1).features is a  # so the decoder knows the image without comparing
+    ref = a.clone()
+    a.zero_()  # a caller changes its tensor in place: the cache must not hand it out again
+    b = cache.get(stack, 1).features
+    assert b is not a and torch.equal(b, ref)
+    other = cache.get(stack, 2).features
+    assert not torch.equal(other, ref) and torch.equal(cache.get(stack, 1).features, ref)
+
+
 def test_same_content_shares_entry(engine_sam_test):
     data = np.random.default_rng(1).integers(0, 255, size=(3, 32, 32), dtype=np.uint8)
     data[2] = data[0]

@@ -12,10 +12,13 @@ use them transparently:
   the OpenVINO version), so later starts only read and compile it. The precision (fp32, bf16,
   or ``mixed``: bf16 for the front of the encoder, fp32 for its last stage and neck) is chosen
   when compiling, from the same IR. On the CPU the prompt-to-mask step also runs through OpenVINO
-  (:class:`OpenVINOMaskDecoder`, float32, same outputs as the torch decoder) with the attention
-  between prompt tokens and image tokens reassociated (:func:`fast_predict_masks`, 40% fewer
-  operations): segment-anything's torch decoder does not reach ≤ 25 ms per prompt on two cores.
-  The torch backend on the CPU uses the same reassociated decoder (:class:`FastMaskDecoder`).
+  (:class:`OpenVINOMaskDecoder`, float32, same outputs as the torch decoder): the attention
+  between prompt tokens and image tokens is reassociated (40% fewer operations) and the output
+  up-scaling runs in token layout (:func:`fast_predict_masks`), the image embedding's token
+  layout is kept between prompts and the dense positional encoding is computed once
+  (:func:`cache_dense_pe`): segment-anything's torch decoder takes about 42 ms per prompt on two
+  cores, this path about 16. The torch backend on the CPU uses the same decoder function
+  (:class:`FastMaskDecoder`).
 
 If OpenVINO is missing or fails, :func:`apply_backend` logs a warning and falls back to ``"torch"``.
 
@@ -40,8 +43,10 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,6 +60,7 @@ __all__ = [
     "OpenVINOMaskDecoder",
     "fast_predict_masks",
     "FastMaskDecoder",
+    "cache_dense_pe",
     "apply_backend",
     "openvino_ir",
     "resolve_precision",
@@ -68,7 +74,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "eager", "torch", "openvino")
 PRECISIONS = ("auto", "fp32", "bf16", "mixed")
 # Bumped whenever the way we export changes, so old IR in users' caches is not reused.
-_IR_RECIPE = "2"
+_IR_RECIPE = "3"
 
 
 def choose_device(device=None) -> torch.device:
@@ -383,45 +389,132 @@ def _two_way_block(layer, queries, keys, query_pe, key_pe):
     return queries, keys
 
 
-def fast_predict_masks(decoder, image_embeddings, image_pe, sparse, dense):
-    """``MaskDecoder.predict_masks`` of segment-anything, computed with fewer operations.
+def _is_pixel_linear_upscaling(up) -> bool:
+    """Whether ``up`` is segment-anything's ``output_upscaling``: ConvT(k2, s2), LayerNorm2d, act,
+    ConvT(k2, s2), act — the structure :func:`_upscale_tokens` computes per pixel."""
+    if not isinstance(up, nn.Sequential) or len(up) != 5:
+        return False
+    ct1, ln, _, ct2, _ = up
+    return (
+        all(
+            isinstance(ct, nn.ConvTranspose2d)
+            and ct.kernel_size == (2, 2)
+            and ct.stride == (2, 2)
+            and ct.padding == (0, 0)
+            and ct.output_padding == (0, 0)
+            and ct.groups == 1
+            and ct.dilation == (1, 1)
+            and ct.bias is not None
+            for ct in (ct1, ct2)
+        )
+        and hasattr(ln, "eps")
+        and getattr(ln, "weight", None) is not None
+        and ln.weight.shape == (ct1.out_channels,)
+    )
 
-    Same parameters, same function (to float rounding, ~1e-6 relative): the attention between
-    the ``Nq`` prompt tokens and the 4096 image tokens is reassociated (see
-    :func:`_token_to_image`, :func:`_image_to_token`), which removes about 40% of the decoder's
-    floating-point work. ``image_embeddings``/``image_pe`` ``(1, C, h, w)``, ``sparse (B, Nq, C)``,
-    ``dense (B, C, h, w)`` → all mask logits ``(B, 1 + num_multimask, 4h, 4w)`` and IoUs.
+
+def _upscale_tokens(up, x, hyper, h: int, w: int):
+    """Mask logits ``(B, n, 4h, 4w)`` from the image tokens ``x (B, h·w, C)`` and the per-mask
+    weights ``hyper (B, n, C/8)``, computing ``output_upscaling`` without leaving token layout.
+
+    A transposed convolution with kernel 2 and stride 2 maps every input pixel to its own 2 × 2
+    output pixels, so it is a per-pixel linear map ``C_in → 4·C_out`` followed by a pixel
+    shuffle; LayerNorm2d normalises each pixel over its channels. So the whole head runs as
+    matrix products over pixels, with the pixel shuffle applied once, to the ``n`` mask logits
+    at the end, instead of to the 32 up-scaled channels (moving ``(B, 32, 4h, 4w)`` between
+    channel-first and channel-last layouts cost more than the convolutions themselves).
     """
+    ct1, ln, act1, ct2, act2 = up
+    b = x.shape[0]
+
+    def per_pixel(ct, t):  # (B, P, C_in) -> (B, 4P, C_out), sub-pixels in (dy, dx) order
+        cin, cout = ct.weight.shape[:2]
+        weight = ct.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout)
+        return (torch.matmul(t, weight) + ct.bias.repeat(4)).reshape(b, -1, cout)
+
+    t = per_pixel(ct1, x)  # pixels ordered (y, x, dy1, dx1)
+    t = act1(nn.functional.layer_norm(t, (t.shape[-1],), ln.weight, ln.bias, ln.eps))
+    t = act2(per_pixel(ct2, t))  # (y, x, dy1, dx1, dy2, dx2)
+    m = torch.matmul(t, hyper.transpose(1, 2))  # (B, 16·h·w, n)
+    n = hyper.shape[1]
+    m = m.reshape(b, h, w, 2, 2, 2, 2, n).permute(0, 7, 1, 3, 5, 2, 4, 6)
+    return m.reshape(b, n, 4 * h, 4 * w)
+
+
+def _predict_masks_tokens(decoder, image_tokens, pe_tokens, sparse, dense_tokens, h: int, w: int):
+    """:func:`fast_predict_masks` on token layouts: ``image_tokens``/``pe_tokens (1, h·w, C)``,
+    ``sparse (B, Nq, C)``, ``dense_tokens (B, 1 or h·w, C)`` (one row: the same dense embedding
+    for every pixel, as without a mask prompt) → masks ``(B, 1 + num_multimask, 4h, 4w)``, IoUs."""
     b = sparse.shape[0]
     tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat([tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
-    src = image_embeddings.expand(b, -1, -1, -1) + dense
-    _, c, h, w = src.shape
-    keys = src.flatten(2).transpose(1, 2)
-    key_pe = image_pe.flatten(2).transpose(1, 2)
+    keys = image_tokens + dense_tokens
     tr = decoder.transformer
     queries = tokens
     for layer in tr.layers:
-        queries, keys = _two_way_block(layer, queries, keys, tokens, key_pe)
-    queries = queries + _token_to_image(tr.final_attn_token_to_image, queries + tokens, keys + key_pe, keys)
+        queries, keys = _two_way_block(layer, queries, keys, tokens, pe_tokens)
+    queries = queries + _token_to_image(
+        tr.final_attn_token_to_image, queries + tokens, keys + pe_tokens, keys
+    )
     hs = tr.norm_final_attn(queries)
     n = decoder.num_mask_tokens
-    up = decoder.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
     hyper = torch.stack([decoder.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in range(n)], dim=1)
-    _, cu, hu, wu = up.shape
-    masks = torch.matmul(hyper, up.reshape(b, cu, hu * wu)).view(b, n, hu, wu)
+    if _is_pixel_linear_upscaling(decoder.output_upscaling):
+        masks = _upscale_tokens(decoder.output_upscaling, keys, hyper, h, w)
+    else:
+        up = decoder.output_upscaling(keys.transpose(1, 2).reshape(b, -1, h, w))
+        _, cu, hu, wu = up.shape
+        masks = torch.matmul(hyper, up.reshape(b, cu, hu * wu)).view(b, n, hu, wu)
     return masks, decoder.iou_prediction_head(hs[:, 0])
 
 
-class _DecoderCore(nn.Module):
-    """Export helper: all mask logits ``(B, 4, 256, 256)`` and IoUs ``(B, 4)`` of a MaskDecoder."""
+def _to_tokens(t):
+    """``(B, C, h, w)`` → ``(B, h·w, C)``."""
+    return t.flatten(2).transpose(1, 2)
 
-    def __init__(self, decoder: nn.Module) -> None:
+
+def _dense_tokens(dense):
+    """``dense (B, C, h, w)`` → ``(B, 1, C)`` when it is one vector broadcast over the pixels
+    (the prompt encoder's no-mask embedding is an expanded view), else ``(B, h·w, C)``."""
+    if dense.stride(2) == 0 and dense.stride(3) == 0:
+        return dense[:, :, 0, 0].unsqueeze(1)
+    return _to_tokens(dense)
+
+
+def fast_predict_masks(decoder, image_embeddings, image_pe, sparse, dense):
+    """``MaskDecoder.predict_masks`` of segment-anything, computed with fewer operations.
+
+    Same parameters, same function (to float rounding, ~1e-6 relative), faster: the attention
+    between the ``Nq`` prompt tokens and the 4096 image tokens is reassociated (see
+    :func:`_token_to_image`, :func:`_image_to_token`), which removes about 40% of the decoder's
+    floating-point work, and the output up-scaling runs in token layout (:func:`_upscale_tokens`).
+    ``image_embeddings``/``image_pe`` ``(1, C, h, w)``, ``sparse (B, Nq, C)``, ``dense (B, C, h,
+    w)`` → all mask logits ``(B, 1 + num_multimask, 4h, 4w)`` and IoUs.
+    """
+    h, w = image_embeddings.shape[-2:]
+    return _predict_masks_tokens(
+        decoder,
+        _to_tokens(image_embeddings),
+        _to_tokens(image_pe),
+        sparse,
+        _dense_tokens(dense),
+        h,
+        w,
+    )
+
+
+class _DecoderCore(nn.Module):
+    """Export helper: all mask logits ``(B, 4, 4h, 4w)`` and IoUs ``(B, 4)`` from token inputs."""
+
+    def __init__(self, decoder: nn.Module, h: int, w: int) -> None:
         super().__init__()
         self.decoder = decoder
+        self.h, self.w = h, w
 
-    def forward(self, image_embeddings, image_pe, sparse, dense):
-        return fast_predict_masks(self.decoder, image_embeddings, image_pe, sparse, dense)
+    def forward(self, image_tokens, pe_tokens, sparse, dense_tokens):
+        return _predict_masks_tokens(
+            self.decoder, image_tokens, pe_tokens, sparse, dense_tokens, self.h, self.w
+        )
 
 
 class FastMaskDecoder(nn.Module):
@@ -454,6 +547,83 @@ class FastMaskDecoder(nn.Module):
         return masks[:, sel], iou[:, sel]
 
 
+def _version(t: torch.Tensor):
+    """``t._version`` (bumped by every in-place change), or None for inference-mode tensors."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+class _TokenArrayCache:
+    """The ``(1, h·w, C)`` float32 array of the last ``(1, C, h, w)`` tensor given, reused while
+    that tensor comes back unchanged (one image's embedding and the dense positional encoding are
+    passed again with every prompt).
+
+    "Unchanged" is the same tensor object at the same version, else equal values. The value
+    comparison runs in NumPy on one core (a parallel torch op here would leave torch's worker
+    threads spinning while OpenVINO runs); it reads 8 MB, about 1 ms, so the identity check
+    comes first.
+    """
+
+    def __init__(self) -> None:
+        self._ref = None
+        self._version = None
+        self._source = None
+        self._tokens = None
+
+    def get(self, t: torch.Tensor):
+        version = _version(t)
+        if (
+            self._ref is not None
+            and self._ref() is t
+            and version is not None
+            and version == self._version
+        ):
+            return self._tokens
+        t32 = t.detach().to("cpu", torch.float32)
+        a = t32.numpy()
+        if self._source is None or a.shape != self._source.shape or not np.array_equal(a, self._source):
+            self._source = a.copy()  # a copy: the caller may change its tensor in place later
+            self._tokens = _to_tokens(t32).contiguous().numpy()
+        self._ref, self._version = weakref.ref(t), version
+        return self._tokens
+
+
+class _CachedDensePE:
+    """Stands in for ``PromptEncoder.get_dense_pe`` (segment-anything's ``SamPredictor`` calls it
+    with every prompt, 0.8 ms here): returns one computed tensor while the positional-encoding
+    matrix (same storage, version, device, dtype), the grid size and the returned tensor itself
+    are unchanged, so the decoder also sees the same tensor and skips comparing it."""
+
+    def __init__(self, prompt_encoder: nn.Module) -> None:
+        self.prompt_encoder = prompt_encoder
+        self._key = None
+        self._pe = None
+        self._pe_version = None
+
+    def __call__(self) -> torch.Tensor:
+        enc = self.prompt_encoder
+        g = enc.pe_layer.positional_encoding_gaussian_matrix
+        key = (g.data_ptr(), _version(g), g.device, g.dtype, tuple(enc.image_embedding_size))
+        if self._pe is not None and key == self._key and _version(self._pe) == self._pe_version:
+            return self._pe
+        pe = type(enc).get_dense_pe(enc)
+        version = _version(pe)
+        if key[1] is None or version is None or pe.requires_grad:  # cannot tell changes: no cache
+            self._pe = self._key = None
+            return pe
+        self._key, self._pe, self._pe_version = key, pe, version
+        return pe
+
+
+def cache_dense_pe(sam) -> None:
+    """Make ``sam.prompt_encoder.get_dense_pe()`` return a cached tensor (see `_CachedDensePE`)."""
+    enc = sam.prompt_encoder
+    if not isinstance(enc.__dict__.get("get_dense_pe"), _CachedDensePE):
+        enc.get_dense_pe = _CachedDensePE(enc)
+
+
 class OpenVINOMaskDecoder(nn.Module):
     """``segment_anything`` ``MaskDecoder`` running through OpenVINO on the CPU (fp32 or bf16).
 
@@ -462,6 +632,11 @@ class OpenVINOMaskDecoder(nn.Module):
     ``multimask_output`` → ``masks (B, 3 or 1, 256, 256)``, ``iou_pred (B, 3 or 1)`` float32. ``B``
     and ``N`` are dynamic. Inputs it was not exported for (batched image embeddings, other sizes,
     gradients) go to the torch decoder (``torch_decoder``).
+
+    The IR computes :func:`fast_predict_masks` on token layouts; the token layout of the image
+    embedding and of the positional encoding is kept between calls while they do not change, and
+    a dense prompt embedding that is one vector broadcast over the pixels (no mask prompt) is
+    passed as that vector.
     """
 
     backend_name = "openvino"
@@ -481,19 +656,19 @@ class OpenVINOMaskDecoder(nn.Module):
         object.__setattr__(self, "torch_decoder", decoder)
         self.embed_shape = tuple(embed_shape)
         c, h, w = self.embed_shape
-        core = _DecoderCore(copy.deepcopy(decoder).cpu().float().eval())
+        core = _DecoderCore(copy.deepcopy(decoder).cpu().float().eval(), h, w)
         core.weights_digest = self.weights_digest
         example = (
-            torch.zeros(1, c, h, w),
-            torch.zeros(1, c, h, w),
+            torch.zeros(1, h * w, c),
+            torch.zeros(1, h * w, c),
             torch.zeros(2, 3, c),
-            torch.zeros(2, c, h, w),
+            torch.zeros(2, h * w, c),
         )
         shapes = [
-            ov.PartialShape([1, c, h, w]),
-            ov.PartialShape([1, c, h, w]),
+            ov.PartialShape([1, h * w, c]),
+            ov.PartialShape([1, h * w, c]),
             ov.PartialShape([-1, -1, c]),
-            ov.PartialShape([-1, c, h, w]),
+            ov.PartialShape([-1, -1, c]),
         ]
         self.ir_path, self.converted = openvino_ir(
             core, "decoder", example, img_size=h, input_shapes=shapes
@@ -501,6 +676,8 @@ class OpenVINOMaskDecoder(nn.Module):
         self._compiled = _compile(self.ir_path, precision)
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()
+        self._image_tokens = _TokenArrayCache()
+        self._pe_tokens = _TokenArrayCache()
 
     def forward(
         self,
@@ -513,6 +690,7 @@ class OpenVINOMaskDecoder(nn.Module):
         usable = (
             image_embeddings.shape[0] == 1
             and tuple(image_embeddings.shape[1:]) == self.embed_shape
+            and tuple(image_pe.shape) == (1, *self.embed_shape)
             and image_embeddings.device.type == "cpu"
             and not (torch.is_grad_enabled() and sparse_prompt_embeddings.requires_grad)
             and sparse_prompt_embeddings.shape[1] > 0
@@ -529,13 +707,13 @@ class OpenVINOMaskDecoder(nn.Module):
         def arr(t):
             return t.detach().to(torch.float32).contiguous().numpy()
 
-        inputs = {
-            0: arr(image_embeddings),
-            1: arr(image_pe),
-            2: arr(sparse_prompt_embeddings),
-            3: arr(dense_prompt_embeddings),
-        }
-        with self._lock:  # an infer request serves one call at a time
+        with self._lock:  # an infer request (and the token caches) serve one call at a time
+            inputs = {
+                0: self._image_tokens.get(image_embeddings),
+                1: self._pe_tokens.get(image_pe),
+                2: arr(sparse_prompt_embeddings),
+                3: arr(_dense_tokens(dense_prompt_embeddings)),
+            }
             self._request.infer(inputs)
             masks = torch.from_numpy(self._request.get_output_tensor(0).data.copy())
             iou = torch.from_numpy(self._request.get_output_tensor(1).data.copy())
@@ -592,8 +770,9 @@ def apply_backend(
     ``"torch"`` or ``"eager"``; ``precision``: ``"auto"``, ``"fp32"``, ``"mixed"`` or ``"bf16"``
     (see :func:`resolve_precision`). With OpenVINO and ``fast_decoder=True`` the mask decoder runs
     through OpenVINO too (always float32; bf16 moves the masks too much), and with the torch
-    backend on the CPU through :class:`FastMaskDecoder`. If OpenVINO is not installed or fails, a
-    warning is logged and the torch backend is used. ``sam`` is modified in place.
+    backend on the CPU through :class:`FastMaskDecoder`; either way the prompt encoder's dense
+    positional encoding is then cached (:func:`cache_dense_pe`). If OpenVINO is not installed or
+    fails, a warning is logged and the torch backend is used. ``sam`` is modified in place.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -625,9 +804,11 @@ def apply_backend(
             sam.image_encoder = encoder
             if new_decoder is not None:
                 sam.mask_decoder = new_decoder
+                cache_dense_pe(sam)
             return sam
     prec = resolve_precision("torch", dev, precision, sam.image_encoder)
     sam.image_encoder = TorchEncoder(sam.image_encoder, dev, prec)
     if fast_decoder and dev.type == "cpu":
         sam.mask_decoder = FastMaskDecoder(sam.mask_decoder)
+        cache_dense_pe(sam)
     return sam

@@ -42,6 +42,14 @@ DEFAULT_MAX_BYTES = 512 * 2**20
 _identity_cache: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """``t._version`` (bumped by every in-place change), or None for inference-mode tensors."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 @dataclass(frozen=True)
 class Embedding:
     """The image embedding of one slice.
@@ -194,6 +202,8 @@ class EmbeddingCache:
         self._pool: ThreadPoolExecutor | None = None
         self._prefetch_jobs: list[Future] = []
         self._stats = CacheStats()
+        # the float32 tensor `get` returned last, reused while unchanged (see `get`)
+        self._last_get: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def _set_identity(self, ident: str) -> None:
         self.identity = ident
@@ -208,6 +218,7 @@ class EmbeddingCache:
         if ident != self.identity:
             with self._lock:
                 self._mem.clear()
+                self._last_get = None
                 self._bytes = 0
                 self._set_identity(ident)
 
@@ -230,6 +241,7 @@ class EmbeddingCache:
         """Drop every in-memory entry (the disk cache is kept)."""
         with self._lock:
             self._mem.clear()
+            self._last_get = None
             self._bytes = 0
 
     def key(self, source: SliceSource, z: int) -> str:
@@ -302,7 +314,21 @@ class EmbeddingCache:
         """
         feats, input_size, original_size = self._entry(source, z)
         device = self.sam.pixel_mean.device
-        return Embedding(feats.to(device=device, dtype=torch.float32), input_size, original_size)
+        with self._lock:
+            # Asking again for the same slice returns the same float32 tensor (unless it was
+            # changed in place), so the decoder can tell cheaply that the image is the same.
+            last = self._last_get
+            if (
+                last is not None
+                and last[0] is feats
+                and last[1].device == device
+                and _version(last[1]) == last[2]
+            ):
+                return Embedding(last[1], input_size, original_size)
+            out = feats.to(device=device, dtype=torch.float32)
+            version = _version(out)
+            self._last_get = None if version is None else (feats, out, version)
+        return Embedding(out, input_size, original_size)
 
     def _entry(self, source: SliceSource, z: int):
         """(stored features, input_size, original_size) of slice ``z``, filling the cache."""
