@@ -106,6 +106,24 @@ def test_upscale_in_region_equals_full(engine_sam_test):
     np.testing.assert_allclose(s_full, calculate_stability_score(ref, 0.0, 1.0).numpy(), atol=1e-3)
 
 
+@pytest.mark.parametrize("original", [(512, 512), (2000, 3000), (20, 31), (1024, 300)])
+def test_upscale_equals_sam_interpolation_at_any_size(engine_sam_test, original):
+    """The banded (tap) resizing equals SAM's up-scale, crop, resize for up- and down-sizing."""
+    from napari_mobilesam.embeddings import input_size_for
+
+    rng = np.random.default_rng(3)
+    pred = SlicePredictor(engine_sam_test, SliceSource(np.zeros((1, 8, 8), np.uint8), normalize="none"))
+    low = torch.from_numpy(rng.normal(0, 3, size=(2, 256, 256)).astype(np.float32))
+    resized = input_size_for(original)
+    masks, _, logits = pred._upscale(low, original, resized, full=True)
+    ref = torch.nn.functional.interpolate(low[None], (1024, 1024), mode="bilinear", align_corners=False)
+    ref = ref[..., : resized[0], : resized[1]]
+    ref = torch.nn.functional.interpolate(ref, original, mode="bilinear", align_corners=False)[0]
+    assert logits.shape == masks.shape == (2, *original)
+    np.testing.assert_allclose(logits, ref.numpy(), atol=5e-4)
+    assert np.array_equal(masks, logits > 0)
+
+
 def test_row_col_order_matches_sam_predictor(engine_sam_test):
     """Our (row, col) prompts on a non-square slice equal segment-anything's own (x, y) predictor."""
     from segment_anything import SamPredictor

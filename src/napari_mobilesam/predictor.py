@@ -99,6 +99,30 @@ def _interp_matrix(n_out: int, n_in: int) -> torch.Tensor:
     return m[0, 0]
 
 
+def _taps(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A banded ``(n_out, n_in)`` matrix as ``(index, weight)`` ``(n_out, T)``: row ``i`` is
+    ``Σ_t weight[i, t] · e[index[i, t]]``, ``T`` the widest band (padding taps have weight 0)."""
+    nz = m != 0
+    width = max(1, int(nz.sum(1).max()))
+    first = nz.to(torch.int8).argmax(1)
+    index = first[:, None] + torch.arange(width)
+    inside = index < m.shape[1]
+    index = index.clamp(max=m.shape[1] - 1)
+    weight = m.gather(1, index) * inside
+    rebuilt = torch.zeros_like(m).scatter_add_(1, index, weight)
+    if not torch.allclose(rebuilt, m, rtol=0, atol=1e-12):  # bilinear bands are contiguous
+        raise AssertionError("resize matrix is not banded")
+    return index, weight.float()
+
+
+def _apply_taps(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(K, n_in, m)`` → ``(K, n_out, m)``: the rows of ``x`` resized by ``_taps`` output."""
+    out = weight[:, 0, None] * x[:, index[:, 0]]
+    for t in range(1, index.shape[1]):
+        out += weight[:, t, None] * x[:, index[:, t]]
+    return out
+
+
 def _as_prompt(p: Prompt | dict) -> Prompt:
     if isinstance(p, Prompt):
         return p
@@ -130,7 +154,9 @@ class SlicePredictor:
             raise ValueError("the EmbeddingCache belongs to another model: pass a cache built for this sam")
         self.cache = cache if cache is not None else EmbeddingCache(sam)
         self.device = sam.pixel_mean.device
-        with torch.inference_mode():
+        # no_grad, not inference_mode: a normal tensor has a version counter, so the OpenVINO
+        # decoder can tell it is passed the same, unchanged positional encoding every time
+        with torch.no_grad():
             self._dense_pe = sam.prompt_encoder.get_dense_pe()
         self._mats: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -229,7 +255,13 @@ class SlicePredictor:
 
     # -- up-scaling -------------------------------------------------------------------------------
     def _matrices(self, original: tuple[int, int], resized: tuple[int, int]):
-        """Row and column resize matrices (H, 256), (W, 256) float32 and their supports (bool)."""
+        """Row and column resizing ``(H, 256)``, ``(W, 256)`` as taps, with their supports.
+
+        Returns ``(rows, cols, row_support, col_support)``: ``rows``/``cols`` are ``(index, weight)``
+        pairs ``(n, T)`` (long, float32) with ``resize[i] = Σ_t weight[i, t] · low[index[i, t]]``
+        (a bilinear up-scaling followed by a bilinear resize touches at most a few neighbouring
+        low-res pixels), and the supports are the ``(n, 256)`` bool patterns of the dense matrices.
+        """
         key = (original, resized)
         m = self._mats.get(key)
         if m is None:
@@ -240,14 +272,14 @@ class SlicePredictor:
                 r2 = _interp_matrix(n_orig, n_res)  # crop -> original size
                 mats.append(r2 @ r1)
             mr, mc = mats
-            m = (mr.float(), mc.float(), mr > 0, mc > 0)
+            m = (_taps(mr), _taps(mc), mr > 0, mc > 0)
             self._mats[key] = m
         return m
 
     def _upscale(self, low: torch.Tensor, original, resized, full: bool):
         """low (K, 256, 256) logits -> masks (K, H, W) bool, stability (K,), logits or None."""
         H, W = original
-        mr, mc, sr, sc = self._matrices(original, resized)
+        (ir, wr), (ic, wc), sr, sc = self._matrices(original, resized)
         K = low.shape[0]
         if full:
             r0, r1, c0, c1 = 0, H, 0, W
@@ -262,9 +294,9 @@ class SlicePredictor:
             cc = torch.nonzero(sc[:, cols_any].any(dim=1)).flatten()
             r0, r1 = int(rr[0]), int(rr[-1]) + 1
             c0, c1 = int(cc[0]), int(cc[-1]) + 1
-        a, b = mr[r0:r1], mc[c0:c1].T
-        # (K, rh, rw) = a @ low @ b; contract the 256-side against the smaller output side first
-        logits = (a @ low) @ b if (r1 - r0) <= (c1 - c0) else a @ (low @ b)
+        # resize the columns (as rows of the transpose), then the rows: (K, rh, rw), contiguous
+        cols = _apply_taps(low.transpose(1, 2), ic[c0:c1], wc[c0:c1])  # (K, rw, 256)
+        logits = _apply_taps(cols.transpose(1, 2), ir[r0:r1], wr[r0:r1])
         masks = np.zeros((K, H, W), bool)
         masks[:, r0:r1, c0:c1] = (logits > 0).numpy()
         hi = (logits > 1.0).flatten(1).sum(1).float()
