@@ -224,7 +224,7 @@ def load_model(
     ``"bf16"``. ``precision="fp32"`` is exact float32 (within 1e-5 of the official model) with
     every backend; ``backend="eager"`` is the unmodified model. ``fast_decoder=False`` keeps
     segment-anything's own torch mask decoder (by default the CPU runs the same function,
-    reassociated, through OpenVINO or torch). Returns a ``Sam`` in eval mode that
+    rearranged to be cheaper, through OpenVINO or torch: see :mod:`napari_mobilesam.backends`). Returns a ``Sam`` in eval mode that
     ``SamPredictor`` can drive; :func:`model_identity` tells what was applied.
     """
     from .backends import apply_backend, choose_device

@@ -6,9 +6,10 @@ encoder frame. Everything returned is in (row, col) order at the slice's own res
 
 Speed for interactive use: the embedding comes from an `EmbeddingCache`; the dense positional
 encoding is computed once; several objects on a slice share one decoder call; the two bilinear
-up-scalings SAM applies to the 256x256 logits (to 1024, crop, to the original size) are done as one
-separable matrix product, and only over the rows/columns where a mask can be positive (found exactly
-from the low-res logits), so full-resolution work scales with the object, not the image.
+up-scalings SAM applies to the 256x256 logits (to 1024, crop, to the original size) are composed into
+one separable resize whose every output pixel reads a few neighbouring low-res pixels (applied as
+weighted gathers, rows then columns), and only over the rows/columns where a mask can be positive
+(found exactly from the low-res logits), so full-resolution work scales with the object, not the image.
 """
 
 from __future__ import annotations
