@@ -165,7 +165,7 @@ def test_panel_refuses_invalid_settings_before_running(make_napari_viewer, qtbot
     torch.save({"fc.weight": torch.zeros(3, 3)}, bad)
     widget._teacher.value = bad
     widget._output.value = tmp_path / "other.pt"
-    worker = widget.run()
+    widget.run()
     qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
     assert "not a SAM image encoder" in widget._status.value
     assert widget.result is None and not (tmp_path / "other.pt").exists()

@@ -30,7 +30,7 @@ def _screen_to_data(viewer, image, shape, rows, cols):
     return data[:, 1], data[:, 2]
 
 
-def test_preview_overlay_covers_the_clicked_nucleus(make_napari_viewer, qtbot, stack, tmp_path):
+def test_preview_overlay_covers_the_clicked_nucleus(make_napari_viewer, qtbot, stack, tmp_path):  # noqa: F811
     viewer = make_napari_viewer(show=True)
     image = viewer.add_image(stack.image, name="nuclei", scale=(3.0, 1.0, 1.0))
     widget = sw.SegmentWidget(viewer)
