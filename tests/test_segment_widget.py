@@ -341,6 +341,35 @@ def test_cancel_stops_propagation_and_writes_nothing(make_napari_viewer, qtbot, 
     assert len(widget.points_layer.data) == 1, "a cancelled propagation keeps the prompts"
 
 
+def test_stop_ends_propagation_and_keeps_the_slices_done(make_napari_viewer, qtbot, stack):
+    viewer, widget, image = _open(make_napari_viewer, stack.image)
+    oracle = _with_oracle(widget, image, stack.labels, delay=0.3)
+    z, r, c, gt_id = _nucleus(stack, 0)
+    _go_to(viewer, image, z)
+    widget.points_layer.add([z, r, c])
+    qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=5000)
+    assert not widget._stop_btn.enabled  # only while a propagation runs
+    task = widget.propagate()
+    assert task is not None and widget._stop_btn.enabled and widget._cancel_btn.enabled
+    qtbot.waitUntil(lambda: oracle.calls >= 3, timeout=10_000)
+    widget._stop_btn.clicked.emit()
+    _wait_idle(qtbot, widget, timeout=10_000)
+    assert not task.cancelled and not widget._stop_btn.enabled
+    result = widget.last_propagation
+    assert result is not None and result.cancelled
+    done = sorted({rec.z for rec in result.records if rec.accepted})
+    target = widget.target_layer(create=False)
+    written = sorted(set(np.nonzero(np.asarray(target.data))[0].tolist()))
+    # what was done is written (the seed slice at least), and the run did not go on to the end
+    assert z in written and written == done
+    full_extent = sorted(set(np.nonzero(stack.labels == gt_id)[0].tolist()))
+    assert len(written) < len(full_extent)
+    assert oracle.calls < 10, "propagation went on after Stop"
+    assert "Stopped propagating" in widget.status and "Stop button" in widget.status
+    target.undo()  # one undo step removes it all
+    assert not np.asarray(target.data).any()
+
+
 def test_propagate_selected_label_of_a_labels_layer(make_napari_viewer, qtbot, stack):
     viewer, widget, image = _open(make_napari_viewer, stack.image)
     _with_oracle(widget, image, stack.labels)

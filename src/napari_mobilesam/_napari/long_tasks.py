@@ -4,7 +4,8 @@
 (kept in its own module to keep both files short). Each operation runs in a worker
 (:func:`~napari_mobilesam._napari.workers.start_task`) with progress in napari's activity dock and
 the widget's Cancel button; one runs at a time; a cancelled run writes nothing; a finished one is
-written into the target Labels layer as one undo step.
+written into the target Labels layer as one undo step. A propagation can also be stopped (the
+widget's Stop button): it ends at once and the slices done so far are written, as one undo step.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ class LongTasksMixin:
     ``_long_task``, the z-range and target controls, and its preview/commit helpers.
     """
 
-    def _start_long(self, fn, description: str, total: int, on_result) -> Task | None:
+    def _start_long(self, fn, description: str, total: int, on_result, *, stoppable: bool = False) -> Task | None:
         if self._long_task is not None and not self._long_task.done:
             self._info("Another MobileSAM task is running: wait for it or press Cancel.")
             return None
 
         def finished():
             self._cancel_btn.enabled = False
+            self._stop_btn.enabled = False
 
         self._cancel_btn.enabled = True
+        self._stop_btn.enabled = stoppable
         self._long_task = start_task(
             fn,
             description=description,
@@ -51,6 +54,14 @@ class LongTasksMixin:
         if self._long_task is not None and not self._long_task.done:
             self._long_task.cancel()
             self._status.value = "Cancelled: nothing was written."
+
+    def stop(self) -> None:
+        """End the running propagation early and write the slices it has done (one undo step)."""
+        task = self._long_task
+        if task is not None and not task.done and self._stop_btn.enabled:
+            task.stop()
+            self._stop_btn.enabled = False
+            self._status.value = "Stopping: the slices done so far will be written…"
 
     def segment_slice_automatically(self) -> Task | None:
         """Find every object of the current slice (worker) and show them in the preview."""
@@ -116,13 +127,13 @@ class LongTasksMixin:
                 stop_points=stops, z_range=z_range, progress=report, cancel=cancelled,
             )
 
-        def done(result):
-            if session is not self._session or result.cancelled:
+        def done(result):  # a finished or stopped run (a cancelled one never gets here)
+            if session is not self._session:
                 return
             self._write_propagation(result, None, f"object from slice {z}", clear_z=z)
 
         n = pl.image_geometry(self._image).n_slices
-        return self._start_long(run, f"MobileSAM: propagating from slice {z}", n, done)
+        return self._start_long(run, f"MobileSAM: propagating from slice {z}", n, done, stoppable=True)
 
     def propagate_selected_label(self) -> Task | None:
         """Extend the target layer's selected label through z from every slice where it appears."""
@@ -144,15 +155,18 @@ class LongTasksMixin:
         def run(report, cancelled):
             return session.propagate_label(volume, label, z_range=z_range, progress=report, cancel=cancelled)
 
-        def done(result):
-            if session is not self._session or result.cancelled:
+        def done(result):  # a finished or stopped run (a cancelled one never gets here)
+            if session is not self._session:
                 return
             self._write_propagation(result, label, f"label {label}", clear_z=None)
 
         n = pl.image_geometry(self._image).n_slices
-        return self._start_long(run, f"MobileSAM: propagating label {label}", n, done)
+        return self._start_long(run, f"MobileSAM: propagating label {label}", n, done, stoppable=True)
 
     def _write_propagation(self, result, label: int | None, what: str, clear_z: int | None) -> None:
+        if result.cancelled and not any(r.accepted for r in result.records):
+            self._status.value = "Stopped before any slice was done: nothing was written."
+            return
         try:
             target = self.target_layer(create=True) if label is None else self._target_combo.value
             ids = pl.write_volume_labels(
@@ -168,7 +182,8 @@ class LongTasksMixin:
         zs = sorted({r.z for r in result.records if r.accepted})
         span = f"z={zs[0]}–{zs[-1]}" if zs else "no slice"
         name = f"id {ids[0]}" if ids else "nothing new"
+        how = "Stopped propagating" if result.cancelled else "Propagated"
         self._status.value = (
-            f"Propagated {what} ({name}) over {span} into {target.name!r}; one undo step.\n"
+            f"{how} {what} ({name}) over {span} into {target.name!r}; one undo step.\n"
             + describe_stops(result)
         )

@@ -11,7 +11,8 @@ Workflow (see ``docs/usage.md``):
 4. ``C`` / Commit writes the object into the target Labels layer under the next free id (one
    undo step); ``Shift-C`` / Clear drops the prompts of the slice;
 5. ``Shift-S`` / Propagate follows the object through the stack in a worker (progress and cancel
-   in the activity dock and in the widget) and writes the result as one undo step.
+   in the activity dock and in the widget; Stop ends it early and keeps the slices done) and
+   writes the result as one undo step.
 
 The engine is reached only through :class:`~napari_mobilesam._napari.session.Session`; the layers
 are made and read by :mod:`.prompt_layers`; propagation and automatic segmentation live in
@@ -125,7 +126,12 @@ class SegmentWidget(LongTasksMixin, Container):
         self._propagate_btn = PushButton(text="Propagate object [Shift-S]")
         self._propagate_label_btn = PushButton(text="Propagate selected label of target layer")
         self._auto_btn = PushButton(text="Segment this slice automatically")
+        self._stop_btn = PushButton(text="Stop, keep slices done", enabled=False)
+        self._stop_btn.tooltip = (
+            "End the propagation now and write the slices done so far (one undo step)"
+        )
         self._cancel_btn = PushButton(text="Cancel", enabled=False)
+        self._cancel_btn.tooltip = "End the running task and write nothing"
         self._status = Label(value="")
         self.extend(
             [
@@ -144,7 +150,7 @@ class SegmentWidget(LongTasksMixin, Container):
                 self._propagate_btn,
                 self._propagate_label_btn,
                 self._auto_btn,
-                self._cancel_btn,
+                Container(widgets=[self._stop_btn, self._cancel_btn], layout="horizontal", labels=False),
                 self._status,
             ]
         )
@@ -178,6 +184,7 @@ class SegmentWidget(LongTasksMixin, Container):
         self._propagate_label_btn.changed.connect(lambda: self.propagate_selected_label())
         self._auto_btn.changed.connect(lambda: self.segment_slice_automatically())
         self._cancel_btn.changed.connect(lambda: self.cancel())
+        self._stop_btn.changed.connect(lambda: self.stop())
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
         viewer.dims.events.current_step.connect(self._on_dims_changed)

@@ -39,7 +39,7 @@ STOP_REASONS = {
     "stack_end": "end of the stack",
     "negative_prompt": "a slice marked with negative points only",
     "met": "met another part of the same object",
-    "cancelled": "cancelled",
+    "cancelled": "stopped on request (Stop button)",
     "empty_seed": "the seed prompts gave an empty mask",
 }
 

@@ -39,6 +39,7 @@ class Task:
         self.pbar = pbar
         self.description = description
         self.done = False
+        self.stop_requested = False
         worker.finished.connect(self._on_finished)
 
     def _on_finished(self) -> None:
@@ -51,6 +52,11 @@ class Task:
     def cancel(self) -> None:
         """Ask the job to stop; its result (if any) is dropped and ``on_result`` is not called."""
         self.worker.quit()
+
+    def stop(self) -> None:
+        """Ask the job to end early but keep what it has: ``cancelled()`` turns True in the job,
+        which returns its partial result, and ``on_result`` is called with it."""
+        self.stop_requested = True
 
 
 def start_task(
@@ -69,8 +75,8 @@ def start_task(
     fn
         Called in the worker thread with ``report(done, total)`` (sets the progress bar; safe to
         call from any thread; ``total`` may change between calls) and ``cancelled()`` (True once
-        cancel was asked: long loops should check it and return early). Its return value goes to
-        ``on_result``.
+        cancel or stop was asked: long loops should check it and return early). Its return value
+        goes to ``on_result`` (after a stop too, not after a cancel).
     description
         Label of the progress bar in the activity dock.
     total
@@ -94,13 +100,14 @@ def start_task(
     holder: dict[str, Any] = {}
 
     def run():
-        worker = holder["worker"]
-        return fn(relay.progressed.emit, lambda: bool(worker.abort_requested))
+        worker, task = holder["worker"], holder["task"]
+        return fn(relay.progressed.emit, lambda: bool(worker.abort_requested) or task.stop_requested)
 
     run.__name__ = run.__qualname__ = description
     worker = create_worker(run, _start_thread=False, _ignore_errors=on_error is not None)
     holder["worker"] = worker
     task = Task(worker, relay, pbar, description)
+    holder["task"] = task
     if on_result is not None:
         worker.returned.connect(on_result)
     if on_error is not None:
