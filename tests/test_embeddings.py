@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -95,6 +98,36 @@ def test_disk_cache_round_trip_and_corruption(engine_sam_test, stack, tmp_path):
     other = SliceSource(stack.data, normalize="slice")
     c3.get(other, 4)
     assert c3.stats.computed == 2 and len(list(tmp_path.rglob("*.npy"))) == 2
+
+
+def test_disk_cache_is_bounded_least_recently_used_first(engine_sam_test, stack, tmp_path):
+    entry = 256 * 64 * 64 * 2 + 128  # one float16 entry and its .npy header
+    cache = EmbeddingCache(engine_sam_test, max_bytes=0, disk_dir=tmp_path, max_disk_bytes=int(3.5 * entry))
+
+    def on_disk():
+        return sorted(p.stat().st_mtime_ns for p in tmp_path.glob("*/*/*.npy"))
+
+    for z in range(3):
+        cache.get(stack, z)
+    assert len(on_disk()) == 3 and cache.stats.disk_evictions == 0
+    # slice 0 is read again (from disk: memory keeps nothing) and so becomes the most recent
+    old = time.time() - 100
+    for i, p in enumerate(sorted(tmp_path.glob("*/*/*.npy"))):
+        os.utime(p, (old + i, old + i))
+    cache.get(stack, 0)
+    assert cache.stats.disk_hits == 1
+    cache.get(stack, 3)  # a 4th entry goes over the budget: evict down to 90% of it
+    assert cache.stats.disk_evictions >= 1
+    left = len(on_disk())
+    assert left <= 3 and sum(p.stat().st_size for p in tmp_path.glob("*/*/*.npy")) <= int(3.5 * entry)
+    assert cache.is_cached(stack, 0) and cache.is_cached(stack, 3)  # used last: kept
+    # a second cache on the same folder (another session) counts what is already there
+    other = EmbeddingCache(engine_sam_test, max_bytes=0, disk_dir=tmp_path, max_disk_bytes=int(3.5 * entry))
+    other.get(stack, 4)
+    assert sum(p.stat().st_size for p in tmp_path.glob("*/*/*.npy")) <= int(3.5 * entry)
+    assert other.is_cached(stack, 4)
+    with pytest.raises(ValueError, match="max_disk_bytes"):
+        EmbeddingCache(engine_sam_test, disk_dir=tmp_path, max_disk_bytes=-1)
 
 
 def test_crash_mid_write_leaves_no_entry(engine_sam_test, stack, tmp_path, monkeypatch):

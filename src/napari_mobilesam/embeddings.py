@@ -8,7 +8,9 @@ two runs is computed once.
 - Memory: an LRU bounded by a byte budget; entries are stored as float16 by default (2 MiB a slice).
 - Disk (``disk_dir``): one ``.npy`` file per entry under a folder per model identity, written to a
   temporary file and renamed into place, so a crash mid-write never leaves an entry that loads wrong.
-  An unreadable or malformed entry is recomputed and replaced.
+  An unreadable or malformed entry is recomputed and replaced. The folder is bounded too
+  (``max_disk_bytes``, default 4 GiB, all models together): when a new entry takes it over the
+  budget, the least recently used entries are deleted (reading an entry marks it used).
 - `precompute` runs a range of slices with progress and cancellation callbacks; `prefetch` computes
   slices in one background thread (e.g. the neighbours of the slice being annotated).
 
@@ -38,6 +40,7 @@ __all__ = ["Embedding", "EmbeddingCache", "CacheStats", "compute_embedding", "mo
 
 EMBED_SHAPE = (256, 64, 64)
 DEFAULT_MAX_BYTES = 512 * 2**20
+DEFAULT_MAX_DISK_BYTES = 4 * 2**30
 
 _identity_cache: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
@@ -77,6 +80,7 @@ class CacheStats:
     disk_hits: int = 0
     computed: int = 0
     evictions: int = 0
+    disk_evictions: int = 0
     entries: int = 0
     bytes: int = 0
 
@@ -170,6 +174,9 @@ class EmbeddingCache:
         in memory (disk only).
     disk_dir : path, optional
         Folder for the on-disk cache; created if needed. ``None``: memory only.
+    max_disk_bytes : int or None
+        Budget of ``disk_dir`` (default 4 GiB = 2048 slices in float16), shared by every model and
+        process using the folder; ``None``: unbounded. Least recently used entries go first.
     dtype : torch.dtype
         Storage dtype in memory and on disk: ``torch.float16`` (default) or ``torch.float32``.
         `get` always returns float32.
@@ -182,15 +189,20 @@ class EmbeddingCache:
         max_bytes: int = DEFAULT_MAX_BYTES,
         disk_dir: str | os.PathLike | None = None,
         dtype: torch.dtype = torch.float16,
+        max_disk_bytes: int | None = DEFAULT_MAX_DISK_BYTES,
     ) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        if max_disk_bytes is not None and max_disk_bytes < 0:
+            raise ValueError(f"max_disk_bytes must be >= 0 or None, got {max_disk_bytes}")
         if dtype not in (torch.float16, torch.float32):
             raise ValueError(f"dtype must be torch.float16 or torch.float32, got {dtype}")
         self.sam = sam
         self.max_bytes = int(max_bytes)
         self.dtype = dtype
         self.disk_dir = None if disk_dir is None else Path(disk_dir)
+        self.max_disk_bytes = None if max_disk_bytes is None else int(max_disk_bytes)
+        self._disk_estimate: int | None = None  # bytes in disk_dir, as last scanned + written since
         self._model_dir: Path | None = None
         self.identity = ""
         self._set_identity(model_identity_of(sam))
@@ -225,9 +237,11 @@ class EmbeddingCache:
     # -- bookkeeping ------------------------------------------------------------------------------
     @property
     def stats(self) -> CacheStats:
-        """A snapshot of the counters (hits, disk_hits, computed, evictions, entries, bytes)."""
+        """A snapshot of the counters (hits, disk_hits, computed, evictions, disk_evictions, entries,
+        bytes)."""
+        counters = ("hits", "disk_hits", "computed", "evictions", "disk_evictions")
         with self._lock:
-            s = CacheStats(**{k: getattr(self._stats, k) for k in ("hits", "disk_hits", "computed", "evictions")})
+            s = CacheStats(**{k: getattr(self._stats, k) for k in counters})
             s.entries = len(self._mem)
             s.bytes = self._bytes
             return s
@@ -284,6 +298,10 @@ class EmbeddingCache:
             return None  # unreadable: recomputed and replaced by the caller
         if arr.shape != (1, *EMBED_SHAPE) or arr.dtype != want or not np.isfinite(arr).all():
             return None
+        try:
+            os.utime(path)  # recently used: the disk budget evicts by modification time
+        except OSError:
+            pass  # a read-only cache still serves
         return torch.from_numpy(arr)
 
     def _save_disk(self, key: str, feats: torch.Tensor) -> None:
@@ -304,6 +322,54 @@ class EmbeddingCache:
             except OSError:
                 pass
             raise
+        self._after_disk_write(path)
+
+    def _disk_entries(self) -> list[tuple[float, int, Path]]:
+        """(mtime, size, path) of every entry under ``disk_dir`` (all models)."""
+        out = []
+        for path in self.disk_dir.glob("*/*/*.npy"):
+            try:
+                st = path.stat()
+            except OSError:  # removed meanwhile (another process)
+                continue
+            out.append((st.st_mtime, st.st_size, path))
+        return out
+
+    def _after_disk_write(self, written: Path) -> None:
+        """Keep ``disk_dir`` within ``max_disk_bytes``: delete least recently used entries.
+
+        The folder is scanned when this process first writes and whenever its running estimate
+        goes over the budget; eviction goes down to 90% of the budget so that it does not run
+        again at every write. The entry just written is kept.
+        """
+        if self.max_disk_bytes is None:
+            return
+        with self._lock:
+            try:
+                size = written.stat().st_size
+            except OSError:
+                size = 0
+            if self._disk_estimate is None:
+                self._disk_estimate = sum(e[1] for e in self._disk_entries())
+            else:
+                self._disk_estimate += size
+            if self._disk_estimate <= self.max_disk_bytes:
+                return
+            entries = sorted(self._disk_entries(), key=lambda e: e[0])
+            total = sum(e[1] for e in entries)
+            goal = int(0.9 * self.max_disk_bytes)
+            for _mtime, nbytes, path in entries:
+                if total <= goal:
+                    break
+                if path == written:
+                    continue
+                try:
+                    path.unlink()
+                except OSError:
+                    continue
+                total -= nbytes
+                self._stats.disk_evictions += 1
+            self._disk_estimate = total
 
     # -- public API -------------------------------------------------------------------------------
     def get(self, source: SliceSource, z: int) -> Embedding:
