@@ -297,6 +297,44 @@ def test_propagate_key_writes_one_undo_step_and_reports_stops(make_napari_viewer
     assert not target.data.any(), "the whole propagation is one undo step"
 
 
+def test_propagate_seeds_from_every_prompted_slice(make_napari_viewer, qtbot, stack):
+    """Prompts of the object on other slices are seeds too; the gap between seeds is filled."""
+    viewer, widget, image = _open(make_napari_viewer, stack.image)
+    _with_oracle(widget, image, stack.labels)
+    z, r, c, gt_id = _nucleus(stack, 0)
+    obj = stack.labels == gt_id
+    zs = np.flatnonzero(obj.any(axis=(1, 2)))
+    lo, hi = int(zs.min()), int(zs.max())
+    assert hi - lo >= 4, "the test object spans several slices"
+
+    def centre(zz):
+        rr, cc = np.nonzero(obj[zz])
+        return [zz, float(np.median(rr)), float(np.median(cc))]
+
+    widget.points_layer.add(centre(lo + 1))  # a seed near the bottom, left uncommitted
+    widget.points_layer.add([hi, 0, 0])  # a positive point off the object, above it: a 3rd seed
+    widget.points_layer.feature_defaults["positive"] = False
+    widget.points_layer.add([lo, 0, 0])  # a wall: negative points only
+    widget.points_layer.feature_defaults["positive"] = True
+    _go_to(viewer, image, hi - 1)
+    widget.points_layer.add(centre(hi - 1))
+    qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=5000)
+    widget.propagate()
+    _wait_idle(qtbot, widget)
+    result = widget.last_propagation
+    seeds = sorted(rec.z for rec in result.records if rec.direction == 0)
+    assert seeds == [lo + 1, hi - 1, hi], seeds
+    target = widget.target_layer(create=False)
+    written = np.asarray(target.data) > 0
+    for zz in range(lo + 1, hi):  # from seed to seed, both ends filled
+        np.testing.assert_array_equal(written[zz], obj[zz], err_msg=f"z={zz}")
+    assert not written[lo].any(), "the negative-only slice is a wall"
+    assert f"slices {lo + 1}, {hi - 1}, {hi}" in widget.status
+    # the seeds' prompts are used up; the wall stays
+    left = np.round(np.asarray(widget.points_layer.data)[:, 0]).astype(int).tolist()
+    assert left == [lo]
+
+
 def test_propagate_limited_to_z_range_and_negative_slice(make_napari_viewer, qtbot, stack):
     viewer, widget, image = _open(make_napari_viewer, stack.image)
     _with_oracle(widget, image, stack.labels)

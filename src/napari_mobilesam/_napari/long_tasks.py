@@ -103,7 +103,12 @@ class LongTasksMixin:
         return lo, hi + 1
 
     def propagate(self) -> Task | None:
-        """Follow the current slice's object through the stack (worker; one undo step at the end)."""
+        """Follow the current object through the stack (worker; one undo step at the end).
+
+        The current slice's prompts seed it, and so do the prompts on every other slice that holds
+        a positive point or a box (all prompts in the layers describe the object being made);
+        slices with negative points only are walls it does not cross.
+        """
         if not self._ready_for_engine():
             return None
         if not pl.image_geometry(self._image).is_stack:
@@ -119,21 +124,30 @@ class LongTasksMixin:
             self._warn(f"Slice {z} lies outside the z-range {z_range[0]}–{z_range[1] - 1}: widen it.")
             return None
         stops = pl.negative_only_slices(self._image, self._points, self._boxes)
+        more = {}
+        for zs in pl.seed_slices(self._image, self._points, self._boxes):
+            if zs == z or (z_range is not None and not z_range[0] <= zs < z_range[1]):
+                continue
+            sp = pl.slice_prompts(self._image, zs, self._points, self._boxes)
+            more[zs] = (sp.points, sp.labels, sp.box)
+        seeds = sorted([z, *more])
         session = self._session
 
         def run(report, cancelled):
             return session.propagate_prompts(
-                z, prompts.points, prompts.labels, prompts.box,
+                z, prompts.points, prompts.labels, prompts.box, more_seeds=more,
                 stop_points=stops, z_range=z_range, progress=report, cancel=cancelled,
             )
 
         def done(result):  # a finished or stopped run (a cancelled one never gets here)
             if session is not self._session:
                 return
-            self._write_propagation(result, None, f"object from slice {z}", clear_z=z)
+            where = f"slice {z}" if len(seeds) == 1 else "slices " + ", ".join(map(str, seeds))
+            self._write_propagation(result, None, f"object from {where}", clear_z=seeds)
 
         n = pl.image_geometry(self._image).n_slices
-        return self._start_long(run, f"MobileSAM: propagating from slice {z}", n, done, stoppable=True)
+        what = f"slice {z}" if len(seeds) == 1 else f"{len(seeds)} slices"
+        return self._start_long(run, f"MobileSAM: propagating from {what}", n, done, stoppable=True)
 
     def propagate_selected_label(self) -> Task | None:
         """Extend the target layer's selected label through z from every slice where it appears."""
@@ -163,7 +177,7 @@ class LongTasksMixin:
         n = pl.image_geometry(self._image).n_slices
         return self._start_long(run, f"MobileSAM: propagating label {label}", n, done, stoppable=True)
 
-    def _write_propagation(self, result, label: int | None, what: str, clear_z: int | None) -> None:
+    def _write_propagation(self, result, label: int | None, what: str, clear_z: list[int] | None) -> None:
         if result.cancelled and not any(r.accepted for r in result.records):
             self._status.value = "Stopped before any slice was done: nothing was written."
             return
@@ -175,8 +189,9 @@ class LongTasksMixin:
         except Exception as exc:  # noqa: BLE001
             self._report(exc, f"writing the propagated {what}")
             return
-        if clear_z is not None:
-            self._remove_prompts(clear_z)
+        if clear_z is not None:  # the seeds' prompts are used up (walls stay)
+            for zs in clear_z:
+                self._remove_prompts(zs)
             self._clear_preview_state()
         self.last_propagation = result
         zs = sorted({r.z for r in result.records if r.accepted})

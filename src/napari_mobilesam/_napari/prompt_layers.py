@@ -35,6 +35,7 @@ __all__ = [
     "slice_prompts",
     "SlicePrompts",
     "negative_only_slices",
+    "seed_slices",
     "remove_slice_prompts",
     "next_free_label",
     "write_slice_labels",
@@ -311,6 +312,20 @@ def negative_only_slices(image, points=None, boxes=None) -> dict[int, np.ndarray
         if not positive[here].any() and int(z) not in boxed:
             out[int(z)] = coords[here][:, -2:]
     return out
+
+
+def seed_slices(image, points=None, boxes=None) -> list[int]:
+    """Slices of a stack holding a positive point or a box, sorted (``[]`` for a 2D image)."""
+    if not image_geometry(image).is_stack:
+        return []
+    zs: set[int] = set()
+    if points is not None and len(points.data):
+        positive = np.asarray(points.features["positive"], dtype=bool)
+        zs.update(_prompt_slices(points, image)[positive].tolist())
+    if boxes is not None and len(boxes.data):
+        rect = np.array([kind == "rectangle" for kind in boxes.shape_type], bool)
+        zs.update(_prompt_slices(boxes, image)[rect].tolist())
+    return sorted(int(z) for z in zs)
 
 
 def _prompt_slices(layer, image) -> np.ndarray:

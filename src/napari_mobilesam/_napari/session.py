@@ -255,6 +255,7 @@ class Session:
         labels,
         box=None,
         *,
+        more_seeds=None,
         stop_points=None,
         z_range=None,
         progress=None,
@@ -262,23 +263,28 @@ class Session:
     ):
         """Follow the object prompted on slice ``z`` through the stack (slow: call it in a worker).
 
-        ``points``/``labels``/``box`` as in :meth:`predict`; ``stop_points``: ``{z: (N, 2) points}``,
-        negative-only points marking slices the object must not reach; ``z_range``: (start, stop)
-        like ``range``. Returns the engine's ``PropagationResult``; its ``labels`` volume
-        ``(Z, H, W)`` holds the object as label 1.
+        ``points``/``labels``/``box`` as in :meth:`predict`; ``more_seeds``: ``{z: (points, labels,
+        box)}``, prompts of the same object on other slices (each one a seed too: the gaps between
+        seeds are filled from both ends); ``stop_points``: ``{z: (N, 2) points}``, negative-only
+        points marking slices the object must not reach; ``z_range``: (start, stop) like ``range``.
+        Returns the engine's ``PropagationResult``; its ``labels`` volume ``(Z, H, W)`` holds the
+        object as label 1.
         """
         from ..predictor import Prompt
         from ..propagate import ObjectPrompts, propagate
 
-        points = None if points is None or len(points) == 0 else np.asarray(points, float)
-        n_prompts = (0 if points is None else len(points)) + (box is not None)
-        seed = Prompt(
-            points=points,
-            labels=None if points is None else np.asarray(labels, int),
-            box=box,
-            multimask=n_prompts == 1,
-        )
-        prompts = {int(z): seed}
+        def seed(points, labels, box):
+            points = None if points is None or len(points) == 0 else np.asarray(points, float)
+            n_prompts = (0 if points is None else len(points)) + (box is not None)
+            return Prompt(
+                points=points,
+                labels=None if points is None else np.asarray(labels, int),
+                box=box,
+                multimask=n_prompts == 1,
+            )
+
+        prompts = {int(zs): seed(*more) for zs, more in (more_seeds or {}).items()}
+        prompts[int(z)] = seed(points, labels, box)
         for zs, pts in (stop_points or {}).items():
             if int(zs) != int(z) and len(pts):
                 pts = np.asarray(pts, float).reshape(-1, 2)
