@@ -68,6 +68,24 @@ def test_prompts_on_two_workers_equal_one_process(client, stack):
     assert set(np.unique(spread)) <= {0, 1, 2, 3}
 
 
+def test_propagation_with_embeddings_from_two_workers_equals_one_process(client, stack, monkeypatch):
+    from napari_mobilesam import embeddings
+    from napari_mobilesam.batch import propagate_stack
+
+    prompts = prompts_from_arrays([[4, 40, 40], [4, 70, 70]], object_ids=[1, 2])
+    options = dict(min_score=0.0, min_overlap=0.0, area_ratio=(0.0, 100.0))
+    single = propagate_stack(stack, prompts, z_range=(1, 8), **options, **MODEL)
+    assert (single[1:8] > 0).any(axis=(1, 2)).sum() > 1, "followed over several slices"
+
+    def no_local_encoder(*args, **kwargs):
+        raise AssertionError("with a client, this process must not run the encoder")
+
+    monkeypatch.setattr(embeddings, "compute_embedding", no_local_encoder)
+    spread = propagate_stack(stack, prompts, z_range=(1, 8), client=client, **options, **MODEL)
+    assert np.array_equal(spread, single)
+    assert all(n == 1 for n in _loads(client).values())  # each worker loaded the model once
+
+
 def test_cluster_needs_a_loadable_model_spec(client, stack, engine_sam_test):
     with pytest.raises(batch.BatchError, match="by name"):
         segment_stack_auto(stack, model=engine_sam_test, client=client)
@@ -86,3 +104,19 @@ def test_cli_dask_workers_flag(tmp_path, stack):
     assert cli.main(["auto", str(path), "-o", str(tmp_path / "one.tif"), *opts]) == 0
     assert cli.main(["auto", str(path), "-o", str(tmp_path / "two.tif"), "--dask-workers", "2", *opts]) == 0
     assert np.array_equal(tifffile.imread(tmp_path / "two.tif"), tifffile.imread(tmp_path / "one.tif"))
+
+
+def test_cli_propagate_with_dask_workers(tmp_path, stack):
+    """`segment --propagate --dask-workers 2`: the workers embed, the labels are the same."""
+    from napari_mobilesam import cli
+
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack)
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("z,row,col,label,object_id\n4,40,40,1,1\n")
+    opts = ["--prompts", str(csv), "--propagate", "--model", "vit_t_test", "--backend", "eager",
+            "--no-progress"]
+    assert cli.main(["segment", str(path), "-o", str(tmp_path / "one.tif"), *opts]) == 0
+    assert cli.main(["segment", str(path), "-o", str(tmp_path / "two.tif"), "--dask-workers", "2", *opts]) == 0
+    one = tifffile.imread(tmp_path / "one.tif")
+    assert one[4].any() and np.array_equal(tifffile.imread(tmp_path / "two.tif"), one)

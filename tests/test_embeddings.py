@@ -205,3 +205,21 @@ def test_predictor_prefetches_neighbours(engine_sam_test, stack):
         assert [pred.cache.is_cached(stack, z) for z in range(6)] == [False, True, True, False, False, False]
     finally:
         pred.cache.close()
+
+
+def test_put_stores_an_embedding_computed_elsewhere(engine_sam_test, stack, tmp_path):
+    src = EmbeddingCache(engine_sam_test, dtype=torch.float32)
+    feats = src.get(stack, 3).features
+    cache = EmbeddingCache(engine_sam_test, disk_dir=tmp_path)
+    cache.put(stack, 3, feats.numpy()[0])  # (256, 64, 64) is accepted too
+    assert cache.is_cached(stack, 3) and cache.stats.computed == 0
+    got = cache.get(stack, 3)
+    assert got.original_size == (48, 40) and got.input_size == input_size_for((48, 40))
+    assert torch.allclose(got.features, feats, atol=1e-2)  # float16 storage
+    cache.clear_memory()
+    assert torch.equal(cache.get(stack, 3).features, got.features)  # from disk
+    assert cache.stats.computed == 0
+    with pytest.raises(ValueError, match="shape"):
+        cache.put(stack, 3, np.zeros((1, 256, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        cache.put(stack, 3, np.full((1, 256, 64, 64), np.nan, np.float32))

@@ -316,12 +316,12 @@ def segment_stack(
     return _finish(output.result(), viewer, name, image, metadata)
 
 
-def _make_predictor(model, checkpoint, device, backend, precision, source, cache_bytes):
+def _make_predictor(model, checkpoint, device, backend, precision, source, cache_bytes, disk_dir=None):
     from .embeddings import EmbeddingCache
     from .predictor import SlicePredictor
 
     sam, _ = _resolve_model(model, checkpoint, device, backend, precision)
-    cache = EmbeddingCache(sam, max_bytes=int(cache_bytes))
+    cache = EmbeddingCache(sam, max_bytes=int(cache_bytes), disk_dir=disk_dir, max_disk_bytes=None)
     return SlicePredictor(sam, source, cache)
 
 
@@ -348,18 +348,27 @@ def propagate_stack(
     progress: Any = None,
     viewer: Any = None,
     name: str = "mobilesam labels",
+    client: Any = None,
     **propagate_options: Any,
 ):
     """Segment prompted objects and follow each one through z (see ``propagate.propagate``).
 
     Parameters are those of :func:`segment_stack`; ``z_range`` limits how far objects are
     followed, and further keyword arguments go to ``propagate.propagate`` (stop rules).
-    Propagation is sequential through z, so there is no ``client`` option.
+
+    Following an object is sequential through z, but most of its cost is the image encoder. With
+    ``client`` (a ``dask.distributed.Client``) the embeddings of every slice in ``z_range`` are
+    computed on the cluster's workers first (in parallel; each worker loads the model once) and
+    kept in a temporary on-disk cache (2 MiB a slice, removed at the end); then this process
+    follows the objects, running only the prompt decoder.
 
     Returns
     -------
     (Z, H, W) int32 labels with the prompts' object ids, or the output Path when ``out`` is given.
     """
+    import contextlib
+    import tempfile
+
     from .propagate import propagate
 
     prm = _as_prompts(prompts)
@@ -369,9 +378,60 @@ def propagate_stack(
     zr = parse_z_range(z_range, shape[0])
     if out is not None:
         check_output_path(out, overwrite)
-    predictor = _make_predictor(model, checkpoint, device, backend, precision, source, cache_bytes)
     objects = _objects_for_propagate(prm, zr)
-    kwargs = dict(propagate_options)
+    spec = None if client is None else _spec_for_client(model, checkpoint, device, backend, precision)
+    if progress not in (None, False, True) and not callable(progress):
+        raise TypeError("progress must be None, True (a progress bar) or a callable(done, total)")
+    folder = (
+        contextlib.nullcontext(None) if client is None
+        else tempfile.TemporaryDirectory(prefix="napari-mobilesam-embeddings-")
+    )
+    with folder as tmp:
+        predictor = _make_predictor(
+            model, checkpoint, device, backend, precision, source, cache_bytes, disk_dir=tmp
+        )
+        if client is not None:
+            _embed_on_cluster(client, spec, predictor, zr, progress)
+        labels = _run_propagation(predictor, objects, zr, progress, propagate_options, propagate)
+    if out is None:
+        return _finish(labels.astype(LABELS_DTYPE, copy=False), viewer, name, image, metadata)
+    with _Output(shape, out, overwrite, metadata, out_dtype) as output:
+        for z in range(shape[0]):
+            output.put(z, labels[z])
+    return _finish(output.result(), viewer, name, image, metadata)
+
+
+def _worker_embed(z: int, rgb: np.ndarray, _unused, spec: ModelSpec, _params):
+    import torch
+
+    from .embeddings import compute_embedding
+
+    emb = compute_embedding(_worker_model(spec), np.asarray(rgb))
+    return z, emb.features.detach().to("cpu", torch.float16).numpy()
+
+
+def _embed_on_cluster(client, spec: ModelSpec, predictor, zr: range, progress) -> None:
+    """Fill ``predictor.cache`` with the embeddings of slices ``zr``, computed on the workers."""
+    source, cache = predictor.source, predictor.cache
+    todo = [z for z in zr if not cache.is_cached(source, z)]
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="embed (cluster)", unit="slice")
+    try:
+        jobs = ((z, source.rgb(z), None) for z in todo)
+        for z, feats in _map_on_cluster(client, _worker_embed, spec, None, jobs):
+            cache.put(source, z, feats)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _run_propagation(predictor, objects, zr: range, progress, options: dict, propagate) -> np.ndarray:
+    kwargs = dict(options)
     bar = None
     if progress is True:
         from tqdm.auto import tqdm
@@ -386,20 +446,12 @@ def propagate_stack(
         kwargs.setdefault("progress", _bar)
     elif callable(progress):
         kwargs.setdefault("progress", progress)
-    elif progress not in (None, False):
-        raise TypeError("progress must be None, True (a progress bar) or a callable(done, total)")
     try:
         result = propagate(predictor, objects, z_range=(zr.start, zr.stop), **kwargs)
     finally:
         if bar is not None:
             bar.close()
-    labels = np.asarray(result.labels)
-    if out is None:
-        return _finish(labels.astype(LABELS_DTYPE, copy=False), viewer, name, image, metadata)
-    with _Output(shape, out, overwrite, metadata, out_dtype) as output:
-        for z in range(shape[0]):
-            output.put(z, labels[z])
-    return _finish(output.result(), viewer, name, image, metadata)
+    return np.asarray(result.labels)
 
 
 def _objects_for_propagate(prm: Prompts, zr: range) -> dict[int, dict[int, dict]]:

@@ -10,7 +10,8 @@ Common options: ``--model``, ``--checkpoint``, ``--device``, ``--backend``, ``--
 ``--overwrite``, ``--no-progress``. Input stacks are read lazily (one TIFF page at a time) and the
 labels are streamed into a compressed TIFF that keeps the input's resolution metadata, so stacks
 larger than memory work. ``--dask-workers N`` runs slices on a local dask cluster of N worker
-processes, ``--scheduler ADDRESS`` on an existing dask.distributed cluster.
+processes, ``--scheduler ADDRESS`` on an existing dask.distributed cluster (with ``--propagate``
+the workers compute the slices' embeddings and this process follows the objects).
 
 Exit codes (:data:`EXIT_CODES`): 0 done, 1 unexpected error, 2 usage error, 3 bad input (image,
 prompts file, shapes), 4 output exists or cannot be written, 5 model or weights problem,
@@ -225,7 +226,7 @@ def _jobs(args) -> list[tuple[Path, Path, Path | None]]:
 
 def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any, client) -> None:
     from . import batch
-    from .batch import BatchError, open_stack
+    from .batch import open_stack
 
     data, meta = open_stack(stack, lazy=not args.eager_read)
     common = dict(
@@ -236,10 +237,8 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
     )
     if args.command == "segment":
         prompts = batch.read_prompts_csv(prompts_path)
-        if args.propagate:
-            if client is not None:
-                raise BatchError("--propagate runs slice after slice: drop --dask-workers/--scheduler")
-            batch.propagate_stack(data, prompts, **common)
+        if args.propagate:  # with a cluster, the workers compute the embeddings
+            batch.propagate_stack(data, prompts, client=client, **common)
         else:
             batch.segment_stack(data, prompts, client=client, **common)
     else:

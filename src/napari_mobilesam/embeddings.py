@@ -447,6 +447,32 @@ class EmbeddingCache:
         self._put_mem(key, feats, input_size, original_size)
         return feats, input_size, original_size
 
+    def put(self, source: SliceSource, z: int, features: Any) -> None:
+        """Store an embedding computed elsewhere (e.g. on a dask worker) as slice ``z``'s.
+
+        ``features``: ``(1, 256, 64, 64)`` (or ``(256, 64, 64)``) array or tensor from this model's
+        encoder for ``source.rgb(z)``. Kept in memory (within the budget) and on disk when the
+        cache has a ``disk_dir``; replaces what was stored for that slice.
+        """
+        feats = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features)
+        if tuple(feats.shape) == EMBED_SHAPE:
+            feats = feats[None]
+        if tuple(feats.shape) != (1, *EMBED_SHAPE):
+            raise ValueError(f"expected features of shape (1, 256, 64, 64), got {tuple(feats.shape)}")
+        if not torch.isfinite(feats).all():
+            raise ValueError("the features contain NaN or infinite values")
+        self._check_identity()
+        feats = feats.detach().to("cpu", self.dtype).contiguous()
+        original_size = source.slice_shape
+        input_size = input_size_for(original_size, _encoder_size(self.sam))
+        key = self.key(source, z)
+        with self._lock:
+            old = self._mem.pop(key, None)
+            if old is not None:
+                self._bytes -= old[0].numel() * old[0].element_size()
+        self._save_disk(key, feats)
+        self._put_mem(key, feats, input_size, original_size)
+
     def is_cached(self, source: SliceSource, z: int) -> bool:
         """Whether slice ``z`` is in memory or on disk (no computation)."""
         key = self.key(source, z)
