@@ -359,18 +359,27 @@ def test_propagate_limited_to_z_range_and_negative_slice(make_napari_viewer, qtb
     assert "z-range" in widget.status and "negative points" in widget.status
 
 
-def test_cancel_stops_propagation_and_writes_nothing(make_napari_viewer, qtbot, stack):
+def _slow_propagation_ended_by(button_name, make_napari_viewer, qtbot, stack):
+    """Start a propagation with a slow oracle (0.3 s a slice), press the widget's button named
+    ``button_name`` after 3 decoder calls, wait until idle. Returns (widget, task, oracle, z, id)."""
     viewer, widget, image = _open(make_napari_viewer, stack.image)
     oracle = _with_oracle(widget, image, stack.labels, delay=0.3)
     z, r, c, gt_id = _nucleus(stack, 0)
     _go_to(viewer, image, z)
     widget.points_layer.add([z, r, c])
     qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=5000)
+    assert not widget._stop_btn.enabled and not widget._cancel_btn.enabled  # only while running
     task = widget.propagate()
-    assert task is not None and widget._cancel_btn.enabled
+    assert task is not None and widget._stop_btn.enabled and widget._cancel_btn.enabled
     qtbot.waitUntil(lambda: oracle.calls >= 3, timeout=10_000)
-    widget._cancel_btn.clicked.emit()
+    getattr(widget, button_name).clicked.emit()
     _wait_idle(qtbot, widget, timeout=10_000)
+    assert not widget._stop_btn.enabled and not widget._cancel_btn.enabled
+    return widget, task, oracle, z, gt_id
+
+
+def test_cancel_stops_propagation_and_writes_nothing(make_napari_viewer, qtbot, stack):
+    widget, task, oracle, _z, _id = _slow_propagation_ended_by("_cancel_btn", make_napari_viewer, qtbot, stack)
     assert task.cancelled
     assert oracle.calls < 10, "propagation went on after cancel"
     target = widget.target_layer(create=False)
@@ -380,19 +389,8 @@ def test_cancel_stops_propagation_and_writes_nothing(make_napari_viewer, qtbot, 
 
 
 def test_stop_ends_propagation_and_keeps_the_slices_done(make_napari_viewer, qtbot, stack):
-    viewer, widget, image = _open(make_napari_viewer, stack.image)
-    oracle = _with_oracle(widget, image, stack.labels, delay=0.3)
-    z, r, c, gt_id = _nucleus(stack, 0)
-    _go_to(viewer, image, z)
-    widget.points_layer.add([z, r, c])
-    qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=5000)
-    assert not widget._stop_btn.enabled  # only while a propagation runs
-    task = widget.propagate()
-    assert task is not None and widget._stop_btn.enabled and widget._cancel_btn.enabled
-    qtbot.waitUntil(lambda: oracle.calls >= 3, timeout=10_000)
-    widget._stop_btn.clicked.emit()
-    _wait_idle(qtbot, widget, timeout=10_000)
-    assert not task.cancelled and not widget._stop_btn.enabled
+    widget, task, oracle, z, gt_id = _slow_propagation_ended_by("_stop_btn", make_napari_viewer, qtbot, stack)
+    assert not task.cancelled
     result = widget.last_propagation
     assert result is not None and result.cancelled
     done = sorted({rec.z for rec in result.records if rec.accepted})
