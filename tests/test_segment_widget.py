@@ -406,6 +406,27 @@ def test_stop_ends_propagation_and_keeps_the_slices_done(make_napari_viewer, qtb
     assert not np.asarray(target.data).any()
 
 
+def test_running_propagation_shows_its_progress_on_the_slice_in_view(make_napari_viewer, qtbot, stack):
+    viewer, widget, image = _open(make_napari_viewer, stack.image)
+    oracle = _with_oracle(widget, image, stack.labels, delay=0.3)
+    z, r, c, gt_id = _nucleus(stack, 0)
+    _go_to(viewer, image, z)
+    widget.points_layer.add([z, r, c])
+    qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=5000)
+    widget.propagate()
+    qtbot.waitUntil(lambda: oracle.calls >= 3, timeout=10_000)  # the seed and both neighbours
+    _go_to(viewer, image, z + 1)  # a slice without prompts, already done by the worker
+    qtbot.waitUntil(lambda: widget._preview_kind == "live", timeout=5000)
+    assert widget.busy, "shown while the propagation still runs"
+    shown = np.asarray(widget.preview_layer.data)[0] > 0
+    np.testing.assert_array_equal(shown, stack.labels[z + 1] == gt_id)
+    widget._cancel_btn.clicked.emit()
+    _wait_idle(qtbot, widget, timeout=10_000)
+    assert widget._preview_kind is None and not widget.preview_layer.data.any()
+    target = widget.target_layer(create=False)
+    assert target is None or not target.data.any()  # cancelled: the live view was not written
+
+
 def test_propagate_selected_label_of_a_labels_layer(make_napari_viewer, qtbot, stack):
     viewer, widget, image = _open(make_napari_viewer, stack.image)
     _with_oracle(widget, image, stack.labels)

@@ -27,7 +27,11 @@ class LongTasksMixin:
     ``_long_task``, the z-range and target controls, and its preview/commit helpers.
     """
 
-    def _start_long(self, fn, description: str, total: int, on_result, *, stoppable: bool = False) -> Task | None:
+    def _start_long(
+        self, fn, description: str, total: int, on_result, *, stoppable: bool = False, live=None
+    ) -> Task | None:
+        """Run ``fn`` as the widget's long task. ``live``: the volume it fills as it goes, shown
+        in the preview layer on the slice in view while it runs."""
         if self._long_task is not None and not self._long_task.done:
             self._info("Another MobileSAM task is running: wait for it or press Cancel.")
             return None
@@ -35,9 +39,14 @@ class LongTasksMixin:
         def finished():
             self._cancel_btn.enabled = False
             self._stop_btn.enabled = False
+            if self._live is live:
+                self._live = None
+                if self._preview_kind == "live":
+                    self._clear_preview_state()
 
         self._cancel_btn.enabled = True
         self._stop_btn.enabled = stoppable
+        self._live = live
         self._long_task = start_task(
             fn,
             description=description,
@@ -45,9 +54,25 @@ class LongTasksMixin:
             on_result=on_result,
             on_error=lambda exc: self._report(exc, description[len("MobileSAM: "):]),
             on_finished=finished,
+            on_progress=None if live is None else (lambda done, total: self._show_live()),
         )
         self._status.value = f"{description[len('MobileSAM: '):].capitalize()}…"
         return self._long_task
+
+    def _show_live(self) -> None:
+        """While a propagation runs, show what it has written on the slice in view (unless the
+        user's own prompts are previewed there)."""
+        live = self._live
+        if live is None or self._image is None or self._preview_kind not in (None, "live"):
+            return
+        z = self.current_z()
+        if not 0 <= z < live.shape[0]:
+            return
+        here = live[z]
+        if here.any():
+            self._set_preview(z, here.astype(np.uint32), "live")
+        elif self._preview_kind == "live":
+            self._clear_preview_state()
 
     def cancel(self) -> None:
         """Cancel the running propagation / automatic segmentation (nothing is written)."""
@@ -132,11 +157,12 @@ class LongTasksMixin:
             more[zs] = (sp.points, sp.labels, sp.box)
         seeds = sorted([z, *more])
         session = self._session
+        live = np.zeros(pl.image_geometry(self._image).shape, np.uint8)
 
         def run(report, cancelled):
             return session.propagate_prompts(
                 z, prompts.points, prompts.labels, prompts.box, more_seeds=more,
-                stop_points=stops, z_range=z_range, progress=report, cancel=cancelled,
+                stop_points=stops, z_range=z_range, progress=report, cancel=cancelled, live=live,
             )
 
         def done(result):  # a finished or stopped run (a cancelled one never gets here)
@@ -147,7 +173,9 @@ class LongTasksMixin:
 
         n = pl.image_geometry(self._image).n_slices
         what = f"slice {z}" if len(seeds) == 1 else f"{len(seeds)} slices"
-        return self._start_long(run, f"MobileSAM: propagating from {what}", n, done, stoppable=True)
+        return self._start_long(
+            run, f"MobileSAM: propagating from {what}", n, done, stoppable=True, live=live
+        )
 
     def propagate_selected_label(self) -> Task | None:
         """Extend the target layer's selected label through z from every slice where it appears."""
@@ -165,9 +193,12 @@ class LongTasksMixin:
         label = int(target.selected_label)
         volume = np.asarray(target.data)
         session, z_range = self._session, self._z_range()
+        live = np.zeros(volume.shape, np.min_scalar_type(max(label, 1)))
 
         def run(report, cancelled):
-            return session.propagate_label(volume, label, z_range=z_range, progress=report, cancel=cancelled)
+            return session.propagate_label(
+                volume, label, z_range=z_range, progress=report, cancel=cancelled, live=live
+            )
 
         def done(result):  # a finished or stopped run (a cancelled one never gets here)
             if session is not self._session:
@@ -175,7 +206,9 @@ class LongTasksMixin:
             self._write_propagation(result, label, f"label {label}", clear_z=None)
 
         n = pl.image_geometry(self._image).n_slices
-        return self._start_long(run, f"MobileSAM: propagating label {label}", n, done, stoppable=True)
+        return self._start_long(
+            run, f"MobileSAM: propagating label {label}", n, done, stoppable=True, live=live
+        )
 
     def _write_propagation(self, result, label: int | None, what: str, clear_z: list[int] | None) -> None:
         if result.cancelled and not any(r.accepted for r in result.records):

@@ -104,7 +104,8 @@ class SegmentWidget(LongTasksMixin, Container):
         # what the preview layer shows
         self._preview_z: int | None = None
         self._preview_labels: np.ndarray | None = None
-        self._preview_kind: str | None = None  # "object" | "auto"
+        self._preview_kind: str | None = None  # "object" | "auto" | "live"
+        self._live: np.ndarray | None = None  # the volume a running propagation writes into
         self._prediction: ObjectPrediction | None = None
         self.last_propagation = None  # the engine's PropagationResult of the last propagation
 
@@ -436,6 +437,7 @@ class SegmentWidget(LongTasksMixin, Container):
         if self._ensure_embedded(z):
             self._session.prefetch(self._neighbours(z))
         self.update_preview()
+        self._show_live()
 
     def _ensure_embedded(self, z: int) -> bool:
         """True when slice z is ready; otherwise start (or queue) its embedding in a worker.

@@ -260,15 +260,17 @@ class Session:
         z_range=None,
         progress=None,
         cancel=None,
+        live=None,
     ):
         """Follow the object prompted on slice ``z`` through the stack (slow: call it in a worker).
 
         ``points``/``labels``/``box`` as in :meth:`predict`; ``more_seeds``: ``{z: (points, labels,
         box)}``, prompts of the same object on other slices (each one a seed too: the gaps between
         seeds are filled from both ends); ``stop_points``: ``{z: (N, 2) points}``, negative-only
-        points marking slices the object must not reach; ``z_range``: (start, stop) like ``range``.
-        Returns the engine's ``PropagationResult``; its ``labels`` volume ``(Z, H, W)`` holds the
-        object as label 1.
+        points marking slices the object must not reach; ``z_range``: (start, stop) like ``range``;
+        ``live``: a zero ``(Z, H, W)`` integer volume the object is written into as it goes (so
+        the GUI can show progress; it becomes the result's ``labels``). Returns the engine's
+        ``PropagationResult``; its ``labels`` volume ``(Z, H, W)`` holds the object as label 1.
         """
         from ..predictor import Prompt
         from ..propagate import ObjectPrompts, propagate
@@ -290,14 +292,18 @@ class Session:
                 pts = np.asarray(pts, float).reshape(-1, 2)
                 prompts[int(zs)] = Prompt(points=pts, labels=np.zeros(len(pts), int))
         obj = ObjectPrompts(1, prompts=prompts)
-        return propagate(self.predictor, [obj], z_range=z_range, progress=progress, cancel=cancel)
+        return propagate(
+            self.predictor, [obj], z_range=z_range, progress=progress, cancel=cancel,
+            target=live, inplace=live is not None,
+        )
 
-    def propagate_label(self, volume, label: int, *, z_range=None, progress=None, cancel=None):
+    def propagate_label(self, volume, label: int, *, z_range=None, progress=None, cancel=None, live=None):
         """Extend label ``label`` of ``volume`` ((Z, H, W) int, e.g. a Labels layer's data) through z.
 
         Every slice where the label appears (inside ``z_range``) seeds the propagation; the
-        existing voxels are kept. Returns the engine's ``PropagationResult`` whose ``labels``
-        volume holds only the label (other ids of ``volume`` are not copied).
+        existing voxels are kept. ``live`` as in :meth:`propagate_prompts`. Returns the engine's
+        ``PropagationResult`` whose ``labels`` volume holds only the label (other ids of
+        ``volume`` are not copied).
         """
         from ..propagate import objects_from_labels, propagate
 
@@ -311,4 +317,7 @@ class Session:
                 "(the layer's picker tool, key L) before propagating it"
             )
         objects = objects_from_labels(volume, [label], zs=present)
-        return propagate(self.predictor, objects, z_range=z_range, progress=progress, cancel=cancel)
+        return propagate(
+            self.predictor, objects, z_range=z_range, progress=progress, cancel=cancel,
+            target=live, inplace=live is not None,
+        )

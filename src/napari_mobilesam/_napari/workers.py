@@ -67,6 +67,7 @@ def start_task(
     on_result: Callable[[Any], None] | None = None,
     on_error: Callable[[BaseException], None] | None = None,
     on_finished: Callable[[], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Task:
     """Run ``fn(report, cancelled)`` in a napari thread worker and return the :class:`Task`.
 
@@ -84,6 +85,8 @@ def start_task(
     on_result, on_error, on_finished
         Called on the GUI thread: with the result (not after a cancel), with the exception, and
         at the end in every case.
+    on_progress
+        Called on the GUI thread after each ``report(done, total)``.
     """
     from napari.qt.threading import create_worker
     from napari.utils import progress
@@ -97,6 +100,8 @@ def start_task(
         pbar.update(done - pbar.n)
 
     relay.progressed.connect(show)
+    if on_progress is not None:
+        relay.progressed.connect(on_progress)
     holder: dict[str, Any] = {}
 
     def run():
