@@ -359,9 +359,9 @@ def test_propagate_limited_to_z_range_and_negative_slice(make_napari_viewer, qtb
     assert "z-range" in widget.status and "negative points" in widget.status
 
 
-def _slow_propagation_ended_by(button_name, make_napari_viewer, qtbot, stack):
-    """Start a propagation with a slow oracle (0.3 s a slice), press the widget's button named
-    ``button_name`` after 3 decoder calls, wait until idle. Returns (widget, task, oracle, z, id)."""
+def _slow_propagation_started(make_napari_viewer, qtbot, stack):
+    """A propagation from nucleus 0's slice with a slow oracle (0.3 s a slice), 3 decoder calls
+    in (the seed and both neighbours). Returns (viewer, widget, image, task, oracle, z, id)."""
     viewer, widget, image = _open(make_napari_viewer, stack.image)
     oracle = _with_oracle(widget, image, stack.labels, delay=0.3)
     z, r, c, gt_id = _nucleus(stack, 0)
@@ -372,6 +372,13 @@ def _slow_propagation_ended_by(button_name, make_napari_viewer, qtbot, stack):
     task = widget.propagate()
     assert task is not None and widget._stop_btn.enabled and widget._cancel_btn.enabled
     qtbot.waitUntil(lambda: oracle.calls >= 3, timeout=10_000)
+    return viewer, widget, image, task, oracle, z, gt_id
+
+
+def _slow_propagation_ended_by(button_name, make_napari_viewer, qtbot, stack):
+    """`_slow_propagation_started`, then the widget's button ``button_name`` pressed and the
+    widget idle again. Returns (widget, task, oracle, z, id)."""
+    _, widget, _, task, oracle, z, gt_id = _slow_propagation_started(make_napari_viewer, qtbot, stack)
     getattr(widget, button_name).clicked.emit()
     _wait_idle(qtbot, widget, timeout=10_000)
     assert not widget._stop_btn.enabled and not widget._cancel_btn.enabled
@@ -407,14 +414,7 @@ def test_stop_ends_propagation_and_keeps_the_slices_done(make_napari_viewer, qtb
 
 
 def test_running_propagation_shows_its_progress_on_the_slice_in_view(make_napari_viewer, qtbot, stack):
-    viewer, widget, image = _open(make_napari_viewer, stack.image)
-    oracle = _with_oracle(widget, image, stack.labels, delay=0.3)
-    z, r, c, gt_id = _nucleus(stack, 0)
-    _go_to(viewer, image, z)
-    widget.points_layer.add([z, r, c])
-    qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=5000)
-    widget.propagate()
-    qtbot.waitUntil(lambda: oracle.calls >= 3, timeout=10_000)  # the seed and both neighbours
+    viewer, widget, image, _task, _oracle, z, gt_id = _slow_propagation_started(make_napari_viewer, qtbot, stack)
     _go_to(viewer, image, z + 1)  # a slice without prompts, already done by the worker
     qtbot.waitUntil(lambda: widget._preview_kind == "live", timeout=5000)
     assert widget.busy, "shown while the propagation still runs"
