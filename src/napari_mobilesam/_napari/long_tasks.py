@@ -65,6 +65,8 @@ class LongTasksMixin:
         live = self._live
         if live is None or self._image is None or self._preview_kind not in (None, "live"):
             return
+        if tuple(live.shape) != tuple(pl.image_geometry(self._image).shape):  # another image now
+            return
         z = self.current_z()
         if not 0 <= z < live.shape[0]:
             return
