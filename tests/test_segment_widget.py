@@ -416,10 +416,14 @@ def test_stop_ends_propagation_and_keeps_the_slices_done(make_napari_viewer, qtb
 def test_running_propagation_shows_its_progress_on_the_slice_in_view(make_napari_viewer, qtbot, stack):
     viewer, widget, image, _task, _oracle, z, gt_id = _slow_propagation_started(make_napari_viewer, qtbot, stack)
     _go_to(viewer, image, z + 1)  # a slice without prompts, already done by the worker
-    qtbot.waitUntil(lambda: widget._preview_kind == "live", timeout=5000)
+    expected = stack.labels[z + 1] == gt_id
+
+    def shows_slice_above():
+        shown = np.asarray(widget.preview_layer.data)[0] > 0
+        return widget._preview_kind == "live" and np.array_equal(shown, expected)
+
+    qtbot.waitUntil(shows_slice_above, timeout=5000)
     assert widget.busy, "shown while the propagation still runs"
-    shown = np.asarray(widget.preview_layer.data)[0] > 0
-    np.testing.assert_array_equal(shown, stack.labels[z + 1] == gt_id)
     widget._cancel_btn.clicked.emit()
     _wait_idle(qtbot, widget, timeout=10_000)
     assert widget._preview_kind is None and not widget.preview_layer.data.any()
