@@ -547,7 +547,7 @@ class FastMaskDecoder(nn.Module):
         return masks[:, sel], iou[:, sel]
 
 
-def _version(t: torch.Tensor):
+def tensor_version(t: torch.Tensor) -> int | None:
     """``t._version`` (bumped by every in-place change), or None for inference-mode tensors."""
     try:
         return t._version
@@ -573,7 +573,7 @@ class _TokenArrayCache:
         self._tokens = None
 
     def get(self, t: torch.Tensor):
-        version = _version(t)
+        version = tensor_version(t)
         if (
             self._ref is not None
             and self._ref() is t
@@ -605,11 +605,11 @@ class _CachedDensePE:
     def __call__(self) -> torch.Tensor:
         enc = self.prompt_encoder
         g = enc.pe_layer.positional_encoding_gaussian_matrix
-        key = (g.data_ptr(), _version(g), g.device, g.dtype, tuple(enc.image_embedding_size))
-        if self._pe is not None and key == self._key and _version(self._pe) == self._pe_version:
+        key = (g.data_ptr(), tensor_version(g), g.device, g.dtype, tuple(enc.image_embedding_size))
+        if self._pe is not None and key == self._key and tensor_version(self._pe) == self._pe_version:
             return self._pe
         pe = type(enc).get_dense_pe(enc)
-        version = _version(pe)
+        version = tensor_version(pe)
         if key[1] is None or version is None or pe.requires_grad:  # cannot tell changes: no cache
             self._pe = self._key = None
             return pe

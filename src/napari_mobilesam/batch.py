@@ -23,7 +23,9 @@ model once and keeps it for every later slice.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,9 +368,6 @@ def propagate_stack(
     -------
     (Z, H, W) int32 labels with the prompts' object ids, or the output Path when ``out`` is given.
     """
-    import contextlib
-    import tempfile
-
     from .propagate import propagate
 
     prm = _as_prompts(prompts)
@@ -414,20 +413,15 @@ def _embed_on_cluster(client, spec: ModelSpec, predictor, zr: range, progress) -
     """Fill ``predictor.cache`` with the embeddings of slices ``zr``, computed on the workers."""
     source, cache = predictor.source, predictor.cache
     todo = [z for z in zr if not cache.is_cached(source, z)]
-    bar = None
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="embed (cluster)", unit="slice")
+    # a bar when asked for one; a callable hears from the propagation only (one done/total scale)
+    update, close = _progress_callback(progress is True, len(todo), "embed (cluster)")
     try:
         jobs = ((z, source.rgb(z), None) for z in todo)
         for z, feats in _map_on_cluster(client, _worker_embed, spec, None, jobs):
             cache.put(source, z, feats)
-            if bar is not None:
-                bar.update(1)
+            update()
     finally:
-        if bar is not None:
-            bar.close()
+        close()
 
 
 def _run_propagation(predictor, objects, zr: range, progress, options: dict, propagate) -> np.ndarray:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backends import tensor_version
 from .image import SliceSource
 
 __all__ = ["Embedding", "EmbeddingCache", "CacheStats", "compute_embedding", "model_identity_of"]
@@ -43,14 +44,6 @@ DEFAULT_MAX_BYTES = 512 * 2**20
 DEFAULT_MAX_DISK_BYTES = 4 * 2**30
 
 _identity_cache: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
-
-
-def _version(t: torch.Tensor) -> int | None:
-    """``t._version`` (bumped by every in-place change), or None for inference-mode tensors."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -388,11 +381,11 @@ class EmbeddingCache:
                 last is not None
                 and last[0] is feats
                 and last[1].device == device
-                and _version(last[1]) == last[2]
+                and tensor_version(last[1]) == last[2]
             ):
                 return Embedding(last[1], input_size, original_size)
             out = feats.to(device=device, dtype=torch.float32)
-            version = _version(out)
+            version = tensor_version(out)
             self._last_get = None if version is None else (feats, out, version)
         return Embedding(out, input_size, original_size)
 
@@ -454,7 +447,7 @@ class EmbeddingCache:
         encoder for ``source.rgb(z)``. Kept in memory (within the budget) and on disk when the
         cache has a ``disk_dir``; replaces what was stored for that slice.
         """
-        feats = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features)
+        feats = features if torch.is_tensor(features) else torch.from_numpy(np.asarray(features))
         if tuple(feats.shape) == EMBED_SHAPE:
             feats = feats[None]
         if tuple(feats.shape) != (1, *EMBED_SHAPE):
