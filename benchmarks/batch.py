@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _machine import describe_machine as machine  # noqa: E402 (benchmarks/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +70,7 @@ def make_prompts(path: Path, stack_path: Path, per_slice: int) -> Path:
     """One positive point on each of the ``per_slice`` brightest blobs of every slice."""
     import tifffile
 
-    from napari_mobilesam.automatic import AutoParams, candidate_points
+    from napari_mobilesam.volume.automatic import AutoParams, candidate_points
 
     data = tifffile.memmap(stack_path) if _is_memmappable(stack_path) else tifffile.imread(stack_path)
     rows = ["z,row,col,label,object_id"]
@@ -101,7 +100,7 @@ def _is_memmappable(path: Path) -> bool:
 def child(cfg: dict) -> dict:
     """Run one configuration in this process; return timings."""
     from napari_mobilesam import batch
-    from napari_mobilesam.automatic import AutoParams
+    from napari_mobilesam.volume.automatic import AutoParams
 
     model = dict(model="vit_t", checkpoint=str(WEIGHTS), backend=cfg.get("backend", "auto"))
     data, meta = batch.open_stack(cfg["stack"], lazy=True)
@@ -116,7 +115,7 @@ def child(cfg: dict) -> dict:
             # Every worker loads the model before the clock starts.
             batch.preload_model_on_workers(client, **model)
         else:
-            from napari_mobilesam.build import load_model
+            from napari_mobilesam.models.registry import load_model
 
             # Loaded before the clock starts, like the workers' models.
             model = {"model": load_model(model["model"], model["checkpoint"], backend=model["backend"])}
@@ -130,12 +129,13 @@ def child(cfg: dict) -> dict:
             cluster.close()
         return {"seconds": dt, "slices": int(data.shape[0])}
     # automatic
-    from napari_mobilesam.automatic import segment_slice
-    from napari_mobilesam.embeddings import EmbeddingCache
-    from napari_mobilesam.image import SliceSource
-    from napari_mobilesam.predictor import SlicePredictor
+    from napari_mobilesam.core.embeddings import EmbeddingCache
+    from napari_mobilesam.core.predictor import SlicePredictor
+    from napari_mobilesam.core.source import SliceSource
+    from napari_mobilesam.models.choice import ModelChoice
+    from napari_mobilesam.volume.automatic import segment_slice
 
-    sam, _ = batch._resolve_model(model["model"], model["checkpoint"], None, model["backend"], "auto")
+    sam = ModelChoice.of(model["model"], model["checkpoint"], None, model["backend"]).load()
     source = SliceSource(data)
     # Slices from the middle of a block of the synthetic stack, where the nuclei are (its first
     # and last slices hold only background).

@@ -29,12 +29,16 @@ from pathlib import Path
 from _machine import describe_machine as machine  # noqa: E402 (benchmarks/ is on sys.path)
 
 
-
 def bench_device(device: str, args, tmp: Path, images, teacher, student_ckpt) -> list[dict]:
     import numpy as np
 
-    from napari_mobilesam.distill import DistillConfig, distill
-    from napari_mobilesam.distill_data import TeacherCache, fill_teacher_cache, open_images, split_slices
+    from napari_mobilesam.distillation.data import (
+        TeacherCache,
+        fill_teacher_cache,
+        open_images,
+        split_slices,
+    )
+    from napari_mobilesam.distillation.run import DistillConfig, distill
 
     cache_root = tmp / f"cache-{device}"
     # 1. teacher cache: compute + store, then read back
@@ -94,9 +98,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from napari_mobilesam.build import MODELS
     from napari_mobilesam.data import synthetic_nuclei
-    from napari_mobilesam.distill_data import teacher_from_module, vit_teacher_encoder
+    from napari_mobilesam.distillation.data import (
+        teacher_from_module,
+        vit_teacher_encoder,
+    )
+    from napari_mobilesam.models.registry import MODELS
 
     # quick: 3 full steps (2 timed) in one epoch; full: 8 slices, 2 epochs
     n_slices = 3 * args.batch_size if args.quick else 8

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _machine import describe_machine as machine  # noqa: E402 (benchmarks/ is on sys.path)
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
@@ -102,7 +101,7 @@ def main(argv=None) -> int:
 
     from segment_anything import SamPredictor
 
-    from napari_mobilesam.backends import (
+    from napari_mobilesam.models.backends import (
         FastMaskDecoder,
         OpenVINOEncoder,
         OpenVINOMaskDecoder,
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
         cpu_has_bf16,
         resolve_precision,
     )
-    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.models.registry import build_sam
 
     # a fresh cache, so that the first-use conversion is really timed; removed at exit
     tmp_cache = tempfile.TemporaryDirectory(prefix="nms-bench-")

@@ -66,9 +66,9 @@ def main(argv=None) -> int:
     from qtpy.QtWidgets import QApplication
 
     from napari_mobilesam._napari.segment_widget import SegmentWidget
-    from napari_mobilesam._napari.session import ModelRequest
-    from napari_mobilesam.build import load_model
     from napari_mobilesam.data import synthetic_nuclei
+    from napari_mobilesam.models.choice import ModelChoice
+    from napari_mobilesam.models.registry import load_model
 
     os.environ.setdefault("NAPARI_MOBILESAM_CONFIG", tempfile.mkdtemp(prefix="mobilesam-config-"))
     os.environ.pop("NAPARI_MOBILESAM_CACHE", None)  # embeddings in memory only: easy to drop
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                 raise TimeoutError("the widget did not finish in time")
 
     print(f"model loaded in {load_s:.1f} s; embedding the annotated slice...", flush=True)
-    widget.set_model(sam, ModelRequest("vit_t", args.checkpoint, "cpu"))
+    widget.set_model(sam, ModelChoice("vit_t", args.checkpoint, "cpu"))
     session = widget.session
     # the annotated slice: the one holding the most nucleus centres
     z = int(np.bincount(np.clip(np.round(stack.centers[:, 0]).astype(int), 0, n_z - 1)).argmax())

@@ -68,11 +68,11 @@ def child(args) -> dict:
     import numpy as np
     import torch
 
-    from napari_mobilesam.build import load_model
-    from napari_mobilesam.embeddings import EmbeddingCache, compute_embedding
-    from napari_mobilesam.image import SliceSource
-    from napari_mobilesam.predictor import SlicePredictor
-    from napari_mobilesam.propagate import propagate
+    from napari_mobilesam.core.embeddings import EmbeddingCache, compute_embedding
+    from napari_mobilesam.core.predictor import SlicePredictor
+    from napari_mobilesam.core.source import SliceSource
+    from napari_mobilesam.models.registry import load_model
+    from napari_mobilesam.volume.propagation import propagate
 
     ckpt = str(REFERENCE) if args.model == "vit_t" else None
     sam = load_model(args.model, ckpt, "cpu", backend=args.backend, precision=args.precision)

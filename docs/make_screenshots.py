@@ -9,7 +9,7 @@ the walk-through of the usage page: click, box, commit, propagate, automatic sli
 On a machine without a screen it restarts itself under ``xvfb-run`` (install the ``xvfb`` package).
 
 ``--model auto`` (the default) uses MobileSAM when ``mobile_sam.pt`` is already in the weights cache
-and otherwise the ground-truth oracle (``napari_mobilesam._napari.oracle``), which answers every
+and otherwise the ground-truth oracle (``napari_mobilesam.testing``), which answers every
 prompt with the synthetic stack's true nucleus: it shows the interface, not the model's accuracy.
 The script prints which one it used.
 """
@@ -40,10 +40,11 @@ def main(argv=None) -> int:
     import numpy as np
     from qtpy.QtWidgets import QApplication
 
-    from napari_mobilesam._napari.oracle import GroundTruthOracle
-    from napari_mobilesam._napari.session import ModelRequest, Session
+    from napari_mobilesam.core.session import Session
     from napari_mobilesam.data import synthetic_nuclei
-    from napari_mobilesam.weights import weights_path
+    from napari_mobilesam.models.choice import ModelChoice
+    from napari_mobilesam.models.weights import weights_path
+    from napari_mobilesam.testing import GroundTruthOracle
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
         widget.set_session(Session(None, image.data, rgb=False, predictor=oracle), "ground-truth oracle (not a model)")
         print("model: ground-truth oracle (no MobileSAM weights in the cache)")
     else:
-        widget.load_model(ModelRequest("vit_t" if model == "vit_t" else "checkpoint", args.checkpoint, "auto"))
+        widget.load_model(ModelChoice("vit_t" if model == "vit_t" else "checkpoint", args.checkpoint, "auto"))
         wait(lambda: not widget.busy)
         if widget.session is None:
             raise SystemExit(f"the model did not load: {widget.status}")

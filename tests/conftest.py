@@ -40,7 +40,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def engine_sam_test():
     """The tiny random ``vit_t_test`` model (fast; same shapes as MobileSAM), shared by engine tests."""
-    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.models.registry import build_sam
 
     return build_sam("vit_t_test", seed=0)
 
@@ -48,6 +48,6 @@ def engine_sam_test():
 @pytest.fixture(scope="session")
 def engine_sam_reference(reference_dir):
     """The real MobileSAM architecture with the parity fixture's random weights (slow encoder: ~1 s)."""
-    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.models.registry import build_sam
 
     return build_sam("vit_t", reference_dir / "mobile_sam_random_weights.pt")

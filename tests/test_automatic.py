@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from napari_mobilesam.automatic import (
+from napari_mobilesam.data import synthetic_nuclei
+from napari_mobilesam.volume.automatic import (
     AutoParams,
     Stitcher,
     candidate_points,
@@ -25,7 +26,6 @@ from napari_mobilesam.automatic import (
     segment_slice,
     stitch_labels,
 )
-from napari_mobilesam.data import synthetic_nuclei
 
 
 def disk(shape, center, radius):
@@ -324,9 +324,9 @@ def test_segment_slice_with_oracle_recovers_ground_truth(stack):
 
 def test_real_model_automatic_slice(stack):
     """The real predictor path (test-sized random model): runs, shapes and dtypes hold."""
-    build = pytest.importorskip("napari_mobilesam.build")
-    image_mod = pytest.importorskip("napari_mobilesam.image")
-    predictor_mod = pytest.importorskip("napari_mobilesam.predictor")
+    build = pytest.importorskip("napari_mobilesam.models.registry")
+    image_mod = pytest.importorskip("napari_mobilesam.core.source")
+    predictor_mod = pytest.importorskip("napari_mobilesam.core.predictor")
     sam = build.build_sam("vit_t_test")
     source = image_mod.SliceSource(stack.image[10:12])
     pred = predictor_mod.SlicePredictor(sam, source)
@@ -343,7 +343,7 @@ def test_real_model_automatic_slice(stack):
 
 def test_grid_points_on_found_objects_are_skipped():
     """A grid point lying on an object the blob prompts already found is not decoded again."""
-    from napari_mobilesam.automatic import _split_candidates
+    from napari_mobilesam.volume.automatic import _split_candidates
 
     img = np.zeros((1, 100, 100), np.float32)
     gt = np.zeros((1, 100, 100), np.int32)
@@ -362,7 +362,7 @@ def test_grid_points_on_found_objects_are_skipped():
 
 
 def test_batch_bounds_use_few_shapes():
-    from napari_mobilesam.automatic import batch_bounds
+    from napari_mobilesam.volume.automatic import batch_bounds
 
     assert batch_bounds(0, 16) == []
     assert batch_bounds(13, 16) == [(0, 8), (8, 12), (12, 13)]

@@ -29,7 +29,7 @@ def _randomize(sam, seed=0):
 
 @pytest.fixture
 def test_sam():
-    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.models.registry import build_sam
 
     return _randomize(build_sam("vit_t_test", seed=5))
 
@@ -46,7 +46,7 @@ def _x(seed=0):
 
 
 def test_choose_device():
-    from napari_mobilesam.backends import choose_device
+    from napari_mobilesam.models.backends import choose_device
 
     assert choose_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
@@ -58,7 +58,7 @@ def test_choose_device():
 def test_fold_batchnorm_is_exact_and_removes_bn(test_sam):
     import copy
 
-    from napari_mobilesam.backends import fold_batchnorm
+    from napari_mobilesam.models.backends import fold_batchnorm
 
     enc = test_sam.image_encoder
     folded = fold_batchnorm(copy.deepcopy(enc))
@@ -71,7 +71,7 @@ def test_fold_batchnorm_is_exact_and_removes_bn(test_sam):
 
 @pytest.mark.parametrize("precision", ["fp32", "mixed", "bf16"])
 def test_torch_encoder(test_sam, precision):
-    from napari_mobilesam.backends import TorchEncoder
+    from napari_mobilesam.models.backends import TorchEncoder
 
     enc = TorchEncoder(test_sam.image_encoder, torch.device("cpu"), precision)
     x = _x()
@@ -86,8 +86,8 @@ def test_torch_encoder(test_sam, precision):
 
 
 def test_openvino_encoder_ir_cached_and_keyed_by_weights(test_sam, fresh_cache):
-    from napari_mobilesam.backends import OpenVINOEncoder
-    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.models.backends import OpenVINOEncoder
+    from napari_mobilesam.models.registry import build_sam
 
     x = _x()
     first = OpenVINOEncoder(test_sam.image_encoder, "fp32")
@@ -114,7 +114,7 @@ def test_openvino_encoder_ir_cached_and_keyed_by_weights(test_sam, fresh_cache):
 def test_openvino_encoder_is_thread_safe(test_sam):
     from concurrent.futures import ThreadPoolExecutor
 
-    from napari_mobilesam.backends import OpenVINOEncoder
+    from napari_mobilesam.models.backends import OpenVINOEncoder
 
     enc = OpenVINOEncoder(test_sam.image_encoder, "fp32")
     xs = [_x(i) for i in range(4)]
@@ -128,7 +128,7 @@ def test_openvino_encoder_is_thread_safe(test_sam):
 def test_interrupted_conversion_leaves_nothing(test_sam, fresh_cache, monkeypatch):
     import openvino as ov
 
-    from napari_mobilesam.backends import OpenVINOEncoder
+    from napari_mobilesam.models.backends import OpenVINOEncoder
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
@@ -140,7 +140,7 @@ def test_interrupted_conversion_leaves_nothing(test_sam, fresh_cache, monkeypatc
 
 
 def test_openvino_decoder_matches_torch(test_sam, fresh_cache):
-    from napari_mobilesam.backends import OpenVINOMaskDecoder
+    from napari_mobilesam.models.backends import OpenVINOMaskDecoder
 
     torch_dec = test_sam.mask_decoder
     ov_dec = OpenVINOMaskDecoder(torch_dec)
@@ -161,7 +161,11 @@ def test_openvino_decoder_matches_torch(test_sam, fresh_cache):
 
 
 def test_fast_decoder_is_the_same_function(test_sam):
-    from napari_mobilesam.backends import FastMaskDecoder, apply_backend, fast_predict_masks
+    from napari_mobilesam.models.backends import (
+        FastMaskDecoder,
+        apply_backend,
+        fast_predict_masks,
+    )
 
     dec = test_sam.mask_decoder
     g = torch.Generator().manual_seed(2)
@@ -185,7 +189,7 @@ def test_fast_decoder_is_the_same_function(test_sam):
 
 
 def test_openvino_decoder_reuses_the_image_only_while_unchanged(test_sam, fresh_cache):
-    from napari_mobilesam.backends import OpenVINOMaskDecoder
+    from napari_mobilesam.models.backends import OpenVINOMaskDecoder
 
     torch_dec = test_sam.mask_decoder
     ov_dec = OpenVINOMaskDecoder(torch_dec)
@@ -215,7 +219,7 @@ def test_openvino_decoder_reuses_the_image_only_while_unchanged(test_sam, fresh_
 def test_cached_dense_pe_follows_the_prompt_encoder(test_sam):
     import copy
 
-    from napari_mobilesam.backends import apply_backend
+    from napari_mobilesam.models.backends import apply_backend
 
     sam = apply_backend(test_sam, "cpu", "torch", "fp32")
     enc = sam.prompt_encoder
@@ -241,8 +245,13 @@ def test_cached_dense_pe_follows_the_prompt_encoder(test_sam):
 def test_apply_backend_choices_and_identities(test_sam, fresh_cache):
     from segment_anything import SamPredictor
 
-    from napari_mobilesam.backends import OpenVINOEncoder, OpenVINOMaskDecoder, TorchEncoder, apply_backend
-    from napari_mobilesam.build import build_sam, model_identity, model_info
+    from napari_mobilesam.models.backends import (
+        OpenVINOEncoder,
+        OpenVINOMaskDecoder,
+        TorchEncoder,
+        apply_backend,
+    )
+    from napari_mobilesam.models.registry import build_sam, model_identity, model_info
 
     def fresh():
         return _randomize(build_sam("vit_t_test", seed=5))
@@ -275,7 +284,7 @@ def test_apply_backend_choices_and_identities(test_sam, fresh_cache):
 
 
 def test_identity_changes_with_weights(test_sam):
-    from napari_mobilesam.build import model_identity
+    from napari_mobilesam.models.registry import model_identity
 
     before = model_identity(test_sam)
     assert model_identity(test_sam) == before  # stable
@@ -285,7 +294,7 @@ def test_identity_changes_with_weights(test_sam):
 
 
 def test_backend_errors(test_sam):
-    from napari_mobilesam.backends import apply_backend
+    from napari_mobilesam.models.backends import apply_backend
 
     with pytest.raises(ValueError, match="backend must be one of"):
         apply_backend(test_sam, "cpu", "tensorrt")
@@ -303,10 +312,10 @@ def test_backend_errors(test_sam):
 def test_openvino_failure_falls_back_to_torch(test_sam, monkeypatch, caplog):
     import sys
 
-    from napari_mobilesam.backends import TorchEncoder, apply_backend
+    from napari_mobilesam.models.backends import TorchEncoder, apply_backend
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # "import openvino" now fails
-    with caplog.at_level(logging.WARNING, logger="napari_mobilesam.backends"):
+    with caplog.at_level(logging.WARNING, logger="napari_mobilesam.models.backends"):
         sam = apply_backend(test_sam, "cpu", "openvino", "fp32")
     assert isinstance(sam.image_encoder, TorchEncoder)
     assert "falling back to the torch backend" in caplog.text
@@ -321,7 +330,7 @@ def test_load_model_with_test_config(fresh_cache):
     assert model_identity(sam).endswith(":torch:fp32")
     from segment_anything.modeling import MaskDecoder
 
-    from napari_mobilesam.backends import FastMaskDecoder
+    from napari_mobilesam.models.backends import FastMaskDecoder
 
     assert isinstance(sam.mask_decoder, FastMaskDecoder)
     plain = load_model("vit_t_test", device="cpu", backend="torch", fast_decoder=False)
@@ -365,7 +374,7 @@ def _min_median_iou(expected, outs):
 @pytest.mark.slow
 def test_real_model_openvino_fp32_parity_and_mixed_masks(reference_dir):
     from napari_mobilesam import load_model
-    from napari_mobilesam.backends import OpenVINOEncoder
+    from napari_mobilesam.models.backends import OpenVINOEncoder
 
     ckpt = reference_dir / "mobile_sam_random_weights.pt"
     sam = load_model("vit_t", ckpt, device="cpu", backend="openvino", precision="fp32")

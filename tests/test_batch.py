@@ -9,8 +9,7 @@ import pytest
 import tifffile
 
 from napari_mobilesam import batch
-from napari_mobilesam.automatic import AutoParams
-from napari_mobilesam.batch import (
+from napari_mobilesam.batch.api import (
     BatchError,
     LabelsTiffWriter,
     Prompts,
@@ -27,6 +26,7 @@ from napari_mobilesam.batch import (
     segment_stack_auto,
 )
 from napari_mobilesam.data import synthetic_nuclei
+from napari_mobilesam.volume.automatic import AutoParams
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +249,7 @@ class OraclePredictor:
         self.source = _Src()
 
     def predict_many(self, z, prompts):
-        from napari_mobilesam.predictor import Prediction
+        from napari_mobilesam.core.predictor import Prediction
 
         self.calls.append((z, len(prompts)))
         out = []

@@ -11,7 +11,7 @@ import torch
 @pytest.fixture(scope="module")
 def test_state():
     """State dict of the tiny test model (same tree as vit_t, random weights)."""
-    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.models.registry import build_sam
 
     return build_sam("vit_t_test", seed=3).state_dict()
 
@@ -22,7 +22,7 @@ def _save(path, obj):
 
 
 def test_roundtrip_through_file(tmp_path, test_state):
-    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.models.registry import build_sam
 
     path = _save(tmp_path / "ok.pt", test_state)
     sam = build_sam("vit_t_test", path)
@@ -33,7 +33,7 @@ def test_roundtrip_through_file(tmp_path, test_state):
 
 
 def test_float16_checkpoint_is_cast_to_float32(tmp_path, test_state):
-    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.models.registry import build_sam
 
     half = {k: v.half() if v.is_floating_point() else v for k, v in test_state.items()}
     sam = build_sam("vit_t_test", _save(tmp_path / "half.pt", half))
@@ -41,7 +41,7 @@ def test_float16_checkpoint_is_cast_to_float32(tmp_path, test_state):
 
 
 def test_not_a_checkpoint(tmp_path):
-    from napari_mobilesam.checkpoint import CheckpointError, read_state_dict
+    from napari_mobilesam.models.checkpoint import CheckpointError, read_state_dict
 
     p = tmp_path / "notes.pt"
     p.write_text("these are my notes, not weights\n")
@@ -55,7 +55,7 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_truncated_file(tmp_path, test_state):
-    from napari_mobilesam.checkpoint import CheckpointError, read_state_dict
+    from napari_mobilesam.models.checkpoint import CheckpointError, read_state_dict
 
     data = _save(tmp_path / "full.pt", test_state).read_bytes()
     cut = tmp_path / "cut.pt"
@@ -65,7 +65,7 @@ def test_truncated_file(tmp_path, test_state):
 
 
 def test_pickled_code_is_refused(tmp_path):
-    from napari_mobilesam.checkpoint import CheckpointError, read_state_dict
+    from napari_mobilesam.models.checkpoint import CheckpointError, read_state_dict
 
     p = _save(tmp_path / "evil.pt", {"weights": torch.zeros(2), "payload": _Payload()})
     with pytest.raises(CheckpointError, match="safe load"):
@@ -77,22 +77,22 @@ class _Payload:
 
 
 def test_not_a_state_dict(tmp_path):
-    from napari_mobilesam.checkpoint import CheckpointError, read_state_dict
+    from napari_mobilesam.models.checkpoint import CheckpointError, read_state_dict
 
     with pytest.raises(CheckpointError, match="not a state dict"):
         read_state_dict(_save(tmp_path / "list.pt", [torch.zeros(3)]))
 
 
 def test_wrapped_state_dict_is_unwrapped(tmp_path, test_state):
-    from napari_mobilesam.checkpoint import read_state_dict
+    from napari_mobilesam.models.checkpoint import read_state_dict
 
     sd = read_state_dict(_save(tmp_path / "wrapped.pt", {"state_dict": test_state}))
     assert set(sd) == set(test_state)
 
 
 def test_missing_extra_and_misshaped_keys_are_named(test_state):
-    from napari_mobilesam.build import build_sam
-    from napari_mobilesam.checkpoint import CheckpointError
+    from napari_mobilesam.models.checkpoint import CheckpointError
+    from napari_mobilesam.models.registry import build_sam
 
     sd = dict(test_state)
     del sd["mask_decoder.iou_token.weight"]
@@ -107,8 +107,8 @@ def test_missing_extra_and_misshaped_keys_are_named(test_state):
 
 
 def test_non_finite_values_are_refused(test_state):
-    from napari_mobilesam.build import build_sam
-    from napari_mobilesam.checkpoint import CheckpointError
+    from napari_mobilesam.models.checkpoint import CheckpointError
+    from napari_mobilesam.models.registry import build_sam
 
     sd = dict(test_state)
     sd["image_encoder.neck.1.weight"] = torch.full_like(sd["image_encoder.neck.1.weight"], float("nan"))
@@ -126,8 +126,8 @@ def _sam_vit_like(test_state, width=768):
 
 
 def test_sam_vit_checkpoint_where_mobilesam_expected(tmp_path, test_state):
-    from napari_mobilesam.build import build_sam
-    from napari_mobilesam.checkpoint import CheckpointError
+    from napari_mobilesam.models.checkpoint import CheckpointError
+    from napari_mobilesam.models.registry import build_sam
 
     p = _save(tmp_path / "sam_vit_b_01ec64.pth", _sam_vit_like(test_state, 768))
     with pytest.raises(CheckpointError, match=r"SAM ViT-B checkpoint.*MobileSAM.*model='vit_b'"):
@@ -137,7 +137,7 @@ def test_sam_vit_checkpoint_where_mobilesam_expected(tmp_path, test_state):
 
 
 def test_mobilesam_checkpoint_where_sam_vit_expected(test_state):
-    from napari_mobilesam.checkpoint import CheckpointError, validate_state_dict
+    from napari_mobilesam.models.checkpoint import CheckpointError, validate_state_dict
 
     expected = _sam_vit_like(test_state, 1024)
     with pytest.raises(CheckpointError, match=r"MobileSAM \(TinyViT\).*model='vit_t'"):
@@ -145,7 +145,7 @@ def test_mobilesam_checkpoint_where_sam_vit_expected(test_state):
 
 
 def test_ddp_prefix_explained(test_state):
-    from napari_mobilesam.checkpoint import CheckpointError, validate_state_dict
+    from napari_mobilesam.models.checkpoint import CheckpointError, validate_state_dict
 
     sd = {f"module.{k}": v for k, v in test_state.items()}
     with pytest.raises(CheckpointError, match="module.state_dict"):
@@ -153,13 +153,13 @@ def test_ddp_prefix_explained(test_state):
 
 
 def test_save_with_metadata_and_load_the_same_way(tmp_path, test_state):
-    from napari_mobilesam.build import build_sam
-    from napari_mobilesam.checkpoint import (
+    from napari_mobilesam.models.checkpoint import (
         metadata_path,
         read_checkpoint_metadata,
         read_state_dict,
         save_checkpoint,
     )
+    from napari_mobilesam.models.registry import build_sam
 
     path = save_checkpoint(test_state, tmp_path / "student.pt", {"teacher": "vit_b", "epochs": 2})
     assert metadata_path(path).name == "student.pt.json"
@@ -175,7 +175,11 @@ def test_save_with_metadata_and_load_the_same_way(tmp_path, test_state):
 
 
 def test_metadata_absent_or_stale(tmp_path, test_state):
-    from napari_mobilesam.checkpoint import CheckpointError, read_checkpoint_metadata, save_checkpoint
+    from napari_mobilesam.models.checkpoint import (
+        CheckpointError,
+        read_checkpoint_metadata,
+        save_checkpoint,
+    )
 
     plain = _save(tmp_path / "plain.pt", test_state)
     assert read_checkpoint_metadata(plain) is None
@@ -188,7 +192,7 @@ def test_metadata_absent_or_stale(tmp_path, test_state):
 
 
 def test_metadata_must_be_json(tmp_path, test_state):
-    from napari_mobilesam.checkpoint import save_checkpoint
+    from napari_mobilesam.models.checkpoint import save_checkpoint
 
     with pytest.raises(ValueError, match="JSON"):
         save_checkpoint(test_state, tmp_path / "b.pt", {"bad": object()})
@@ -198,7 +202,7 @@ def test_metadata_must_be_json(tmp_path, test_state):
 
 
 def test_failed_save_keeps_previous_file(tmp_path, test_state, monkeypatch):
-    from napari_mobilesam import checkpoint
+    from napari_mobilesam.models import checkpoint
 
     path = checkpoint.save_checkpoint(test_state, tmp_path / "keep.pt")
     before = path.read_bytes()
@@ -215,7 +219,7 @@ def test_failed_save_keeps_previous_file(tmp_path, test_state, monkeypatch):
 
 
 def test_registry_lists_sam_teachers():
-    from napari_mobilesam.build import MODELS, build_sam
+    from napari_mobilesam.models.registry import MODELS, build_sam
 
     assert {"vit_t", "vit_b", "vit_l", "vit_h", "vit_t_test"} <= set(MODELS)
     with pytest.raises(ValueError, match="vit_t, vit_b"):
@@ -225,8 +229,8 @@ def test_registry_lists_sam_teachers():
 @pytest.mark.slow
 def test_vit_b_rejects_mobilesam_checkpoint(test_state):
     """The real SAM ViT-B tree (built by segment-anything) recognises a MobileSAM state dict."""
-    from napari_mobilesam.build import build_sam
-    from napari_mobilesam.checkpoint import CheckpointError
+    from napari_mobilesam.models.checkpoint import CheckpointError
+    from napari_mobilesam.models.registry import build_sam
 
     with pytest.raises(CheckpointError, match=r"MobileSAM \(TinyViT\) checkpoint.*model='vit_t'"):
         build_sam("vit_b", test_state)

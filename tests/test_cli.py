@@ -12,7 +12,7 @@ import pytest
 import tifffile
 
 from napari_mobilesam import cli
-from napari_mobilesam.batch import read_stack_metadata
+from napari_mobilesam.batch.api import read_stack_metadata
 from napari_mobilesam.data import synthetic_nuclei
 
 # The tiny random model, exact eager torch: fast, and needs no downloaded weights.

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mobilesam.distill import DistillConfig, configure_parser, distill, iter_distill, run_cli
-from napari_mobilesam.distill_data import (
+from napari_mobilesam.distillation.data import (
     DistillError,
     TeacherCache,
     dihedral,
@@ -29,6 +28,13 @@ from napari_mobilesam.distill_data import (
     split_slices,
     teacher_from_module,
     vit_teacher_encoder,
+)
+from napari_mobilesam.distillation.run import (
+    DistillConfig,
+    configure_parser,
+    distill,
+    iter_distill,
+    run_cli,
 )
 
 
@@ -78,8 +84,8 @@ def straight_run(tmp_path_factory, teacher_ckpt, small_stack, shared_cache):
 
 def test_preprocess_matches_inference_exactly():
     """Training inputs are made exactly like inference's (embeddings.compute_embedding)."""
-    from napari_mobilesam.build import build_sam
-    from napari_mobilesam.embeddings import compute_embedding
+    from napari_mobilesam.core.embeddings import compute_embedding
+    from napari_mobilesam.models.registry import build_sam
 
     sam = build_sam("vit_t_test", seed=0)
     rgb = (np.random.default_rng(0).random((70, 130, 3)) * 255).astype(np.uint8)
@@ -143,7 +149,7 @@ def test_open_images_and_split(tmp_path, small_stack):
 
 
 def test_load_teacher_reads_sam_vit_and_mobilesam_checkpoints(tmp_path, teacher_ckpt):
-    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.models.registry import build_sam
 
     t = load_teacher(teacher_ckpt, cache_root=tmp_path)
     assert t.encoder is None  # checked, not kept: a fully cached run never needs it
@@ -266,8 +272,8 @@ def test_invalid_settings_are_refused_before_anything_runs(tmp_path, teacher_ckp
 def test_distillation_reduces_loss_and_writes_a_strict_checkpoint(
     tmp_path, teacher_ckpt, small_stack, straight_run, shared_cache
 ):
-    from napari_mobilesam.build import build_sam
-    from napari_mobilesam.checkpoint import read_checkpoint_metadata
+    from napari_mobilesam.models.checkpoint import read_checkpoint_metadata
+    from napari_mobilesam.models.registry import build_sam
 
     events, result = straight_run
     steps = [e.values["loss"] for e in events if e.kind == "step"]
@@ -305,7 +311,7 @@ def test_crashed_run_resumes_from_its_last_checkpoint(
 
     Also: these runs reuse the teacher cache the first run filled (no teacher embedding computed).
     """
-    from napari_mobilesam.checkpoint import read_state_dict
+    from napari_mobilesam.models.checkpoint import read_state_dict
 
     cfg = _config(tmp_path, teacher_ckpt, [small_stack], output=tmp_path / "crash.pt", cache_dir=shared_cache)
 
@@ -382,7 +388,7 @@ def test_cancel_saves_a_state_and_the_next_run_continues(tmp_path, teacher_ckpt,
 
 
 def test_mask_loss_trains_the_encoder_through_the_frozen_decoder(tmp_path, teacher_ckpt, small_stack):
-    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.models.registry import build_sam
 
     events = []
     result = distill(
@@ -401,8 +407,8 @@ def test_mask_loss_trains_the_encoder_through_the_frozen_decoder(tmp_path, teach
 @pytest.mark.slow
 def test_real_mobilesam_student_output_has_the_official_layout(tmp_path, teacher_ckpt, reference_dir, small_stack):
     """One step with the real TinyViT student: the file has exactly mobile_sam.pt's keys and shapes."""
-    from napari_mobilesam.build import build_sam
-    from napari_mobilesam.checkpoint import read_state_dict
+    from napari_mobilesam.models.checkpoint import read_state_dict
+    from napari_mobilesam.models.registry import build_sam
 
     cfg = _config(tmp_path, teacher_ckpt, [small_stack[0]], student_model="vit_t",
                   student_checkpoint=reference_dir / "mobile_sam_random_weights.pt", epochs=1,
@@ -417,8 +423,8 @@ def test_real_mobilesam_student_output_has_the_official_layout(tmp_path, teacher
     assert {k: tuple(v.shape) for k, v in state.items()} == expected
     build_sam("vit_t", result.output)  # strict load
     # and through the path the segmentation widget uses (architecture detected from the file)
-    from napari_mobilesam.build import load_model
-    from napari_mobilesam.checkpoint import detect_architecture
+    from napari_mobilesam.models.checkpoint import detect_architecture
+    from napari_mobilesam.models.registry import load_model
 
     assert detect_architecture(state) == "vit_t"
     load_model("vit_t", result.output, "cpu", backend="eager")

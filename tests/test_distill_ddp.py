@@ -1,7 +1,7 @@
 """Distillation in separate processes: DDP under torchrun (gloo, 2 CPU processes on 127.0.0.1) and
 a run killed with SIGKILL that resumes from its last training state.
 
-The DDP run uses ``python -m napari_mobilesam.distill`` under torchrun, the killed run the real
+The DDP run uses ``python -m napari_mobilesam.distillation.run`` under torchrun, the killed run the real
 ``napari-mobilesam distill`` command (``python -m napari_mobilesam.cli``); both with the tiny
 teacher and the ``vit_t_test`` student.
 """
@@ -25,7 +25,10 @@ def inputs(tmp_path_factory):
     import tifffile
 
     from napari_mobilesam.data import synthetic_nuclei
-    from napari_mobilesam.distill_data import save_teacher_checkpoint, vit_teacher_encoder
+    from napari_mobilesam.distillation.data import (
+        save_teacher_checkpoint,
+        vit_teacher_encoder,
+    )
 
     d = tmp_path_factory.mktemp("ddp_inputs")
     teacher = save_teacher_checkpoint(vit_teacher_encoder("tiny", seed=1), d / "teacher.pth")
@@ -60,14 +63,14 @@ def _args(teacher, stack, out, *extra):
 
 
 def test_ddp_two_gloo_processes_end_with_a_strict_checkpoint(tmp_path, inputs):
-    from napari_mobilesam.build import build_sam
-    from napari_mobilesam.checkpoint import read_checkpoint_metadata
+    from napari_mobilesam.models.checkpoint import read_checkpoint_metadata
+    from napari_mobilesam.models.registry import build_sam
 
     teacher, stack = inputs
     out = tmp_path / "ddp.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "napari_mobilesam.distill", *_args(teacher, stack, out, "--epochs", "2")]
+           "-m", "napari_mobilesam.distillation.run", *_args(teacher, stack, out, "--epochs", "2")]
     proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "process 1 of 2" in proc.stderr

@@ -23,7 +23,10 @@ def config_dir(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
-    from napari_mobilesam.distill_data import save_teacher_checkpoint, vit_teacher_encoder
+    from napari_mobilesam.distillation.data import (
+        save_teacher_checkpoint,
+        vit_teacher_encoder,
+    )
 
     return save_teacher_checkpoint(vit_teacher_encoder("tiny", seed=1),
                                    tmp_path_factory.mktemp("teacher") / "tiny_sam_vit.pth")
@@ -56,8 +59,8 @@ def _fill(widget, layer, teacher, output, epochs):
 def test_panel_trains_cancels_resumes_and_offers_the_model(make_napari_viewer, qtbot, tmp_path,
                                                           teacher_file, config_dir, monkeypatch):
     from napari_mobilesam._napari.settings import load_settings
-    from napari_mobilesam.build import build_sam
     from napari_mobilesam.data import synthetic_nuclei
+    from napari_mobilesam.models.registry import build_sam
 
     viewer = make_napari_viewer()
     layer = viewer.add_image(synthetic_nuclei(shape=(4, 64, 64), n_nuclei=4, seed=2).image, name="nuclei")
@@ -74,7 +77,7 @@ def test_panel_trains_cancels_resumes_and_offers_the_model(make_napari_viewer, q
     # stop after exactly one step, the worker waits after that step until the GUI has cancelled.
     import threading
 
-    import napari_mobilesam.distill as distill_module
+    import napari_mobilesam.distillation.run as distill_module
 
     real_iter = distill_module.iter_distill
     show_event = widget._on_event

@@ -8,9 +8,13 @@ import pytest
 import tifffile
 
 from napari_mobilesam import batch
-from napari_mobilesam.automatic import AutoParams
-from napari_mobilesam.batch import prompts_from_arrays, segment_stack, segment_stack_auto
+from napari_mobilesam.batch.api import (
+    prompts_from_arrays,
+    segment_stack,
+    segment_stack_auto,
+)
 from napari_mobilesam.data import synthetic_nuclei
+from napari_mobilesam.volume.automatic import AutoParams
 
 # Tiny random model, exact eager float32: workers and this process compute the same numbers.
 MODEL = dict(model="vit_t_test", backend="eager")
@@ -40,7 +44,7 @@ def stack():
 
 
 def _loads(client) -> dict[str, int]:
-    return client.run(lambda: __import__("napari_mobilesam.batch").batch.WORKER_LOAD_COUNT["n"])
+    return client.run(lambda: __import__("napari_mobilesam.batch.api").batch.WORKER_LOAD_COUNT["n"])
 
 
 def test_auto_on_two_workers_equals_one_process(client, stack, tmp_path):
@@ -69,8 +73,8 @@ def test_prompts_on_two_workers_equal_one_process(client, stack):
 
 
 def test_propagation_with_embeddings_from_two_workers_equals_one_process(client, stack, monkeypatch):
-    from napari_mobilesam import embeddings
-    from napari_mobilesam.batch import propagate_stack
+    from napari_mobilesam.batch.api import propagate_stack
+    from napari_mobilesam.core import embeddings
 
     prompts = prompts_from_arrays([[4, 40, 40], [4, 70, 70]], object_ids=[1, 2])
     options = dict(min_score=0.0, min_overlap=0.0, area_ratio=(0.0, 100.0))

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mobilesam.embeddings import EmbeddingCache, compute_embedding, input_size_for
-from napari_mobilesam.image import SliceSource
+from napari_mobilesam.core.embeddings import (
+    EmbeddingCache,
+    compute_embedding,
+    input_size_for,
+)
+from napari_mobilesam.core.source import SliceSource
 
 SLICE_BYTES_F16 = 256 * 64 * 64 * 2
 
@@ -150,7 +154,7 @@ def test_crash_mid_write_leaves_no_entry(engine_sam_test, stack, tmp_path, monke
 
 
 def test_model_identity_in_key(engine_sam_test, stack, tmp_path):
-    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.models.registry import build_sam
 
     other = build_sam("vit_t_test", seed=1)
     EmbeddingCache(engine_sam_test, disk_dir=tmp_path).get(stack, 0)
@@ -196,7 +200,7 @@ def test_prefetch_in_background(engine_sam_test, stack):
 
 
 def test_predictor_prefetches_neighbours(engine_sam_test, stack):
-    from napari_mobilesam.predictor import SlicePredictor
+    from napari_mobilesam.core.predictor import SlicePredictor
 
     pred = SlicePredictor(engine_sam_test, stack)
     try:

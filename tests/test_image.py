@@ -6,7 +6,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from napari_mobilesam.image import SliceSource, normalize_to_uint8
+from napari_mobilesam.core.source import SliceSource, normalize_to_uint8
 
 
 def _ramp(shape, dtype=np.float32):

@@ -32,11 +32,11 @@ def official_random(reference_dir):
 
 
 def test_state_dict_layout_matches_official(reference_dir):
-    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.models.registry import build_sam
 
     sam = build_sam("vit_t_test")  # cheap; the full layout is checked on the real tree below
     assert sam.image_encoder(torch.zeros(1, 3, 1024, 1024)).shape == (1, 256, 64, 64)
-    from napari_mobilesam.build import _build_vit_t
+    from napari_mobilesam.models.registry import _build_vit_t
 
     layout = {k: tuple(v.shape) for k, v in _build_vit_t().state_dict().items()}
     official = {}
@@ -69,8 +69,8 @@ def test_parity_with_official_fixture(official_random, reference):
 
 def test_eval_before_load_gives_same_result(reference_dir, official_random):
     """The attention bias is taken from the loaded parameters, whatever the call order."""
-    from napari_mobilesam.build import _build_vit_t
-    from napari_mobilesam.checkpoint import read_state_dict
+    from napari_mobilesam.models.checkpoint import read_state_dict
+    from napari_mobilesam.models.registry import _build_vit_t
 
     sam = _build_vit_t().eval()  # eval first, as the official builder does
     sam.load_state_dict(read_state_dict(reference_dir / "mobile_sam_random_weights.pt"))
@@ -85,7 +85,7 @@ def test_eval_before_load_gives_same_result(reference_dir, official_random):
 
 
 def test_bias_index_is_abs_row_col_offset():
-    from napari_mobilesam.tiny_vit import _bias_index
+    from napari_mobilesam.models.tiny_vit import _bias_index
 
     idx = _bias_index(3)
     # position 0 = (0, 0), position 5 = (1, 2), position 7 = (2, 1)
@@ -96,7 +96,7 @@ def test_bias_index_is_abs_row_col_offset():
 
 
 def test_test_config_is_small_and_deterministic():
-    from napari_mobilesam.build import build_sam
+    from napari_mobilesam.models.registry import build_sam
 
     a, b = build_sam("vit_t_test", seed=1), build_sam("vit_t_test", seed=1)
     c = build_sam("vit_t_test", seed=2)

@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mobilesam.embeddings import EmbeddingCache
-from napari_mobilesam.image import SliceSource
-from napari_mobilesam.predictor import Prediction, Prompt, PromptError, SlicePredictor
+from napari_mobilesam.core.embeddings import EmbeddingCache
+from napari_mobilesam.core.predictor import (
+    Prediction,
+    Prompt,
+    PromptError,
+    SlicePredictor,
+)
+from napari_mobilesam.core.source import SliceSource
 
 
 def _xy_to_rc(points):
@@ -109,7 +114,7 @@ def test_upscale_in_region_equals_full(engine_sam_test):
 @pytest.mark.parametrize("original", [(512, 512), (2000, 3000), (20, 31), (1024, 300)])
 def test_upscale_equals_sam_interpolation_at_any_size(engine_sam_test, original):
     """The banded (tap) resizing equals SAM's up-scale, crop, resize for up- and down-sizing."""
-    from napari_mobilesam.embeddings import input_size_for
+    from napari_mobilesam.core.embeddings import input_size_for
 
     rng = np.random.default_rng(3)
     pred = SlicePredictor(engine_sam_test, SliceSource(np.zeros((1, 8, 8), np.uint8), normalize="none"))

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from napari_mobilesam.embeddings import EmbeddingCache
-from napari_mobilesam.image import SliceSource
-from napari_mobilesam.predictor import Prediction, Prompt, SlicePredictor
-from napari_mobilesam.propagate import (
+from napari_mobilesam.core.embeddings import EmbeddingCache
+from napari_mobilesam.core.predictor import Prediction, Prompt, SlicePredictor
+from napari_mobilesam.core.source import SliceSource
+from napari_mobilesam.volume.propagation import (
     ObjectPrompts,
     PropagationResult,
     objects_from_labels,
@@ -374,10 +374,10 @@ def test_real_model_through_the_same_path(engine_sam_reference, nuclei_stack):
 
 def test_package_attribute_is_callable_whatever_the_import_order():
     import napari_mobilesam
-    import napari_mobilesam.propagate  # noqa: F401  (sets the package attribute to the submodule)
+    import napari_mobilesam.volume.propagation  # noqa: F401  (sets the package attribute to the submodule)
 
-    assert callable(napari_mobilesam.propagate)
-    res = napari_mobilesam.propagate(ScriptedPredictor(n=4), {1: {1: {"points": [[48, 48]]}}})
+    assert callable(napari_mobilesam.volume.propagation)
+    res = napari_mobilesam.volume.propagation(ScriptedPredictor(n=4), {1: {1: {"points": [[48, 48]]}}})
     assert res.extent(1) == (0, 3)
 
 

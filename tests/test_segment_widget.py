@@ -15,12 +15,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+from napari_mobilesam._napari import prompt_layers as pl
+
 # imported at collection time, before any viewer: also loads triton safely (see _preload.py)
 from napari_mobilesam._napari import segment_widget as sw
-from napari_mobilesam._napari import prompt_layers as pl
-from napari_mobilesam._napari.oracle import GroundTruthOracle
-from napari_mobilesam._napari.session import ModelRequest, Session
-from napari_mobilesam._napari.settings import WidgetSettings, load_settings, save_settings, settings_path
+from napari_mobilesam._napari.settings import (
+    WidgetSettings,
+    load_settings,
+    save_settings,
+    settings_path,
+)
+from napari_mobilesam.core.session import Session
+from napari_mobilesam.models.choice import ModelChoice
+from napari_mobilesam.testing import GroundTruthOracle
 
 WAIT_MS = 60_000
 
@@ -504,7 +511,7 @@ def test_errors_are_notifications_not_crashes(make_napari_viewer, qtbot, stack, 
     image = viewer.add_image(stack.image, name="nuclei")
     widget._image_combo.value = image
     keep = viewer.add_labels(np.ones(stack.labels.shape, np.uint8), name="precious")
-    widget.load_model(ModelRequest("checkpoint", "/nonexistent/student.pt", "cpu"))
+    widget.load_model(ModelChoice("checkpoint", "/nonexistent/student.pt", "cpu"))
     _wait_idle(qtbot, widget)
     assert any("checkpoint file not found" in m for m in messages), messages
     assert "failed" in widget._model_status.value
@@ -523,7 +530,7 @@ def test_default_model_offline_gives_clear_notification(make_napari_viewer, qtbo
     messages = []
     monkeypatch.setattr(sw, "show_error", messages.append)
     viewer, widget, image = _open(make_napari_viewer, stack.image)
-    widget.load_model(ModelRequest("vit_t", "", "cpu"))
+    widget.load_model(ModelChoice("vit_t", "", "cpu"))
     _wait_idle(qtbot, widget)
     assert messages and "mobile_sam.pt" in messages[-1] and "checkpoint" in messages[-1]
     assert widget.session is None
@@ -539,7 +546,7 @@ def test_settings_persist_across_widgets(make_napari_viewer, monkeypatch, stack,
     widget._device_combo.value = "cpu"
     assert load_settings() == WidgetSettings("distilled", str(ckpt), "cpu")
     again = sw.SegmentWidget(viewer)
-    assert again.model_request() == ModelRequest("distilled", str(ckpt), "cpu")
+    assert again.model_request() == ModelChoice("distilled", str(ckpt), "cpu")
     assert again._checkpoint.visible or not again.native.isVisible()
 
 
@@ -573,7 +580,7 @@ def test_real_engine_dev_model_loads_in_worker_and_commit_matches_preview(
 
 def test_real_engine_slice_change_embeds_in_background(make_napari_viewer, qtbot, stack, engine_sam_test):
     viewer, widget, image = _open(make_napari_viewer, stack.image)
-    widget.set_model(engine_sam_test, ModelRequest("vit_t_test", "", "cpu"))
+    widget.set_model(engine_sam_test, ModelChoice("vit_t_test", "", "cpu"))
     _wait_idle(qtbot, widget)
     _go_to(viewer, image, 7)
     qtbot.waitUntil(lambda: widget.session.is_embedded(7), timeout=WAIT_MS)
@@ -675,7 +682,7 @@ def test_use_model_chooses_remembers_and_loads(make_napari_viewer, qtbot, stack,
     missing = str(tmp_path / "student.pt")
     task = widget.use_model("distilled", missing)
     assert task is not None
-    assert widget.model_request() == ModelRequest("distilled", missing, "auto")
+    assert widget.model_request() == ModelChoice("distilled", missing, "auto")
     assert load_settings() == WidgetSettings("distilled", missing, "auto")
     _wait_idle(qtbot, widget)
     assert any("checkpoint file not found" in m for m in messages), messages
@@ -695,7 +702,7 @@ def test_widget_opened_before_any_image_picks_up_the_first_one(make_napari_viewe
 
 def test_real_engine_rapid_slice_changes_end_on_the_last_slice(make_napari_viewer, qtbot, stack, engine_sam_test):
     viewer, widget, image = _open(make_napari_viewer, stack.image)
-    widget.set_model(engine_sam_test, ModelRequest("vit_t_test", "", "cpu"))
+    widget.set_model(engine_sam_test, ModelChoice("vit_t_test", "", "cpu"))
     widget.points_layer.add([10, 64, 64])  # a prompt waiting on slice 10
     for z in (2, 5, 8, 10):  # faster than the encoder
         _go_to(viewer, image, z)

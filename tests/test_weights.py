@@ -63,14 +63,14 @@ def _free_port_url() -> str:
 
 
 def test_cache_dir_follows_environment(cache):
-    from napari_mobilesam.weights import cache_dir, weights_path
+    from napari_mobilesam.models.weights import cache_dir, weights_path
 
     assert cache_dir() == cache
     assert weights_path("vit_t") == cache / "weights" / "mobile_sam.pt"
 
 
 def test_good_file_downloaded_once_then_reused(server, cache):
-    from napari_mobilesam.weights import fetch_weights
+    from napari_mobilesam.models.weights import fetch_weights
 
     base, root, log = server
     data = os.urandom(300_000)
@@ -86,7 +86,7 @@ def test_good_file_downloaded_once_then_reused(server, cache):
 
 
 def test_wrong_hash_rejected_and_nothing_left(server, cache):
-    from napari_mobilesam.weights import WeightsHashError, fetch_weights
+    from napari_mobilesam.models.weights import WeightsHashError, fetch_weights
 
     base, root, log = server
     (root / "mobile_sam.pt").write_bytes(b"forged" * 1000)
@@ -98,7 +98,7 @@ def test_wrong_hash_rejected_and_nothing_left(server, cache):
 
 
 def test_offline_error_names_file_place_and_source(cache):
-    from napari_mobilesam.weights import WEIGHTS, WeightsError, fetch_weights
+    from napari_mobilesam.models.weights import WEIGHTS, WeightsError, fetch_weights
 
     with pytest.raises(WeightsError) as err:
         fetch_weights("vit_t", url=_free_port_url(), timeout=5)
@@ -111,7 +111,7 @@ def test_offline_error_names_file_place_and_source(cache):
 
 
 def test_manually_placed_file_is_used_offline(cache):
-    from napari_mobilesam.weights import fetch_weights
+    from napari_mobilesam.models.weights import fetch_weights
 
     data = b"pretend checkpoint bytes"
     target = cache / "weights" / "mobile_sam.pt"
@@ -122,7 +122,7 @@ def test_manually_placed_file_is_used_offline(cache):
 
 
 def test_corrupt_cached_file_is_replaced_by_good_download(server, cache):
-    from napari_mobilesam.weights import fetch_weights
+    from napari_mobilesam.models.weights import fetch_weights
 
     base, root, log = server
     data = os.urandom(1000)
@@ -135,7 +135,7 @@ def test_corrupt_cached_file_is_replaced_by_good_download(server, cache):
 
 
 def test_unknown_model_weights():
-    from napari_mobilesam.weights import fetch_weights
+    from napari_mobilesam.models.weights import fetch_weights
 
     with pytest.raises(ValueError, match="vit_t"):
         fetch_weights("vit_x")
@@ -143,7 +143,8 @@ def test_unknown_model_weights():
 
 def test_build_sam_downloads_default_weights_on_first_use(server, cache, reference_dir, monkeypatch):
     """``build_sam("vit_t")`` with no checkpoint fetches the default file, then reuses it."""
-    from napari_mobilesam import build_sam, model_identity, weights
+    from napari_mobilesam import build_sam, model_identity
+    from napari_mobilesam.models import weights
 
     base, root, log = server
     data = (reference_dir / "mobile_sam_random_weights.pt").read_bytes()

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
+from test_segment_widget import _config_dir, _nucleus, stack  # noqa: F401 (fixtures)
 
 from napari_mobilesam._napari import segment_widget as sw
-from napari_mobilesam._napari.session import Session
-
-from napari_mobilesam._napari.oracle import GroundTruthOracle
-
-from test_segment_widget import _config_dir, _nucleus, stack  # noqa: F401 (fixtures)
+from napari_mobilesam.core.session import Session
+from napari_mobilesam.testing import GroundTruthOracle
 
 
 def _screen_to_data(viewer, image, shape, rows, cols):

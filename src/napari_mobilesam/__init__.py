@@ -16,37 +16,37 @@ _LAZY: dict[str, str] = {
     "synthetic_nuclei": ".data",
     "cell_image": ".data",
     "NucleiStack": ".data",
-    "build_sam": ".build",
-    "load_model": ".build",
-    "model_identity": ".build",
-    "SliceSource": ".image",
-    "EmbeddingCache": ".embeddings",
-    "SlicePredictor": ".predictor",
-    "Prompt": ".predictor",
-    "Prediction": ".predictor",
-    "PromptError": ".predictor",
-    "propagate": ".propagate",
-    "ObjectPrompts": ".propagate",
-    "PropagationResult": ".propagate",
-    "objects_from_labels": ".propagate",
-    "AutoParams": ".automatic",
-    "Stitcher": ".automatic",
-    "segment_slice": ".automatic",
-    "Prompts": ".prompts_io",
-    "read_prompts_csv": ".prompts_io",
-    "prompts_from_points": ".prompts_io",
-    "prompts_from_shapes": ".prompts_io",
-    "prompts_from_arrays": ".prompts_io",
+    "build_sam": ".models.registry",
+    "load_model": ".models.registry",
+    "model_identity": ".models.registry",
+    "SliceSource": ".core.source",
+    "EmbeddingCache": ".core.embeddings",
+    "SlicePredictor": ".core.predictor",
+    "Prompt": ".core.predictor",
+    "Prediction": ".core.predictor",
+    "PromptError": ".core.predictor",
+    "propagate": ".volume.propagation",
+    "ObjectPrompts": ".volume.propagation",
+    "PropagationResult": ".volume.propagation",
+    "objects_from_labels": ".volume.propagation",
+    "AutoParams": ".volume.automatic",
+    "Stitcher": ".volume.automatic",
+    "segment_slice": ".volume.automatic",
+    "Prompts": ".io.prompts",
+    "read_prompts_csv": ".io.prompts",
+    "prompts_from_points": ".io.prompts",
+    "prompts_from_shapes": ".io.prompts",
+    "prompts_from_arrays": ".io.prompts",
     "segment_stack": ".batch",
     "propagate_stack": ".batch",
     "segment_stack_auto": ".batch",
-    "open_stack": ".stack_io",
+    "open_stack": ".io.stacks",
     "add_labels_layer": ".batch",
-    "DistillConfig": ".distill",
-    "DistillEvent": ".distill",
-    "DistillResult": ".distill",
-    "DistillError": ".distill",
-    "iter_distill": ".distill",
+    "DistillConfig": ".distillation.run",
+    "DistillEvent": ".distillation.run",
+    "DistillResult": ".distillation.run",
+    "DistillError": ".distillation.run",
+    "iter_distill": ".distillation.run",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -56,13 +56,9 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    mod = importlib.import_module(module, __name__)
-    # Bind every public name of that module now: importing a submodule sets the package attribute of
-    # the same name to the module itself (e.g. ``propagate``), which must not shadow the function.
-    for other, where in _LAZY.items():
-        if where == module:
-            globals()[other] = getattr(mod, other)
-    return globals()[name]
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "masks filtered by predicted IoU and stability, NMS, then stitching through z.",
     )
     _add_common(auto)
-    from .automatic import AutoParams
+    from .volume.automatic import AutoParams
 
     d = AutoParams()
     auto.add_argument("--min-iou", type=float, default=d.min_iou, help="minimum predicted IoU of a mask")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "distill",
         help="distil a MobileSAM image encoder from a SAM teacher on your images",
     )
-    from .distill import configure_parser
+    from .distillation.run import configure_parser
 
     configure_parser(dist)
     return parser
@@ -153,30 +153,15 @@ def _error(msg: str, code: int) -> int:
 
 
 def _classify(exc: BaseException) -> int:
-    """Exit code for an exception raised by a run."""
-    from .batch import BatchError, PromptsError
+    """Exit code for an exception raised by a run: by its class, never by its message."""
+    from .errors import InputError, ModelError, OutputError
 
-    try:
-        from .checkpoint import CheckpointError
-    except ImportError:  # pragma: no cover
-        CheckpointError = ()  # type: ignore[assignment]
-    try:
-        from .weights import WeightsError
-    except ImportError:  # pragma: no cover
-        WeightsError = ()  # type: ignore[assignment]
-    if isinstance(exc, (CheckpointError, WeightsError)):
+    if isinstance(exc, ModelError):
         return EXIT_MODEL
-    if isinstance(exc, PromptsError):
-        return EXIT_INPUT
-    if isinstance(exc, BatchError):
-        msg = str(exc)
-        if "already exists" in msg or "cannot write" in msg or "is a folder; give a file name" in msg:
-            return EXIT_OUTPUT
-        return EXIT_INPUT
-    if isinstance(exc, (ValueError, IndexError)):
-        return EXIT_INPUT  # SliceSource and friends: shapes, dtypes, layouts
-    if isinstance(exc, PermissionError):
+    if isinstance(exc, (OutputError, PermissionError)):
         return EXIT_OUTPUT
+    if isinstance(exc, (InputError, ValueError, IndexError)):
+        return EXIT_INPUT  # SliceSource and friends: shapes, dtypes, layouts
     return EXIT_ERROR
 
 
@@ -197,19 +182,20 @@ def _client(args) -> tuple[Any, Any]:
 
 def _jobs(args) -> list[tuple[Path, Path, Path | None]]:
     """(stack, output, prompts) for each input; every output is checked before any work."""
-    from .batch import BatchError, check_output_path
+    from .batch.api import check_output_path
+    from .errors import InputError, OutputError
 
     src, out = Path(args.stack), Path(args.output)
     segment = args.command == "segment"
     if src.is_dir():
         files = sorted(f for f in src.iterdir() if f.is_file() and f.suffix.lower() in (".tif", ".tiff"))
         if not files:
-            raise BatchError(f"folder {src} holds no .tif/.tiff files")
+            raise InputError(f"folder {src} holds no .tif/.tiff files")
         if out.exists() and not out.is_dir():
-            raise BatchError(f"with a folder of stacks, -o must be a folder; {out} is a file")
+            raise OutputError(f"with a folder of stacks, -o must be a folder; {out} is a file")
         prompts_dir = Path(args.prompts) if segment else None
         if segment and not prompts_dir.is_dir():
-            raise BatchError(
+            raise InputError(
                 f"with a folder of stacks, --prompts must be a folder holding one NAME.csv per "
                 f"NAME.tif; {prompts_dir} is not a folder"
             )
@@ -217,7 +203,7 @@ def _jobs(args) -> list[tuple[Path, Path, Path | None]]:
                 for f in files]
     else:
         if out.suffix.lower() not in (".tif", ".tiff"):
-            raise BatchError(f"output {out} must be a .tif or .tiff file")
+            raise OutputError(f"output {out} must be a .tif or .tiff file")
         jobs = [(src, out, Path(args.prompts) if segment else None)]
     for _, o, _ in jobs:
         check_output_path(o, args.overwrite)
@@ -226,7 +212,7 @@ def _jobs(args) -> list[tuple[Path, Path, Path | None]]:
 
 def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any, client) -> None:
     from . import batch
-    from .batch import open_stack
+    from .batch.api import open_stack
 
     data, meta = open_stack(stack, lazy=not args.eager_read)
     common = dict(
@@ -242,7 +228,7 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
         else:
             batch.segment_stack(data, prompts, client=client, **common)
     else:
-        from .automatic import AutoParams
+        from .volume.automatic import AutoParams
 
         params = AutoParams(
             min_iou=args.min_iou, min_stability=args.min_stability, min_area=args.min_area,
@@ -257,6 +243,7 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
 
 def _run(args) -> int:
     from . import batch
+    from .models.choice import ModelChoice
 
     jobs = _jobs(args)  # before any heavy work: outputs that exist stop the run here
     if len(jobs) > 1:
@@ -270,8 +257,8 @@ def _run(args) -> int:
                 if client is None and isinstance(model, str) and len(jobs) > 1:
                     # Many files: load the model once, when the first input has opened.
                     batch.open_stack(stack)
-                    model, _ = batch._resolve_model(model, args.checkpoint, args.device,
-                                                    args.backend, args.precision)
+                    model = ModelChoice.of(model, args.checkpoint, args.device, args.backend,
+                                           args.precision).load()
                 _run_one(args, stack, out, prompts_path, model, client)
             except Exception as exc:  # noqa: BLE001
                 if len(jobs) == 1:
@@ -297,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
     if args.command == "distill":
-        from .distill import run_cli
+        from .distillation.run import run_cli
 
         return int(run_cli(args))
     try:

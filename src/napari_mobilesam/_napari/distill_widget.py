@@ -2,7 +2,7 @@
 
 The panel collects the settings (teacher checkpoint, image layers or a folder of TIFFs, epochs,
 learning rate, batch size, device, output file), refuses invalid ones with a message before
-anything runs, then runs :func:`napari_mobilesam.distill.iter_distill` in a napari thread worker.
+anything runs, then runs :func:`napari_mobilesam.distillation.run.iter_distill` in a napari thread worker.
 Its events drive a progress bar, a status line and a live plot of the training loss (per step) and
 the validation embedding MSE (per epoch). Cancel stops after the current step and keeps a training
 state; running again with the same settings resumes from it.
@@ -41,6 +41,8 @@ from psygnal import Signal
 from qtpy.QtCore import QPointF
 from qtpy.QtGui import QColor, QPainter, QPen
 from qtpy.QtWidgets import QSizePolicy, QWidget
+
+from ..models.devices import device_choices
 
 __all__ = ["DistillWidget", "LossPlot"]
 
@@ -135,19 +137,6 @@ class LossPlot(QWidget):
         p.end()
 
 
-def _device_choices() -> list[str]:
-    choices = ["auto", "cpu"]
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            choices.append("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            choices.append("mps")
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    return choices
-
 
 class DistillWidget(Container):
     """The distillation dock panel (see the module docstring).
@@ -163,7 +152,7 @@ class DistillWidget(Container):
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
-        from ..distill import DistillConfig
+        from ..distillation.run import DistillConfig
         from .settings import dev_mode
 
         self._viewer = viewer
@@ -190,7 +179,7 @@ class DistillWidget(Container):
                                           value=d.val_fraction)
         self._mask_loss = FloatSpinBox(label="mask-loss weight", min=0.0, max=100.0, step=0.1,
                                        value=d.mask_loss_weight)
-        self._device = ComboBox(label="device", choices=_device_choices(), value="auto")
+        self._device = ComboBox(label="device", choices=device_choices(), value="auto")
         self._output = FileEdit(label="output", mode="w", filter="*.pt")
         self._overwrite = CheckBox(text="overwrite an existing output file", value=False)
         self._run_btn = PushButton(text="Distil")
@@ -252,9 +241,9 @@ class DistillWidget(Container):
         least one image, numbers in range. The teacher's content is checked at the start of the run,
         before any computation.
         """
-        from ..distill import DistillConfig, _check_config
-        from ..distill_data import DistillError
-        from ..image import SliceSource
+        from ..core.source import SliceSource
+        from ..distillation.data import DistillError
+        from ..distillation.run import DistillConfig, _check_config
 
         teacher = Path(str(self._teacher.value))
         if str(self._teacher.value) in ("", ".") or not teacher.is_file():
@@ -308,8 +297,8 @@ class DistillWidget(Container):
         """Check the settings and start the run in a worker; returns the worker (None if refused)."""
         from napari.qt.threading import create_worker
 
-        from ..distill import iter_distill
-        from ..distill_data import DistillError
+        from ..distillation.data import DistillError
+        from ..distillation.run import iter_distill
 
         if self._busy:
             return self.worker
@@ -377,7 +366,7 @@ class DistillWidget(Container):
         self.offer_model()
 
     def _on_error(self, exc: BaseException) -> None:
-        from ..distill_data import DistillError
+        from ..distillation.data import DistillError
 
         if not isinstance(exc, DistillError):  # not a settings problem: keep the traceback
             log.error("distillation failed", exc_info=exc)

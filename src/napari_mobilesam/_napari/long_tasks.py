@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from napari.layers import Labels
 
+from ..core.session import describe_stops
 from . import prompt_layers as pl
-from .session import describe_stops
 from .workers import Task, start_task
 
 __all__ = ["LongTasksMixin"]

@@ -14,7 +14,7 @@ Workflow (see ``docs/usage.md``):
    in the activity dock and in the widget; Stop ends it early and keeps the slices done) and
    writes the result as one undo step.
 
-The engine is reached only through :class:`~napari_mobilesam._napari.session.Session`; the layers
+The engine is reached only through :class:`~napari_mobilesam.core.session.Session`; the layers
 are made and read by :mod:`.prompt_layers`; propagation and automatic segmentation live in
 :mod:`.long_tasks`.
 """
@@ -25,15 +25,30 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton, SpinBox
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    PushButton,
+    SpinBox,
+)
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
+from ..core.session import ObjectPrediction, Session
+from ..models.choice import ModelChoice
 from . import prompt_layers as pl
 from .long_tasks import LongTasksMixin
-from .session import ModelRequest, ObjectPrediction, Session, load_requested_model
-from .settings import WidgetSettings, device_choices, load_settings, model_choices, save_settings
+from .settings import (
+    WidgetSettings,
+    device_choices,
+    load_settings,
+    model_choices,
+    save_settings,
+)
 from .workers import Task, start_task
 
 if TYPE_CHECKING:
@@ -93,7 +108,7 @@ class SegmentWidget(LongTasksMixin, Container):
         self._layer_sets: dict[int, tuple] = {}  # id(image) -> (points, boxes, preview)
         self._created_targets: dict[int, Labels] = {}  # id(image) -> Labels layer made for it
         self._sam = None
-        self._sam_request: ModelRequest | None = None
+        self._sam_request: ModelChoice | None = None
         self._session: Session | None = None
         self._model_task: Task | None = None
         self._embed_task: Task | None = None
@@ -216,12 +231,12 @@ class SegmentWidget(LongTasksMixin, Container):
             self._on_image_changed(self._image_combo.value)
 
     # ------------------------------------------------------------------ model
-    def model_request(self) -> ModelRequest:
+    def model_request(self) -> ModelChoice:
         """The model, checkpoint and device currently chosen in the widget."""
         checkpoint = str(self._checkpoint.value) if self._model_combo.value in ("checkpoint", "distilled") else ""
         if checkpoint in (".", ""):
             checkpoint = ""
-        return ModelRequest(self._model_combo.value, checkpoint, self._device_combo.value)
+        return ModelChoice(self._model_combo.value, checkpoint, self._device_combo.value)
 
     def _update_checkpoint_visibility(self) -> None:
         self._checkpoint.visible = self._model_combo.value in ("checkpoint", "distilled")
@@ -255,35 +270,35 @@ class SegmentWidget(LongTasksMixin, Container):
         self._extra_models.update(DEV_MODEL_CHOICES)
         self._model_combo.reset_choices()
 
-    def load_model(self, request: ModelRequest | None = None) -> Task | None:
+    def load_model(self, request: ModelChoice | None = None) -> Task | None:
         """Load the chosen model in a worker; the preview refreshes when it is ready."""
         request = request or self.model_request()
         if self._model_task is not None and not self._model_task.done:
             return self._model_task
         self._model_status.value = f"model: loading {request.describe()}…"
         self._model_task = start_task(
-            lambda report, cancelled: load_requested_model(request),
+            lambda report, cancelled: request.load(),
             description=f"MobileSAM: loading {request.describe()}",
             on_result=lambda sam: self.set_model(sam, request),
             on_error=lambda exc: self._on_model_error(exc, request),
         )
         return self._model_task
 
-    def _on_model_error(self, exc: BaseException, request: ModelRequest) -> None:
+    def _on_model_error(self, exc: BaseException, request: ModelChoice) -> None:
         self._model_status.value = f"model: failed to load {request.describe()}"
         self._report(exc, f"loading {request.describe()}")
 
-    def set_model(self, sam, request: ModelRequest | None = None) -> None:
+    def set_model(self, sam, request: ModelChoice | None = None) -> None:
         """Use an already loaded ``Sam`` (what the loader calls; tests pass ``vit_t_test`` here)."""
         self._sam = sam
-        self._sam_request = request or ModelRequest(getattr(sam, "napari_mobilesam_info", {}).get("model", "custom"))
+        self._sam_request = request or ModelChoice(getattr(sam, "napari_mobilesam_info", {}).get("model", "custom"))
         self._model_status.value = f"model: {self._sam_request.describe()} ✓"
         self._new_session()
 
     def set_session(self, session: Session, description: str = "custom session") -> None:
         """Use a ready-made :class:`Session` for the current image (e.g. one with an oracle predictor)."""
         self._replace_session(session)
-        self._sam_request = self._sam_request or ModelRequest("custom")
+        self._sam_request = self._sam_request or ModelChoice("custom")
         self._model_status.value = f"model: {description} ✓"
         self._on_slice_settled()
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from ..files import atomic_write_text
+from ..models.devices import device_choices
 
 __all__ = [
     "MODEL_CHOICES",
@@ -51,21 +53,6 @@ def model_choices(include_dev: bool | None = None) -> dict[str, str]:
     include_dev = dev_mode() if include_dev is None else include_dev
     return {**MODEL_CHOICES, **(DEV_MODEL_CHOICES if include_dev else {})}
 
-
-def device_choices() -> list[str]:
-    """``["auto", "cpu"]`` plus ``"cuda"`` / ``"mps"`` when torch can use them."""
-    choices = ["auto", "cpu"]
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            choices.append("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            choices.append("mps")
-    except Exception:  # noqa: BLE001 - a broken torch shows up when the model loads
-        pass
-    return choices
 
 
 @dataclass
@@ -116,14 +103,4 @@ def load_settings() -> WidgetSettings:
 
 def save_settings(settings: WidgetSettings) -> Path:
     """Write the settings atomically (temporary file + rename) and return the file's path."""
-    path = settings_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".segment_widget.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(asdict(settings), fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(settings_path(), json.dumps(asdict(settings), indent=2))

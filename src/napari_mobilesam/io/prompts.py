@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .stack_io import BatchError
+from ..errors import PromptError
 
 __all__ = [
     "Prompts",
@@ -27,8 +27,7 @@ __all__ = [
 ]
 
 
-class PromptsError(BatchError):
-    """A prompts table (CSV, Points/Shapes data, arrays) is malformed or does not fit the stack."""
+PromptsError = PromptError  # the name this module used before the error classes were unified
 
 
 @dataclass

@@ -21,16 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import PromptError
 from .embeddings import EmbeddingCache
-from .image import SliceSource
+from .preprocess import encoder_size, input_size_for
+from .source import SliceSource
 
 __all__ = ["Prompt", "Prediction", "SlicePredictor", "PromptError"]
 
 LOW_RES = 256
 
 
-class PromptError(ValueError):
-    """A prompt that cannot be used (empty, outside the slice, NaN, wrong shape)."""
 
 
 @dataclass
@@ -245,15 +245,6 @@ class SlicePredictor:
             raise PromptError("empty prompt: give at least one point, a box or a mask_input")
         return coords, labels, box, mask, bool(p.multimask)
 
-    def to_sam_points(self, points: Any) -> np.ndarray:
-        """(N, 2) (row, col) slice coordinates -> (N, 2) SAM (x, y) in the resized encoder frame."""
-        from .embeddings import _encoder_size, input_size_for
-
-        H, W = self.slice_shape
-        h, w = input_size_for((H, W), _encoder_size(self.sam))
-        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        return np.stack([pts[:, 1] * w / W, pts[:, 0] * h / H], axis=1)
-
     # -- up-scaling -------------------------------------------------------------------------------
     def _matrices(self, original: tuple[int, int], resized: tuple[int, int]):
         """Row and column resizing ``(H, 256)``, ``(W, 256)`` as taps, with their supports.
@@ -334,9 +325,8 @@ class SlicePredictor:
         if not prompts:
             return []
         original = self.source.slice_shape
-        from .embeddings import _encoder_size, input_size_for
 
-        resized = input_size_for(original, _encoder_size(self.sam))
+        resized = input_size_for(original, encoder_size(self.sam))
         checked = [self._check(p, original, resized) for p in prompts]  # before any heavy work
         emb = self.cache.get(self.source, z)
         groups: dict[tuple, list[int]] = {}

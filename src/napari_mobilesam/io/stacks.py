@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError, MobileSAMError, OutputError
+
 __all__ = [
     "BatchError",
     "StackMetadata",
@@ -27,8 +29,7 @@ __all__ = [
 ]
 
 
-class BatchError(ValueError):
-    """A batch job cannot run as asked (bad input file, shapes that don't fit, existing output)."""
+BatchError = MobileSAMError  # any error of a batch job: input (InputError), output (OutputError), model
 
 
 @dataclass
@@ -97,13 +98,13 @@ def _open_tiff(path):
 
     path = Path(path)
     if not path.exists():
-        raise BatchError(f"input file not found: {path}")
+        raise InputError(f"input file not found: {path}")
     if path.is_dir():
-        raise BatchError(f"input {path} is a folder; give a TIFF file")
+        raise InputError(f"input {path} is a folder; give a TIFF file")
     try:
         return tifffile.TiffFile(path)
     except Exception as e:  # tifffile raises several types for garbage
-        raise BatchError(f"cannot read {path} as a TIFF file: {e}") from None
+        raise InputError(f"cannot read {path} as a TIFF file: {e}") from None
 
 
 def open_stack(path: str | os.PathLike, *, lazy: bool = True) -> tuple[Any, StackMetadata]:
@@ -148,7 +149,7 @@ def open_stack(path: str | os.PathLike, *, lazy: bool = True) -> tuple[Any, Stac
             try:
                 return series.asarray(), meta
             except Exception as e:
-                raise BatchError(f"cannot decode the image data in {path}: {e}") from None
+                raise InputError(f"cannot decode the image data in {path}: {e}") from None
     import dask
     import dask.array as da
 
@@ -273,14 +274,14 @@ class LabelsTiffWriter:
     def write(self, labels_slice: np.ndarray) -> None:
         """Append the next slice ((H, W) integer labels, values below the dtype's maximum)."""
         if self._error is not None:
-            raise BatchError(f"writing {self.path} failed: {self._error}") from self._error
+            raise OutputError(f"writing {self.path} failed: {self._error}") from self._error
         a = np.asarray(labels_slice)
         if a.shape != self.shape[1:]:
             raise ValueError(f"slice shape {a.shape} does not match the stack's {self.shape[1:]}")
         if self._next >= self.shape[0]:
             raise ValueError(f"all {self.shape[0]} slices are already written")
         if a.size and (a.min() < 0 or a.max() > np.iinfo(self.dtype).max):
-            raise BatchError(f"label ids must lie in 0..{np.iinfo(self.dtype).max} for {self.dtype} output")
+            raise InputError(f"label ids must lie in 0..{np.iinfo(self.dtype).max} for {self.dtype} output")
         with self._cond:
             while len(self._queue) >= 2 and self._error is None:  # bounded: no pile-up in memory
                 self._cond.wait(0.1)
@@ -302,7 +303,7 @@ class LabelsTiffWriter:
         else:
             self._partial.unlink(missing_ok=True)
             if self._error is not None and ok:
-                raise BatchError(f"writing {self.path} failed: {self._error}") from self._error
+                raise OutputError(f"writing {self.path} failed: {self._error}") from self._error
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(ok=exc_type is None)
@@ -312,12 +313,12 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse to replace an existing file unless ``overwrite``; check the folder is writable."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise BatchError(f"output {path} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise OutputError(f"output {path} already exists; pass overwrite=True (--overwrite) to replace it")
     if path.is_dir():
-        raise BatchError(f"output {path} is a folder; give a file name such as labels.tif")
+        raise OutputError(f"output {path} is a folder; give a file name such as labels.tif")
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not os.access(parent, os.W_OK):
-        raise BatchError(f"cannot write to folder {parent}")
+        raise OutputError(f"cannot write to folder {parent}")
     return path
 
 
@@ -329,16 +330,16 @@ def parse_z_range(z_range: Any, n_slices: int) -> range:
     if isinstance(z_range, str):
         parts = z_range.split(":")
         if len(parts) != 2:
-            raise BatchError(f"z range must look like START:STOP (e.g. 10:50), got {z_range!r}")
+            raise InputError(f"z range must look like START:STOP (e.g. 10:50), got {z_range!r}")
         try:
             z_range = tuple(int(p) if p.strip() else None for p in parts)
         except ValueError:
-            raise BatchError(f"z range must be two integers START:STOP, got {z_range!r}") from None
+            raise InputError(f"z range must be two integers START:STOP, got {z_range!r}") from None
     try:
         start, stop = z_range
     except (TypeError, ValueError):
-        raise BatchError(f"z_range must be (start, stop), got {z_range!r}") from None
+        raise InputError(f"z_range must be (start, stop), got {z_range!r}") from None
     r = range(n_slices)[slice(start, stop)]
     if len(r) == 0:
-        raise BatchError(f"z range {z_range!r} selects no slices of a stack with {n_slices} slices")
+        raise InputError(f"z range {z_range!r} selects no slices of a stack with {n_slices} slices")
     return r

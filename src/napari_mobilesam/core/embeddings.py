@@ -1,7 +1,7 @@
 """Per-slice image embeddings, computed lazily and cached in memory and (optionally) on disk.
 
 `EmbeddingCache.get(source, z)` returns the SAM image embedding of slice ``z`` of a
-`~napari_mobilesam.image.SliceSource`. Entries are keyed by the slice's RGB content (which already
+`~napari_mobilesam.core.source.SliceSource`. Entries are keyed by the slice's RGB content (which already
 includes the normalisation) and the model's identity, so the same slice seen through two sources or
 two runs is computed once.
 
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,8 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends import tensor_version
-from .image import SliceSource
+from ..files import atomic_write
+from ..models.backends import tensor_version
+from ..models.registry import model_identity
+from .preprocess import encoder_size, input_size_for, preprocess_rgb
+from .source import SliceSource
 
 __all__ = ["Embedding", "EmbeddingCache", "CacheStats", "compute_embedding", "model_identity_of"]
 
@@ -43,7 +44,6 @@ EMBED_SHAPE = (256, 64, 64)
 DEFAULT_MAX_BYTES = 512 * 2**20
 DEFAULT_MAX_DISK_BYTES = 4 * 2**30
 
-_identity_cache: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -88,44 +88,9 @@ class CacheStats:
 
 
 def model_identity_of(sam: Any) -> str:
-    """A stable string naming the model, its weights and backend, used in cache keys.
-
-    ``napari_mobilesam.build.model_identity`` (which follows in-place weight changes) for models it
-    knows; otherwise a hash of the state dict (names, shapes, dtypes and values), computed once per
-    model object.
-    """
-    try:
-        from .build import model_identity
-
-        return str(model_identity(sam))
-    except ImportError:
-        pass
-    try:
-        return _identity_cache[sam]
-    except (KeyError, TypeError):
-        pass
-    h = hashlib.blake2b(digest_size=16)
-    with torch.no_grad():
-        for name, t in sorted(sam.state_dict().items()):
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    ident = f"{type(sam.image_encoder).__name__}-{h.hexdigest()}"
-    try:
-        _identity_cache[sam] = ident
-    except TypeError:
-        pass
-    return ident
-
-
-def _encoder_size(sam: Any) -> int:
-    return int(getattr(sam.image_encoder, "img_size", 1024))
-
-
-def input_size_for(original_size: tuple[int, int], long_side: int = 1024) -> tuple[int, int]:
-    """(h, w) of a (H, W) image resized so its longest side is ``long_side`` (SAM's rule)."""
-    h, w = original_size
-    scale = long_side / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    """A stable string naming the model, its weights and backend, used in cache keys (see
+    :func:`napari_mobilesam.models.registry.model_identity`: it follows in-place weight changes)."""
+    return str(model_identity(sam))
 
 
 def compute_embedding(sam: Any, rgb: np.ndarray) -> Embedding:
@@ -134,19 +99,10 @@ def compute_embedding(sam: Any, rgb: np.ndarray) -> Embedding:
     Resize (longest side to the encoder size, bilinear with antialiasing), normalise with the model's
     pixel mean/std, zero-pad bottom/right to a square, encode. Returns float32 features.
     """
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.shape} {rgb.dtype}")
-    size = _encoder_size(sam)
-    resized = ResizeLongestSide(size).apply_image(np.ascontiguousarray(rgb))
-    h, w = resized.shape[:2]
-    device = sam.pixel_mean.device
     with torch.inference_mode():
-        x = torch.as_tensor(resized, device=device).permute(2, 0, 1).float()
-        x = (x - sam.pixel_mean) / sam.pixel_std
-        x = torch.nn.functional.pad(x, (0, size - w, 0, size - h))[None]
-        feats = sam.image_encoder(x)
+        x, (h, w) = preprocess_rgb(rgb, encoder_size(sam), mean=sam.pixel_mean, std=sam.pixel_std,
+                                   device=sam.pixel_mean.device)
+        feats = sam.image_encoder(x[None])
     if not isinstance(feats, torch.Tensor):
         feats = torch.as_tensor(np.asarray(feats))
     feats = feats.float()
@@ -301,20 +257,13 @@ class EmbeddingCache:
         path = self._disk_path(key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, feats.cpu().numpy(), allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic on POSIX and Windows
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        arr = feats.cpu().numpy()
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a path
+                np.save(f, arr, allow_pickle=False)
+
+        atomic_write(path, write)
         self._after_disk_write(path)
 
     def _disk_entries(self) -> list[tuple[float, int, Path]]:
@@ -423,7 +372,7 @@ class EmbeddingCache:
 
     def _fill(self, source: SliceSource, z: int, key: str):
         original_size = source.slice_shape
-        input_size = input_size_for(original_size, _encoder_size(self.sam))
+        input_size = input_size_for(original_size, encoder_size(self.sam))
         feats = self._load_disk(key)
         if feats is not None:
             with self._lock:
@@ -457,7 +406,7 @@ class EmbeddingCache:
         self._check_identity()
         feats = feats.detach().to("cpu", self.dtype).contiguous()
         original_size = source.slice_shape
-        input_size = input_size_for(original_size, _encoder_size(self.sam))
+        input_size = input_size_for(original_size, encoder_size(self.sam))
         key = self.key(source, z)
         with self._lock:
             old = self._mem.pop(key, None)

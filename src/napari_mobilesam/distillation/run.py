@@ -7,7 +7,7 @@ each slice matches the teacher's (MSE, optionally plus a mask term through the f
 The prompt encoder and mask decoder stay frozen and are shared.
 
 Decoupled: every training slice's teacher embedding is computed once and kept in a float16 disk
-cache (:class:`~napari_mobilesam.distill_data.TeacherCache`), reused across runs; the teacher never
+cache (:class:`~napari_mobilesam.distillation.data.TeacherCache`), reused across runs; the teacher never
 runs during training. Augmentations are the 8 flips/quarter turns applied to both the input and the
 cached embedding.
 
@@ -16,9 +16,9 @@ Entry points
 - :func:`distill` (blocking) and :func:`iter_distill` (a generator of :class:`DistillEvent`, for
   GUIs) take a :class:`DistillConfig`.
 - ``napari-mobilesam distill --teacher sam_vit_b.pth --images stack.tif -o student.pt``
-  (:func:`configure_parser` / :func:`run_cli`); also ``python -m napari_mobilesam.distill ...``.
+  (:func:`configure_parser` / :func:`run_cli`); also ``python -m napari_mobilesam.distillation.run ...``.
 - Several processes or GPUs: the same command under ``torchrun`` (DistributedDataParallel; NCCL on
-  GPUs, gloo on CPUs), e.g. ``torchrun --nproc_per_node 2 -m napari_mobilesam.distill ...``.
+  GPUs, gloo on CPUs), e.g. ``torchrun --nproc_per_node 2 -m napari_mobilesam.distillation.run ...``.
 
 Outputs: ``student.pt`` in the official MobileSAM state-dict layout (loads with
 ``build_sam("vit_t", "student.pt")`` and in the official code) and ``student.pt.json`` (teacher, data,
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .distill_data import (
+from .data import (
     DistillError,
     Teacher,
     TeacherCache,
@@ -74,7 +74,7 @@ class DistillConfig:
     ----------
     teacher : path, Teacher, or torch module
         A SAM ViT-B/L/H checkpoint (``sam_vit_b_01ec64.pth``...) or a MobileSAM-format checkpoint;
-        in scripts also a :class:`~napari_mobilesam.distill_data.Teacher` or an encoder module.
+        in scripts also a :class:`~napari_mobilesam.distillation.data.Teacher` or an encoder module.
     images : sequence
         Arrays (2D ``(row, col)`` or stacks ``(z, row, col)``, e.g. napari layer data), TIFF files,
         folders of TIFFs, or ``SliceSource`` objects (see ``distill_data.open_images``).
@@ -286,19 +286,29 @@ def iter_distill(
     """
     import torch
 
-    from .build import build_sam
-    from .checkpoint import CheckpointError, file_sha256, save_checkpoint
-    from .weights import WeightsError
-    from .distill_train import (
-        Validator, aug_op, choose_device, choose_precision, epoch_order, freeze_batchnorm,
-        init_distributed, latest_state, load_state, make_batch, mask_distill_loss, save_state,
+    from ..models.checkpoint import CheckpointError, file_sha256, save_checkpoint
+    from ..models.registry import build_sam
+    from ..models.weights import WeightsError
+    from .train import (
+        Validator,
+        aug_op,
+        choose_device,
+        choose_precision,
+        epoch_order,
+        freeze_batchnorm,
+        init_distributed,
+        latest_state,
+        load_state,
+        make_batch,
+        mask_distill_loss,
+        save_state,
         warmup_cosine,
     )
 
     cfg = config
     out = _check_config(cfg)
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else None
-    from .distill_data import default_cache_root
+    from .data import default_cache_root
 
     cache_root = cache_root or default_cache_root()
     teacher = _teacher(cfg, cache_root)
@@ -646,8 +656,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m napari_mobilesam.distill ...`` (the same arguments as ``napari-mobilesam distill``)."""
-    parser = argparse.ArgumentParser(prog="python -m napari_mobilesam.distill",
+    """``python -m napari_mobilesam.distillation.run ...`` (the same arguments as ``napari-mobilesam distill``)."""
+    parser = argparse.ArgumentParser(prog="python -m napari_mobilesam.distillation.run",
                                      description="Fine-tune MobileSAM by decoupled distillation.")
     configure_parser(parser)
     return run_cli(parser.parse_args(argv))

@@ -1,6 +1,6 @@
 """Inference backends behind ``Sam.image_encoder`` (and ``Sam.mask_decoder``).
 
-A backend replaces modules of a built ``Sam`` (see :func:`napari_mobilesam.build.build_sam`) with
+A backend replaces modules of a built ``Sam`` (see :func:`napari_mobilesam.models.registry.build_sam`) with
 wrappers that have the same call signature, so ``segment_anything.SamPredictor`` and our own code
 use them transparently:
 
@@ -25,7 +25,7 @@ If OpenVINO is missing or fails, :func:`apply_backend` logs a warning and falls 
 Wrapped models are for inference only: wrapped parts have no trainable parameters and
 ``sam.state_dict()`` is no longer the checkpoint layout — train and save with ``build_sam``'s model.
 Every wrapper carries ``backend_name``, ``precision`` and ``weights_digest`` (the SHA-256 of the
-source module's weights) which :func:`napari_mobilesam.build.model_identity` reads.
+source module's weights) which :func:`napari_mobilesam.models.registry.model_identity` reads.
 
 Tensors: the encoder takes ``(B, 3, S, S)`` float32 (``S = img_size``, 1024) and returns
 ``(B, 256, S/16, S/16)`` float32 on the model's device, whatever the backend and precision.
@@ -49,6 +49,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from ..checkpoint import state_dict_digest
+from ..devices import choose_device, cpu_has_amx, cpu_has_bf16
 
 __all__ = [
     "choose_device",
@@ -77,33 +80,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "mixed")
 _IR_RECIPE = "3"
 
 
-def choose_device(device=None) -> torch.device:
-    """``device`` as a ``torch.device``; ``None`` picks CUDA, then MPS, then the CPU."""
-    if device is not None:
-        try:
-            return torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"invalid device {device!r}: use 'cpu', 'cuda', 'cuda:1' or 'mps'") from exc
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bf16 instructions (AVX512-BF16 or AMX; OpenVINO uses both)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
 
 def _openvino_has_bf16(core) -> bool:
     try:
@@ -113,14 +89,14 @@ def _openvino_has_bf16(core) -> bool:
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every Conv-BN pair (:class:`~napari_mobilesam.tiny_vit.ConvBN`) by one biased conv.
+    """Replace every Conv-BN pair (:class:`~napari_mobilesam.models.tiny_vit.ConvBN`) by one biased conv.
 
     Works in place on ``module`` (in eval mode) and returns it. The result computes the same
     function up to float rounding (about 1e-6 relative).
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    from .tiny_vit import ConvBN
+    from ..tiny_vit import ConvBN
 
     module.eval()
     for name, child in list(module.named_children()):
@@ -130,11 +106,6 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
             fold_batchnorm(child)
     return module
 
-
-def _digest(module: nn.Module) -> str:
-    from .build import _tensor_digest
-
-    return getattr(module, "weights_digest", None) or _tensor_digest(module)
 
 
 def split_encoder(encoder: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -146,7 +117,7 @@ def split_encoder(encoder: nn.Module) -> list[tuple[str, nn.Module]]:
     0.97; the front parts together cost < 0.002), so ``"mixed"`` runs the front in bf16 and the back in float32. Other encoders
     (SAM ViT) are one part, ``whole``.
     """
-    from .tiny_vit import TinyViT
+    from ..tiny_vit import TinyViT
 
     if isinstance(encoder, TinyViT):
         front = nn.Sequential(encoder.patch_embed, *encoder.layers[:-1])
@@ -177,7 +148,7 @@ class TorchEncoder(nn.Module):
         super().__init__()
         if precision not in ("fp32", "bf16", "mixed"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'mixed', not {precision!r}")
-        self.weights_digest = _digest(encoder)
+        self.weights_digest = state_dict_digest(encoder)
         self.img_size = encoder.img_size
         self.precision = precision
         self.device = torch.device(device)
@@ -201,7 +172,7 @@ class TorchEncoder(nn.Module):
 def _ir_dir(kind: str, digest: str, img_size: int) -> Path:
     import openvino
 
-    from .weights import cache_dir
+    from ..weights import cache_dir
 
     key = hashlib.sha256(
         f"{kind}|{digest}|{img_size}|{openvino.__version__}|{_IR_RECIPE}".encode()
@@ -218,7 +189,7 @@ def openvino_ir(module: nn.Module, kind: str, example, *, img_size: int, input_s
     """
     import openvino as ov
 
-    target = _ir_dir(kind, _digest(module), img_size)
+    target = _ir_dir(kind, state_dict_digest(module), img_size)
     xml = target / "model.xml"
     if xml.exists() and (target / "model.bin").exists():
         return xml, False
@@ -283,7 +254,7 @@ class OpenVINOEncoder(nn.Module):
         self.precision = precision
         self.img_size = encoder.img_size
         self.device = torch.device("cpu")
-        self.weights_digest = _digest(encoder)
+        self.weights_digest = state_dict_digest(encoder)
         object.__setattr__(self, "torch_encoder", encoder)
         s = encoder.img_size
         src = fold_batchnorm(copy.deepcopy(encoder).cpu().float())
@@ -529,7 +500,7 @@ class FastMaskDecoder(nn.Module):
 
     def __init__(self, decoder: nn.Module) -> None:
         super().__init__()
-        self.weights_digest = _digest(decoder)
+        self.weights_digest = state_dict_digest(decoder)
         object.__setattr__(self, "torch_decoder", decoder)
 
     def forward(
@@ -652,7 +623,7 @@ class OpenVINOMaskDecoder(nn.Module):
         if precision == "bf16" and not _openvino_has_bf16(ov.Core()):
             precision = "fp32"
         self.precision = precision
-        self.weights_digest = _digest(decoder)
+        self.weights_digest = state_dict_digest(decoder)
         object.__setattr__(self, "torch_decoder", decoder)
         self.embed_shape = tuple(embed_shape)
         c, h, w = self.embed_shape
@@ -721,16 +692,9 @@ class OpenVINOMaskDecoder(nn.Module):
         return masks[:, sel], iou[:, sel]
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX-BF16 tiles (where torch's bf16 autocast beats float32 on a CPU)."""
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
 
 def _is_tiny_vit(encoder) -> bool:
-    from .tiny_vit import TinyViT
+    from ..tiny_vit import TinyViT
 
     return isinstance(encoder, TinyViT)
 
@@ -776,6 +740,8 @@ def apply_backend(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "openvino" and device is not None and str(device).split(":")[0] not in ("cpu", "auto"):
+        raise ValueError(f"the OpenVINO backend runs on the CPU, not on {device}; use backend='torch'")
     dev = choose_device(device)
     if hasattr(sam.image_encoder, "backend_name"):
         raise ValueError("a backend is already applied to this model; start from build_sam()")

@@ -3,7 +3,7 @@
 Everything the training loop reads comes from here:
 
 - :func:`open_images` turns napari layer data, arrays, TIFF files and folders into
-  :class:`~napari_mobilesam.image.SliceSource` objects, so training sees exactly the per-slice uint8
+  :class:`~napari_mobilesam.core.source.SliceSource` objects, so training sees exactly the per-slice uint8
   RGB that inference sees; :func:`split_slices` samples slices and holds some out for validation.
 - :func:`load_teacher` reads a SAM ViT-B/L/H checkpoint (segment-anything layout) or a
   MobileSAM-format checkpoint and returns its image encoder; :func:`vit_teacher_encoder` builds
@@ -22,13 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..core.preprocess import preprocess_rgb
+from ..errors import DistillError
+from ..files import atomic_write_bytes
 
 __all__ = [
     "DistillError",
@@ -50,14 +53,10 @@ __all__ = [
 #: Bump when the way an input image is made from a slice changes: old cache entries then miss.
 PREPROCESS_VERSION = "1"
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
-class DistillError(ValueError):
-    """Invalid distillation input or settings; the message names the problem and the fix."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +102,7 @@ def _slice_source(cls: Any, data: Any, rgb: bool | None, name: str, channel_axis
 def open_images(
     images: Sequence[Any] | Any, *, rgb: bool | None = None, channel_axis: int | None = None
 ) -> list[tuple[str, Any]]:
-    """Open every image to train on as a :class:`~napari_mobilesam.image.SliceSource`.
+    """Open every image to train on as a :class:`~napari_mobilesam.core.source.SliceSource`.
 
     Parameters
     ----------
@@ -126,7 +125,7 @@ def open_images(
     DistillError
         When an item does not exist, a folder holds no image, or nothing was given.
     """
-    from .image import SliceSource
+    from ..core.source import SliceSource
 
     if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "slice_key"):
         images = [images]
@@ -217,38 +216,6 @@ def split_slices(
         )
     return refs[n_val:], refs[:n_val]
 
-
-def preprocess_rgb(rgb: np.ndarray, img_size: int = 1024) -> tuple[Any, tuple[int, int]]:
-    """SAM's input for one slice, made exactly as inference makes it (``embeddings.compute_embedding``).
-
-    Parameters
-    ----------
-    rgb : (H, W, 3) uint8
-        The slice as :meth:`SliceSource.rgb` returns it.
-    img_size : int
-        The encoder's square input size (1024 for every SAM-family model).
-
-    Returns
-    -------
-    image : (3, img_size, img_size) float32 torch tensor
-        Longest side resized to ``img_size`` (segment-anything's ``ResizeLongestSide``: bilinear,
-        antialiased, uint8), normalised with SAM's pixel mean/std, zero-padded bottom and right.
-    input_size : (h, w)
-        Size of the resized image inside the padded square.
-    """
-    import torch
-    import torch.nn.functional as F
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise DistillError(f"expected an (H, W, 3) uint8 slice, got {rgb.shape} {rgb.dtype}")
-    resized = ResizeLongestSide(img_size).apply_image(np.ascontiguousarray(rgb))
-    h, w = resized.shape[:2]
-    x = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1)
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    x = F.pad((x - mean) / std, (0, img_size - w, 0, img_size - h))
-    return x.contiguous(), (h, w)
 
 
 def dihedral(op: int, *tensors: Any) -> tuple[Any, ...]:
@@ -382,7 +349,7 @@ def _tinyvit_from_state_dict(sd: dict, path: Path) -> Any:
     """A MobileSAM-format encoder: try every TinyViT entry of our model registry, strictly."""
     import torch
 
-    from .build import MODELS
+    from ..models.registry import MODELS
 
     errors = []
     for model in ("vit_t", "vit_t_test"):
@@ -400,7 +367,7 @@ def _tinyvit_from_state_dict(sd: dict, path: Path) -> Any:
 
 
 def _encoder_from_checkpoint(path: Path) -> tuple[Any, str]:
-    from .checkpoint import CheckpointError, read_state_dict
+    from ..models.checkpoint import CheckpointError, read_state_dict
 
     try:
         sd = read_state_dict(path)
@@ -437,13 +404,13 @@ def _file_sha256(path: Path, cache_root: Path | None) -> str:
             table = {}
         if memo_key in table:
             return table[memo_key]
-    from .checkpoint import file_sha256
+    from ..models.checkpoint import file_sha256
 
     digest = file_sha256(path)
     if memo is not None:
         table[memo_key] = digest
         memo.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(memo, json.dumps(table, indent=0).encode())
+        atomic_write_bytes(memo, json.dumps(table, indent=0).encode())
     return digest
 
 
@@ -482,13 +449,10 @@ def teacher_from_module(module: Any, *, description: str | None = None) -> Teach
     entries.
     """
     enc = getattr(module, "image_encoder", module)
-    h = hashlib.sha256()
-    for name, t in sorted(enc.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    from ..models.checkpoint import state_dict_digest
+
     return Teacher(
-        identity=f"state-sha256:{h.hexdigest()}",
+        identity=f"state-sha256:{state_dict_digest(enc)}",
         description=description or type(enc).__name__,
         img_size=int(getattr(enc, "img_size", 1024)),
         encoder=enc,
@@ -501,22 +465,10 @@ def teacher_from_module(module: Any, *, description: str | None = None) -> Teach
 
 def default_cache_root() -> Path:
     """The per-user cache root (``$NAPARI_MOBILESAM_CACHE`` if set), shared with the weights."""
-    from .weights import cache_dir
+    from ..models.weights import cache_dir
 
     return Path(cache_dir())
 
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class TeacherCache:
@@ -573,13 +525,13 @@ class TeacherCache:
         if not info.exists():
             meta = {"identity": self.teacher.identity, "description": self.teacher.description,
                     "img_size": self.teacher.img_size, "preprocess_version": PREPROCESS_VERSION}
-            _atomic_write_bytes(info, json.dumps(meta, indent=1).encode())
+            atomic_write_bytes(info, json.dumps(meta, indent=1).encode())
         import io
 
         buf = io.BytesIO()
         np.save(buf, arr.astype(np.float16), allow_pickle=False)
         p = self.path(key)
-        _atomic_write_bytes(p, buf.getvalue())
+        atomic_write_bytes(p, buf.getvalue())
         self.writes += 1
         return p
 

@@ -37,7 +37,7 @@ class GroundTruthOracle:
     """
 
     def __init__(self, labels: np.ndarray, image, *, rgb: bool | None = None, delay: float = 0.0):
-        from ..image import SliceSource
+        from .core.source import SliceSource
 
         labels = np.asarray(labels)
         self.gt = labels if labels.ndim == 3 else labels[None]

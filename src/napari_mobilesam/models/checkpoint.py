@@ -25,11 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from ..errors import CheckpointError
+from ..files import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -39,6 +41,7 @@ __all__ = [
     "read_checkpoint_metadata",
     "metadata_path",
     "file_sha256",
+    "state_dict_digest",
     "detect_architecture",
 ]
 
@@ -46,8 +49,6 @@ METADATA_FORMAT = "napari-mobilesam-checkpoint/1"
 _MAX_LISTED = 8
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file or state dict that cannot be used, with the reason and the fix."""
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -57,6 +58,29 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def state_dict_digest(module) -> str:
+    """SHA-256 (hex) over names, dtypes, shapes and bytes of ``module``'s state dict (cached).
+
+    The cache is invalidated when any tensor is replaced or modified in place (``_version``).
+    """
+    import torch
+
+    state = module.state_dict(keep_vars=True)
+    signature = tuple((k, v.data_ptr(), v._version) for k, v in state.items())
+    cached = getattr(module, "_napari_mobilesam_digest", None)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    h = hashlib.sha256()
+    for k, v in state.items():
+        t = v.detach()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()
+    object.__setattr__(module, "_napari_mobilesam_digest", (signature, digest))
+    return digest
 
 
 def metadata_path(path: str | os.PathLike) -> Path:
@@ -216,18 +240,6 @@ def validate_state_dict(
     raise CheckpointError("; ".join(parts))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def save_checkpoint(
     state_dict: Mapping[str, Any],
@@ -255,9 +267,9 @@ def save_checkpoint(
     except TypeError as exc:
         raise ValueError(f"checkpoint metadata must be JSON-serialisable: {exc}") from exc
     clean = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    _atomic_write(p, lambda tmp: torch.save(clean, tmp))
+    atomic_write(p, lambda tmp: torch.save(clean, tmp))
     full = {"format": METADATA_FORMAT, "sha256": file_sha256(p), **json.loads(meta_text)}
-    _atomic_write(
+    atomic_write(
         metadata_path(p), lambda tmp: tmp.write_text(json.dumps(full, indent=2), encoding="utf-8")
     )
     return p

@@ -1,8 +1,8 @@
 """The engine objects behind the widget for one (model, image) pair, and model loading.
 
-:class:`Session` bundles a :class:`~napari_mobilesam.image.SliceSource`, an
-:class:`~napari_mobilesam.embeddings.EmbeddingCache` and a
-:class:`~napari_mobilesam.predictor.SlicePredictor`, and offers the few calls the widget makes:
+:class:`Session` bundles a :class:`~napari_mobilesam.core.source.SliceSource`, an
+:class:`~napari_mobilesam.core.embeddings.EmbeddingCache` and a
+:class:`~napari_mobilesam.core.predictor.SlicePredictor`, and offers the few calls the widget makes:
 is a slice embedded, embed it, prefetch neighbours, predict one object, segment a slice
 automatically, propagate. All arrays are napari-ordered: points ``(row, col)``, boxes
 ``(row0, col0, row1, col1)``, masks ``(H, W)`` and stacks ``(Z, H, W)``.
@@ -20,9 +20,6 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "ModelLoadError",
-    "ModelRequest",
-    "load_requested_model",
     "Session",
     "ObjectPrediction",
     "describe_stops",
@@ -47,7 +44,7 @@ STOP_REASONS = {
 def describe_stops(result) -> str:
     """One line per object and direction: where propagation stopped and why.
 
-    ``result`` is a :class:`~napari_mobilesam.propagate.PropagationResult`.
+    ``result`` is a :class:`~napari_mobilesam.volume.propagation.PropagationResult`.
     """
     lines = []
     names = {1: "up (z+)", -1: "down (z-)", 0: "seed"}
@@ -58,81 +55,6 @@ def describe_stops(result) -> str:
             f"last slice z={stop.last_z}, stopped at z={stop.at_z}: {why}"
         )
     return "\n".join(lines)
-
-
-class ModelLoadError(RuntimeError):
-    """The model chosen in the widget could not be loaded; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class ModelRequest:
-    """What the user picked in the widget.
-
-    Attributes
-    ----------
-    model : str
-        ``"vit_t"`` (MobileSAM with its downloaded weights), ``"checkpoint"`` (a SAM/MobileSAM
-        state-dict file), ``"distilled"`` (a distilled MobileSAM file) or ``"vit_t_test"``.
-    checkpoint : str
-        The file for ``"checkpoint"`` / ``"distilled"``; ignored otherwise.
-    device : str
-        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
-    """
-
-    model: str = "vit_t"
-    checkpoint: str = ""
-    device: str = "auto"
-
-    def describe(self) -> str:
-        what = Path(self.checkpoint).name if self.model in ("checkpoint", "distilled") else self.model
-        return f"{what} on {self.device}"
-
-
-def load_requested_model(request: ModelRequest):
-    """Load the model the widget asked for (slow: call it in a worker).
-
-    Returns
-    -------
-    segment_anything.modeling.Sam
-        In eval mode, with the fastest backend for the device (``build.load_model``).
-
-    Raises
-    ------
-    ModelLoadError
-        With a message naming the problem and the fix (no file chosen, file missing, weights that
-        cannot be downloaded offline, a checkpoint of the wrong architecture...).
-    """
-    from .. import build
-
-    device = None if request.device in ("", "auto") else request.device
-    try:
-        if request.model in ("checkpoint", "distilled"):
-            if not request.checkpoint:
-                raise ModelLoadError(
-                    "no checkpoint file chosen: pick the .pt file in the widget's 'checkpoint' field"
-                )
-            path = Path(request.checkpoint).expanduser()
-            if not path.is_file():
-                raise ModelLoadError(f"checkpoint file not found: {path}")
-            from ..checkpoint import detect_architecture, read_state_dict
-
-            state = read_state_dict(path)
-            arch = detect_architecture(state) or "vit_t"
-            return build.load_model(arch, state, device)
-        return build.load_model(request.model, None, device)
-    except ModelLoadError:
-        raise
-    except (OSError, ConnectionError) as exc:
-        hint = (
-            " The default MobileSAM weights are downloaded on first use; this computer could not "
-            "fetch them. Connect to the internet once, or download mobile_sam.pt elsewhere and "
-            "choose it as 'MobileSAM checkpoint file'."
-            if request.model == "vit_t"
-            else ""
-        )
-        raise ModelLoadError(f"could not load {request.describe()}: {exc}.{hint}") from exc
-    except (ValueError, RuntimeError, KeyError) as exc:
-        raise ModelLoadError(f"could not load {request.describe()}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -174,14 +96,14 @@ class Session:
     """
 
     def __init__(self, sam, data, *, rgb: bool, predictor=None, cache_dir=None):
-        from ..image import SliceSource
+        from .source import SliceSource
 
         self.sam = sam
         self.source = SliceSource(data, rgb=rgb)
         self.cache = None
         if predictor is None:
-            from ..embeddings import EmbeddingCache
-            from ..predictor import SlicePredictor
+            from .embeddings import EmbeddingCache
+            from .predictor import SlicePredictor
 
             if cache_dir is None and os.environ.get("NAPARI_MOBILESAM_CACHE"):
                 cache_dir = Path(os.environ["NAPARI_MOBILESAM_CACHE"]) / "embeddings"
@@ -243,7 +165,7 @@ class Session:
 
     def segment_automatically(self, z: int, params: Any = None) -> np.ndarray:
         """All objects of slice ``z`` as an (H, W) int32 label image (ids 1..N). Slow: worker."""
-        from ..automatic import segment_slice
+        from ..volume.automatic import segment_slice
 
         return segment_slice(self.predictor, z, params).labels
 
@@ -272,8 +194,8 @@ class Session:
         the GUI can show progress; it becomes the result's ``labels``). Returns the engine's
         ``PropagationResult``; its ``labels`` volume ``(Z, H, W)`` holds the object as label 1.
         """
-        from ..predictor import Prompt
-        from ..propagate import ObjectPrompts, propagate
+        from ..volume.propagation import ObjectPrompts, propagate
+        from .predictor import Prompt
 
         def seed(points, labels, box):
             points = None if points is None or len(points) == 0 else np.asarray(points, float)
@@ -305,7 +227,7 @@ class Session:
         ``PropagationResult`` whose ``labels`` volume holds only the label (other ids of
         ``volume`` are not copied).
         """
-        from ..propagate import objects_from_labels, propagate
+        from ..volume.propagation import objects_from_labels, propagate
 
         volume = np.asarray(volume)
         lo, hi = (0, volume.shape[0]) if z_range is None else z_range

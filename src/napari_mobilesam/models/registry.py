@@ -2,11 +2,11 @@
 
 * :func:`build_sam` — the exact float32 PyTorch model, in eval mode, weights loaded strictly.
 * :func:`load_model` — the same model with the fastest inference backend for the device applied
-  (see :mod:`napari_mobilesam.backends`); ``backend="torch", precision="fp32"`` asks for exact float32.
+  (see :mod:`napari_mobilesam.models.backends`); ``backend="torch", precision="fp32"`` asks for exact float32.
 * :func:`model_identity` — a string naming model, weights, backend and precision, for cache keys.
 
 Every model is a ``segment_anything.modeling.Sam`` (prompt encoder, mask decoder and container from
-``segment-anything``; for ``vit_t`` our :class:`~napari_mobilesam.tiny_vit.TinyViT` as
+``segment-anything``; for ``vit_t`` our :class:`~napari_mobilesam.models.tiny_vit.TinyViT` as
 ``image_encoder``), so ``segment_anything.SamPredictor`` drives it unchanged. Inputs are
 ``(B, 3, 1024, 1024)`` float32 and embeddings ``(B, 256, 64, 64)`` float32 for every model.
 
@@ -22,6 +22,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .checkpoint import state_dict_digest
+
+# SAM's input normalisation, in 0..255 RGB units (every SAM-family model, MobileSAM included).
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
 
 __all__ = ["MODELS", "ModelSpec", "build_sam", "load_model", "model_identity", "model_info"]
 
@@ -40,7 +46,12 @@ class ModelSpec:
 
 
 def _sam_parts(encoder, *, decoder_depth: int = 2, mlp_dim: int = 2048, iou_hidden: int = 256):
-    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from segment_anything.modeling import (
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     return Sam(
         image_encoder=encoder,
@@ -59,8 +70,8 @@ def _sam_parts(encoder, *, decoder_depth: int = 2, mlp_dim: int = 2048, iou_hidd
             iou_head_depth=3,
             iou_head_hidden_dim=iou_hidden,
         ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
+        pixel_mean=list(PIXEL_MEAN),
+        pixel_std=list(PIXEL_STD),
     )
 
 
@@ -116,9 +127,9 @@ def build_sam(model: str = "vit_t", checkpoint=None, *, seed: int = 0):
 
     ``checkpoint``: a path to a state dict file, a state dict (name → tensor), or ``None``. ``None``
     means the default downloaded weights for real models (fetched into the cache on first use, see
-    :mod:`napari_mobilesam.weights`) and a random initialisation from ``seed`` for ``vit_t_test``.
+    :mod:`napari_mobilesam.models.weights`) and a random initialisation from ``seed`` for ``vit_t_test``.
     Weights are loaded strictly (every key, every shape); problems raise
-    :class:`~napari_mobilesam.checkpoint.CheckpointError`. Floating tensors are cast to float32.
+    :class:`~napari_mobilesam.models.checkpoint.CheckpointError`. Floating tensors are cast to float32.
     """
     import torch
 
@@ -163,28 +174,6 @@ def model_info(sam) -> dict[str, str]:
     return info
 
 
-def _tensor_digest(module) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of ``module``'s state dict (cached by version).
-
-    The cache is invalidated when any tensor is replaced or modified in place (``_version``).
-    """
-    import torch
-
-    state = module.state_dict(keep_vars=True)
-    signature = tuple((k, v.data_ptr(), v._version) for k, v in state.items())
-    cached = getattr(module, "_napari_mobilesam_digest", None)
-    if cached is not None and cached[0] == signature:
-        return cached[1]
-    h = hashlib.sha256()
-    for k, v in state.items():
-        t = v.detach()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    digest = h.hexdigest()
-    object.__setattr__(module, "_napari_mobilesam_digest", (signature, digest))
-    return digest
-
 
 def model_identity(sam) -> str:
     """Stable string naming model, weights, backend and precision, e.g. for embedding caches.
@@ -197,11 +186,11 @@ def model_identity(sam) -> str:
     """
     info = model_info(sam)
     enc = sam.image_encoder
-    enc_digest = getattr(enc, "weights_digest", None) or _tensor_digest(enc)
+    enc_digest = getattr(enc, "weights_digest", None) or state_dict_digest(enc)
     h = hashlib.sha256(enc_digest.encode())
-    h.update(_tensor_digest(sam.prompt_encoder).encode())
+    h.update(state_dict_digest(sam.prompt_encoder).encode())
     dec = sam.mask_decoder
-    h.update((getattr(dec, "weights_digest", None) or _tensor_digest(dec)).encode())
+    h.update((getattr(dec, "weights_digest", None) or state_dict_digest(dec)).encode())
     return f"{info['model']}:{h.hexdigest()[:16]}:{info['backend']}:{info['precision']}"
 
 
@@ -224,10 +213,11 @@ def load_model(
     ``"bf16"``. ``precision="fp32"`` is exact float32 (within 1e-5 of the official model) with
     every backend; ``backend="eager"`` is the unmodified model. ``fast_decoder=False`` keeps
     segment-anything's own torch mask decoder (by default the CPU runs the same function,
-    rearranged to be cheaper, through OpenVINO or torch: see :mod:`napari_mobilesam.backends`). Returns a ``Sam`` in eval mode that
+    rearranged to be cheaper, through OpenVINO or torch: see :mod:`napari_mobilesam.models.backends`). Returns a ``Sam`` in eval mode that
     ``SamPredictor`` can drive; :func:`model_identity` tells what was applied.
     """
-    from .backends import apply_backend, choose_device
+    from .backends import apply_backend
+    from .devices import choose_device
 
     dev = choose_device(device)
     sam = build_sam(model, checkpoint)

@@ -27,15 +27,14 @@ import contextlib
 import os
 import tempfile
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .automatic import AutoParams, Stitcher, segment_slice
+from ..errors import ModelError
+
 # The prompts readers and the stack I/O are part of the batch API (re-exported here).
-from .prompts_io import (
+from ..io.prompts import (
     Prompts,
     PromptsError,
     _as_prompts,
@@ -44,7 +43,7 @@ from .prompts_io import (
     prompts_from_shapes,
     read_prompts_csv,
 )
-from .stack_io import (
+from ..io.stacks import (
     BatchError,
     LabelsTiffWriter,
     StackMetadata,
@@ -53,6 +52,8 @@ from .stack_io import (
     parse_z_range,
     read_stack_metadata,
 )
+from ..models.choice import ModelChoice
+from ..volume.automatic import AutoParams, Stitcher, segment_slice
 
 __all__ = [
     "Prompts",
@@ -82,40 +83,13 @@ MIN_AUTO_CACHE_BYTES = 4 * 2**20  # automatic mode decodes a slice in several ca
 # =========================================================================== models
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to load a model: picklable, so dask workers can load it themselves."""
-
-    model: str = "vit_t"
-    checkpoint: str | None = None
-    device: str | None = None
-    backend: str = "auto"
-    precision: str = "auto"
-
-    def load(self):
-        """Build the model (see ``build.load_model``)."""
-        return _load_model(self.model, self.checkpoint, self.device, self.backend, self.precision)
-
-
-def _load_model(model, checkpoint, device, backend, precision):
-    """``build.load_model``; the exact eager model on the CPU needs no backend machinery."""
-    from .build import build_sam, load_model
-
-    if backend == "eager" and (device is None or str(device) == "cpu") and precision in ("auto", "fp32"):
-        return build_sam(model, checkpoint)
-    return load_model(model, checkpoint, device, backend=backend, precision=precision)
-
-
-def _resolve_model(model: Any, checkpoint: Any, device: Any, backend: str, precision: str):
-    """(sam, spec): ``model`` is a name (loaded here) or an already built ``Sam`` (spec None)."""
-    if isinstance(model, str):
-        if isinstance(checkpoint, (str, os.PathLike)):
-            checkpoint = str(Path(checkpoint).expanduser())
-        sam = _load_model(model, checkpoint, device, backend, precision)
-        return sam, None
+def _resolve_model(model: Any, checkpoint: Any = None, device: Any = None, backend: str = "auto",
+                   precision: str = "auto"):
+    """The ``Sam`` for the batch API's model arguments: ``model`` is a name or a
+    :class:`~napari_mobilesam.models.choice.ModelChoice` (loaded here) or an already built ``Sam``."""
     if hasattr(model, "image_encoder") and hasattr(model, "mask_decoder"):
-        return model, None
-    raise TypeError(f"model must be a model name such as 'vit_t' or a Sam model, not {type(model).__name__}")
+        return model
+    return ModelChoice.of(model, checkpoint, device, backend, precision).load()
 
 
 def _image_data(image: Any) -> tuple[Any, dict]:
@@ -129,7 +103,7 @@ def _image_data(image: Any) -> tuple[Any, dict]:
 
 
 def _make_source(image: Any, channel_axis: int | None, normalize: str):
-    from .image import SliceSource
+    from ..core.source import SliceSource
 
     if isinstance(image, SliceSource):
         return image
@@ -319,10 +293,10 @@ def segment_stack(
 
 
 def _make_predictor(model, checkpoint, device, backend, precision, source, cache_bytes, disk_dir=None):
-    from .embeddings import EmbeddingCache
-    from .predictor import SlicePredictor
+    from ..core.embeddings import EmbeddingCache
+    from ..core.predictor import SlicePredictor
 
-    sam, _ = _resolve_model(model, checkpoint, device, backend, precision)
+    sam = _resolve_model(model, checkpoint, device, backend, precision)
     cache = EmbeddingCache(sam, max_bytes=int(cache_bytes), disk_dir=disk_dir, max_disk_bytes=None)
     return SlicePredictor(sam, source, cache)
 
@@ -368,7 +342,7 @@ def propagate_stack(
     -------
     (Z, H, W) int32 labels with the prompts' object ids, or the output Path when ``out`` is given.
     """
-    from .propagate import propagate
+    from ..volume.propagation import propagate
 
     prm = _as_prompts(prompts)
     source = _make_source(image, channel_axis, normalize)
@@ -400,16 +374,16 @@ def propagate_stack(
     return _finish(output.result(), viewer, name, image, metadata)
 
 
-def _worker_embed(z: int, rgb: np.ndarray, _unused, spec: ModelSpec, _params):
+def _worker_embed(z: int, rgb: np.ndarray, _unused, spec: ModelChoice, _params):
     import torch
 
-    from .embeddings import compute_embedding
+    from ..core.embeddings import compute_embedding
 
     emb = compute_embedding(_worker_model(spec), np.asarray(rgb))
     return z, emb.features.detach().to("cpu", torch.float16).numpy()
 
 
-def _embed_on_cluster(client, spec: ModelSpec, predictor, zr: range, progress) -> None:
+def _embed_on_cluster(client, spec: ModelChoice, predictor, zr: range, progress) -> None:
     """Fill ``predictor.cache`` with the embeddings of slices ``zr``, computed on the workers."""
     source, cache = predictor.source, predictor.cache
     todo = [z for z in zr if not cache.is_cached(source, z)]
@@ -501,11 +475,11 @@ def segment_stack_auto(
     """Automatic instance segmentation of a stack, each object keeping one id through z.
 
     Each slice: candidate prompts from the image, batched decoding, filtering, NMS (see
-    :mod:`napari_mobilesam.automatic`); then labels are stitched slice to slice by optimal IoU
+    :mod:`napari_mobilesam.volume.automatic`); then labels are stitched slice to slice by optimal IoU
     matching. Slices outside ``z_range`` stay 0.
 
     Parameters are those of :func:`segment_stack` (without prompts), plus ``params``
-    (:class:`~napari_mobilesam.automatic.AutoParams`). With ``client`` (a
+    (:class:`~napari_mobilesam.volume.automatic.AutoParams`). With ``client`` (a
     ``dask.distributed.Client``) slices are segmented on the cluster's workers (each loads the
     model once; ``model`` must be a name and ``checkpoint`` a path) and stitched here in z order,
     with a bounded number of slices in flight.
@@ -546,25 +520,22 @@ def segment_stack_auto(
 # =========================================================================== dask.distributed
 
 
-def _spec_for_client(model, checkpoint, device, backend, precision) -> ModelSpec:
-    if not isinstance(model, str):
-        raise BatchError(
+def _spec_for_client(model, checkpoint, device, backend, precision) -> ModelChoice:
+    if not isinstance(model, (str, ModelChoice)):
+        raise ModelError(
             "with a dask client, give the model by name (model='vit_t') and the checkpoint as a "
             "file path the workers can read, so each worker can load it once"
         )
-    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
-        raise BatchError("with a dask client, checkpoint must be a file path the workers can read")
-    ck = None if checkpoint is None else str(Path(checkpoint).expanduser().resolve())
-    return ModelSpec(model, ck, None if device is None else str(device), backend, precision)
+    return ModelChoice.of(model, checkpoint, device, backend, precision).portable()
 
 
 # Per-process state on dask workers: the model and its predictor machinery, loaded once.
-_WORKER_MODELS: dict[ModelSpec, Any] = {}
+_WORKER_MODELS: dict[ModelChoice, Any] = {}
 _WORKER_LOCK = threading.Lock()
 WORKER_LOAD_COUNT = {"n": 0}
 
 
-def _worker_model(spec: ModelSpec):
+def _worker_model(spec: ModelChoice):
     with _WORKER_LOCK:
         sam = _WORKER_MODELS.get(spec)
         if sam is None:
@@ -574,7 +545,7 @@ def _worker_model(spec: ModelSpec):
         return sam
 
 
-def _preload(spec: ModelSpec) -> str:
+def _preload(spec: ModelChoice) -> str:
     _worker_model(spec)
     return str(os.getpid())
 
@@ -596,21 +567,21 @@ def preload_model_on_workers(
     return client.run(_preload, spec)
 
 
-def _one_slice_predictor(spec: ModelSpec, rgb: np.ndarray):
-    from .image import SliceSource
-    from .predictor import SlicePredictor
+def _one_slice_predictor(spec: ModelChoice, rgb: np.ndarray):
+    from ..core.predictor import SlicePredictor
+    from ..core.source import SliceSource
 
     sam = _worker_model(spec)
     source = SliceSource(np.asarray(rgb)[None], rgb=True, normalize="none")
     return SlicePredictor(sam, source, None)
 
 
-def _worker_segment_auto(z: int, rgb: np.ndarray, _unused, spec: ModelSpec, params: AutoParams):
+def _worker_segment_auto(z: int, rgb: np.ndarray, _unused, spec: ModelChoice, params: AutoParams):
     predictor = _one_slice_predictor(spec, rgb)
     return z, segment_slice(predictor, 0, params).labels
 
 
-def _worker_segment_prompts(z: int, rgb: np.ndarray, objects, spec: ModelSpec, _params):
+def _worker_segment_prompts(z: int, rgb: np.ndarray, objects, spec: ModelChoice, _params):
     predictor = _one_slice_predictor(spec, rgb)
     return z, _segment_objects_on_slice(predictor, 0, objects)
 

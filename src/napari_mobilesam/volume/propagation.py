@@ -31,7 +31,6 @@ Coordinates: (z, row, col); no napari or Qt here.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from .predictor import Prediction, Prompt
+from ..core.predictor import Prediction, Prompt
 
 __all__ = [
     "ObjectPrompts",
@@ -604,13 +603,3 @@ def propagate(
         predictor.cache.cancel_prefetch()
     return PropagationResult(labels, records, stops, is_cancelled)
 
-
-class _CallableModule(type(sys.modules[__name__])):
-    """``napari_mobilesam.propagate`` may name this module (Python sets a package attribute to a
-    submodule when it is first imported); calling it calls `propagate`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> PropagationResult:
-        return propagate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,6 +1,6 @@
 """Training side of decoupled distillation: devices, DDP, batches, losses, validation, checkpoints.
 
-The orchestration (:func:`napari_mobilesam.distill.iter_distill`) strings these together. Every
+The orchestration (:func:`napari_mobilesam.distillation.run.iter_distill`) strings these together. Every
 tensor shape is documented; images are ``(B, 3, 1024, 1024)`` float32 SAM inputs, embeddings
 ``(B, 256, 64, 64)``, valid-pixel grids ``(B, 64, 64)`` bool (True where the embedding cell covers
 the image rather than the zero padding). Prompts are generated on that grid in napari's
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .distill_data import DistillError, SliceRef, TeacherCache, dihedral, preprocess_rgb
+from ..files import atomic_write
+from ..models.devices import choose_device
+from .data import DistillError, SliceRef, TeacherCache, dihedral, preprocess_rgb
 
 __all__ = [
     "DistEnv",
@@ -43,28 +44,6 @@ STATE_FORMAT = "napari-mobilesam-distill-state/1"
 # --------------------------------------------------------------------------------------------
 # devices, precision, processes
 
-
-def choose_device(device: Any = "auto", local_rank: int = 0) -> Any:
-    """``"auto"``/None: CUDA (``cuda:<local_rank>``), then Apple MPS, then the CPU; else as given.
-
-    Raises DistillError when a CUDA/MPS device is asked for but not available.
-    """
-    import torch
-
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DistillError(f"device {device!r} asked for, but CUDA is not available: use device='cpu'")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise DistillError(f"device {device!r} asked for, but MPS is not available: use device='cpu'")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return dev
 
 
 def choose_precision(precision: str, device: Any) -> tuple[Any, bool]:
@@ -404,12 +383,7 @@ def save_state(run_dir: Path, state: dict[str, Any], *, keep: int = 2) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"state-e{int(state['epoch']):04d}-s{int(state['step_in_epoch']):07d}.pt"
     path = run_dir / name
-    tmp = run_dir / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        torch.save({"format": STATE_FORMAT, **state}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save({"format": STATE_FORMAT, **state}, tmp))
     for old in sorted(run_dir.glob("state-e*-s*.pt"))[:-keep]:
         old.unlink(missing_ok=True)
     return path

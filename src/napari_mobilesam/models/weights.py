@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import WeightsError, WeightsHashError
 from .checkpoint import file_sha256
 
 __all__ = [
@@ -74,12 +75,6 @@ WEIGHTS: dict[str, WeightsFile] = {
 }
 
 
-class WeightsError(RuntimeError):
-    """Weights that are not in the cache and could not be fetched (says what to do instead)."""
-
-
-class WeightsHashError(WeightsError, ValueError):
-    """A downloaded or cached file whose SHA-256 is not the pinned one (nothing was kept)."""
 
 
 def cache_dir() -> Path:

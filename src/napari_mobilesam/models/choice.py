@@ -1,0 +1,136 @@
+"""The model a user chose, as one small picklable value that every part passes around.
+
+The widget, the batch API, the command line and dask workers all describe a model as a
+:class:`ModelChoice` and get the loaded ``Sam`` from :meth:`ModelChoice.load`; nothing else
+interprets model names, checkpoint files, devices, backends or precisions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, ModelError
+
+__all__ = ["ModelChoice", "FILE_MODELS"]
+
+#: Model names meaning "the architecture of the checkpoint file" (detected from its keys).
+FILE_MODELS = ("checkpoint", "distilled")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model to load, and how.
+
+    Attributes
+    ----------
+    model : str
+        A registry name (``"vit_t"``: MobileSAM, the default; ``"vit_b"``, ``"vit_l"``, ``"vit_h"``;
+        ``"vit_t_test"``), or ``"checkpoint"`` / ``"distilled"``: the architecture of the
+        ``checkpoint`` file, detected from its keys.
+    checkpoint : str, path, state dict or None
+        Weights for ``model``. Empty or None: the model's downloaded default weights (registry
+        names only).
+    device : str or None
+        ``"auto"``/None (CUDA, then MPS, then the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    backend : str
+        ``"auto"`` (the fastest for the device), ``"openvino"``, ``"torch"`` or ``"eager"`` (the
+        model exactly as built).
+    precision : str
+        ``"auto"``, ``"fp32"`` (exact float32), ``"mixed"`` or ``"bf16"``.
+    """
+
+    model: str = "vit_t"
+    checkpoint: Any = ""
+    device: str | None = "auto"
+    backend: str = "auto"
+    precision: str = "auto"
+
+    @classmethod
+    def of(cls, model: Any = "vit_t", checkpoint: Any = None, device: Any = None,
+           backend: str = "auto", precision: str = "auto") -> ModelChoice:
+        """A choice from the batch API's loose arguments; ``model`` may already be a choice."""
+        if isinstance(model, ModelChoice):
+            return model
+        if not isinstance(model, str):
+            raise ModelError(
+                f"model must be a model name such as 'vit_t', a ModelChoice or a Sam model, "
+                f"not {type(model).__name__}"
+            )
+        if isinstance(checkpoint, (str, os.PathLike)) and str(checkpoint):
+            checkpoint = str(Path(checkpoint).expanduser())
+        return cls(model, checkpoint if checkpoint is not None else "",
+                   "auto" if device is None else str(device), backend, precision)
+
+    @property
+    def has_file(self) -> bool:
+        """Whether the weights come from a file (a path in ``checkpoint``)."""
+        return isinstance(self.checkpoint, (str, os.PathLike)) and bool(str(self.checkpoint))
+
+    def portable(self) -> ModelChoice:
+        """This choice with the checkpoint as an absolute path, for other processes (dask workers).
+
+        Raises ModelError when the weights are an in-memory state dict.
+        """
+        if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
+            raise ModelError("with a dask client, checkpoint must be a file path the workers can read")
+        if not self.has_file:
+            return self
+        return replace(self, checkpoint=str(Path(self.checkpoint).expanduser().resolve()))
+
+    def describe(self) -> str:
+        """Short text for messages, e.g. ``"student.pt on cpu"``."""
+        what = Path(str(self.checkpoint)).name if self.has_file else self.model
+        return f"{what} on {self.device or 'auto'}"
+
+    def _weights(self) -> tuple[str, Any]:
+        """(registry name, checkpoint for build_sam): reads a file model's state to detect it."""
+        if self.model not in FILE_MODELS:
+            return self.model, (self.checkpoint or None)
+        if not self.has_file and not isinstance(self.checkpoint, dict):
+            raise ModelError(
+                "no checkpoint file chosen: pick the .pt file in the widget's checkpoint field "
+                "(--checkpoint on the command line, checkpoint= in Python)"
+            )
+        from .checkpoint import detect_architecture, read_state_dict
+
+        state = self.checkpoint
+        if not isinstance(state, dict):
+            path = Path(state).expanduser()
+            if not path.is_file():
+                raise ModelError(f"checkpoint file not found: {path}")
+            state = read_state_dict(path)
+        return detect_architecture(state) or "vit_t", state
+
+    def load(self):
+        """Build the model and apply the backend (slow: seconds; call it off the GUI thread).
+
+        Returns a ``segment_anything.modeling.Sam`` in eval mode. Raises :class:`ModelError` (or
+        one of its subclasses) naming the problem and the fix.
+        """
+        from .registry import MODELS, build_sam, load_model
+
+        if self.model not in MODELS and self.model not in FILE_MODELS:
+            raise InputError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        device = None if self.device in (None, "", "auto") else self.device
+        try:
+            model, checkpoint = self._weights()
+            if (self.backend == "eager" and device in (None, "cpu")
+                    and self.precision in ("auto", "fp32")):
+                return build_sam(model, checkpoint)  # the exact model needs no backend machinery
+            return load_model(model, checkpoint, device, backend=self.backend, precision=self.precision)
+        except ModelError:
+            raise
+        except (OSError, ConnectionError) as exc:
+            hint = (
+                " The default MobileSAM weights are downloaded on first use; this computer could "
+                "not fetch them. Connect to the internet once, or download mobile_sam.pt elsewhere "
+                "and choose it as the checkpoint file."
+                if self.model == "vit_t" and not self.has_file
+                else ""
+            )
+            raise ModelError(f"could not load {self.describe()}: {exc}.{hint}") from exc
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise ModelError(f"could not load {self.describe()}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Whole volumes: propagation of objects through z, automatic segmentation and z-stitching."""
