@@ -150,7 +150,9 @@ class SlicePredictor:
 
     def __init__(self, sam: Any, source: SliceSource | Any, cache: EmbeddingCache | None = None) -> None:
         self.sam = sam
-        self.source = source if isinstance(source, SliceSource) else SliceSource(source)
+        # anything with SliceSource's slice interface (e.g. a tile view) is used as it is
+        is_source = all(hasattr(source, a) for a in ("rgb", "slice_key", "slice_shape", "n_slices"))
+        self.source = source if is_source else SliceSource(source)
         if cache is not None and cache.sam is not sam:
             raise ValueError("the EmbeddingCache belongs to another model: pass a cache built for this sam")
         self.cache = cache if cache is not None else EmbeddingCache(sam)

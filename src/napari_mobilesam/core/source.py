@@ -52,6 +52,10 @@ def _to_numpy(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
+def _region_key(region: tuple[slice, slice]) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in region)
+
+
 def _finite_percentiles(values: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
     """(lo, hi) percentiles of the finite values of ``values``; (0, 0) when there are none."""
     v = np.asarray(values).ravel()
@@ -252,6 +256,7 @@ class SliceSource:
         self._keys: dict[int, str] = {}
         self._rgb_cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._rgb_cache_size = 4
+        self._slice_ranges: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
     # -- layout -----------------------------------------------------------------------------------
@@ -277,14 +282,21 @@ class SliceSource:
             raise IndexError(f"slice {z} is out of range: the stack has {self.n_slices} slices")
         return z
 
-    def raw(self, z: int) -> np.ndarray:
-        """Slice ``z`` as stored, channels last: (H, W) for gray, (H, W, C) otherwise (numpy)."""
+    def raw(self, z: int, region: tuple[slice, slice] | None = None) -> np.ndarray:
+        """Slice ``z`` as stored, channels last: (H, W) for gray, (H, W, C) otherwise (numpy).
+
+        ``region``: ``(rows, cols)`` slices (steps allowed) to read only part of the slice; a lazy
+        array (dask, zarr) then reads only that part.
+        """
         z = self._check_z(z)
         has_ch = self._mode in ("rgb", "channels")
         perm = self._perm
         index: list[Any] = [slice(None)] * len(self.shape)
         if not self._is_2d:
             index[perm[0]] = z
+        if region is not None:
+            rows_axis, cols_axis = perm[0:2] if self._is_2d else perm[1:3]
+            index[rows_axis], index[cols_axis] = region
         a = _to_numpy(self.data[tuple(index)])
         if has_ch:
             # Remaining axes keep their relative order; move the channel axis last.
@@ -318,7 +330,8 @@ class SliceSource:
                 h, w = self.slice_shape
                 per_slice = max(1, _STACK_SAMPLE_PIXELS // len(zs))
                 step = max(1, int(np.ceil(np.sqrt(h * w / per_slice))))
-                parts = [self.raw(int(z))[::step, ::step] for z in zs]
+                sub = (slice(None, None, step), slice(None, None, step))
+                parts = [self.raw(int(z), sub) for z in zs]
                 self._stack_range = self._per_channel_range(np.stack(parts))
             return self._stack_range.copy()
 
@@ -328,21 +341,32 @@ class SliceSource:
             return self.stack_range()
         if self.normalize == "none":
             return np.tile(np.array([0.0, 255.0]), (len(self._chans), 1))
-        return self._per_channel_range(self.raw(z))
-
-    def rgb(self, z: int) -> np.ndarray:
-        """Slice ``z`` as SAM's input: a C-contiguous (H, W, 3) uint8 RGB array.
-
-        The last few slices are kept, so asking again for the same slice is cheap.
-        Do not modify the returned array in place.
-        """
         z = self._check_z(z)
         with self._lock:
-            hit = self._rgb_cache.get(z)
+            hit = self._slice_ranges.get(z)
+        if hit is None:
+            hit = self._per_channel_range(self.raw(z))
+            with self._lock:
+                self._slice_ranges[z] = hit
+                while len(self._slice_ranges) > 64:
+                    self._slice_ranges.pop(next(iter(self._slice_ranges)))
+        return hit.copy()
+
+    def rgb(self, z: int, region: tuple[slice, slice] | None = None) -> np.ndarray:
+        """Slice ``z`` as SAM's input: a C-contiguous (H, W, 3) uint8 RGB array.
+
+        ``region``: ``(rows, cols)`` slices for part of the slice (a tile), normalised with the
+        whole slice's (or stack's) range, so tiles of one slice agree. The last few results are
+        kept, so asking again is cheap. Do not modify the returned array in place.
+        """
+        z = self._check_z(z)
+        ckey = z if region is None else (z, _region_key(region))
+        with self._lock:
+            hit = self._rgb_cache.get(ckey)
             if hit is not None:
-                self._rgb_cache.move_to_end(z)
+                self._rgb_cache.move_to_end(ckey)
                 return hit
-        a = self.raw(z)
+        a = self.raw(z, region)
         if self.normalize == "none" and self.contrast_limits is None:
             u8 = a.astype(np.uint8) * np.uint8(255) if a.dtype == bool else a.astype(np.uint8)
         else:
@@ -364,24 +388,25 @@ class SliceSource:
         out = np.ascontiguousarray(out)
         out.setflags(write=False)
         with self._lock:
-            self._rgb_cache[z] = out
+            self._rgb_cache[ckey] = out
             while len(self._rgb_cache) > self._rgb_cache_size:
                 self._rgb_cache.popitem(last=False)
         return out
 
-    def slice_key(self, z: int) -> str:
+    def slice_key(self, z: int, region: tuple[slice, slice] | None = None) -> str:
         """A hex digest naming slice ``z``'s RGB content (so: the raw content + the normalisation).
 
-        Two slices, from any sources, with the same key give SAM the same input. Computed once per
-        slice.
+        Two slices (or tiles: see ``region`` in :meth:`rgb`), from any sources, with the same key
+        give SAM the same input. Computed once per slice or tile.
         """
         z = self._check_z(z)
-        key = self._keys.get(z)
+        kkey = z if region is None else (z, _region_key(region))
+        key = self._keys.get(kkey)
         if key is None:
-            img = self.rgb(z)
+            img = self.rgb(z, region)
             h = hashlib.blake2b(digest_size=20)
             h.update(repr(img.shape).encode())
             h.update(img.tobytes())
             key = h.hexdigest()
-            self._keys[z] = key
+            self._keys[kkey] = key
         return key
