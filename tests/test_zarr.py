@@ -278,6 +278,9 @@ def test_labels_beside_image_read_by_napari(tmp_path, version):
         w.put(0, lab[0] * 0)
     from ome_zarr.writer import get_metadata
 
+    other = "0.4" if version == "0.5" else "0.5"
+    with pytest.raises(InputError, match=f"written as {version}, not {other}"):
+        OmeZarrLabelsWriter.beside(p, "more", ngff_version=other)
     names = get_metadata(zarr.open_group(str(p / "labels"), mode="r"))["labels"]
     assert sorted(names) == ["cells", "nuclei"]
     assert not np.asarray(open_ome_zarr(p / "labels" / "cells")[0][0]).any()
@@ -357,7 +360,7 @@ def test_killed_write_keeps_old_output_and_resumes(tmp_path, existing):
         assert not out.exists()
     assert zarr.open_group(str(part), mode="r").attrs["napari_mobilesam"]["partial"] is True
     record = json.loads((part / PROGRESS_FILE).read_text())
-    assert record["done"] == [0, 1, 2]
+    assert record["done"] == [[0, 3]]  # finished slices as [start, stop) runs
 
     with pytest.raises(OutputError, match="resume=True"):
         OmeZarrLabelsWriter(out, lab.shape, n_levels=2)
@@ -378,12 +381,63 @@ def test_killed_write_keeps_old_output_and_resumes(tmp_path, existing):
 def test_failed_run_keeps_partial_for_resume(tmp_path):
     lab = _labels()
     out = tmp_path / "labels.zarr"
-    with pytest.raises(RuntimeError):
-        with OmeZarrLabelsWriter(out, lab.shape) as w:
-            w.put(0, lab[0])
-            raise RuntimeError("model crashed")
+    with pytest.raises(RuntimeError), OmeZarrLabelsWriter(out, lab.shape) as w:
+        for z in (0, 4, 2):  # e.g. parallel workers finishing out of order
+            w.put(z, lab[z])
+        raise RuntimeError("model crashed")
     assert not out.exists() and partial_path(out).exists()
+    w = OmeZarrLabelsWriter(out, lab.shape, resume=True)
+    assert w.done == {0, 2, 4} and w.pending() == [1, 3]
+    assert w.pending(range(2, 5)) == [3]
+    w.close(ok=False)
     w = OmeZarrLabelsWriter(out, lab.shape, overwrite=True)  # overwrite without resume: start again
     assert w.done == set()
     w.discard()
     assert not partial_path(out).exists()
+
+
+# -- the widget on a layer opened by napari's OME-Zarr reader -----------------------------------
+def test_widget_segments_an_ome_zarr_layer_and_labels_go_back_beside_it(
+    make_napari_viewer, qtbot, engine_sam_test, tmp_path
+):
+    """napari-ome-zarr opens a 3-level image as a multiscale layer; the widget (real engine: the
+    tiny random vit_t_test encoder) segments it at full resolution, and the committed labels are
+    written back beside the image, where napari's reader finds them again."""
+    pytest.importorskip("napari_ome_zarr")
+    from napari_mobilesam._napari import segment_widget as sw
+    from napari_mobilesam.data import synthetic_nuclei
+    from napari_mobilesam.models.choice import ModelChoice
+
+    stack = synthetic_nuclei(shape=(4, 128, 128), n_nuclei=4, radius_range=(10, 14), z_radius_range=(2, 3))
+    p = write_image(tmp_path / "img.zarr", stack.image, scale={"z": 2.0, "y": 0.5, "x": 0.5})
+    _napari_read(p)  # registers the reader plugin
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(str(p), plugin="napari-ome-zarr")
+    assert image.multiscale and len(image.data) == 3
+    widget = sw.SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment (MobileSAM)")
+    widget._image_combo.value = image
+    widget.set_model(engine_sam_test, ModelChoice("vit_t_test", "", "cpu"))
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    assert widget.session is not None and widget.session.source.shape == (4, 128, 128)
+    z = 2
+    viewer.dims.set_point(0, float(image.data_to_world([z, 0, 0])[0]))
+    qtbot.waitUntil(lambda: widget.session.is_embedded(z), timeout=60_000)
+    assert widget.current_z() == z
+    points = widget.points_layer
+    points.add(points.world_to_data(image.data_to_world([z, 64, 64])))
+    pred = widget.update_preview()
+    assert pred is not None and pred.mask.shape == (128, 128)  # full resolution, not a level
+    assert pred.mask.any(), "the seeded test model gave an empty mask: pick another point"
+    widget.commit()
+    target = widget.target_layer(create=False)
+    assert target.data.shape == (4, 128, 128)
+    assert list(target.scale) == pytest.approx([2.0, 0.5, 0.5])
+    np.testing.assert_array_equal(target.data[z] > 0, pred.mask)
+
+    with OmeZarrLabelsWriter.beside(p, "mobilesam") as w:
+        for zz in w.pending():
+            w.put(zz, np.asarray(target.data[zz]))
+    layers = _napari_read(p)
+    assert [k for _, _, k in layers] == ["image", "labels"]
+    np.testing.assert_array_equal(np.asarray(layers[1][0][0]), np.asarray(target.data))

@@ -13,7 +13,8 @@ written by ome-zarr-py; the arrays are zarr arrays chunked (1, up to 1024, up to
 
 Crash safety: the output is built in a sibling folder ``<name>.partial`` whose root carries the
 attribute ``"napari_mobilesam": {"partial": true}`` and a progress file
-(``mobilesam-progress.json``, rewritten atomically after each finished slice). Only
+(``mobilesam-progress.json``: the finished slices as [start, stop) runs, rewritten atomically
+after each finished slice). Only
 :meth:`~OmeZarrLabelsWriter.close` moves it into place, so a killed run never touches an existing
 output and never leaves an incomplete store under the final name. ``resume=True`` reopens the
 partial output and :attr:`~OmeZarrLabelsWriter.done` tells which slices are already written.
@@ -57,6 +58,17 @@ def _default_levels(h: int, w: int) -> int:
     while n < 8 and max(h, w) >> (n - 1) > 512 and min(h, w) >> n >= 1:
         n += 1
     return n
+
+
+def _ranges(zs: Iterable[int]) -> list[list[int]]:
+    """Sorted slice indices as half-open [start, stop) runs: [0, 1, 2, 5] -> [[0, 3], [5, 6]]."""
+    runs: list[list[int]] = []
+    for z in sorted(zs):
+        if runs and runs[-1][1] == z:
+            runs[-1][1] = z + 1
+        else:
+            runs.append([z, z + 1])
+    return runs
 
 
 def _fmt(version: str | None):
@@ -187,7 +199,7 @@ class OmeZarrLabelsWriter:
     def _progress(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "dtype": self.dtype.str, "n_levels": self.n_levels,
                 "chunks": list(self.chunks), "ngff_version": self.fmt.version,
-                "done": sorted(self.done)}
+                "done": _ranges(self.done)}
 
     def _create(self) -> None:
         import zarr
@@ -241,7 +253,7 @@ class OmeZarrLabelsWriter:
                     f"this run has {key}={mine[key]!r}; pass overwrite=True (--overwrite) to start again"
                 )
         self._group = zarr.open_group(str(self.partial), mode="r+")
-        self.done = {int(z) for z in saved.get("done", [])}
+        self.done = {z for start, stop in saved.get("done", []) for z in range(int(start), int(stop))}
 
     # -- writing ------------------------------------------------------------------------------
     @property
@@ -356,9 +368,16 @@ class OmeZarrLabelsWriter:
         shape = tuple(int(data.shape[i]) for i in meta.spatial_shape_index)
         if n_levels is None:
             h, w = shape[-2:]
-            n_levels = max(1, min(len(meta.levels) - level, _default_levels(h, w) + 8))
+            n_levels = max(1, len(meta.levels) - level)
             while n_levels > 1 and min(h, w) >> (n_levels - 1) < 1:
                 n_levels -= 1
-        kwargs.setdefault("ngff_version", meta.ngff_version if meta.ngff_version in ("0.4", "0.5") else None)
+        # the labels must use the image's Zarr format: 0.4 for Zarr v2 stores (0.1-0.4), else 0.5
+        version = "0.5" if meta.ngff_version not in ("0.1", "0.2", "0.3", "0.4") else "0.4"
+        if kwargs.get("ngff_version") not in (None, version):
+            raise InputError(
+                f"the image {image} is OME-Zarr {meta.ngff_version}: labels beside it are written "
+                f"as {version}, not {kwargs['ngff_version']}"
+            )
+        kwargs["ngff_version"] = version
         target = Path(meta.store) / "labels" / name
         return cls(target, shape, metadata=meta, axes=axes, n_levels=n_levels, _label_name=name, **kwargs)
