@@ -306,6 +306,42 @@ def test_2d_output_and_checks(tmp_path):
         OmeZarrLabelsWriter(tmp_path / "file.zarr", (2, 16, 16), overwrite=True)
 
 
+def test_parallel_puts(tmp_path):
+    """Slices written from several threads at once (as dask workers would) all land and count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lab = _labels(12)
+    out = tmp_path / "par.zarr"
+    with OmeZarrLabelsWriter(out, lab.shape, n_levels=2, chunks=(32, 32)) as w:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda z: w.put(z, lab[z]), range(12)))
+        assert w.done == set(range(12))
+        assert json.loads((partial_path(out) / PROGRESS_FILE).read_text())["done"] == [[0, 12]]
+    assert np.array_equal(np.asarray(open_ome_zarr(out)[0]), lab)
+
+
+def test_labels_beside_2d_and_multichannel_images(tmp_path):
+    rng = np.random.default_rng(2)
+    yx = rng.integers(0, 255, (64, 64), dtype=np.uint8)
+    p = write_image(tmp_path / "yx.zarr", yx, axes="yx", scale_factors=(2,))
+    lab = _labels(1, 64, 64)[0]
+    with OmeZarrLabelsWriter.beside(p, "seg") as w:
+        assert w.shape == (64, 64) and w.axes == ("y", "x")
+        w.put(0, lab)
+    assert [k for _, _, k in _napari_read(p)] == ["image", "labels"]
+
+    czyx = rng.integers(0, 255, (2, 3, 64, 64), dtype=np.uint8)
+    p = write_image(tmp_path / "czyx.zarr", czyx, axes="czyx", scale_factors=(2,))
+    lab3 = _labels(3, 64, 64)
+    with OmeZarrLabelsWriter.beside(p, "seg") as w:  # labels have the spatial axes only
+        assert w.shape == (3, 64, 64) and w.axes == ("z", "y", "x")
+        for z in range(3):
+            w.put(z, lab3[z])
+    layers = _napari_read(p)
+    assert [k for _, _, k in layers] == ["image", "labels"]
+    assert np.array_equal(np.asarray(layers[1][0][0]), lab3)
+
+
 def test_metadata_feeds_the_tiff_writer(tmp_path):
     """open_ome_zarr's metadata has open_stack's shape: a labels TIFF keeps the pixel size."""
     p = write_image(tmp_path / "img.zarr", _image(), scale={"z": 2.0, "y": 0.5, "x": 0.25})

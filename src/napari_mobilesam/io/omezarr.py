@@ -313,16 +313,31 @@ def open_ome_zarr(
             )
         lv = levels[int(level)]
         data = loc.load(lv.path)
+    index, keep = _select_axes(loc.path, axes, lv.shape, timepoint)
+    meta = _metadata(loc.path, version, int(level), levels, axes, keep)
+    if len(meta.spatial_axes) not in (2, 3):
+        raise InputError(
+            f"{loc.path}: level {level} has axes {tuple(meta.axes)}; slices need (Y, X) or "
+            "(Z, Y, X) (plus at most one channel axis)"
+        )
+    data = data[tuple(index)]
+    if not lazy:
+        data = np.asarray(data.compute())
+    return data, meta
+
+
+def _select_axes(store, axes, shape, timepoint) -> tuple[list[Any], list[int]]:
+    """The index that picks a time point and drops size-1 t/c axes, and the axes that remain."""
     names = [a["name"] for a in axes]
     types = [a["type"] for a in axes]
     keep = list(range(len(names)))
     index: list[Any] = [slice(None)] * len(names)
     others = [n for n, t in zip(names, types, strict=True) if t not in ("space", "time", "channel")]
     if others:
-        raise InputError(f"{loc.path}: axes {others} are neither space, time nor channel axes")
+        raise InputError(f"{store}: axes {others} are neither space, time nor channel axes")
     if "time" in types:
         ti = types.index("time")
-        n_t = lv.shape[ti]
+        n_t = shape[ti]
         has_z = sum(t == "space" for t in types) >= 3
         if timepoint is not None:
             if not -n_t <= int(timepoint) < n_t:
@@ -334,27 +349,17 @@ def open_ome_zarr(
             keep.remove(ti)
         elif has_z:
             raise InputError(
-                f"{loc.path} has {n_t} time points and a z axis: choose one with timepoint=... "
+                f"{store} has {n_t} time points and a z axis: choose one with timepoint=... "
                 "(slices are segmented through z)"
             )
     elif timepoint is not None:
-        raise InputError(f"timepoint={timepoint} given but {loc.path} has no time axis")
+        raise InputError(f"timepoint={timepoint} given but {store} has no time axis")
     if "channel" in types:
         ci = types.index("channel")
-        if lv.shape[ci] == 1:
+        if shape[ci] == 1:
             index[ci] = 0
             keep.remove(ci)
-    data = data[tuple(index)]
-    if not lazy:
-        data = np.asarray(data.compute())
-    meta = _metadata(loc.path, version, int(level), levels, axes, keep)
-    n_spatial = len(meta.spatial_axes)
-    if n_spatial not in (2, 3):
-        raise InputError(
-            f"{loc.path}: level {level} has axes {tuple(meta.axes)}; slices need (Y, X) or "
-            "(Z, Y, X) (plus at most one channel axis)"
-        )
-    return data, meta
+    return index, keep
 
 
 def _metadata(store, version, level, levels, axes, keep) -> OmeZarrMetadata:
