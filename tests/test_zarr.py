@@ -104,6 +104,15 @@ def test_levels_axes_and_scale(tmp_path, version):
     assert isinstance(full, np.ndarray) and np.array_equal(full, img)
 
 
+def test_bioformats2raw_folder_opens_series_0(tmp_path):
+    img = _image(2)
+    root = zarr.open_group(str(tmp_path / "b2r.zarr"), mode="w", zarr_format=2)
+    root.attrs["bioformats2raw.layout"] = 3
+    write_image(tmp_path / "b2r.zarr" / "0", img, version="0.4")
+    data, meta = open_ome_zarr(tmp_path / "b2r.zarr")
+    assert meta.store.endswith("0") and np.array_equal(np.asarray(data), img)
+
+
 def test_channels_time_and_singleton_axes(tmp_path):
     rng = np.random.default_rng(1)
     czyx = rng.integers(0, 255, (2, 4, 32, 32), dtype=np.uint8)
