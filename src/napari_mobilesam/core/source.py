@@ -36,10 +36,28 @@ _STACK_SAMPLE_SLICES = 32
 _STACK_SAMPLE_PIXELS = 2_000_000
 
 
+def _is_multiscale(data: Any) -> bool:
+    """A napari multiscale layer's data (``MultiScaleData``, with ``.shapes``) or a list/tuple of
+    at least two arrays of one ndim whose last two sides shrink level by level (an OME-Zarr pyramid)."""
+    if hasattr(data, "shapes") and hasattr(data, "__len__") and not isinstance(data, np.ndarray):
+        return True
+    if not isinstance(data, (list, tuple)) or len(data) < 2:
+        return False
+    if not all(hasattr(a, "shape") and hasattr(a, "dtype") for a in data):
+        return False
+    shapes = [tuple(a.shape) for a in data]
+    return len({len(s) for s in shapes}) == 1 and all(
+        a[-2:] != b[-2:] and b[-2] <= a[-2] and b[-1] <= a[-1] for a, b in zip(shapes, shapes[1:])
+    )
+
+
 def _as_array(data: Any) -> Any:
-    """numpy and dask arrays pass through; anything else array-like becomes a numpy array."""
+    """numpy and dask arrays pass through; a multiscale pyramid gives its full-resolution level
+    (pass ``levels[k]`` for another); anything else array-like becomes a numpy array."""
     if isinstance(data, np.ndarray):
         return data
+    if _is_multiscale(data):
+        return data[0]
     if hasattr(data, "shape") and hasattr(data, "dtype") and hasattr(data, "__getitem__"):
         return data  # dask, zarr, h5py, memmap-like: index lazily, one slice at a time
     return np.asarray(data)
@@ -99,6 +117,8 @@ class SliceSource:
     data : array-like (numpy, dask, zarr...)
         One of the layouts in `ACCEPTED_LAYOUTS`. Dtypes: uint8, uint16, signed ints, floats (NaN and
         inf are safe), bool. Lazy arrays are read one slice at a time.
+        A multiscale pyramid (a napari multiscale layer's ``data``, or the list of dask arrays
+        napari's OME-Zarr reader gives) is read at full resolution: its level 0.
     channel_axis : int, optional
         The axis holding channels of a multichannel image or stack (negative values count from the
         end). Up to 3 channels are shown as R, G, B (1 channel: gray; 2 channels: R, G and an empty
