@@ -210,19 +210,12 @@ class TiledPredictor:
             self.source = source if hasattr(source, "slice_key") else SliceSource(source)
             self.cache = cache
         self.sam = sam
-        self.grid = TileGrid(self.source.slice_shape, tile, halo)
+        self.n_slices, self.slice_shape = self.source.n_slices, self.source.slice_shape
+        self.grid = TileGrid(self.slice_shape, tile, halo)
         self._predictors = [tile_predictor(TileView(self.source, t)) for t in self.grid.tiles]
         # low-res logits we returned -> the tile they belong to (they are in its frame)
         self._frames: dict[int, tuple[weakref.ref, int]] = {}
         self._last_tile = 0
-
-    @property
-    def n_slices(self) -> int:
-        return self.source.n_slices
-
-    @property
-    def slice_shape(self) -> tuple[int, int]:
-        return self.source.slice_shape
 
     def tile_predictor(self, tile: Tile | int) -> SlicePredictor:
         """The ``SlicePredictor`` of one tile (its coordinates are the tile's)."""
