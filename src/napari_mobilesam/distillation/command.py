@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from ..errors import DistillError
 from .config import STUDENT_MODELS, DistillConfig, DistillEvent
+from .run import distill
 
 __all__ = ["configure_parser", "run_cli", "main"]
 
@@ -99,8 +100,6 @@ def run_cli(args: argparse.Namespace) -> int:
             print(f"saved {ev.message}", file=sys.stderr, flush=True)
 
     try:
-        from .run import distill
-
         result = distill(_config_from_args(args), callback=show)
     except DistillError as exc:
         print(f"napari-mobilesam distill: error: {exc}", file=sys.stderr)

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import DistillError
 
-__all__ = ["DistillConfig", "DistillEvent", "DistillResult", "STUDENT_MODELS", "check_config"]
+__all__ = ["DistillConfig", "DistillEvent", "DistillResult", "STUDENT_MODELS", "check_config", "Setup"]
 
 STUDENT_MODELS = ("vit_t", "vit_t_test")
 
@@ -191,3 +191,22 @@ def check_config(cfg: DistillConfig) -> Path:
                 f"device {cfg.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
             ) from None
     return out
+
+
+@dataclass
+class Setup:
+    """What a run works on once every setting is checked (step 0 of ``iter_distill``).
+
+    ``sources``: ``(name, SliceSource)`` pairs; ``train``/``val``: ``SliceRef`` lists; ``sam``: the
+    student ``Sam`` (only its image encoder trains); ``student_source``: names its initial weights.
+    """
+
+    cfg: DistillConfig
+    out: Path
+    cache_root: Path
+    teacher: Any
+    sources: list
+    train: list
+    val: list
+    sam: Any
+    student_source: str

@@ -36,17 +36,17 @@ import os
 import sys
 import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import DistillError
-from .command import configure_parser, main, run_cli
 from .config import (
     STUDENT_MODELS,
     DistillConfig,
     DistillEvent,
     DistillResult,
+    Setup,
     check_config,
 )
 from .data import open_images, split_slices
@@ -67,9 +67,6 @@ __all__ = [
     "DistillError",
     "distill",
     "iter_distill",
-    "configure_parser",
-    "run_cli",
-    "main",
     "STUDENT_MODELS",
 ]
 
@@ -113,21 +110,6 @@ def _clean(values: dict) -> dict:
             v = None
         out[k] = v
     return out
-
-
-@dataclass
-class Setup:
-    """Everything a run needs that is checked before anything is computed (step 0)."""
-
-    cfg: DistillConfig
-    out: Path
-    cache_root: Path
-    teacher: Teacher
-    sources: list
-    train: list
-    val: list
-    sam: Any
-    student_source: str
 
 
 def _setup(cfg: DistillConfig) -> Setup:
@@ -305,4 +287,6 @@ def distill(
 
 
 if __name__ == "__main__":  # the old spelling, ``python -m napari_mobilesam.distillation.run``
-    sys.exit(main())
+    import importlib  # not a module-level import: the command imports this module
+
+    sys.exit(importlib.import_module("napari_mobilesam.distillation.command").main())

@@ -19,16 +19,13 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..core.preprocess import preprocess_rgb
 from ..errors import DistillError
 from ..files import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from .data import SliceRef
 
 __all__ = [
     "Teacher",
@@ -351,7 +348,7 @@ class TeacherCache:
 def fill_teacher_cache(
     cache: TeacherCache,
     sources: Sequence[tuple[str, Any]],
-    refs: Sequence[SliceRef],
+    refs: Sequence[Any],
     *,
     device: Any = "cpu",
     batch_size: int = 1,

@@ -12,14 +12,11 @@ import logging
 import math
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import DistillError
-from .config import DistillEvent
+from .config import DistillEvent, Setup
 from .teacher import TeacherCache
-
-if TYPE_CHECKING:
-    from .run import Setup
 
 __all__ = ["Trainer"]
 
