@@ -264,3 +264,49 @@ def test_every_control_has_a_tooltip(make_napari_viewer, config_dir):
     missing = [w.label or w.text for w in found if not (w.tooltip or "").strip()]
     assert not missing, missing
     assert all(len(t) > 20 for t in TOOLTIPS.values())
+
+
+def test_cancelling_the_background_task_keeps_the_progress(make_napari_viewer, qtbot, tmp_path, teacher_file,
+                                                           config_dir, monkeypatch, notes):
+    """``Task.cancel()`` (quitting the napari worker, not the panel's Cancel button) also stops after
+    the current step, keeps a training state and leaves the panel ready to resume."""
+    import threading
+
+    import napari_mobilesam.distillation.run as distill_module
+    from napari_mobilesam.data import synthetic_nuclei
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(synthetic_nuclei(shape=(4, 48, 48), n_nuclei=3, seed=2).image, name="nuclei")
+    widget = _panel(viewer)
+    output = tmp_path / "student.pt"
+    _fill(widget, layer, teacher_file, output, epochs=2)
+
+    real_iter, show_event, pressed = distill_module.iter_distill, widget._on_event, threading.Event()
+
+    def cancel_task_on_first_step(ev):  # GUI thread
+        show_event(ev)
+        if ev.kind == "step" and not pressed.is_set():
+            widget.task.cancel()
+            pressed.set()
+
+    def wait_for_the_gui(cfg, cancel=None):  # worker thread: hold after the first step until cancelled
+        gen = real_iter(cfg, cancel=cancel)
+        try:
+            while True:
+                ev = next(gen)
+                yield ev
+                if ev.kind == "step":
+                    assert pressed.wait(120), "the GUI never saw the step"
+        except StopIteration as stop:
+            return stop.value
+
+    monkeypatch.setattr(distill_module, "iter_distill", wait_for_the_gui)
+    widget._on_event = cancel_task_on_first_step
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+    assert widget.task.cancelled and "Cancelled" in widget._status.value
+    assert not output.exists()
+    states = [p.name for p in output.with_name("student.pt.distill").glob("*/state-*.pt")]
+    assert states == ["state-e0000-s0000001.pt"]
+    assert widget._run_btn.enabled and not widget._cancel_btn.enabled and not widget._use_btn.enabled
+    assert not [m for level, m in notes if level == "error"]
