@@ -8,7 +8,6 @@ embeddings ``(B, 256, 64, 64)``. No napari or Qt here.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -20,7 +19,6 @@ from .teacher import TeacherCache
 
 __all__ = ["Trainer"]
 
-log = logging.getLogger(__name__)
 
 
 class Trainer:
@@ -78,7 +76,6 @@ class Trainer:
         found = newest_readable_state(self.run_dir, set_aside=self.env.is_main)
         if self.env.is_main:
             for line in found.messages():
-                log.warning("%s", line)
                 yield DistillEvent("info", message=line)
         if found.state is None:
             return
