@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_mobilesam.distillation.command import configure_parser, run_cli
 from napari_mobilesam.distillation.data import (
     DistillError,
     TeacherCache,
@@ -29,13 +30,7 @@ from napari_mobilesam.distillation.data import (
     teacher_from_module,
     vit_teacher_encoder,
 )
-from napari_mobilesam.distillation.run import (
-    DistillConfig,
-    configure_parser,
-    distill,
-    iter_distill,
-    run_cli,
-)
+from napari_mobilesam.distillation.run import DistillConfig, distill, iter_distill
 
 
 @pytest.fixture(scope="module")
@@ -385,6 +380,82 @@ def test_cancel_saves_a_state_and_the_next_run_continues(tmp_path, teacher_ckpt,
     gen.close()
     run_dirs = list(cfg2.output.with_name("closed.pt.distill").iterdir())
     assert [p.name for p in run_dirs[0].glob("state-*.pt")] == ["state-e0000-s0000001.pt"]
+
+
+def test_truncated_newest_state_is_set_aside_and_the_run_resumes_from_the_one_before(
+    tmp_path, teacher_ckpt, small_stack, straight_run, shared_cache
+):
+    """#12 item 6: a killed run whose newest state file is truncated resumes by itself from the newest
+    readable state, keeps the damaged file aside as NAME.damaged, says so, and ends with exactly the
+    uninterrupted result."""
+    from napari_mobilesam.models.checkpoint import read_state_dict
+
+    cfg = _config(tmp_path, teacher_ckpt, [small_stack], output=tmp_path / "trunc.pt", cache_dir=shared_cache)
+    n = {"steps": 0}
+
+    def count(ev):
+        n["steps"] += ev.kind == "step"
+
+    first = distill(cfg, callback=count, cancel=lambda: n["steps"] >= 4)  # stops at step 1 of epoch 2
+    assert first.cancelled
+    names = sorted(p.name for p in first.run_dir.glob("state-*.pt"))
+    assert names == ["state-e0001-s0000000.pt", "state-e0001-s0000001.pt"]
+    newest = first.run_dir / "state-e0001-s0000001.pt"
+    cut = newest.read_bytes()[: newest.stat().st_size // 2]
+    newest.write_bytes(cut)  # what a full disk or a copy cut short leaves
+
+    events = []
+    resumed = distill(cfg, callback=events.append)
+    said = [e.message for e in events if e.kind == "info" and "damaged" in e.message]
+    assert len(said) == 1 and "state-e0001-s0000001.pt" in said[0]
+    assert "moved it aside to state-e0001-s0000001.pt.damaged" in said[0]
+    assert "resuming from state-e0001-s0000000.pt" in said[0]
+    assert resumed.resumed_from.name == "state-e0001-s0000000.pt"
+    assert (first.run_dir / "state-e0001-s0000001.pt.damaged").read_bytes() == cut  # kept, untouched
+    assert [e.step for e in events if e.kind == "step"] == [4, 5, 6]
+    assert resumed.output.exists() and len(resumed.history) == 2
+    a, b = read_state_dict(resumed.output), read_state_dict(straight_run[1].output)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_only_damaged_states_mean_a_fresh_start_and_nothing_is_deleted(tmp_path):
+    from napari_mobilesam.distillation.states import load_state, newest_readable_state
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "state-e0001-s0000000.pt").write_bytes(b"PK\x03\x04 cut short")
+    torch.save({"something": "else"}, run_dir / "state-e0002-s0000000.pt")
+    (run_dir / "state-e0002-s0000000.pt.damaged").write_bytes(b"an older damaged file")
+    with pytest.raises(DistillError, match="damaged"):
+        load_state(run_dir / "state-e0001-s0000000.pt")
+    found = newest_readable_state(run_dir)
+    assert found.path is None and found.state is None
+    assert [(a.name, b.name) for a, b, _ in found.set_aside] == [
+        ("state-e0002-s0000000.pt", "state-e0002-s0000000.pt.damaged-2"),
+        ("state-e0001-s0000000.pt", "state-e0001-s0000000.pt.damaged"),
+    ]
+    assert all("starting afresh" in line for line in found.messages())
+    assert "not a distillation training state" in found.set_aside[0][2]
+    assert (run_dir / "state-e0002-s0000000.pt.damaged").read_bytes() == b"an older damaged file"
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "state-e0001-s0000000.pt.damaged", "state-e0002-s0000000.pt.damaged",
+        "state-e0002-s0000000.pt.damaged-2"]
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    """``python -m napari_mobilesam.distillation`` (what ``torchrun -m`` runs) is the distill command."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "napari_mobilesam.distillation", "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "--teacher" in proc.stdout and "python -m napari_mobilesam.distillation" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "napari_mobilesam.distillation", "--teacher",
+                           str(tmp_path / "missing.pth"), "--images", str(tmp_path), "-o", str(tmp_path / "s.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_mask_loss_trains_the_encoder_through_the_frozen_decoder(tmp_path, teacher_ckpt, small_stack):

@@ -1,14 +1,16 @@
-"""Distillation in separate processes: DDP under torchrun (gloo, 2 CPU processes on 127.0.0.1) and
-a run killed with SIGKILL that resumes from its last training state.
+"""Distillation in separate processes: DDP under torchrun (gloo, 2 CPU processes on 127.0.0.1), a
+run killed with SIGKILL that resumes from its last training state, and kill -9 at five points of a
+``distill`` run (#12 fault tests).
 
-The DDP run uses ``python -m napari_mobilesam.distillation.run`` under torchrun, the killed run the real
-``napari-mobilesam distill`` command (``python -m napari_mobilesam.cli``); both with the tiny
-teacher and the ``vit_t_test`` student.
+The DDP run uses ``torchrun -m napari_mobilesam.distillation`` (the package's ``__main__``), the
+killed runs the real ``napari-mobilesam distill`` command (``python -m napari_mobilesam.cli``); all
+with the tiny teacher and the ``vit_t_test`` student.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -70,7 +72,7 @@ def test_ddp_two_gloo_processes_end_with_a_strict_checkpoint(tmp_path, inputs):
     out = tmp_path / "ddp.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "napari_mobilesam.distillation.run", *_args(teacher, stack, out, "--epochs", "2")]
+           "-m", "napari_mobilesam.distillation", *_args(teacher, stack, out, "--epochs", "2")]
     proc = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "process 1 of 2" in proc.stderr
@@ -119,3 +121,75 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, inputs):
     assert "teacher embeddings" not in again.stderr  # the cache survived the kill
     assert "step 1/" not in again.stderr  # epoch 1 was not trained again
     assert out.exists()
+
+
+def _run_until(cmd, env, pattern: str, timeout: float = 240) -> str:
+    """Start ``cmd``, kill it with SIGKILL as soon as a stderr line matches ``pattern``; its stderr."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    deadline = time.monotonic() + timeout
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if re.search(pattern, line):
+                proc.send_signal(signal.SIGKILL)
+                break
+            assert time.monotonic() < deadline, "".join(seen)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed:\n" + "".join(seen)
+    return "".join(seen)
+
+
+#: Where the run is killed: a stderr line it printed (the kill lands just after it).
+KILL_POINTS = {
+    "teacher-cache": r"teacher embeddings 1/",
+    "epoch1-step1": r"saved .*state-e0000-s0000001\.pt",
+    "epoch1-step3": r"saved .*state-e0000-s0000003\.pt",
+    "epoch1-end": r"saved .*state-e0001-s0000000\.pt",
+    "epoch2-step2": r"saved .*state-e0001-s0000002\.pt",
+}
+
+
+@pytest.mark.slow
+def test_kill_9_at_five_points_then_rerun_finishes_with_the_uninterrupted_result(tmp_path, inputs):
+    """kill -9 a ``distill`` command at five points; the same command again resumes and finishes, the
+    files that were there before are byte-identical, and the weights equal an uninterrupted run's."""
+    from napari_mobilesam.models.checkpoint import read_state_dict
+
+    teacher, stack = inputs
+    env = _env(tmp_path)
+    extra = ("--epochs", "2", "--save-every", "1")
+    cli = [sys.executable, "-m", "napari_mobilesam.cli", "distill"]
+    reference = tmp_path / "reference.pt"
+    done = subprocess.run([*cli, *_args(teacher, stack, reference, *extra)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    expected = read_state_dict(reference)
+    before = {p: p.read_bytes() for p in (teacher, stack, reference)}
+
+    for name, pattern in KILL_POINTS.items():
+        out = tmp_path / name / "student.pt"
+        out.parent.mkdir()
+        keep = out.with_name("keep.pt")
+        keep.write_bytes(b"a file the user had there")
+        run_env = dict(env, NAPARI_MOBILESAM_CACHE=str(tmp_path / name / "cache")) if name == "teacher-cache" else env
+        cmd = [*cli, *_args(teacher, stack, out, *extra)]
+        _run_until(cmd, run_env, pattern)
+        assert not out.exists(), name
+        again = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, (name, again.stderr)
+        if name != "teacher-cache":
+            assert "resuming from" in again.stderr, (name, again.stderr)
+            assert "teacher embeddings" not in again.stderr  # the cache survived the kill
+        got = read_state_dict(out)
+        assert got.keys() == expected.keys()
+        for k in got:
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{name} {k}: {m}")
+        assert keep.read_bytes() == b"a file the user had there"
+        assert not list(out.parent.glob("student.pt.distill/*/*.damaged"))
+    assert {p: p.read_bytes() for p in before} == before

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "distill",
         help="distil a MobileSAM image encoder from a SAM teacher on your images",
     )
-    from .distillation.run import configure_parser
+    from .distillation.command import configure_parser
 
     configure_parser(dist)
     return parser
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
     if args.command == "distill":
-        from .distillation.run import run_cli
+        from .distillation.command import run_cli
 
         return int(run_cli(args))
     try:

@@ -2,15 +2,19 @@
 
 The panel collects the settings (teacher checkpoint, image layers or a folder of TIFFs, epochs,
 learning rate, batch size, device, output file), refuses invalid ones with a message before
-anything runs, then runs :func:`napari_mobilesam.distillation.run.iter_distill` in a napari thread worker.
-Its events drive a progress bar, a status line and a live plot of the training loss (per step) and
-the validation embedding MSE (per epoch). Cancel stops after the current step and keeps a training
-state; running again with the same settings resumes from it.
+anything runs, then runs :func:`napari_mobilesam.distillation.run.iter_distill` through
+:func:`napari_mobilesam._napari.workers.start_task` (the same background tasks as the Segment panel:
+a progress bar in napari's activity dock, cancellable there too). Its events drive the panel's
+progress bar, a status line and a live plot of the training loss (per step) and the validation
+embedding MSE (per epoch). Cancel stops after the current step and keeps a training state; running
+again with the same settings resumes from it. Errors are napari notifications, like the Segment
+panel's, and stay in the status line.
 
-When the run ends the new model is offered to the segmentation widget: the panel writes
-``model="distilled", checkpoint=<output>`` to the segmentation widget's saved settings
-(:mod:`napari_mobilesam._napari.settings`, read when a segmentation widget opens), calls
-``use_model("distilled", <output>)`` on an open segmentation widget that provides it, and emits
+When the run ends nothing switches by itself: the panel reports the validation before and after
+(and says clearly when it got worse) and enables *Use this model for segmentation*. That button
+(:meth:`DistillWidget.offer_model`) writes ``model="distilled", checkpoint=<output>`` to the
+segmentation widget's saved settings (:mod:`napari_mobilesam._napari.settings`), calls
+``use_model("distilled", <output>)`` on an open segmentation widget, and emits
 :attr:`DistillWidget.model_ready` with the path.
 """
 
@@ -37,12 +41,14 @@ from magicgui.widgets import (
     Select,
     SpinBox,
 )
+from napari.utils.notifications import show_error, show_info, show_warning
 from psygnal import Signal
-from qtpy.QtCore import QPointF
-from qtpy.QtGui import QColor, QPainter, QPen
-from qtpy.QtWidgets import QSizePolicy, QWidget
+from qtpy.QtCore import QObject
+from qtpy.QtCore import Signal as QtSignal
 
 from ..models.devices import device_choices
+from .distill_plot import LossPlot
+from .workers import Task, start_task
 
 __all__ = ["DistillWidget", "LossPlot"]
 
@@ -51,91 +57,50 @@ log = logging.getLogger(__name__)
 _STUDENTS = {"vit_t": "MobileSAM (current default weights)", "checkpoint": "MobileSAM checkpoint file"}
 _DEV_STUDENTS = {"vit_t_test": "vit_t_test (tiny, random: development)"}
 
+#: One tooltip per control, by attribute name (every control has one; a test checks it).
+TOOLTIPS = {
+    "_teacher": "The bigger model to learn from: a SAM ViT-B/L/H checkpoint (e.g. sam_vit_b_01ec64.pth) "
+                "or a MobileSAM-format .pt file",
+    "_data_from": "Train on open image layers, or on every TIFF/PNG/JPEG file of a folder",
+    "_layers": "Image layers to train on (2D images or z-stacks); select several with Ctrl/Shift-click",
+    "_folder": "Folder whose image files (.tif, .tiff, .png, .jpg) are used for training (not recursive)",
+    "_student": "The MobileSAM weights training starts from: the default weights or a checkpoint file",
+    "_student_ckpt": "MobileSAM-format checkpoint to start from (e.g. an earlier distilled model)",
+    "_epochs": "Passes over the training slices; more epochs fit your images more closely",
+    "_lr": "Peak learning rate of AdamW (e.g. 1e-4); lower it if the loss jumps or the run diverges",
+    "_batch": "Slices per training step; larger needs more memory",
+    "_val_fraction": "Share of the slices held out to check the result (mask mIoU against the teacher); "
+                     "0 skips the check",
+    "_mask_loss": "Weight of the mask term through the frozen decoder (0: match the teacher's embeddings only)",
+    "_device": "Where training runs: auto picks a GPU when there is one",
+    "_output": "File the distilled model is written to (.pt); its settings and figures go beside it as .pt.json",
+    "_overwrite": "Replace the output file if it exists (otherwise an existing file is refused)",
+    "_run_btn": "Start (or resume, with the same settings) the distillation in the background",
+    "_cancel_btn": "Stop after the current step; the progress is kept and Distil resumes it",
+    "_progress": "Teacher embeddings, then training steps (also shown in napari's activity dock)",
+    "_use_btn": "Switch the Segment panel to the distilled model (it is never switched without asking)",
+}
 
-class LossPlot(QWidget):
-    """A small QPainter line plot: training loss per step and validation MSE per epoch.
 
-    ``train``: list of (step, loss); ``val``: list of (step, mse) where step is the global step at
-    which that validation ran (0 = before training). The y axis is logarithmic when the values
-    span more than a factor of 20.
-    """
+USE_TEXT = "Use this model for segmentation"
+USE_ANYWAY_TEXT = "Use this model anyway (validation got worse)"
+CANCELLED_TEXT = "Cancelled. The progress is kept: press Distil again to resume."
 
-    TRAIN = QColor(70, 130, 220)
-    VAL = QColor(240, 150, 40)
 
-    def __init__(self, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.train: list[tuple[float, float]] = []
-        self.val: list[tuple[float, float]] = []
-        self.total_steps = 0
-        self.setMinimumHeight(140)
-        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+class _EventRelay(QObject):
+    """Carries :class:`DistillEvent` objects from the worker thread to the GUI thread (queued)."""
 
-    def clear(self) -> None:
-        self.train, self.val, self.total_steps = [], [], 0
-        self.update()
+    event = QtSignal(object)
 
-    def add_train(self, step: float, loss: float) -> None:
-        if math.isfinite(loss):
-            self.train.append((step, loss))
-            self.update()
 
-    def add_val(self, step: float, mse: float) -> None:
-        if math.isfinite(mse):
-            self.val.append((step, mse))
-            self.update()
-
-    def _scale(self):
-        ys = [y for _, y in self.train + self.val if y > 0]
-        if not ys:
-            return None
-        lo, hi = min(ys), max(ys)
-        log = hi / lo > 20
-        if log:
-            lo, hi = math.log10(lo), math.log10(hi)
-        if hi - lo < 1e-12:
-            lo, hi = lo - 0.5, hi + 0.5
-        xmax = max([self.total_steps, 1] + [x for x, _ in self.train + self.val])
-        return lo, hi, log, xmax
-
-    def paintEvent(self, event) -> None:  # noqa: N802 - Qt's name
-        p = QPainter(self)
-        p.setRenderHint(QPainter.RenderHint.Antialiasing)
-        w, h = self.width(), self.height()
-        left, right, top, bottom = 46, 8, 8, 20
-        p.fillRect(self.rect(), self.palette().base())
-        p.setPen(QPen(self.palette().text().color(), 1))
-        p.drawRect(left, top, w - left - right, h - top - bottom)
-        scale = self._scale()
-        if scale is None:
-            p.drawText(left + 6, top + 16, "loss appears here while training runs")
-            p.end()
-            return
-        lo, hi, log, xmax = scale
-
-        def pt(x: float, y: float) -> QPointF:
-            yv = math.log10(y) if log else y
-            px = left + (w - left - right) * (x / xmax)
-            py = top + (h - top - bottom) * (1 - (yv - lo) / (hi - lo))
-            return QPointF(px, py)
-
-        fmt = (lambda v: f"{10 ** v:.3g}") if log else (lambda v: f"{v:.3g}")
-        p.drawText(2, top + 10, fmt(hi))
-        p.drawText(2, h - bottom, fmt(lo))
-        p.drawText(left, h - 4, f"step 0 … {int(xmax)}")
-        for series, color in ((self.train, self.TRAIN), (self.val, self.VAL)):
-            p.setPen(QPen(color, 2))
-            pts = [pt(x, y) for x, y in series if y > 0]
-            for a, b in zip(pts, pts[1:]):
-                p.drawLine(a, b)
-            for q in pts if series is self.val else pts[-1:]:
-                p.drawEllipse(q, 3, 3)
-        p.setPen(QPen(self.TRAIN, 2))
-        p.drawText(w - right - 150, top + 14, "training loss")
-        p.setPen(QPen(self.VAL, 2))
-        p.drawText(w - right - 150, top + 28, "validation MSE")
-        p.end()
-
+def _validation_got_worse(before: dict, after: dict) -> bool | None:
+    """True when the held-out mask mIoU fell (same mIoU: when the embedding MSE rose); None without validation."""
+    b, a = before.get("miou"), after.get("miou")
+    if b is None or a is None or not (math.isfinite(b) and math.isfinite(a)):
+        return None
+    if abs(a - b) > 1e-6:
+        return a < b
+    return after.get("mse", 0.0) > before.get("mse", 0.0)  # same masks: judge by the embeddings
 
 
 class DistillWidget(Container):
@@ -143,29 +108,45 @@ class DistillWidget(Container):
 
     Public API used by scripts and tests: :meth:`config` (the settings as a ``DistillConfig``, or
     a ``DistillError`` naming what is wrong), :meth:`run`, :meth:`cancel`, :attr:`busy` (a run
-    has started and its end is not handled yet), :attr:`worker` (the napari worker of the last
-    run), :attr:`result` (the last ``DistillResult``), :attr:`model_ready`
-    (emitted with the output path when a model was written), :meth:`enable_dev_models`.
+    has started and its end is not handled yet), :attr:`task` / :attr:`worker` (the background
+    task of the last run and its napari worker), :attr:`result` (the last ``DistillResult``),
+    :meth:`offer_model` (the *Use this model* button), :attr:`model_ready` (emitted with the output
+    path when the user chose the new model), :meth:`enable_dev_models`.
     """
 
     model_ready = Signal(str)
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
-        from ..distillation.run import DistillConfig
         from .settings import dev_mode
 
         self._viewer = viewer
         self._students = dict(_STUDENTS, **(_DEV_STUDENTS if dev_mode() else {}))
-        d = DistillConfig(teacher=None, images=None, output="")
+        self.task: Task | None = None
         self.worker = None
         self.result = None
         self._busy = False
         self._cancel_event = threading.Event()
         self._steps_per_epoch = 0
+        self._relay: _EventRelay | None = None
+        self._make_controls()
+        self._layout_controls()
+        for name, text in TOOLTIPS.items():
+            getattr(self, name).tooltip = text
 
+        self._data_from.changed.connect(self._on_data_from)
+        self._student.changed.connect(self._on_student)
+        self._run_btn.changed.connect(lambda: self.run())
+        self._cancel_btn.changed.connect(lambda: self.cancel())
+        self._use_btn.changed.connect(lambda: self.offer_model())
+        viewer.layers.events.inserted.connect(self._refresh_layers)
+        viewer.layers.events.removed.connect(self._refresh_layers)
+
+    def _make_controls(self) -> None:
+        from ..distillation.config import DistillConfig
+
+        d = DistillConfig(teacher=None, images=None, output="")
         self._teacher = FileEdit(label="teacher", mode="r", filter="*.pth *.pt")
-        self._teacher.tooltip = "SAM ViT-B/L/H checkpoint (e.g. sam_vit_b_01ec64.pth) or a MobileSAM-format file"
         self._data_from = RadioButtons(label="images from", choices=["layers", "folder"], value="layers",
                                        orientation="horizontal")
         self._layers = Select(label="image layers", choices=self._image_layer_choices)
@@ -186,7 +167,9 @@ class DistillWidget(Container):
         self._cancel_btn = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="progress", min=0, max=1, value=0)
         self._status = Label(value="")
-        self._use_btn = PushButton(text="Use the new model for segmentation", enabled=False)
+        self._use_btn = PushButton(text=USE_TEXT, enabled=False)
+
+    def _layout_controls(self) -> None:
         self.extend([
             self._teacher, self._data_from, self._layers, self._folder, self._student,
             self._student_ckpt, self._epochs, self._lr, self._batch, self._val_fraction,
@@ -198,14 +181,6 @@ class DistillWidget(Container):
         self.native.layout().addWidget(self.plot)
         self.append(self._use_btn)
         self._status.native.setWordWrap(True)
-
-        self._data_from.changed.connect(self._on_data_from)
-        self._student.changed.connect(self._on_student)
-        self._run_btn.changed.connect(lambda: self.run())
-        self._cancel_btn.changed.connect(lambda: self.cancel())
-        self._use_btn.changed.connect(lambda: self.offer_model())
-        viewer.layers.events.inserted.connect(self._refresh_layers)
-        viewer.layers.events.removed.connect(self._refresh_layers)
 
     # ---- choices
 
@@ -234,20 +209,11 @@ class DistillWidget(Container):
 
     # ---- settings
 
-    def config(self):
-        """The panel's settings as a ``DistillConfig``; raises ``DistillError`` naming the problem.
-
-        Checks what can be checked without reading big files: the teacher and output paths, at
-        least one image, numbers in range. The teacher's content is checked at the start of the run,
-        before any computation.
-        """
+    def _images(self) -> list:
+        """What to train on: SliceSources of the chosen layers, or the chosen folder."""
         from ..core.source import SliceSource
-        from ..distillation.data import DistillError
-        from ..distillation.run import DistillConfig, _check_config
+        from ..errors import DistillError
 
-        teacher = Path(str(self._teacher.value))
-        if str(self._teacher.value) in ("", ".") or not teacher.is_file():
-            raise DistillError("choose the teacher checkpoint file (a SAM ViT-B/L/H .pth)")
         if self._data_from.value == "layers":
             layers = list(self._layers.value)
             if not layers:
@@ -257,11 +223,26 @@ class DistillWidget(Container):
                 if layer.multiscale:
                     raise DistillError(f"layer {layer.name!r} is multiscale: use a single-scale image")
                 images.append(SliceSource(layer.data, rgb=layer.rgb))
-        else:
-            folder = Path(str(self._folder.value))
-            if str(self._folder.value) in ("", ".") or not folder.is_dir():
-                raise DistillError("choose a folder of TIFF images to train on")
-            images = [folder]
+            return images
+        folder = Path(str(self._folder.value))
+        if str(self._folder.value) in ("", ".") or not folder.is_dir():
+            raise DistillError("choose a folder of TIFF images to train on")
+        return [folder]
+
+    def config(self):
+        """The panel's settings as a ``DistillConfig``; raises ``DistillError`` naming the problem.
+
+        Checks what can be checked without reading big files: the teacher and output paths, at
+        least one image, numbers in range. The teacher's content is checked at the start of the run,
+        before any computation.
+        """
+        from ..distillation.config import DistillConfig, check_config
+        from ..errors import DistillError
+
+        teacher = Path(str(self._teacher.value))
+        if str(self._teacher.value) in ("", ".") or not teacher.is_file():
+            raise DistillError("choose the teacher checkpoint file (a SAM ViT-B/L/H .pth)")
+        images = self._images()
         try:
             lr = float(self._lr.value)
         except ValueError:
@@ -283,60 +264,78 @@ class DistillWidget(Container):
             mask_loss_weight=float(self._mask_loss.value), device=self._device.value,
             overwrite=bool(self._overwrite.value),
         )
-        _check_config(cfg)
+        check_config(cfg)
         return cfg
 
     # ---- running
 
     @property
     def busy(self) -> bool:
-        """True from :meth:`run` until the worker's end has been handled on the GUI thread."""
+        """True from :meth:`run` until the task's end has been handled on the GUI thread."""
         return self._busy
 
     def run(self):
-        """Check the settings and start the run in a worker; returns the worker (None if refused)."""
-        from napari.qt.threading import create_worker
-
-        from ..distillation.data import DistillError
-        from ..distillation.run import iter_distill
+        """Check the settings and start the run as a background task; returns its napari worker
+        (None when the settings were refused: the reason is a notification and in the status line)."""
+        from ..errors import DistillError
 
         if self._busy:
             return self.worker
         try:
             cfg = self.config()
         except DistillError as exc:
-            self._status.value = f"Not started: {exc}"
+            self._error(f"Not started: {exc}")
             return None
         self._cancel_event.clear()
         self.result = None
         self.plot.clear()
         self._progress.max, self._progress.value = 1, 0
-        self._use_btn.enabled = False
+        self._use_btn.enabled, self._use_btn.text = False, USE_TEXT
         self._status.value = "starting…"
-
-        def work():
-            return (yield from iter_distill(cfg, cancel=self._cancel_event.is_set))
-
-        worker = create_worker(work, _start_thread=False, _ignore_errors=True)  # shown in the panel
-        worker.yielded.connect(self._on_event)
-        worker.returned.connect(self._on_done)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
+        self._relay = _EventRelay()
+        self._relay.event.connect(self._on_event)  # looked up now: tests may replace _on_event
         self._busy = True
         self._run_btn.enabled, self._cancel_btn.enabled = False, True
-        worker.start()
-        return worker
+        self.task = start_task(
+            self._work(cfg, self._relay), description="MobileSAM: distillation",
+            on_result=self._on_done, on_error=self._on_error, on_finished=self._on_finished,
+        )
+        self.worker = self.task.worker
+        return self.worker
+
+    def _work(self, cfg, relay: _EventRelay):
+        """The task body (worker thread): runs the distillation and relays every event."""
+        from ..distillation import run as distill_run
+
+        def work(report, cancelled):
+            gen = distill_run.iter_distill(cfg, cancel=lambda: self._cancel_event.is_set() or cancelled())
+            try:
+                while True:
+                    try:
+                        ev = next(gen)
+                    except StopIteration as stop:
+                        return stop.value
+                    if ev.kind in ("cache", "step"):
+                        report(ev.step, max(ev.total, 1))
+                    relay.event.emit(ev)
+            finally:
+                gen.close()  # an unexpected exit still saves the training state
+
+        return work
 
     def cancel(self) -> None:
         """Stop after the current step; a training state is kept, so running again resumes."""
         if self._busy:
             self._cancel_event.set()
+            if self.task is not None:
+                self.task.stop()
             self._status.value = "cancelling after the current step…"
 
     def _on_event(self, ev) -> None:
         if ev.kind == "info":
             self._status.value = ev.message
+            if "damaged" in ev.message:
+                show_warning(ev.message)
         elif ev.kind == "cache":
             self._progress.max, self._progress.value = max(ev.total, 1), ev.step
             self._status.value = f"teacher embeddings {ev.step}/{ev.total}"
@@ -357,33 +356,51 @@ class DistillWidget(Container):
         if result is None:
             return
         if result.cancelled:
-            self._status.value = "Cancelled. The progress is kept: press Distil again to resume."
+            self._status.value = CANCELLED_TEXT
             return
         b, a = result.before, result.after
-        self._status.value = (f"Done: {result.output}. Teacher-vs-student mask mIoU {b['miou']:.3f} before, "
-                              f"{a['miou']:.3f} after.")
+        figures = (f"teacher-vs-student mask mIoU {b['miou']:.3f} before, {a['miou']:.3f} after; "
+                   f"embedding MSE {b['mse']:.4g} → {a['mse']:.4g}")
+        worse = _validation_got_worse(b, a)
+        self._use_btn.text = USE_ANYWAY_TEXT if worse else USE_TEXT
+        if worse:
+            message = (f"Done: {result.output}, but validation got WORSE: {figures}. "
+                       "The current model is probably better for these images: keep it, or try a lower "
+                       "learning rate, more epochs or more images.")
+            show_warning(message)
+        else:
+            note = "no held-out slices, so no check" if worse is None else "validation improved"
+            message = (f"Done: {result.output} ({note}: {figures}). Press '{USE_TEXT}' to segment with it.")
+            show_info(message)
+        self._status.value = message
         self._use_btn.enabled = True
-        self.offer_model()
 
     def _on_error(self, exc: BaseException) -> None:
-        from ..distillation.data import DistillError
+        from ..errors import DistillError
 
         if not isinstance(exc, DistillError):  # not a settings problem: keep the traceback
             log.error("distillation failed", exc_info=exc)
-        self._status.value = f"Failed: {exc}"
+        self._error(f"Distillation failed: {exc}")
 
     def _on_finished(self) -> None:
+        if self.result is None and self.task is not None and self.task.cancelled:
+            self._status.value = CANCELLED_TEXT  # cancelled from the activity dock
         self._run_btn.enabled, self._cancel_btn.enabled = True, False
         self._busy = False
+
+    def _error(self, message: str) -> None:
+        """Show an error as a napari notification and in the status line, as the Segment panel does."""
+        self._status.value = message
+        show_error(message)
 
     # ---- handing the model over
 
     def offer_model(self) -> str | None:
         """Make the last output the segmentation widget's model; returns its path (None: no output).
 
-        Writes ``model="distilled", checkpoint=<path>`` to the segmentation widget's saved
-        settings, tells an open segmentation widget that has ``use_model(model, checkpoint)``,
-        and emits :attr:`model_ready`.
+        What the *Use this model for segmentation* button does (never called by the run itself):
+        writes ``model="distilled", checkpoint=<path>`` to the segmentation widget's saved
+        settings, tells every open segmentation widget (``use_model``), and emits :attr:`model_ready`.
         """
         from .settings import load_settings, save_settings
 
@@ -394,23 +411,15 @@ class DistillWidget(Container):
         settings.model, settings.checkpoint = "distilled", path
         save_settings(settings)
         for widget in self._segment_widgets():
-            use = getattr(widget, "use_model", None)
-            if callable(use):
-                use("distilled", path)
+            widget.use_model("distilled", path)
         self.model_ready.emit(path)
+        self._status.value = f"The Segment panel now uses {path}."
         return path
 
     def _segment_widgets(self) -> list:
-        try:
-            from .segment_widget import SegmentWidget
-        except ImportError:  # pragma: no cover
-            return []
+        """Open Segment panels of this viewer (napari's public ``Window.dock_widgets``)."""
+        from .segment_widget import SegmentWidget
+
         window = getattr(self._viewer, "window", None)
-        docks = getattr(window, "dock_widgets", None) or getattr(window, "_dock_widgets", {}) or {}
-        found = []
-        for dock in list(docks.values()):
-            inner = dock.widget() if hasattr(dock, "widget") else dock
-            for obj in (dock, inner, getattr(inner, "_magic_widget", None)):
-                if isinstance(obj, SegmentWidget):
-                    found.append(obj)
-        return found
+        docks = getattr(window, "dock_widgets", None) or {}
+        return [w for w in list(docks.values()) if isinstance(w, SegmentWidget)]

@@ -1,4 +1,4 @@
-"""Training side of decoupled distillation: devices, DDP, batches, losses, validation, checkpoints.
+"""Training side of decoupled distillation: devices, DDP, batches, losses, validation, schedule.
 
 The orchestration (:func:`napari_mobilesam.distillation.run.iter_distill`) strings these together. Every
 tensor shape is documented; images are ``(B, 3, 1024, 1024)`` float32 SAM inputs, embeddings
@@ -13,14 +13,13 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..files import atomic_write
 from ..models.devices import choose_device
 from .data import DistillError, SliceRef, TeacherCache, dihedral, preprocess_rgb
+from .states import STATE_FORMAT, latest_state, load_state, save_state
 
 __all__ = [
     "DistEnv",
@@ -36,9 +35,8 @@ __all__ = [
     "save_state",
     "load_state",
     "latest_state",
+    "STATE_FORMAT",
 ]
-
-STATE_FORMAT = "napari-mobilesam-distill-state/1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +353,7 @@ class Validator:
 
 
 # --------------------------------------------------------------------------------------------
-# schedule and training state
+# schedule (training states: see .states)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = 0.05):
@@ -369,42 +367,3 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_factor: float = 0.05)
         return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t))
 
     return factor
-
-
-def save_state(run_dir: Path, state: dict[str, Any], *, keep: int = 2) -> Path:
-    """Write a training state atomically as ``state-e<epoch>-s<step>.pt``; keep the newest ``keep``.
-
-    ``state`` holds ``epoch`` (completed epochs), ``step_in_epoch``, tensors and plain values only
-    (it is read back with ``weights_only=True``). Older state files of the same run are removed
-    only after the new one is complete.
-    """
-    import torch
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    name = f"state-e{int(state['epoch']):04d}-s{int(state['step_in_epoch']):07d}.pt"
-    path = run_dir / name
-    atomic_write(path, lambda tmp: torch.save({"format": STATE_FORMAT, **state}, tmp))
-    for old in sorted(run_dir.glob("state-e*-s*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def latest_state(run_dir: Path) -> Path | None:
-    """The newest complete training state file in ``run_dir`` (None when there is none)."""
-    files = sorted(Path(run_dir).glob("state-e*-s*.pt")) if Path(run_dir).is_dir() else []
-    return files[-1] if files else None
-
-
-def load_state(path: Path) -> dict[str, Any]:
-    """Read a training state (``weights_only=True``, tensors on the CPU); DistillError if damaged."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise DistillError(
-            f"training state {path} is damaged ({exc}); delete it to resume from the one before"
-        ) from exc
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise DistillError(f"{path} is not a distillation training state")
-    return state
