@@ -9,6 +9,7 @@ import pytest
 import tifffile
 
 from napari_mobilesam import batch
+from napari_mobilesam.batch import api as batch_api
 from napari_mobilesam.batch.api import (
     BatchError,
     LabelsTiffWriter,
@@ -284,7 +285,7 @@ def test_segment_stack_with_oracle(monkeypatch, small):
         pts.append((z, r, c))
         obj.append(10 + k)
     oracle = OraclePredictor(gt)
-    monkeypatch.setattr(batch, "_make_predictor", lambda *a, **k: oracle)
+    monkeypatch.setattr(batch_api, "_make_predictor", lambda *a, **k: oracle)
     lab = segment_stack(small.image, prompts_from_arrays(pts, object_ids=obj), model="unused")
     assert lab.shape == gt.shape and lab.dtype == np.int32
     assert oracle.calls == [(z, len(ids))]  # one batched call for the slice
@@ -294,7 +295,7 @@ def test_segment_stack_with_oracle(monkeypatch, small):
     # Two objects claiming the same pixels: the higher predicted IoU wins.
     same = prompts_from_arrays([pts[0], pts[0]], object_ids=[1, 2])
     oracle2 = OraclePredictor(gt, iou_of={ids[0]: 0.9})
-    monkeypatch.setattr(batch, "_make_predictor", lambda *a, **k: oracle2)
+    monkeypatch.setattr(batch_api, "_make_predictor", lambda *a, **k: oracle2)
     lab = segment_stack(small.image, same, model="unused")
     assert set(np.unique(lab)) == {0, 1}
     with pytest.raises(PromptsError, match="no prompts lie in z range"):
@@ -310,7 +311,7 @@ def test_propagate_stack_with_oracle_follows_objects_through_z(monkeypatch, smal
         rr, cc = np.nonzero(ndi_erode(gt[z] == i))
         pts.append((z, rr[len(rr) // 2], cc[len(cc) // 2]))
     oracle = OraclePredictor(gt)
-    monkeypatch.setattr(batch, "_make_predictor", lambda *a, **k: oracle)
+    monkeypatch.setattr(batch_api, "_make_predictor", lambda *a, **k: oracle)
     seen = []
     lab = batch.propagate_stack(small.image, prompts_from_arrays(pts, object_ids=[21, 22]),
                                 model="unused", progress=lambda d, t: seen.append(d))
