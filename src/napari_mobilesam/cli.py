@@ -237,11 +237,16 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
         cache_bytes=args.cache_mb * 2**20, progress=not args.no_progress,
     )
     if args.command == "segment":
+        from .errors import PromptError
+
         prompts = batch.read_prompts_csv(prompts_path)
-        if args.propagate:  # with a cluster, the workers compute the embeddings
-            batch.propagate_stack(data, prompts, client=client, **common)
-        else:
-            batch.segment_stack(data, prompts, client=client, **common)
+        run = batch.propagate_stack if args.propagate else batch.segment_stack
+        try:  # with a cluster and --propagate, the workers compute the embeddings
+            run(data, prompts, client=client, **common)
+        except PromptError as exc:
+            if str(prompts_path) in str(exc):
+                raise
+            raise PromptError(f"{prompts_path}: {exc}") from None
     else:
         from .volume.automatic import AutoParams
 
@@ -256,10 +261,21 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
     print(f"wrote {out}", file=sys.stderr)
 
 
+def _check_numbers(args) -> None:
+    """Refuse numeric options out of range before any work (InputError naming the flag)."""
+    from .errors import InputError
+
+    if args.cache_mb < 0:
+        raise InputError(f"--cache-mb must be at least 0 (MiB of embedding cache), got {args.cache_mb}")
+    if args.dask_workers is not None and args.dask_workers < 1:
+        raise InputError(f"--dask-workers needs at least 1 worker, got {args.dask_workers}")
+
+
 def _run(args) -> int:
     from . import batch
     from .models.choice import ModelChoice
 
+    _check_numbers(args)
     jobs = _jobs(args)  # before any heavy work: outputs that exist stop the run here
     if len(jobs) > 1:
         Path(args.output).mkdir(parents=True, exist_ok=True)
@@ -299,7 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``napari-mobilesam`` console script; returns the exit code."""
     import warnings
 
+    before = warnings.formatwarning
     warnings.formatwarning = _one_line_warning  # "napari-mobilesam: warning: ...", no source line
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = before
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
