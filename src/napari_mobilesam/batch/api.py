@@ -46,7 +46,6 @@ from ..io.stacks import (
     BatchError,
     LabelsTiffWriter,
     StackMetadata,
-    check_output_path,
     open_stack,
     parse_z_range,
     read_stack_metadata,
@@ -62,10 +61,12 @@ from .cluster import (
     worker_segment_prompts,
 )
 from .slices import (
+    LabelsOutput,
     check_ids_fit,
     labels_dtype,
+    objects_for_propagate,
     progress_callback,
-    prompt_dict,
+    run_propagation,
     segment_objects_on_slice,
 )
 
@@ -172,46 +173,6 @@ def _auto_params(params: Any) -> AutoParams:
 # =========================================================================== outputs
 
 
-class _Output:
-    """Collect slices in memory ((Z, H, W) ``dtype`` array) or stream them to a TIFF file."""
-
-    def __init__(self, shape, out, overwrite, metadata, out_dtype, *, inputs=(), dtype=LABELS_DTYPE):
-        self.shape = tuple(shape)
-        self.out = out
-        if out is None:
-            self.array = np.zeros(self.shape, dtype)
-            self.writer = None
-        else:
-            self.array = None
-            check_output_path(out, overwrite, inputs=inputs)
-            self.writer = LabelsTiffWriter(out, self.shape, dtype=out_dtype, metadata=metadata,
-                                           overwrite=overwrite)
-        self._z = 0
-
-    def __enter__(self):
-        if self.writer is not None:
-            self.writer.__enter__()
-        return self
-
-    def put(self, z: int, sl: np.ndarray) -> None:
-        """Slices must come in increasing z; skipped ones are zeros."""
-        if self.writer is None:
-            self.array[z] = sl
-            return
-        while self._z < z:
-            self.writer.write(np.zeros(self.shape[1:], np.int32))
-            self._z += 1
-        self.writer.write(sl)
-        self._z = z + 1
-
-    def __exit__(self, exc_type, exc, tb):
-        if self.writer is not None:
-            self.writer.__exit__(exc_type, exc, tb)
-
-    def result(self):
-        return self.array if self.writer is None else self.writer.path
-
-
 def _finish(result, viewer, name, image, metadata):
     if viewer is not None:
         add_labels_layer(viewer, result, name=name, image=image, metadata=metadata)
@@ -295,7 +256,7 @@ def segment_stack(
     dtype = labels_dtype(int(prm.object_ids.max()))
     update, close = progress_callback(progress, len(zs), "segment")
     try:
-        with _Output(shape, out, overwrite, metadata, out_dtype, dtype=dtype,
+        with LabelsOutput(shape, out, overwrite, metadata, out_dtype, dtype=dtype,
                      inputs=_input_paths(image, metadata)) as output:
             if client is not None:
                 spec = spec_for_client(model, checkpoint, device, backend, precision)
@@ -361,7 +322,7 @@ def propagate_stack(
     shape = (source.n_slices, *source.slice_shape)
     prm = _checked_prompts(prompts, source, out_dtype, out)
     zr = parse_z_range(z_range, shape[0])
-    objects = _objects_for_propagate(prm, zr)
+    objects = objects_for_propagate(prm, zr)
     spec = None if client is None else spec_for_client(model, checkpoint, device, backend, precision)
     if progress not in (None, False, True) and not callable(progress):
         raise TypeError("progress must be None, True (a progress bar) or a callable(done, total)")
@@ -371,53 +332,17 @@ def propagate_stack(
     )
     dtype = labels_dtype(max(objects))
     # the output (and its lock) first: a second run on the same file stops before any work
-    with _Output(shape, out, overwrite, metadata, out_dtype, dtype=dtype,
+    with LabelsOutput(shape, out, overwrite, metadata, out_dtype, dtype=dtype,
                  inputs=_input_paths(image, metadata)) as output, folder as tmp:
         predictor = _make_predictor(
             model, checkpoint, device, backend, precision, source, cache_bytes, disk_dir=tmp
         )
         if client is not None:
             embed_on_cluster(client, spec, predictor, zr, progress)
-        labels = _run_propagation(predictor, objects, zr, progress, propagate_options, propagate)
+        labels = run_propagation(predictor, objects, zr, progress, propagate_options, propagate)
         for z in range(shape[0]):
             output.put(z, labels[z].astype(dtype, copy=False))
     return _finish(output.result(), viewer, name, image, metadata)
-
-
-def _run_propagation(predictor, objects, zr: range, progress, options: dict, propagate) -> np.ndarray:
-    kwargs = dict(options)
-    bar = None
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(zr) * len(objects), desc="propagate", unit="slice")
-
-        def _bar(done, total):
-            bar.total = max(int(total), int(done))
-            bar.n = int(done)
-            bar.refresh()
-
-        kwargs.setdefault("progress", _bar)
-    elif callable(progress):
-        kwargs.setdefault("progress", progress)
-    try:
-        result = propagate(predictor, objects, z_range=(zr.start, zr.stop), **kwargs)
-    finally:
-        if bar is not None:
-            bar.close()
-    return np.asarray(result.labels)
-
-
-def _objects_for_propagate(prm: Prompts, zr: range) -> dict[int, dict[int, dict]]:
-    """Prompts grouped per object, ``{object_id: {z: prompt dict}}``, as ``propagate`` takes them."""
-    objs: dict[int, dict[int, dict]] = {}
-    for oid, z, item in prm.iter_objects():
-        if z not in zr:
-            continue
-        objs.setdefault(oid, {})[z] = prompt_dict(item)
-    if not objs:
-        raise PromptsError(f"no prompts lie in z range {zr.start}:{zr.stop}")
-    return objs
 
 
 # =========================================================================== automatic
@@ -469,7 +394,7 @@ def segment_stack_auto(
     stitcher = Stitcher(params.stitch_iou, params.stitch_overlap, params.stitch_gap)
     update, close = progress_callback(progress, len(zs), "auto")
     try:
-        with _Output(shape, out, overwrite, metadata, out_dtype,
+        with LabelsOutput(shape, out, overwrite, metadata, out_dtype,
                      inputs=_input_paths(image, metadata)) as output:
             if client is not None:
                 spec = spec_for_client(model, checkpoint, device, backend, precision)

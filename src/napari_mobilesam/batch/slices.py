@@ -1,4 +1,5 @@
-"""What the batch API and its dask workers share: one slice from prompts, label dtypes, progress.
+"""The steps the batch API and its dask workers are built from: one slice from prompts, label
+dtypes, the labels output (memory or TIFF), propagation glue, progress.
 
 Coordinates are napari's: prompts are (row, col) on a slice, labels (H, W) or (Z, H, W).
 """
@@ -10,8 +11,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import PromptError
+from ..io.prompts import Prompts
+from ..io.stacks import LabelsTiffWriter, check_output_path
 
-__all__ = ["segment_objects_on_slice", "prompt_dict", "labels_dtype", "check_ids_fit", "progress_callback"]
+__all__ = ["segment_objects_on_slice", "prompt_dict", "labels_dtype", "check_ids_fit", "progress_callback",
+           "LabelsOutput", "run_propagation", "objects_for_propagate"]
 
 #: The largest object id a labels volume or TIFF holds (uint32 on disk).
 MAX_LABEL_ID = int(np.iinfo(np.uint32).max)
@@ -84,3 +88,81 @@ def progress_callback(progress: Any, total: int, desc: str):
 
         return update, (lambda: None)
     raise TypeError("progress must be None, True (a progress bar) or a callable(done, total)")
+
+
+class LabelsOutput:
+    """Collect slices in memory ((Z, H, W) ``dtype`` array) or stream them to a TIFF file."""
+
+    def __init__(self, shape, out, overwrite, metadata, out_dtype, *, inputs=(), dtype=np.int32):
+        self.shape = tuple(shape)
+        self.out = out
+        if out is None:
+            self.array = np.zeros(self.shape, dtype)
+            self.writer = None
+        else:
+            self.array = None
+            check_output_path(out, overwrite, inputs=inputs)
+            self.writer = LabelsTiffWriter(out, self.shape, dtype=out_dtype, metadata=metadata,
+                                           overwrite=overwrite)
+        self._z = 0
+
+    def __enter__(self):
+        if self.writer is not None:
+            self.writer.__enter__()
+        return self
+
+    def put(self, z: int, sl: np.ndarray) -> None:
+        """Slices must come in increasing z; skipped ones are zeros."""
+        if self.writer is None:
+            self.array[z] = sl
+            return
+        while self._z < z:
+            self.writer.write(np.zeros(self.shape[1:], np.int32))
+            self._z += 1
+        self.writer.write(sl)
+        self._z = z + 1
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.writer is not None:
+            self.writer.__exit__(exc_type, exc, tb)
+
+    def result(self):
+        return self.array if self.writer is None else self.writer.path
+
+
+def run_propagation(predictor, objects, zr: range, progress, options: dict, propagate) -> np.ndarray:
+    """``propagate(predictor, objects, ...)`` over ``zr`` with ``progress`` (None, True: a bar, or
+    a callable(done, total)); returns the (Z, H, W) labels."""
+    kwargs = dict(options)
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(zr) * len(objects), desc="propagate", unit="slice")
+
+        def _bar(done, total):
+            bar.total = max(int(total), int(done))
+            bar.n = int(done)
+            bar.refresh()
+
+        kwargs.setdefault("progress", _bar)
+    elif callable(progress):
+        kwargs.setdefault("progress", progress)
+    try:
+        result = propagate(predictor, objects, z_range=(zr.start, zr.stop), **kwargs)
+    finally:
+        if bar is not None:
+            bar.close()
+    return np.asarray(result.labels)
+
+
+def objects_for_propagate(prm: Prompts, zr: range) -> dict[int, dict[int, dict]]:
+    """Prompts grouped per object, ``{object_id: {z: prompt dict}}``, as ``propagate`` takes them."""
+    objs: dict[int, dict[int, dict]] = {}
+    for oid, z, item in prm.iter_objects():
+        if z not in zr:
+            continue
+        objs.setdefault(oid, {})[z] = prompt_dict(item)
+    if not objs:
+        raise PromptError(f"no prompts lie in z range {zr.start}:{zr.stop}")
+    return objs
