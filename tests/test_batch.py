@@ -9,6 +9,7 @@ import pytest
 import tifffile
 
 from napari_mobilesam import batch
+from napari_mobilesam.batch import api as batch_api
 from napari_mobilesam.batch.api import (
     BatchError,
     LabelsTiffWriter,
@@ -284,7 +285,7 @@ def test_segment_stack_with_oracle(monkeypatch, small):
         pts.append((z, r, c))
         obj.append(10 + k)
     oracle = OraclePredictor(gt)
-    monkeypatch.setattr(batch, "_make_predictor", lambda *a, **k: oracle)
+    monkeypatch.setattr(batch_api, "_make_predictor", lambda *a, **k: oracle)
     lab = segment_stack(small.image, prompts_from_arrays(pts, object_ids=obj), model="unused")
     assert lab.shape == gt.shape and lab.dtype == np.int32
     assert oracle.calls == [(z, len(ids))]  # one batched call for the slice
@@ -294,7 +295,7 @@ def test_segment_stack_with_oracle(monkeypatch, small):
     # Two objects claiming the same pixels: the higher predicted IoU wins.
     same = prompts_from_arrays([pts[0], pts[0]], object_ids=[1, 2])
     oracle2 = OraclePredictor(gt, iou_of={ids[0]: 0.9})
-    monkeypatch.setattr(batch, "_make_predictor", lambda *a, **k: oracle2)
+    monkeypatch.setattr(batch_api, "_make_predictor", lambda *a, **k: oracle2)
     lab = segment_stack(small.image, same, model="unused")
     assert set(np.unique(lab)) == {0, 1}
     with pytest.raises(PromptsError, match="no prompts lie in z range"):
@@ -310,7 +311,7 @@ def test_propagate_stack_with_oracle_follows_objects_through_z(monkeypatch, smal
         rr, cc = np.nonzero(ndi_erode(gt[z] == i))
         pts.append((z, rr[len(rr) // 2], cc[len(cc) // 2]))
     oracle = OraclePredictor(gt)
-    monkeypatch.setattr(batch, "_make_predictor", lambda *a, **k: oracle)
+    monkeypatch.setattr(batch_api, "_make_predictor", lambda *a, **k: oracle)
     seen = []
     lab = batch.propagate_stack(small.image, prompts_from_arrays(pts, object_ids=[21, 22]),
                                 model="unused", progress=lambda d, t: seen.append(d))
@@ -422,3 +423,72 @@ def test_open_stack_uncompressed_imagej_is_lazy(tmp_path):
     assert not isinstance(data, np.ndarray) or isinstance(data, np.memmap)  # never read at once
     assert np.array_equal(np.asarray(data[3]), a[3]) and np.array_equal(np.asarray(data), a)
     assert meta.spacing == 2.0
+
+
+# --------------------------------------------------------------------------- reliability (#12)
+
+
+def test_labels_writer_lock_and_stale_partials(tmp_path):
+    out = tmp_path / "labels.tif"
+    stale = [tmp_path / "labels.tif.partial", tmp_path / ".labels.tif.k1ll3d.partial"]
+    for p in stale:
+        p.write_bytes(b"left by a killed run")
+    with pytest.warns(UserWarning, match="unfinished output left by an interrupted run"):
+        first = LabelsTiffWriter(out, (2, 8, 8)).__enter__()
+    assert not any(p.exists() for p in stale)
+    second = LabelsTiffWriter(out, (2, 8, 8))
+    with pytest.raises(BatchError, match="another run .* is writing"):
+        second.__enter__()
+    first.write(np.ones((8, 8), np.int32))
+    first.close()
+    assert tifffile.imread(out)[0].sum() == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tif"]  # no lock, no partial
+    with pytest.raises(BatchError, match="already exists"):  # the lock released, the check still holds
+        LabelsTiffWriter(out, (2, 8, 8)).__enter__()
+
+
+def test_labels_of_imagej_inputs_carry_imagej_metadata(tmp_path, small):
+    src = tmp_path / "ij.tif"
+    tifffile.imwrite(src, small.image, imagej=True, resolution=(4.0, 4.0),
+                     metadata={"axes": "ZYX", "spacing": 1.5, "unit": "um"})
+    meta = read_stack_metadata(src)
+    assert meta.imagej and meta.path == src
+    out = tmp_path / "labels.tif"
+    with LabelsTiffWriter(out, small.image.shape, metadata=meta) as w:
+        w.write(np.full(small.image.shape[1:], 7, np.int32))
+    with tifffile.TiffFile(out) as tif:
+        assert tif.is_imagej  # Fiji reads z spacing and unit from the ImageJ description
+        assert tif.imagej_metadata["spacing"] == 1.5 and tif.imagej_metadata["unit"] == "um"
+        assert tif.series[0].shape == small.image.shape and tif.series[0].dtype == np.uint32
+    back, meta2 = open_stack(out, lazy=False)
+    assert back[0].max() == 7 and meta2.spacing == 1.5 and meta2.resolution == pytest.approx((4, 4))
+    with pytest.raises(BatchError, match="is the input"):
+        LabelsTiffWriter(src, small.image.shape, metadata=meta, overwrite=True)
+
+
+def test_truncated_stacks_are_refused(tmp_path, small):
+    full = tmp_path / "full.tif"
+    tifffile.imwrite(full, small.image, compression="zlib")
+    data = full.read_bytes()
+    for frac in (0.3, 0.6, 0.98):
+        cut = tmp_path / f"cut{frac}.tif"
+        cut.write_bytes(data[: int(len(data) * frac)])
+        with pytest.raises(BatchError, match=r"truncated: .*slice \d+"):
+            open_stack(cut)
+    assert open_stack(full, lazy=False)[0].shape == small.image.shape
+
+
+def test_object_ids_beyond_int32(monkeypatch, small):
+    gt = small.labels.astype(np.int32)
+    z = 5
+    i = [int(v) for v in np.unique(gt[z]) if v][0]
+    rr, cc = np.nonzero(ndi_erode(gt[z] == i))
+    big = 3_000_000_000
+    prm = prompts_from_arrays([(z, rr[len(rr) // 2], cc[len(cc) // 2])], object_ids=[big])
+    monkeypatch.setattr(batch_api, "_make_predictor", lambda *a, **k: OraclePredictor(gt))
+    lab = batch.propagate_stack(small.image, prm, model="unused")
+    assert lab.dtype == np.int64 and np.array_equal(lab == big, gt == i)
+    lab = segment_stack(small.image, prm, model="unused")
+    assert lab.dtype == np.int64 and np.array_equal(lab[z] == big, gt[z] == i)
+    with pytest.raises(PromptsError, match="renumber"):
+        segment_stack(small.image, prompts_from_arrays([(z, 1, 1)], object_ids=[2**32]), model="unused")

@@ -123,7 +123,7 @@ def test_bad_inputs_exit_codes(tmp_path, stack_file, capsys):
                "--backend", "eager", "--no-progress")
     assert code == cli.EXIT_MODEL
     assert not out.exists()
-    assert run("auto", stack_file, "-o", out, "--model", "vit_q", "--backend", "eager") == cli.EXIT_INPUT
+    assert run("auto", stack_file, "-o", out, "--model", "vit_q", "--backend", "eager") == cli.EXIT_MODEL  # #12: an unknown model is a model error (exit 5, as documented)
     assert "unknown model" in capsys.readouterr().err
 
 

@@ -227,3 +227,32 @@ def test_put_stores_an_embedding_computed_elsewhere(engine_sam_test, stack, tmp_
         cache.put(stack, 3, np.zeros((1, 256, 32, 32), np.float32))
     with pytest.raises(ValueError, match="NaN"):
         cache.put(stack, 3, np.full((1, 256, 64, 64), np.nan, np.float32))
+
+
+def test_disk_entries_with_wrong_values_are_detected(engine_sam_test, stack, tmp_path):
+    c1 = EmbeddingCache(engine_sam_test, disk_dir=tmp_path)
+    e0, e1 = c1.get(stack, 0).features, c1.get(stack, 1).features
+    f0, f1 = sorted(tmp_path.rglob("*.npy"), key=lambda p: p.stat().st_mtime_ns)
+    good0 = f0.read_bytes()
+    # a well-formed .npy with other values (e.g. written by hand or by an old version)
+    arr = np.load(f0)
+    with open(f0, "wb") as f:
+        np.save(f, arr * 0.5)
+    # another slice's entry, checksum and all, under this slice's name
+    f1_bytes = f1.read_bytes()
+    f1.write_bytes(good0)
+    c2 = EmbeddingCache(engine_sam_test, disk_dir=tmp_path, max_bytes=0)
+    assert torch.equal(c2.get(stack, 0).features, e0) and torch.equal(c2.get(stack, 1).features, e1)
+    assert c2.stats.damaged == 2 and c2.stats.computed == 2 and c2.stats.disk_hits == 0
+    assert f1.read_bytes() == f1_bytes  # replaced by the right entry
+    c3 = EmbeddingCache(engine_sam_test, disk_dir=tmp_path, max_bytes=0)
+    c3.get(stack, 0), c3.get(stack, 1)
+    assert c3.stats.disk_hits == 2 and c3.stats.damaged == 0
+
+
+def test_disk_dir_that_is_a_file(engine_sam_test, tmp_path):
+    from napari_mobilesam.errors import InputError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file; give a folder"):
+        EmbeddingCache(engine_sam_test, disk_dir=tmp_path / "file")

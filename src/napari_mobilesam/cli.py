@@ -180,33 +180,48 @@ def _client(args) -> tuple[Any, Any]:
     return Client(cluster), cluster
 
 
-def _jobs(args) -> list[tuple[Path, Path, Path | None]]:
-    """(stack, output, prompts) for each input; every output is checked before any work."""
-    from .batch.api import check_output_path
+def _folder_jobs(args, src: Path, out: Path) -> list[tuple[Path, Path, Path | None]]:
+    """One job per .tif/.tiff file of folder ``src``: NAME.tif -> OUT/NAME_labels.tif."""
     from .errors import InputError, OutputError
 
-    src, out = Path(args.stack), Path(args.output)
     segment = args.command == "segment"
-    if src.is_dir():
-        files = sorted(f for f in src.iterdir() if f.is_file() and f.suffix.lower() in (".tif", ".tiff"))
-        if not files:
-            raise InputError(f"folder {src} holds no .tif/.tiff files")
-        if out.exists() and not out.is_dir():
-            raise OutputError(f"with a folder of stacks, -o must be a folder; {out} is a file")
-        prompts_dir = Path(args.prompts) if segment else None
-        if segment and not prompts_dir.is_dir():
+    files = sorted(f for f in src.iterdir() if f.is_file() and f.suffix.lower() in (".tif", ".tiff"))
+    if not files:
+        raise InputError(f"folder {src} holds no .tif/.tiff files")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"with a folder of stacks, -o must be a folder; {out} is a file")
+    by_stem: dict[str, Path] = {}
+    for f in files:
+        if f.stem in by_stem:
             raise InputError(
-                f"with a folder of stacks, --prompts must be a folder holding one NAME.csv per "
-                f"NAME.tif; {prompts_dir} is not a folder"
+                f"{by_stem[f.stem]} and {f} would both be written to {out / (f.stem + '_labels.tif')}; "
+                "rename one of them (e.g. add _2 to its name) and run again"
             )
-        jobs = [(f, out / f"{f.stem}_labels.tif", prompts_dir / f"{f.stem}.csv" if segment else None)
-                for f in files]
+        by_stem[f.stem] = f
+    prompts_dir = Path(args.prompts) if segment else None
+    if segment and not prompts_dir.is_dir():
+        raise InputError(
+            f"with a folder of stacks, --prompts must be a folder holding one NAME.csv per "
+            f"NAME.tif; {prompts_dir} is not a folder"
+        )
+    return [(f, out / f"{f.stem}_labels.tif", prompts_dir / f"{f.stem}.csv" if segment else None)
+            for f in files]
+
+
+def _jobs(args) -> list[tuple[Path, Path, Path | None]]:
+    """(stack, output, prompts) for each input; every output is checked before any work."""
+    from .errors import InputError
+    from .io.stacks import check_output_path
+
+    src, out = Path(args.stack), Path(args.output)
+    if src.is_dir():
+        jobs = _folder_jobs(args, src, out)
     else:
         if out.suffix.lower() not in (".tif", ".tiff"):
-            raise OutputError(f"output {out} must be a .tif or .tiff file")
-        jobs = [(src, out, Path(args.prompts) if segment else None)]
-    for _, o, _ in jobs:
-        check_output_path(o, args.overwrite)
+            raise InputError(f"output {out} must be a .tif or .tiff file (-o LABELS.tif)")
+        jobs = [(src, out, Path(args.prompts) if args.command == "segment" else None)]
+    for stack, o, prompts in jobs:
+        check_output_path(o, args.overwrite, inputs=[stack] + ([prompts] if prompts else []))
     return jobs
 
 
@@ -222,11 +237,16 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
         cache_bytes=args.cache_mb * 2**20, progress=not args.no_progress,
     )
     if args.command == "segment":
+        from .errors import PromptError
+
         prompts = batch.read_prompts_csv(prompts_path)
-        if args.propagate:  # with a cluster, the workers compute the embeddings
-            batch.propagate_stack(data, prompts, client=client, **common)
-        else:
-            batch.segment_stack(data, prompts, client=client, **common)
+        run = batch.propagate_stack if args.propagate else batch.segment_stack
+        try:  # with a cluster and --propagate, the workers compute the embeddings
+            run(data, prompts, client=client, **common)
+        except PromptError as exc:
+            if str(prompts_path) in str(exc):
+                raise
+            raise PromptError(f"{prompts_path}: {exc}") from None
     else:
         from .volume.automatic import AutoParams
 
@@ -241,10 +261,21 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
     print(f"wrote {out}", file=sys.stderr)
 
 
+def _check_numbers(args) -> None:
+    """Refuse numeric options out of range before any work (InputError naming the flag)."""
+    from .errors import InputError
+
+    if args.cache_mb < 0:
+        raise InputError(f"--cache-mb must be at least 0 (MiB of embedding cache), got {args.cache_mb}")
+    if args.dask_workers is not None and args.dask_workers < 1:
+        raise InputError(f"--dask-workers needs at least 1 worker, got {args.dask_workers}")
+
+
 def _run(args) -> int:
     from . import batch
     from .models.choice import ModelChoice
 
+    _check_numbers(args)
     jobs = _jobs(args)  # before any heavy work: outputs that exist stop the run here
     if len(jobs) > 1:
         Path(args.output).mkdir(parents=True, exist_ok=True)
@@ -276,8 +307,23 @@ def _run(args) -> int:
     return code
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"{PROG}: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``napari-mobilesam`` console script; returns the exit code."""
+    import warnings
+
+    before = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning  # "napari-mobilesam: warning: ...", no source line
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = before
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

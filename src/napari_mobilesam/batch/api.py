@@ -26,12 +26,11 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import threading
 from typing import Any
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import InputError
 
 # The prompts readers and the stack I/O are part of the batch API (re-exported here).
 from ..io.prompts import (
@@ -47,13 +46,29 @@ from ..io.stacks import (
     BatchError,
     LabelsTiffWriter,
     StackMetadata,
-    check_output_path,
     open_stack,
     parse_z_range,
     read_stack_metadata,
 )
 from ..models.choice import ModelChoice
 from ..volume.automatic import AutoParams, Stitcher, segment_slice
+from .cluster import (
+    embed_on_cluster,
+    map_on_cluster,
+    preload_model_on_workers,
+    spec_for_client,
+    worker_segment_auto,
+    worker_segment_prompts,
+)
+from .slices import (
+    LabelsOutput,
+    check_ids_fit,
+    labels_dtype,
+    objects_for_propagate,
+    progress_callback,
+    run_propagation,
+    segment_objects_on_slice,
+)
 
 __all__ = [
     "Prompts",
@@ -75,12 +90,12 @@ __all__ = [
     "preload_model_on_workers",
 ]
 
-LABELS_DTYPE = np.int32
+LABELS_DTYPE = np.int32  # in memory (napari's); int64 when an object id is 2**31 or more
 # Batch runs visit each slice once: a small embedding cache is enough (one slice is 2 MiB).
 DEFAULT_CACHE_BYTES = 64 * 2**20
 MIN_AUTO_CACHE_BYTES = 4 * 2**20  # automatic mode decodes a slice in several calls
 
-# =========================================================================== models
+# =========================================================================== models and inputs
 
 
 def _resolve_model(model: Any, checkpoint: Any = None, device: Any = None, backend: str = "auto",
@@ -89,16 +104,32 @@ def _resolve_model(model: Any, checkpoint: Any = None, device: Any = None, backe
     :class:`~napari_mobilesam.models.choice.ModelChoice` (loaded here) or an already built ``Sam``."""
     if hasattr(model, "image_encoder") and hasattr(model, "mask_decoder"):
         return model
+    if not isinstance(model, (str, ModelChoice)):
+        raise TypeError(
+            f"model must be a model name such as 'vit_t', a ModelChoice or a Sam model, "
+            f"not {type(model).__name__}"
+        )
     return ModelChoice.of(model, checkpoint, device, backend, precision).load()
 
 
+def _make_predictor(model, checkpoint, device, backend, precision, source, cache_bytes, disk_dir=None):
+    """The predictor of a :class:`~napari_mobilesam.core.session.Session` (the one wiring place)
+    over ``source``, with an embedding cache of ``cache_bytes`` (and ``disk_dir``, unbounded)."""
+    from ..core.session import Session
+
+    sam = _resolve_model(model, checkpoint, device, backend, precision)
+    session = Session(sam, source, cache_dir=disk_dir, cache_bytes=int(cache_bytes), max_disk_bytes=None)
+    return session.predictor
+
+
 def _image_data(image: Any) -> tuple[Any, dict]:
-    """Array and SliceSource options from an array or a napari Image layer (duck-typed)."""
-    if type(image).__name__ == "Image" and hasattr(image, "data"):
+    """Array and SliceSource options from an array or an image layer (duck-typed: anything with
+    ``data`` and ``rgb`` attributes that is not an array itself, e.g. a napari Image layer)."""
+    if hasattr(image, "rgb") and hasattr(image, "data") and not hasattr(image, "__array__"):
         data = image.data
         if getattr(image, "multiscale", False):
             data = data[0]
-        return data, {"rgb": bool(getattr(image, "rgb", False))}
+        return data, {"rgb": bool(image.rgb)}
     return image, {}
 
 
@@ -113,69 +144,33 @@ def _make_source(image: Any, channel_axis: int | None, normalize: str):
     return SliceSource(data, normalize=normalize, **opts)
 
 
-# =========================================================================== progress
+def _input_paths(image: Any, metadata: StackMetadata | None) -> list:
+    """Files the image was read from (an output may never replace them)."""
+    paths = [getattr(metadata, "path", None), getattr(image, "filename", None)]
+    return [p for p in paths if isinstance(p, (str, os.PathLike))]
 
 
-def _progress_callback(progress: Any, total: int, desc: str):
-    """Return (update(n=1), close()) for ``progress``: None, True (tqdm bar) or a callable."""
-    if progress is None or progress is False:
-        return (lambda n=1: None), (lambda: None)
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=desc, unit="slice")
-        return bar.update, bar.close
-    if callable(progress):
-        done = [0]
-
-        def update(n=1):
-            done[0] += n
-            progress(done[0], total)
-
-        return update, (lambda: None)
-    raise TypeError("progress must be None, True (a progress bar) or a callable(done, total)")
+def _auto_params(params: Any) -> AutoParams:
+    """``params`` as AutoParams: None (defaults), an AutoParams, or a dict of its fields."""
+    if params is None:
+        return AutoParams()
+    if isinstance(params, AutoParams):
+        return params
+    if isinstance(params, dict):
+        try:
+            return AutoParams(**params)
+        except TypeError:
+            known = sorted(AutoParams.__dataclass_fields__)
+            unknown = sorted(set(params) - set(known))
+            raise InputError(
+                f"params has unknown setting(s) {unknown}; AutoParams settings are: {', '.join(known)}"
+            ) from None
+    raise InputError(
+        f"params must be an AutoParams (or a dict of its settings), not {type(params).__name__}"
+    )
 
 
 # =========================================================================== outputs
-
-
-class _Output:
-    """Collect slices in memory or stream them to a TIFF file."""
-
-    def __init__(self, shape, out, overwrite, metadata, dtype):
-        self.shape = tuple(shape)
-        self.out = out
-        if out is None:
-            self.array = np.zeros(self.shape, LABELS_DTYPE)
-            self.writer = None
-        else:
-            self.array = None
-            self.writer = LabelsTiffWriter(out, self.shape, dtype=dtype, metadata=metadata,
-                                           overwrite=overwrite)
-        self._z = 0
-
-    def __enter__(self):
-        if self.writer is not None:
-            self.writer.__enter__()
-        return self
-
-    def put(self, z: int, sl: np.ndarray) -> None:
-        """Slices must come in increasing z; skipped ones are zeros."""
-        if self.writer is None:
-            self.array[z] = sl
-            return
-        while self._z < z:
-            self.writer.write(np.zeros(self.shape[1:], np.int32))
-            self._z += 1
-        self.writer.write(sl)
-        self._z = z + 1
-
-    def __exit__(self, exc_type, exc, tb):
-        if self.writer is not None:
-            self.writer.__exit__(exc_type, exc, tb)
-
-    def result(self):
-        return self.array if self.writer is None else self.writer.path
 
 
 def _finish(result, viewer, name, image, metadata):
@@ -184,26 +179,15 @@ def _finish(result, viewer, name, image, metadata):
     return result
 
 
+def _checked_prompts(prompts: Any, source, out_dtype, out) -> Prompts:
+    """The prompts as Prompts, checked against the stack and the output's id range."""
+    prm = _as_prompts(prompts)
+    prm.validate((source.n_slices, *source.slice_shape))
+    ids = prm.object_ids
+    check_ids_fit(int(ids.max()) if ids.size else 0, out_dtype if out is not None else np.uint32)
+    return prm
+
 # =========================================================================== segment from prompts
-
-
-def _segment_objects_on_slice(predictor, z: int, objects: list[tuple[int, dict]]) -> np.ndarray:
-    """(H, W) int32: each object's best mask on slice ``z``, the higher predicted IoU winning
-    shared pixels."""
-    # One click is ambiguous: take the best of SAM's three masks; more prompts: its single mask.
-    prompts = [_prompt_dict(item) for _, item in objects]
-    preds = predictor.predict_many(z, prompts)
-    h, w = predictor.source.slice_shape
-    masks, scores = [], []
-    for pred in preds:
-        iou = np.asarray(pred.iou, float).reshape(-1)
-        k = int(np.argmax(iou))
-        masks.append(np.asarray(pred.masks[k], bool))
-        scores.append(iou[k])
-    out = np.zeros((h, w), np.int32)
-    for i in np.argsort(-np.asarray(scores), kind="stable"):
-        out[masks[i] & (out == 0)] = objects[i][0]
-    return out
 
 
 def segment_stack(
@@ -262,43 +246,33 @@ def segment_stack(
     (Z, H, W) int32 labels (0 background, object ids elsewhere), or the output Path when ``out``
     is given. A 2D image gives (1, H, W).
     """
-    prm = _as_prompts(prompts)
     source = _make_source(image, channel_axis, normalize)
     shape = (source.n_slices, *source.slice_shape)
-    prm.validate(shape)
+    prm = _checked_prompts(prompts, source, out_dtype, out)
     zs = [z for z in parse_z_range(z_range, shape[0]) if z in set(prm.slices.tolist())]
     if not zs:
         raise PromptsError(f"no prompts lie in z range {z_range!r}")
-    if out is not None:
-        check_output_path(out, overwrite)
     by_slice = {z: prm.on_slice(z) for z in zs}
-    update, close = _progress_callback(progress, len(zs), "segment")
+    dtype = labels_dtype(int(prm.object_ids.max()))
+    update, close = progress_callback(progress, len(zs), "segment")
     try:
-        with _Output(shape, out, overwrite, metadata, out_dtype) as output:
+        with LabelsOutput(shape, out, overwrite, metadata, out_dtype, dtype=dtype,
+                     inputs=_input_paths(image, metadata)) as output:
             if client is not None:
-                spec = _spec_for_client(model, checkpoint, device, backend, precision)
+                spec = spec_for_client(model, checkpoint, device, backend, precision)
                 jobs = ((z, source.rgb(z), by_slice[z]) for z in zs)
-                for z, sl in _map_on_cluster(client, _worker_segment_prompts, spec, None, jobs):
+                for z, sl in map_on_cluster(client, worker_segment_prompts, spec, None, jobs):
                     output.put(z, sl)
                     update()
             else:
                 predictor = _make_predictor(model, checkpoint, device, backend, precision, source,
                                             cache_bytes)
                 for z in zs:
-                    output.put(z, _segment_objects_on_slice(predictor, z, by_slice[z]))
+                    output.put(z, segment_objects_on_slice(predictor, z, by_slice[z]))
                     update()
     finally:
         close()
     return _finish(output.result(), viewer, name, image, metadata)
-
-
-def _make_predictor(model, checkpoint, device, backend, precision, source, cache_bytes, disk_dir=None):
-    from ..core.embeddings import EmbeddingCache
-    from ..core.predictor import SlicePredictor
-
-    sam = _resolve_model(model, checkpoint, device, backend, precision)
-    cache = EmbeddingCache(sam, max_bytes=int(cache_bytes), disk_dir=disk_dir, max_disk_bytes=None)
-    return SlicePredictor(sam, source, cache)
 
 
 # =========================================================================== propagation
@@ -344,107 +318,31 @@ def propagate_stack(
     """
     from ..volume.propagation import propagate
 
-    prm = _as_prompts(prompts)
     source = _make_source(image, channel_axis, normalize)
     shape = (source.n_slices, *source.slice_shape)
-    prm.validate(shape)
+    prm = _checked_prompts(prompts, source, out_dtype, out)
     zr = parse_z_range(z_range, shape[0])
-    if out is not None:
-        check_output_path(out, overwrite)
-    objects = _objects_for_propagate(prm, zr)
-    spec = None if client is None else _spec_for_client(model, checkpoint, device, backend, precision)
+    objects = objects_for_propagate(prm, zr)
+    spec = None if client is None else spec_for_client(model, checkpoint, device, backend, precision)
     if progress not in (None, False, True) and not callable(progress):
         raise TypeError("progress must be None, True (a progress bar) or a callable(done, total)")
     folder = (
         contextlib.nullcontext(None) if client is None
         else tempfile.TemporaryDirectory(prefix="napari-mobilesam-embeddings-")
     )
-    with folder as tmp:
+    dtype = labels_dtype(max(objects))
+    # the output (and its lock) first: a second run on the same file stops before any work
+    with LabelsOutput(shape, out, overwrite, metadata, out_dtype, dtype=dtype,
+                 inputs=_input_paths(image, metadata)) as output, folder as tmp:
         predictor = _make_predictor(
             model, checkpoint, device, backend, precision, source, cache_bytes, disk_dir=tmp
         )
         if client is not None:
-            _embed_on_cluster(client, spec, predictor, zr, progress)
-        labels = _run_propagation(predictor, objects, zr, progress, propagate_options, propagate)
-    if out is None:
-        return _finish(labels.astype(LABELS_DTYPE, copy=False), viewer, name, image, metadata)
-    with _Output(shape, out, overwrite, metadata, out_dtype) as output:
+            embed_on_cluster(client, spec, predictor, zr, progress)
+        labels = run_propagation(predictor, objects, zr, progress, propagate_options, propagate)
         for z in range(shape[0]):
-            output.put(z, labels[z])
+            output.put(z, labels[z].astype(dtype, copy=False))
     return _finish(output.result(), viewer, name, image, metadata)
-
-
-def _worker_embed(z: int, rgb: np.ndarray, _unused, spec: ModelChoice, _params):
-    import torch
-
-    from ..core.embeddings import compute_embedding
-
-    emb = compute_embedding(_worker_model(spec), np.asarray(rgb))
-    return z, emb.features.detach().to("cpu", torch.float16).numpy()
-
-
-def _embed_on_cluster(client, spec: ModelChoice, predictor, zr: range, progress) -> None:
-    """Fill ``predictor.cache`` with the embeddings of slices ``zr``, computed on the workers."""
-    source, cache = predictor.source, predictor.cache
-    todo = [z for z in zr if not cache.is_cached(source, z)]
-    # a bar when asked for one; a callable hears from the propagation only (one done/total scale)
-    update, close = _progress_callback(progress is True, len(todo), "embed (cluster)")
-    try:
-        jobs = ((z, source.rgb(z), None) for z in todo)
-        for z, feats in _map_on_cluster(client, _worker_embed, spec, None, jobs):
-            cache.put(source, z, feats)
-            update()
-    finally:
-        close()
-
-
-def _run_propagation(predictor, objects, zr: range, progress, options: dict, propagate) -> np.ndarray:
-    kwargs = dict(options)
-    bar = None
-    if progress is True:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(zr) * len(objects), desc="propagate", unit="slice")
-
-        def _bar(done, total):
-            bar.total = max(int(total), int(done))
-            bar.n = int(done)
-            bar.refresh()
-
-        kwargs.setdefault("progress", _bar)
-    elif callable(progress):
-        kwargs.setdefault("progress", progress)
-    try:
-        result = propagate(predictor, objects, z_range=(zr.start, zr.stop), **kwargs)
-    finally:
-        if bar is not None:
-            bar.close()
-    return np.asarray(result.labels)
-
-
-def _objects_for_propagate(prm: Prompts, zr: range) -> dict[int, dict[int, dict]]:
-    """Prompts grouped per object, ``{object_id: {z: prompt dict}}``, as ``propagate`` takes them."""
-    objs: dict[int, dict[int, dict]] = {}
-    for oid, z, item in prm.iter_objects():
-        if z not in zr:
-            continue
-        objs.setdefault(oid, {})[z] = _prompt_dict(item)
-    if not objs:
-        raise PromptsError(f"no prompts lie in z range {zr.start}:{zr.stop}")
-    return objs
-
-
-def _prompt_dict(item: dict, multimask: bool | None = None) -> dict:
-    """A predictor prompt from an :meth:`Prompts.iter_objects` item (no empty point arrays)."""
-    has_pts = len(item["points"]) > 0
-    if multimask is None:
-        multimask = item["box"] is None and len(item["points"]) == 1
-    return {
-        "points": item["points"] if has_pts else None,
-        "labels": item["labels"] if has_pts else None,
-        "box": item["box"],
-        "multimask": multimask,
-    }
 
 
 # =========================================================================== automatic
@@ -489,20 +387,19 @@ def segment_stack_auto(
     (Z, H, W) int32 labels (ids 1..N in order of first appearance through z), or the output Path
     when ``out`` is given.
     """
-    params = params or AutoParams()
+    params = _auto_params(params)
     source = _make_source(image, channel_axis, normalize)
     shape = (source.n_slices, *source.slice_shape)
     zs = list(parse_z_range(z_range, shape[0]))
-    if out is not None:
-        check_output_path(out, overwrite)
     stitcher = Stitcher(params.stitch_iou, params.stitch_overlap, params.stitch_gap)
-    update, close = _progress_callback(progress, len(zs), "auto")
+    update, close = progress_callback(progress, len(zs), "auto")
     try:
-        with _Output(shape, out, overwrite, metadata, out_dtype) as output:
+        with LabelsOutput(shape, out, overwrite, metadata, out_dtype,
+                     inputs=_input_paths(image, metadata)) as output:
             if client is not None:
-                spec = _spec_for_client(model, checkpoint, device, backend, precision)
+                spec = spec_for_client(model, checkpoint, device, backend, precision)
                 jobs = ((z, source.rgb(z), None) for z in zs)
-                for z, local in _map_on_cluster(client, _worker_segment_auto, spec, params, jobs):
+                for z, local in map_on_cluster(client, worker_segment_auto, spec, params, jobs):
                     output.put(z, stitcher.add(local))
                     update()
             else:
@@ -515,123 +412,6 @@ def segment_stack_auto(
     finally:
         close()
     return _finish(output.result(), viewer, name, image, metadata)
-
-
-# =========================================================================== dask.distributed
-
-
-def _spec_for_client(model, checkpoint, device, backend, precision) -> ModelChoice:
-    if not isinstance(model, (str, ModelChoice)):
-        raise ModelError(
-            "with a dask client, give the model by name (model='vit_t') and the checkpoint as a "
-            "file path the workers can read, so each worker can load it once"
-        )
-    return ModelChoice.of(model, checkpoint, device, backend, precision).portable()
-
-
-# Per-process state on dask workers: the model and its predictor machinery, loaded once.
-_WORKER_MODELS: dict[ModelChoice, Any] = {}
-_WORKER_LOCK = threading.Lock()
-WORKER_LOAD_COUNT = {"n": 0}
-
-
-def _worker_model(spec: ModelChoice):
-    with _WORKER_LOCK:
-        sam = _WORKER_MODELS.get(spec)
-        if sam is None:
-            sam = spec.load()
-            _WORKER_MODELS[spec] = sam
-            WORKER_LOAD_COUNT["n"] += 1
-        return sam
-
-
-def _preload(spec: ModelChoice) -> str:
-    _worker_model(spec)
-    return str(os.getpid())
-
-
-def preload_model_on_workers(
-    client: Any,
-    model: str = "vit_t",
-    checkpoint: str | os.PathLike | None = None,
-    device: Any = None,
-    backend: str = "auto",
-    precision: str = "auto",
-) -> dict[str, str]:
-    """Load the model on every worker of a ``dask.distributed`` client now (it stays loaded for
-    later :func:`segment_stack` / :func:`segment_stack_auto` calls with the same model arguments).
-
-    Returns ``{worker address: worker process id}``.
-    """
-    spec = _spec_for_client(model, checkpoint, device, backend, precision)
-    return client.run(_preload, spec)
-
-
-def _one_slice_predictor(spec: ModelChoice, rgb: np.ndarray):
-    from ..core.predictor import SlicePredictor
-    from ..core.source import SliceSource
-
-    sam = _worker_model(spec)
-    source = SliceSource(np.asarray(rgb)[None], rgb=True, normalize="none")
-    return SlicePredictor(sam, source, None)
-
-
-def _worker_segment_auto(z: int, rgb: np.ndarray, _unused, spec: ModelChoice, params: AutoParams):
-    predictor = _one_slice_predictor(spec, rgb)
-    return z, segment_slice(predictor, 0, params).labels
-
-
-def _worker_segment_prompts(z: int, rgb: np.ndarray, objects, spec: ModelChoice, _params):
-    predictor = _one_slice_predictor(spec, rgb)
-    return z, _segment_objects_on_slice(predictor, 0, objects)
-
-
-def _map_on_cluster(client, func, spec, params, jobs, max_in_flight: int | None = None):
-    """Run ``func(z, rgb, extra, spec, params)`` for each job on the cluster; yield ``(z, labels)``
-    in the jobs' order, keeping at most ``max_in_flight`` slices submitted at once."""
-    from distributed import as_completed
-
-    if max_in_flight is None:
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-        max_in_flight = 2 * n_workers
-    order: list[int] = []
-    ready: dict[int, np.ndarray] = {}
-    jobs = iter(jobs)
-    ac = as_completed()
-    in_flight = 0
-
-    def submit_next() -> bool:
-        nonlocal in_flight
-        try:
-            z, rgb, extra = next(jobs)
-        except StopIteration:
-            return False
-        fut = client.submit(func, z, rgb, extra, spec, params, pure=False,
-                            key=f"napari-mobilesam-{func.__name__}-{z}-{os.getpid()}-{id(ac)}")
-        order.append(z)
-        ac.add(fut)
-        in_flight += 1
-        return True
-
-    for _ in range(max_in_flight):
-        if not submit_next():
-            break
-    pos = 0
-    try:
-        for fut in ac:
-            z, labels = fut.result()
-            fut.release()
-            in_flight -= 1
-            ready[z] = labels
-            while pos < len(order) and order[pos] in ready:
-                zz = order[pos]
-                yield zz, ready.pop(zz)
-                pos += 1
-            while in_flight + len(ready) < max_in_flight and submit_next():
-                pass
-    finally:
-        for f in list(ac.futures):
-            f.cancel()
 
 
 # =========================================================================== napari helper
@@ -654,7 +434,7 @@ def add_labels_layer(
         labels = tifffile.imread(labels)
     labels = np.asarray(labels)
     kwargs: dict[str, Any] = {"name": name}
-    if image is not None and type(image).__name__ == "Image":
+    if image is not None and hasattr(image, "rgb") and hasattr(image, "scale"):  # an image layer
         if labels.ndim == 3 and labels.shape[0] == 1 and (image.ndim - int(image.rgb)) == 2:
             labels = labels[0]
         kwargs["scale"] = tuple(image.scale)[-labels.ndim:]

@@ -8,7 +8,9 @@ two runs is computed once.
 - Memory: an LRU bounded by a byte budget; entries are stored as float16 by default (2 MiB a slice).
 - Disk (``disk_dir``): one ``.npy`` file per entry under a folder per model identity, written to a
   temporary file and renamed into place, so a crash mid-write never leaves an entry that loads wrong.
-  An unreadable or malformed entry is recomputed and replaced. The folder is bounded too
+  Each file ends with a checksum of its key and values (after the ``.npy`` data, which ``np.load``
+  ignores): an unreadable, malformed or well-formed-but-wrong entry is detected, recomputed and
+  replaced (counted in ``stats.damaged``). The folder is bounded too
   (``max_disk_bytes``, default 4 GiB, all models together): when a new entry takes it over the
   budget, the least recently used entries are deleted (reading an entry marks it used).
 - `precompute` runs a range of slices with progress and cancellation callbacks; `prefetch` computes
@@ -20,6 +22,7 @@ No napari or Qt here; torch is imported by this module (it is only imported lazi
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import threading
 from collections import OrderedDict
@@ -32,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..files import atomic_write
 from ..models.backends import tensor_version
 from ..models.registry import model_identity
@@ -43,7 +47,15 @@ __all__ = ["Embedding", "EmbeddingCache", "CacheStats", "compute_embedding", "mo
 EMBED_SHAPE = (256, 64, 64)
 DEFAULT_MAX_BYTES = 512 * 2**20
 DEFAULT_MAX_DISK_BYTES = 4 * 2**30
+_CHECKSUM_TAG = b"MSAMSUM1"  # then a 16-byte blake2b digest of the entry's key and values
 
+
+def _entry_checksum(key: str, arr: np.ndarray) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(key.encode())
+    h.update(str(arr.dtype).encode() + repr(arr.shape).encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.digest()
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,7 @@ class CacheStats:
     computed: int = 0
     evictions: int = 0
     disk_evictions: int = 0
+    damaged: int = 0  # disk entries found unreadable or with a wrong checksum (recomputed)
     entries: int = 0
     bytes: int = 0
 
@@ -171,7 +184,18 @@ class EmbeddingCache:
         if self.disk_dir is not None:
             tag = hashlib.blake2b(ident.encode(), digest_size=12).hexdigest()
             self._model_dir = self.disk_dir / f"{tag}-{str(self.dtype).rsplit('.', 1)[-1]}"
-            self._model_dir.mkdir(parents=True, exist_ok=True)
+            if self.disk_dir.exists() and not self.disk_dir.is_dir():
+                raise InputError(
+                    f"embedding cache folder {self.disk_dir} is a file; give a folder (or None for "
+                    "a memory-only cache)"
+                )
+            try:
+                self._model_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InputError(
+                    f"cannot create the embedding cache folder {self._model_dir}: "
+                    f"{exc.strerror or exc}; choose a folder you can write to"
+                ) from None
 
     def _check_identity(self) -> None:
         """Drop the in-memory entries if the model's weights changed since they were computed."""
@@ -188,7 +212,7 @@ class EmbeddingCache:
     def stats(self) -> CacheStats:
         """A snapshot of the counters (hits, disk_hits, computed, evictions, disk_evictions, entries,
         bytes)."""
-        counters = ("hits", "disk_hits", "computed", "evictions", "disk_evictions")
+        counters = ("hits", "disk_hits", "computed", "evictions", "disk_evictions", "damaged")
         with self._lock:
             s = CacheStats(**{k: getattr(self._stats, k) for k in counters})
             s.entries = len(self._mem)
@@ -237,15 +261,26 @@ class EmbeddingCache:
         return self._model_dir / key[:2] / f"{key}.npy"
 
     def _load_disk(self, key: str) -> torch.Tensor | None:
+        """The entry ``key`` from disk, or None when absent, unreadable or not matching its
+        checksum (then the caller recomputes and replaces it)."""
         path = self._disk_path(key)
         if path is None or not path.exists():
             return None
         want = np.float16 if self.dtype == torch.float16 else np.float32
         try:
-            arr = np.load(path, allow_pickle=False)
+            buf = io.BytesIO(path.read_bytes())
+            arr = np.lib.format.read_array(buf, allow_pickle=False)
+            trailer = buf.read()
         except (OSError, ValueError, EOFError):
-            return None  # unreadable: recomputed and replaced by the caller
-        if arr.shape != (1, *EMBED_SHAPE) or arr.dtype != want or not np.isfinite(arr).all():
+            arr, trailer = None, b""
+        ok = (
+            arr is not None and arr.shape == (1, *EMBED_SHAPE) and arr.dtype == want
+            and trailer == _CHECKSUM_TAG + _entry_checksum(key, arr) and bool(np.isfinite(arr).all())
+        )
+        if not ok:
+            if path.exists():
+                with self._lock:
+                    self._stats.damaged += 1
             return None
         try:
             os.utime(path)  # recently used: the disk budget evicts by modification time
@@ -258,10 +293,12 @@ class EmbeddingCache:
         if path is None:
             return
         arr = feats.cpu().numpy()
+        checksum = _CHECKSUM_TAG + _entry_checksum(key, arr)
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a path
                 np.save(f, arr, allow_pickle=False)
+                f.write(checksum)
 
         atomic_write(path, write)
         self._after_disk_write(path)

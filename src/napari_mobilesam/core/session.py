@@ -78,38 +78,72 @@ class ObjectPrediction:
 
 
 class Session:
-    """Engine objects for one model and one image.
+    """Engine objects for one model and one image: the ONE place that wires a
+    :class:`~napari_mobilesam.core.source.SliceSource`, an
+    :class:`~napari_mobilesam.core.embeddings.EmbeddingCache` and a
+    :class:`~napari_mobilesam.core.predictor.SlicePredictor` together (used by the widget, the
+    batch API and dask workers).
 
     Parameters
     ----------
     sam : Sam or None
         The model. None only together with ``predictor`` (a test oracle that needs no model).
-    data : array-like
-        The image layer's data: ``(H, W)``, ``(H, W, 3|4)``, ``(Z, H, W)`` or ``(Z, H, W, 3|4)``.
-    rgb : bool
-        Whether the last axis of ``data`` is colour.
+    data : array-like or SliceSource
+        The image: ``(H, W)``, ``(H, W, 3|4)``, ``(Z, H, W)`` or ``(Z, H, W, 3|4)``, or a ready
+        :class:`~napari_mobilesam.core.source.SliceSource` (then ``rgb`` is ignored).
+    rgb : bool or None
+        Whether the last axis of ``data`` is colour (None: guessed, see ``SliceSource``).
     predictor : SlicePredictor-like, optional
         Replaces the engine's predictor (``predict``/``predict_many`` with the same signatures).
-    cache_dir : path, optional
-        On-disk embedding cache (default: ``$NAPARI_MOBILESAM_CACHE/embeddings`` when that
-        variable is set, else memory only).
+    cache_dir : path, None or "env"
+        On-disk embedding cache. ``"env"`` (default): ``$NAPARI_MOBILESAM_CACHE/embeddings`` when
+        that variable is set, else memory only. None: memory only.
+    cache_bytes : int, optional
+        Memory budget of the embedding cache (default: the cache's own, 512 MiB).
+    max_disk_bytes : int or None
+        Budget of ``cache_dir`` (default: the cache's own, 4 GiB; None: unbounded).
     """
 
-    def __init__(self, sam, data, *, rgb: bool, predictor=None, cache_dir=None):
-        from .source import SliceSource
-
+    def __init__(self, sam, data, *, rgb: bool | None = None, predictor=None, cache_dir: Any = "env",
+                 cache_bytes: int | None = None, max_disk_bytes: Any = "default"):
         self.sam = sam
-        self.source = SliceSource(data, rgb=rgb)
+        self.source = self._source(data, rgb)
         self.cache = None
         if predictor is None:
-            from .embeddings import EmbeddingCache
             from .predictor import SlicePredictor
 
-            if cache_dir is None and os.environ.get("NAPARI_MOBILESAM_CACHE"):
-                cache_dir = Path(os.environ["NAPARI_MOBILESAM_CACHE"]) / "embeddings"
-            self.cache = EmbeddingCache(sam, disk_dir=cache_dir)
+            self.cache = self._cache(sam, cache_dir, cache_bytes, max_disk_bytes)
             predictor = SlicePredictor(sam, self.source, self.cache)
         self.predictor = predictor
+
+    @classmethod
+    def from_choice(cls, choice, data, **options) -> Session:
+        """A session for a :class:`~napari_mobilesam.models.choice.ModelChoice` (loaded here: slow)
+        or an already loaded ``Sam``; ``options`` as in the constructor."""
+        sam = choice if hasattr(choice, "image_encoder") else choice.load()
+        return cls(sam, data, **options)
+
+    @staticmethod
+    def _source(data, rgb):
+        from .source import SliceSource
+
+        if isinstance(data, SliceSource):
+            return data
+        return SliceSource(data, rgb=rgb)
+
+    @staticmethod
+    def _cache(sam, cache_dir, cache_bytes, max_disk_bytes):
+        from .embeddings import EmbeddingCache
+
+        if isinstance(cache_dir, str) and cache_dir == "env":
+            env = os.environ.get("NAPARI_MOBILESAM_CACHE")
+            cache_dir = Path(env) / "embeddings" if env else None
+        options: dict[str, Any] = {"disk_dir": cache_dir}
+        if cache_bytes is not None:
+            options["max_bytes"] = int(cache_bytes)
+        if not (isinstance(max_disk_bytes, str) and max_disk_bytes == "default"):
+            options["max_disk_bytes"] = max_disk_bytes
+        return EmbeddingCache(sam, **options)
 
     @property
     def n_slices(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -160,108 +161,14 @@ class SliceSource:
         arr = _as_array(data)
         shape = tuple(int(s) for s in arr.shape)
         dtype = np.dtype(arr.dtype)
-        if dtype.kind not in "buif":
-            raise ValueError(
-                f"image dtype {dtype} is not supported: give integer, float or bool intensities"
-            )
-        if normalize not in _NORMALIZE_MODES:
-            raise ValueError(f"normalize must be one of {_NORMALIZE_MODES}, got {normalize!r}")
-        p_lo, p_hi = (float(p) for p in percentiles)
-        if not (0.0 <= p_lo < p_hi <= 100.0):
-            raise ValueError(
-                f"percentiles must be (low, high) with 0 <= low < high <= 100, got {percentiles!r}"
-            )
-        if normalize == "none" and dtype not in (np.dtype(np.uint8), np.dtype(bool)):
-            raise ValueError(
-                f"normalize='none' needs uint8 or bool data, got {dtype}: use normalize='stack' "
-                "or 'slice' (percentile normalisation) or pass contrast_limits=(low, high)"
-            )
-        if contrast_limits is not None:
-            lo, hi = (float(v) for v in contrast_limits)
-            if not (np.isfinite(lo) and np.isfinite(hi)) or hi < lo:
-                raise ValueError(
-                    f"contrast_limits must be finite (low, high) with low <= high, got {contrast_limits!r}"
-                )
-        ndim = len(shape)
-
-        # Work out the layout: move the channel axis last, decide which axes are Z, Y, X.
-        axes = list(range(ndim))
+        p_lo, p_hi, limits = _check_options(dtype, normalize, percentiles, contrast_limits)
         if channel_axis is not None:
-            if rgb:
-                raise ValueError("give either channel_axis=... or rgb=True, not both")
-            if not -ndim <= channel_axis < ndim:
-                raise ValueError(
-                    f"channel_axis={channel_axis} is out of range for an array with {ndim} dimensions "
-                    f"{shape}"
-                )
-            ch = channel_axis % ndim
-            spatial = [a for a in axes if a != ch]
-            if len(spatial) not in (2, 3):
-                raise ValueError(
-                    f"with channel_axis={channel_axis}, the other axes of shape {shape} must be "
-                    f"(Y, X) or (Z, Y, X); accepted layouts: {ACCEPTED_LAYOUTS}"
-                )
-            n_ch = shape[ch]
-            if channels is None:
-                if n_ch > 3:
-                    raise ValueError(
-                        f"the channel axis has {n_ch} channels; SAM takes up to 3: pick them with "
-                        "channels=(i, j, k)"
-                    )
-                chans = list(range(n_ch))
-            else:
-                chans = [int(c) for c in channels]
-                if not 1 <= len(chans) <= 3 or any(not -n_ch <= c < n_ch for c in chans):
-                    raise ValueError(
-                        f"channels must list 1 to 3 channel indices below {n_ch}, got {channels!r}"
-                    )
-                chans = [c % n_ch for c in chans]
-            self._mode = "channels"
-            self._perm = tuple(spatial) + (ch,)
-            self._chans = chans
+            self._mode, self._perm, self._chans = _channel_layout(shape, channel_axis, rgb, channels)
         else:
             if channels is not None:
                 raise ValueError("channels=... needs channel_axis=... to say which axis holds them")
-            if rgb is None:
-                rgb = ndim in (3, 4) and shape[-1] in (3, 4)
-            if rgb:
-                if ndim not in (3, 4) or shape[-1] not in (3, 4):
-                    raise ValueError(
-                        f"rgb=True needs (Y, X, 3|4) or (Z, Y, X, 3|4) data, got shape {shape}; "
-                        f"accepted layouts: {ACCEPTED_LAYOUTS}"
-                    )
-                self._mode = "rgb"
-                self._perm = tuple(axes)
-                self._chans = [0, 1, 2]
-            else:
-                if ndim not in (2, 3):
-                    hint = (
-                        " A 4D array needs channel_axis=... (multichannel stack) or rgb=True."
-                        if ndim == 4
-                        else ""
-                    )
-                    raise ValueError(
-                        f"cannot read an image of shape {shape} ({ndim} dimensions) as slices.{hint} "
-                        f"Accepted layouts: {ACCEPTED_LAYOUTS}"
-                    )
-                self._mode = "gray"
-                self._perm = tuple(axes)
-                self._chans = [0]
-
-        has_ch = self._mode in ("rgb", "channels")
-        spatial_shape = tuple(shape[a] for a in (self._perm[:-1] if has_ch else self._perm))
-        self._is_2d = len(spatial_shape) == 2
-        if self._is_2d:
-            spatial_shape = (1, *spatial_shape)
-        n_slices, h, w = spatial_shape
-        if n_slices == 0:
-            raise ValueError(f"the stack of shape {shape} has 0 slices: there is nothing to segment")
-        if h < MIN_SLICE_SIDE or w < MIN_SLICE_SIDE:
-            raise ValueError(
-                f"slices of {h} x {w} pixels are too small (shape {shape}): each side needs at least "
-                f"{MIN_SLICE_SIDE} pixels. Is the axis order right? Slices are the last two "
-                "(non-channel) axes."
-            )
+            self._mode, self._perm, self._chans = _plain_layout(shape, dtype, rgb)
+        self._is_2d, n_slices, h, w = _spatial_shape(shape, self._mode, self._perm)
 
         self.data = arr
         self.shape = shape
@@ -269,7 +176,7 @@ class SliceSource:
         self.channel_axis = channel_axis
         self.normalize = normalize
         self.percentiles = (p_lo, p_hi)
-        self.contrast_limits = None if contrast_limits is None else (lo, hi)
+        self.contrast_limits = limits
         self.n_slices = int(n_slices)
         self.slice_shape = (int(h), int(w))
         self._stack_range: np.ndarray | None = None  # (n_chans, 2) lo/hi
@@ -430,3 +337,120 @@ class SliceSource:
             key = h.hexdigest()
             self._keys[kkey] = key
         return key
+
+
+# -- construction steps of SliceSource ---------------------------------------------------------------
+
+
+def _check_options(dtype: np.dtype, normalize: str, percentiles, contrast_limits):
+    """Validate the dtype and the normalisation options; returns (p_lo, p_hi, limits or None)."""
+    if dtype.kind not in "buif":
+        raise ValueError(
+            f"image dtype {dtype} is not supported: give integer, float or bool intensities"
+        )
+    if normalize not in _NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {_NORMALIZE_MODES}, got {normalize!r}")
+    p_lo, p_hi = (float(p) for p in percentiles)
+    if not (0.0 <= p_lo < p_hi <= 100.0):
+        raise ValueError(
+            f"percentiles must be (low, high) with 0 <= low < high <= 100, got {percentiles!r}"
+        )
+    if normalize == "none" and dtype not in (np.dtype(np.uint8), np.dtype(bool)):
+        raise ValueError(
+            f"normalize='none' needs uint8 or bool data, got {dtype}: use normalize='stack' "
+            "or 'slice' (percentile normalisation) or pass contrast_limits=(low, high)"
+        )
+    limits = None
+    if contrast_limits is not None:
+        lo, hi = (float(v) for v in contrast_limits)
+        if not (np.isfinite(lo) and np.isfinite(hi)) or hi < lo:
+            raise ValueError(
+                f"contrast_limits must be finite (low, high) with low <= high, got {contrast_limits!r}"
+            )
+        limits = (lo, hi)
+    return p_lo, p_hi, limits
+
+
+def _channel_layout(shape: tuple, channel_axis: int, rgb, channels):
+    """(mode, perm, chans) of a multichannel image: spatial axes first, the channel axis last."""
+    ndim = len(shape)
+    if rgb:
+        raise ValueError("give either channel_axis=... or rgb=True, not both")
+    if not -ndim <= channel_axis < ndim:
+        raise ValueError(
+            f"channel_axis={channel_axis} is out of range for an array with {ndim} dimensions "
+            f"{shape}"
+        )
+    ch = channel_axis % ndim
+    spatial = [a for a in range(ndim) if a != ch]
+    if len(spatial) not in (2, 3):
+        raise ValueError(
+            f"with channel_axis={channel_axis}, the other axes of shape {shape} must be "
+            f"(Y, X) or (Z, Y, X); accepted layouts: {ACCEPTED_LAYOUTS}"
+        )
+    n_ch = shape[ch]
+    if channels is None:
+        if n_ch > 3:
+            raise ValueError(
+                f"the channel axis has {n_ch} channels; SAM takes up to 3: pick them with "
+                "channels=(i, j, k)"
+            )
+        chans = list(range(n_ch))
+    else:
+        chans = [int(c) for c in channels]
+        if not 1 <= len(chans) <= 3 or any(not -n_ch <= c < n_ch for c in chans):
+            raise ValueError(
+                f"channels must list 1 to 3 channel indices below {n_ch}, got {channels!r}"
+            )
+        chans = [c % n_ch for c in chans]
+    return "channels", tuple(spatial) + (ch,), chans
+
+
+def _plain_layout(shape: tuple, dtype: np.dtype, rgb):
+    """(mode, perm, chans) without a channel axis: RGB(A) (given or guessed) or gray."""
+    ndim = len(shape)
+    if rgb is None:
+        rgb = ndim in (3, 4) and shape[-1] in (3, 4)
+        if rgb and dtype != np.dtype(np.uint8):
+            warnings.warn(
+                f"took the last axis of the {dtype} image of shape {shape} as RGB colour; if it "
+                "holds channels, give channel_axis=-1 (--channel-axis -1 on the command line)",
+                stacklevel=4,
+            )
+    if rgb:
+        if ndim not in (3, 4) or shape[-1] not in (3, 4):
+            raise ValueError(
+                f"rgb=True needs (Y, X, 3|4) or (Z, Y, X, 3|4) data, got shape {shape}; "
+                f"accepted layouts: {ACCEPTED_LAYOUTS}"
+            )
+        return "rgb", tuple(range(ndim)), [0, 1, 2]
+    if ndim not in (2, 3):
+        hint = (
+            " A 4D array needs channel_axis=... (multichannel stack) or rgb=True."
+            if ndim == 4
+            else ""
+        )
+        raise ValueError(
+            f"cannot read an image of shape {shape} ({ndim} dimensions) as slices.{hint} "
+            f"Accepted layouts: {ACCEPTED_LAYOUTS}"
+        )
+    return "gray", tuple(range(ndim)), [0]
+
+
+def _spatial_shape(shape: tuple, mode: str, perm: tuple):
+    """(is_2d, n_slices, H, W), refusing empty stacks and slices too small for SAM."""
+    has_ch = mode in ("rgb", "channels")
+    spatial_shape = tuple(shape[a] for a in (perm[:-1] if has_ch else perm))
+    is_2d = len(spatial_shape) == 2
+    if is_2d:
+        spatial_shape = (1, *spatial_shape)
+    n_slices, h, w = spatial_shape
+    if n_slices == 0:
+        raise ValueError(f"the stack of shape {shape} has 0 slices: there is nothing to segment")
+    if h < MIN_SLICE_SIDE or w < MIN_SLICE_SIDE:
+        raise ValueError(
+            f"slices of {h} x {w} pixels are too small (shape {shape}): each side needs at least "
+            f"{MIN_SLICE_SIDE} pixels. Is the axis order right? Slices are the last two "
+            "(non-channel) axes."
+        )
+    return is_2d, n_slices, h, w

@@ -238,14 +238,20 @@ def read_prompts_csv(path: str | os.PathLike) -> Prompts:
             z, r, c = (float(v) for v in zrc)
         except ValueError:
             raise PromptsError(f"{path}, line {lineno}: z, row and col must be numbers, got {row}") from None
+        if not all(np.isfinite((z, r, c))):
+            raise PromptsError(
+                f"{path}, line {lineno}: z, row and col must be finite numbers, got {row}; fix or "
+                "delete that line"
+            )
         lab = get("label", "1").lower()
         if lab in ("1", "1.0", "true", "positive", "pos", "+"):
             lab_v = 1
-        elif lab in ("0", "0.0", "false", "negative", "neg", "-", "-1"):
+        elif lab in ("0", "0.0", "false", "negative", "neg", "-"):
             lab_v = 0
         else:
             raise PromptsError(
-                f"{path}, line {lineno}: label must be 1 (positive) or 0 (negative), got {lab!r}"
+                f"{path}, line {lineno}: label must be 1 (positive) or 0 (negative), got {lab!r}; "
+                "write 0 for a negative point"
             )
         oid = get("object_id")
         if oid is None:

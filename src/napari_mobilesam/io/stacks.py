@@ -1,14 +1,21 @@
 """Stacks in and labels out: lazy TIFF reading, streamed compressed labels TIFF, output checks.
 
-Labels are written one slice at a time (to ``<name>.partial``, renamed when complete) and keep the
-input's resolution metadata. Coordinates are napari's: stacks are (z, row, col).
+Reading checks that a multi-page TIFF is complete (a file cut short by a failed copy is refused,
+naming the first missing slice). Labels are written one slice at a time to a uniquely named hidden
+``.NAME.*.partial`` file beside the output, renamed over ``NAME`` when complete, while an
+exclusive lock on ``NAME`` keeps a second run from writing it at the same time; an unfinished
+``.partial`` left by a killed run is named and removed by the next run. The input's resolution
+metadata is kept (z spacing and unit as ImageJ metadata, which Fiji reads). Coordinates are
+napari's: stacks are (z, row, col).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, MobileSAMError, OutputError
+from ..files import OutputLock, same_file
 
 __all__ = [
     "BatchError",
@@ -46,12 +54,18 @@ class StackMetadata:
         Distance between slices (ImageJ ``spacing``), in ``unit``.
     unit : str or None
         Unit name (e.g. ``"micron"``) from ImageJ metadata.
+    imagej : bool
+        Whether the input was an ImageJ TIFF (its labels get ImageJ metadata too).
+    path : Path or None
+        The file the metadata was read from (an output may never replace it).
     """
 
     resolution: tuple[float, float] | None = None
     resolution_unit: int | None = None
     spacing: float | None = None
     unit: str | None = None
+    imagej: bool = False
+    path: Path | None = None
 
     @property
     def scale(self) -> tuple[float, float, float] | None:
@@ -69,7 +83,7 @@ def read_stack_metadata(path: str | os.PathLike) -> StackMetadata:
     with _open_tiff(path) as tif:
         page = tif.pages.first
         tags = page.tags
-        meta = StackMetadata()
+        meta = StackMetadata(imagej=bool(tif.is_imagej), path=Path(path))
         xr, yr = tags.get("XResolution"), tags.get("YResolution")
         if xr is not None and yr is not None:
             def _f(v):
@@ -131,6 +145,7 @@ def open_stack(path: str | os.PathLike, *, lazy: bool = True) -> tuple[Any, Stac
     """
     meta = read_stack_metadata(path)
     with _open_tiff(path) as tif:
+        _check_complete(tif, Path(path))
         series = tif.series[0]
         shape, dtype = tuple(series.shape), series.dtype
         pages = [p for p in series.pages]
@@ -160,6 +175,51 @@ def open_stack(path: str | os.PathLike, *, lazy: bool = True) -> tuple[Any, Stac
     return arr, meta
 
 
+def _expected_pages(tif) -> int | None:
+    """Pages the file's own metadata (ImageJ or tifffile's shape) says its first image has."""
+    first = tif.pages.first
+    if tif.is_imagej:
+        return int((tif.imagej_metadata or {}).get("images", 1))
+    if tif.is_shaped and tif.shaped_metadata:
+        shape = tif.shaped_metadata[0].get("shape")
+        per_page = int(np.prod(first.shape)) if first.shape else 0
+        if shape and per_page:
+            return int(np.prod(shape)) // per_page
+    return None
+
+
+def _check_complete(tif, path: Path) -> None:
+    """Refuse a TIFF cut short (an interrupted copy or download): fewer pages than its metadata
+    names, or a page whose data runs past the end of the file. Raises InputError naming the first
+    missing slice."""
+    size = path.stat().st_size
+    n_pages = len(tif.pages)
+    expected = _expected_pages(tif)
+    fix = ("The file is incomplete (an interrupted copy or download?): copy or export it again. "
+           "Nothing was written.")
+    # ImageJ files over 4 GiB list one page and store the others back to back after it
+    contiguous = bool(tif.is_imagej and n_pages < (expected or 0) and tif.pages.first.is_contiguous)
+    if expected is not None and n_pages < expected and not contiguous:
+        raise InputError(
+            f"{path} is truncated: its metadata describes {expected} slices but the file holds "
+            f"only {n_pages}; slice {n_pages} onwards is missing. {fix}"
+        )
+    for i, page in enumerate(tif.pages):
+        ends = [int(o) + int(c) for o, c in zip(page.dataoffsets, page.databytecounts)]
+        if ends and max(ends) > size:
+            raise InputError(f"{path} is truncated: slice {i} is cut short and "
+                             f"{max(0, (expected or n_pages) - i - 1)} after it are missing. {fix}")
+    if contiguous:
+        first = tif.pages.first
+        end = int(first.dataoffsets[0]) + expected * int(first.nbytes)
+        if end > size:
+            have = max(0, (size - int(first.dataoffsets[0])) // max(1, int(first.nbytes)))
+            raise InputError(
+                f"{path} is truncated: its metadata describes {expected} slices but the file holds "
+                f"only {have}; slice {have} onwards is missing. {fix}"
+            )
+
+
 _TIFF_LOCAL = threading.local()
 
 
@@ -180,7 +240,10 @@ class LabelsTiffWriter:
     """Stream a (Z, H, W) labels stack into a compressed TIFF, one slice at a time.
 
     Use as a context manager and call :meth:`write` with slices in z order (missing slices at the
-    end are written as zeros on close). The file is written to ``<name>.partial`` and renamed when
+    end are written as zeros on close). On entering, an exclusive lock on ``path`` is taken (a
+    second run writing the same name stops with :class:`OutputError`), and any unfinished
+    ``.partial`` file a killed run left for ``path`` is named (a warning) and removed. The file is
+    written to a uniquely named hidden ``.NAME.*.partial`` beside ``path`` and renamed when
     complete, so an interrupted run never leaves a truncated file under the final name and never
     replaces an existing file with a broken one.
 
@@ -190,7 +253,8 @@ class LabelsTiffWriter:
     shape : (Z, H, W)
     dtype : uint16 or uint32 (default uint32)
     metadata : StackMetadata, optional
-        Resolution (and z spacing/unit) copied from the input.
+        Resolution copied from the input; its z spacing and unit (or an ImageJ input) are written
+        as ImageJ metadata, which Fiji reads. ``metadata.path`` (the input) is never replaced.
     overwrite : bool
         Replace an existing file; otherwise :class:`BatchError` is raised before anything runs.
     compression : str
@@ -208,17 +272,20 @@ class LabelsTiffWriter:
         compression: str = "zlib",
     ) -> None:
         self.path = Path(path)
-        check_output_path(self.path, overwrite)
+        self.metadata = metadata or StackMetadata()
+        self._inputs = [self.metadata.path] if self.metadata.path is not None else []
+        check_output_path(self.path, overwrite, inputs=self._inputs)
         if len(shape) != 3:
             raise ValueError(f"shape must be (Z, H, W), got {shape!r}")
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
             raise ValueError(f"labels are written as uint16 or uint32, not {self.dtype}")
-        self.metadata = metadata or StackMetadata()
         self.compression = compression
         self.overwrite = overwrite
-        self._partial = self.path.with_name(self.path.name + ".partial")
+        self._lock_file = OutputLock(self.path)
+        self._partial: Path | None = None
+        self._tw = None
         self._queue: list[np.ndarray] = []
         self._next = 0
         self._cond = threading.Condition()
@@ -226,7 +293,9 @@ class LabelsTiffWriter:
         self._error: BaseException | None = None
         self._closed = False
 
-    def __enter__(self) -> LabelsTiffWriter:
+    def _tiff_options(self) -> dict[str, Any]:
+        """tifffile ``write`` options for the metadata: resolution tags and an ImageJ description
+        (z spacing, unit) or tifffile's shape description."""
         import tifffile
 
         meta = self.metadata
@@ -235,20 +304,57 @@ class LabelsTiffWriter:
             kwargs["resolution"] = tuple(float(v) for v in meta.resolution)
             if meta.resolution_unit is not None:
                 kwargs["resolutionunit"] = int(meta.resolution_unit)
-        md: dict[str, Any] = {"axes": "ZYX"}
+        extra: dict[str, Any] = {}
         if meta.spacing is not None:
-            md["spacing"] = float(meta.spacing)
+            extra["spacing"] = float(meta.spacing)
         if meta.unit is not None:
-            md["unit"] = str(meta.unit)
-        self._partial.parent.mkdir(parents=True, exist_ok=True)
-        self._tw = tifffile.TiffWriter(self._partial, bigtiff=self._nbytes() > 2**31)
+            extra["unit"] = str(meta.unit)
+        if meta.imagej or extra:
+            # ImageJ metadata, as Fiji reads it (tifffile's imagej=True refuses uint32 data)
+            kwargs["description"] = tifffile.imagej_description(self.shape, "ZYX", **extra)
+            kwargs["metadata"] = None
+        else:
+            kwargs["metadata"] = {"axes": "ZYX"}
+        return kwargs
+
+    def _clear_stale_partials(self) -> None:
+        """Remove unfinished files of killed runs for this output (we hold its lock: they are
+        nobody's), saying so."""
+        parent = self.path.parent
+        stale = [self.path.with_name(self.path.name + ".partial"),
+                 *parent.glob(f".{self.path.name}.*.partial")]
+        for p in stale:
+            if p.exists():
+                p.unlink(missing_ok=True)
+                warnings.warn(f"removed {p}: an unfinished output left by an interrupted run; "
+                              f"writing {self.path} afresh", stacklevel=3)
+
+    def __enter__(self) -> LabelsTiffWriter:
+        import tifffile
+
+        self._lock_file.acquire()
+        try:
+            check_output_path(self.path, self.overwrite, inputs=self._inputs)  # now under the lock
+            self._clear_stale_partials()
+            options = self._tiff_options()
+            try:
+                fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial",
+                                            dir=self.path.parent)
+                os.close(fd)
+                self._partial = Path(name)
+                self._tw = tifffile.TiffWriter(self._partial, bigtiff=self._nbytes() > 2**31)
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}; choose an "
+                                  "output in a folder you can write to") from None
+        except BaseException:
+            self._discard()
+            raise
 
         def run():
             try:
                 self._tw.write(
                     self._pages(), shape=self.shape, dtype=self.dtype,
-                    compression=self.compression, photometric="minisblack", metadata=md,
-                    **kwargs,
+                    compression=self.compression, photometric="minisblack", **options,
                 )
             except BaseException as e:  # surfaced in write()/close()
                 self._error = e
@@ -289,6 +395,11 @@ class LabelsTiffWriter:
             self._next += 1
             self._cond.notify_all()
 
+    def _discard(self) -> None:
+        if self._partial is not None:
+            self._partial.unlink(missing_ok=True)
+        self._lock_file.release()
+
     def close(self, *, ok: bool = True) -> None:
         """Finish the file (remaining slices as zeros) and move it into place; ``ok=False``
         discards the partial file."""
@@ -297,28 +408,47 @@ class LabelsTiffWriter:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
-        self._tw.close()
-        if ok and self._error is None:
-            os.replace(self._partial, self.path)
-        else:
-            self._partial.unlink(missing_ok=True)
-            if self._error is not None and ok:
+        try:
+            if self._tw is not None:
+                self._tw.close()
+            if ok and self._error is None:
+                with open(self._partial, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(self._partial, self.path)
+            elif self._error is not None and ok:
                 raise OutputError(f"writing {self.path} failed: {self._error}") from self._error
+        except OSError as exc:
+            raise OutputError(f"writing {self.path} failed: {exc.strerror or exc}") from None
+        finally:
+            self._discard()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(ok=exc_type is None)
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse to replace an existing file unless ``overwrite``; check the folder is writable."""
+def check_output_path(path: str | os.PathLike, overwrite: bool, inputs: Sequence[Any] = ()) -> Path:
+    """Refuse an output that is one of ``inputs`` (whatever ``overwrite`` says), an existing file
+    unless ``overwrite``, a folder, or a place that cannot be written. Returns ``path``."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputError(f"output {path} already exists; pass overwrite=True (--overwrite) to replace it")
+    for src in inputs:
+        if src is not None and same_file(path, src):
+            raise OutputError(
+                f"output {path} is the input image {src}: writing labels there would destroy it; "
+                "choose another output name (e.g. NAME_labels.tif)"
+            )
     if path.is_dir():
         raise OutputError(f"output {path} is a folder; give a file name such as labels.tif")
+    if path.exists() and not overwrite:
+        raise OutputError(f"output {path} already exists; pass overwrite=True (--overwrite) to replace it")
     parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write to folder {parent}")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write {path}: {existing} is a file, not a folder; choose another output")
+    if not os.access(existing, os.W_OK):
+        raise OutputError(f"cannot write to folder {existing} (read-only or no permission); choose an "
+                          "output in a folder you can write to")
     return path
 
 

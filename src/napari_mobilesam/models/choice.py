@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, ModelError
+from ..errors import ModelError
 
 __all__ = ["ModelChoice", "FILE_MODELS"]
 
@@ -113,7 +113,11 @@ class ModelChoice:
         from .registry import MODELS, build_sam, load_model
 
         if self.model not in MODELS and self.model not in FILE_MODELS:
-            raise InputError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+            raise ModelError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.backend not in ("auto", "openvino", "torch", "eager"):
+            raise ModelError(f"unknown backend {self.backend!r}; choose auto, openvino, torch or eager")
+        if self.precision not in ("auto", "fp32", "mixed", "bf16"):
+            raise ModelError(f"unknown precision {self.precision!r}; choose auto, fp32, mixed or bf16")
         device = None if self.device in (None, "", "auto") else self.device
         try:
             model, checkpoint = self._weights()

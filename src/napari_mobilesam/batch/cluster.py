@@ -1,0 +1,168 @@
+"""The batch API on a ``dask.distributed`` cluster: each worker process loads the model once.
+
+- :func:`map_on_cluster` spreads one job per slice over the workers and yields the results in z
+  order, with a bounded number of slices in flight.
+- :func:`embed_on_cluster` fills an embedding cache with slices encoded on the workers (for
+  propagation, which then runs here on the decoder only).
+- :func:`preload_model_on_workers` loads the model on every worker ahead of time.
+
+Workers build their engine objects through :class:`~napari_mobilesam.core.session.Session`, like
+the widget and the batch API. Slices travel as (H, W, 3) uint8 RGB; labels come back (H, W).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelError
+from ..models.choice import ModelChoice
+from ..volume.automatic import AutoParams, segment_slice
+from .slices import progress_callback, segment_objects_on_slice
+
+__all__ = ["preload_model_on_workers", "spec_for_client", "map_on_cluster", "embed_on_cluster",
+           "worker_segment_prompts", "worker_segment_auto", "WORKER_LOAD_COUNT"]
+
+
+def spec_for_client(model, checkpoint, device, backend, precision) -> ModelChoice:
+    """The model choice the workers load: a name (or choice) and a checkpoint path they can read."""
+    if not isinstance(model, (str, ModelChoice)):
+        raise ModelError(
+            "with a dask client, give the model by name (model='vit_t') and the checkpoint as a "
+            "file path the workers can read, so each worker can load it once"
+        )
+    return ModelChoice.of(model, checkpoint, device, backend, precision).portable()
+
+
+# Per-process state on dask workers: the model, loaded once.
+_WORKER_MODELS: dict[ModelChoice, Any] = {}
+_WORKER_LOCK = threading.Lock()
+WORKER_LOAD_COUNT = {"n": 0}
+
+
+def _worker_model(spec: ModelChoice):
+    with _WORKER_LOCK:
+        sam = _WORKER_MODELS.get(spec)
+        if sam is None:
+            sam = spec.load()
+            _WORKER_MODELS[spec] = sam
+            WORKER_LOAD_COUNT["n"] += 1
+        return sam
+
+
+def _preload(spec: ModelChoice) -> str:
+    _worker_model(spec)
+    return str(os.getpid())
+
+
+def preload_model_on_workers(
+    client: Any,
+    model: str = "vit_t",
+    checkpoint: str | os.PathLike | None = None,
+    device: Any = None,
+    backend: str = "auto",
+    precision: str = "auto",
+) -> dict[str, str]:
+    """Load the model on every worker of a ``dask.distributed`` client now (it stays loaded for
+    later :func:`segment_stack` / :func:`segment_stack_auto` calls with the same model arguments).
+
+    Returns ``{worker address: worker process id}``.
+    """
+    spec = spec_for_client(model, checkpoint, device, backend, precision)
+    return client.run(_preload, spec)
+
+
+def _one_slice_session(spec: ModelChoice, rgb: np.ndarray):
+    """A Session over one (H, W, 3) uint8 RGB slice with the worker's model (memory cache only)."""
+    from ..core.session import Session
+    from ..core.source import SliceSource
+
+    source = SliceSource(np.asarray(rgb)[None], rgb=True, normalize="none")
+    return Session(_worker_model(spec), source, cache_dir=None)
+
+
+def worker_embed(z: int, rgb: np.ndarray, _unused, spec: ModelChoice, _params):
+    """On a worker: ``(z, (1, 256, 64, 64) float16 features)`` of one RGB slice."""
+    import torch
+
+    from ..core.embeddings import compute_embedding
+
+    emb = compute_embedding(_worker_model(spec), np.asarray(rgb))
+    return z, emb.features.detach().to("cpu", torch.float16).numpy()
+
+
+def worker_segment_auto(z: int, rgb: np.ndarray, _unused, spec: ModelChoice, params: AutoParams):
+    """On a worker: ``(z, (H, W) labels)`` of automatic segmentation of one RGB slice."""
+    return z, segment_slice(_one_slice_session(spec, rgb).predictor, 0, params).labels
+
+
+def worker_segment_prompts(z: int, rgb: np.ndarray, objects, spec: ModelChoice, _params):
+    """On a worker: ``(z, (H, W) labels)`` of the prompted ``objects`` on one RGB slice."""
+    return z, segment_objects_on_slice(_one_slice_session(spec, rgb).predictor, 0, objects)
+
+
+def embed_on_cluster(client, spec: ModelChoice, session, zr: range, progress) -> None:
+    """Fill ``session.cache`` with the embeddings of slices ``zr``, computed on the workers."""
+    source, cache = session.source, session.cache
+    todo = [z for z in zr if not cache.is_cached(source, z)]
+    # a bar when asked for one; a callable hears from the propagation only (one done/total scale)
+    update, close = progress_callback(progress is True, len(todo), "embed (cluster)")
+    try:
+        jobs = ((z, source.rgb(z), None) for z in todo)
+        for z, feats in map_on_cluster(client, worker_embed, spec, None, jobs):
+            cache.put(source, z, feats)
+            update()
+    finally:
+        close()
+
+
+def map_on_cluster(client, func, spec, params, jobs, max_in_flight: int | None = None):
+    """Run ``func(z, rgb, extra, spec, params)`` for each job ``(z, rgb, extra)`` on the cluster;
+    yield ``(z, result)`` in the jobs' order, keeping at most ``max_in_flight`` slices submitted
+    (default: two per worker)."""
+    from distributed import as_completed
+
+    if max_in_flight is None:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        max_in_flight = 2 * n_workers
+    order: list[int] = []
+    ready: dict[int, Any] = {}
+    jobs = iter(jobs)
+    ac = as_completed()
+    in_flight = 0
+
+    def submit_next() -> bool:
+        nonlocal in_flight
+        try:
+            z, rgb, extra = next(jobs)
+        except StopIteration:
+            return False
+        fut = client.submit(func, z, rgb, extra, spec, params, pure=False,
+                            key=f"napari-mobilesam-{func.__name__}-{z}-{os.getpid()}-{id(ac)}")
+        order.append(z)
+        ac.add(fut)
+        in_flight += 1
+        return True
+
+    for _ in range(max_in_flight):
+        if not submit_next():
+            break
+    pos = 0
+    try:
+        for fut in ac:
+            z, result = fut.result()
+            fut.release()
+            in_flight -= 1
+            ready[z] = result
+            while pos < len(order) and order[pos] in ready:
+                zz = order[pos]
+                yield zz, ready.pop(zz)
+                pos += 1
+            while in_flight + len(ready) < max_in_flight and submit_next():
+                pass
+    finally:
+        for f in list(ac.futures):
+            f.cancel()

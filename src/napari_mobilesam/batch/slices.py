@@ -1,0 +1,168 @@
+"""The steps the batch API and its dask workers are built from: one slice from prompts, label
+dtypes, the labels output (memory or TIFF), propagation glue, progress.
+
+Coordinates are napari's: prompts are (row, col) on a slice, labels (H, W) or (Z, H, W).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import PromptError
+from ..io.prompts import Prompts
+from ..io.stacks import LabelsTiffWriter, check_output_path
+
+__all__ = ["segment_objects_on_slice", "prompt_dict", "labels_dtype", "check_ids_fit", "progress_callback",
+           "LabelsOutput", "run_propagation", "objects_for_propagate"]
+
+#: The largest object id a labels volume or TIFF holds (uint32 on disk).
+MAX_LABEL_ID = int(np.iinfo(np.uint32).max)
+
+
+def labels_dtype(max_id: int) -> np.dtype:
+    """In-memory labels dtype: int32 (napari's) unless an id is 2**31 or more, then int64."""
+    return np.dtype(np.int32 if int(max_id) <= np.iinfo(np.int32).max else np.int64)
+
+
+def check_ids_fit(max_id: int, out_dtype: Any = np.uint32) -> None:
+    """Raise PromptError when object id ``max_id`` cannot be stored (uint32, or ``out_dtype``)."""
+    top = min(MAX_LABEL_ID, int(np.iinfo(np.dtype(out_dtype)).max))
+    if int(max_id) > top:
+        raise PromptError(
+            f"object id {int(max_id)} is larger than {top}, the largest id a "
+            f"{np.dtype(out_dtype) if top < MAX_LABEL_ID else 'uint32'} labels stack holds; renumber "
+            "the objects (the object_id column of the prompts) with smaller ids"
+            + (" or write uint32 labels (out_dtype=np.uint32)" if top < MAX_LABEL_ID else "")
+        )
+
+
+def prompt_dict(item: dict, multimask: bool | None = None) -> dict:
+    """A predictor prompt from a :meth:`~napari_mobilesam.io.prompts.Prompts.iter_objects` item
+    (no empty point arrays; one lone point asks for SAM's three candidate masks)."""
+    has_pts = len(item["points"]) > 0
+    if multimask is None:
+        multimask = item["box"] is None and len(item["points"]) == 1
+    return {
+        "points": item["points"] if has_pts else None,
+        "labels": item["labels"] if has_pts else None,
+        "box": item["box"],
+        "multimask": multimask,
+    }
+
+
+def segment_objects_on_slice(predictor, z: int, objects: list[tuple[int, dict]]) -> np.ndarray:
+    """(H, W) labels (int32, int64 for ids of 2**31 and more): each object's best mask on slice
+    ``z``, the higher predicted IoU winning shared pixels. ``objects``: ``[(object_id, item)]``."""
+    prompts = [prompt_dict(item) for _, item in objects]
+    preds = predictor.predict_many(z, prompts)
+    h, w = predictor.source.slice_shape
+    masks, scores = [], []
+    for pred in preds:  # the best of SAM's candidates (its only mask with several prompts)
+        iou = np.asarray(pred.iou, float).reshape(-1)
+        k = int(np.argmax(iou))
+        masks.append(np.asarray(pred.masks[k], bool))
+        scores.append(iou[k])
+    out = np.zeros((h, w), labels_dtype(max((oid for oid, _ in objects), default=0)))
+    for i in np.argsort(-np.asarray(scores), kind="stable"):
+        out[masks[i] & (out == 0)] = objects[i][0]
+    return out
+
+
+def progress_callback(progress: Any, total: int, desc: str):
+    """Return (update(n=1), close()) for ``progress``: None, True (tqdm bar) or a callable."""
+    if progress is None or progress is False:
+        return (lambda n=1: None), (lambda: None)
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="slice")
+        return bar.update, bar.close
+    if callable(progress):
+        done = [0]
+
+        def update(n=1):
+            done[0] += n
+            progress(done[0], total)
+
+        return update, (lambda: None)
+    raise TypeError("progress must be None, True (a progress bar) or a callable(done, total)")
+
+
+class LabelsOutput:
+    """Collect slices in memory ((Z, H, W) ``dtype`` array) or stream them to a TIFF file."""
+
+    def __init__(self, shape, out, overwrite, metadata, out_dtype, *, inputs=(), dtype=np.int32):
+        self.shape = tuple(shape)
+        self.out = out
+        if out is None:
+            self.array = np.zeros(self.shape, dtype)
+            self.writer = None
+        else:
+            self.array = None
+            check_output_path(out, overwrite, inputs=inputs)
+            self.writer = LabelsTiffWriter(out, self.shape, dtype=out_dtype, metadata=metadata,
+                                           overwrite=overwrite)
+        self._z = 0
+
+    def __enter__(self):
+        if self.writer is not None:
+            self.writer.__enter__()
+        return self
+
+    def put(self, z: int, sl: np.ndarray) -> None:
+        """Slices must come in increasing z; skipped ones are zeros."""
+        if self.writer is None:
+            self.array[z] = sl
+            return
+        while self._z < z:
+            self.writer.write(np.zeros(self.shape[1:], np.int32))
+            self._z += 1
+        self.writer.write(sl)
+        self._z = z + 1
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.writer is not None:
+            self.writer.__exit__(exc_type, exc, tb)
+
+    def result(self):
+        return self.array if self.writer is None else self.writer.path
+
+
+def run_propagation(predictor, objects, zr: range, progress, options: dict, propagate) -> np.ndarray:
+    """``propagate(predictor, objects, ...)`` over ``zr`` with ``progress`` (None, True: a bar, or
+    a callable(done, total)); returns the (Z, H, W) labels."""
+    kwargs = dict(options)
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(zr) * len(objects), desc="propagate", unit="slice")
+
+        def _bar(done, total):
+            bar.total = max(int(total), int(done))
+            bar.n = int(done)
+            bar.refresh()
+
+        kwargs.setdefault("progress", _bar)
+    elif callable(progress):
+        kwargs.setdefault("progress", progress)
+    try:
+        result = propagate(predictor, objects, z_range=(zr.start, zr.stop), **kwargs)
+    finally:
+        if bar is not None:
+            bar.close()
+    return np.asarray(result.labels)
+
+
+def objects_for_propagate(prm: Prompts, zr: range) -> dict[int, dict[int, dict]]:
+    """Prompts grouped per object, ``{object_id: {z: prompt dict}}``, as ``propagate`` takes them."""
+    objs: dict[int, dict[int, dict]] = {}
+    for oid, z, item in prm.iter_objects():
+        if z not in zr:
+            continue
+        objs.setdefault(oid, {})[z] = prompt_dict(item)
+    if not objs:
+        raise PromptError(f"no prompts lie in z range {zr.start}:{zr.stop}")
+    return objs
