@@ -38,6 +38,7 @@ import logging
 from ..devices import choose_device, cpu_has_amx, cpu_has_bf16
 from .decoder import FastMaskDecoder, cache_dense_pe, fast_predict_masks, tensor_version
 from .openvino import (
+    OpenVINOAISDecoder,
     OpenVINOEncoder,
     OpenVINOMaskDecoder,
     _openvino_has_bf16,
@@ -57,6 +58,8 @@ __all__ = [
     "FastMaskDecoder",
     "cache_dense_pe",
     "apply_backend",
+    "apply_decoder_backend",
+    "OpenVINOAISDecoder",
     "openvino_ir",
     "resolve_precision",
     "cpu_has_amx",
@@ -161,3 +164,26 @@ def apply_backend(
         sam.mask_decoder = FastMaskDecoder(sam.mask_decoder)
         cache_dense_pe(sam)
     return sam
+
+
+def apply_decoder_backend(sam) -> None:
+    """Run ``sam``'s AIS decoder (if any, see ``registry.ais_decoder``) like its encoder.
+
+    With the OpenVINO encoder the decoder is converted too (:class:`OpenVINOAISDecoder`, float32;
+    on failure a warning and the torch module); otherwise the torch module moves to the encoder's
+    device. Works in place.
+    """
+    from ..registry import DECODER_ATTR
+
+    dec = sam.__dict__.get(DECODER_ATTR)
+    if dec is None or hasattr(dec, "backend_name"):
+        return
+    enc = sam.image_encoder
+    if getattr(enc, "backend_name", "eager") == "openvino":
+        try:
+            dec = OpenVINOAISDecoder(dec)
+        except Exception as exc:  # noqa: BLE001 - any conversion failure: keep torch
+            log.warning("OpenVINO AIS decoder unavailable (%s: %s); using torch", type(exc).__name__, exc)
+    else:
+        dec = dec.to(sam.pixel_mean.device)
+    object.__setattr__(sam, DECODER_ATTR, dec)

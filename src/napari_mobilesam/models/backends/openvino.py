@@ -26,7 +26,7 @@ from ..checkpoint import state_dict_digest
 from .decoder import _DecoderCore, _dense_tokens, _TokenArrayCache
 from .torch import _part_precisions, fold_batchnorm, split_encoder
 
-__all__ = ["openvino_ir", "OpenVINOEncoder", "OpenVINOMaskDecoder"]
+__all__ = ["openvino_ir", "OpenVINOEncoder", "OpenVINOMaskDecoder", "OpenVINOAISDecoder"]
 
 log = logging.getLogger(__name__)
 
@@ -261,3 +261,39 @@ class OpenVINOMaskDecoder(nn.Module):
             iou = torch.from_numpy(self._request.get_output_tensor(1).data.copy())
         sel = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sel], iou[:, sel]
+
+
+class OpenVINOAISDecoder(nn.Module):
+    """micro-sam's AIS decoder (:class:`~napari_mobilesam.models.ais_decoder.AISDecoder`) through
+    OpenVINO on the CPU, float32.
+
+    ``forward(embedding)``: ``(1, 256, 64, 64)`` float32 → ``(1, 3, 1024, 1024)`` float32 CPU
+    tensor, the same function as the torch module (BatchNorm mode included: it is part of the IR
+    key); other shapes and batches go to the torch module (``torch_decoder``, not registered).
+    """
+
+    backend_name = "openvino"
+    precision = "fp32"
+
+    def __init__(self, decoder: nn.Module, embed_shape=(256, 64, 64)) -> None:
+        super().__init__()
+        self.weights_digest = state_dict_digest(decoder)
+        object.__setattr__(self, "torch_decoder", decoder)
+        self.embed_shape = tuple(embed_shape)
+        self.batchnorm = decoder.batchnorm
+        src = copy.deepcopy(decoder).cpu().float().eval()
+        src.weights_digest = self.weights_digest
+        example = torch.zeros(1, *self.embed_shape)
+        self.ir_path, self.converted = openvino_ir(
+            src, f"ais-decoder-{self.batchnorm}", example, img_size=self.embed_shape[-1]
+        )
+        self._request = _compile(self.ir_path, "fp32").create_infer_request()
+        self._lock = threading.Lock()
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        if tuple(embedding.shape) != (1, *self.embed_shape) or embedding.requires_grad:
+            return self.torch_decoder(embedding)
+        x = embedding.detach().to("cpu", torch.float32).contiguous().numpy()
+        with self._lock:
+            self._request.infer({0: x})
+            return torch.from_numpy(self._request.get_output_tensor(0).data.copy())
