@@ -295,3 +295,87 @@ def test_prompts_match(msdir, expected, cases, case):
     assert np.abs(logits - expected[want + "low_res_logits"]).max() < 1e-2
     assert np.abs(scores - expected[want + "scores"]).max() < 1e-3
     assert (masks != expected[want + "mask"]).mean() <= 0.001
+
+
+def test_standard_semantics_decoder_matches_eval_arrays(lm_models, expected):
+    """Standard semantics: BatchNorm on running statistics (the ``eval/`` arrays).
+
+    The fixture's ``eval/`` maps were computed after micro-sam's training-mode decoder had run
+    once on the image, which moved its running statistics (torch's momentum 0.1 update, unbiased
+    variance); we reproduce that one update with torch's own BatchNorm2d before comparing.
+    """
+    import copy
+    import types
+
+    from torch import nn
+
+    from napari_mobilesam.models.ais_decoder import BatchNorm, maps_for_image
+    from napari_mobilesam.models.registry import ais_decoder
+    from napari_mobilesam.volume.instance import instances_from_maps
+
+    dec = copy.deepcopy(ais_decoder(lm_models["standard"]))
+    assert dec.batchnorm == "running"
+    bns = [m for m in dec.modules() if isinstance(m, BatchNorm)]
+    for bn in bns:  # one micro-sam call: torch's training-mode BatchNorm updates running stats
+        bn.forward = types.MethodType(nn.BatchNorm2d.forward, bn)
+        bn.train()
+    with torch.no_grad():
+        dec(torch.from_numpy(expected["embedding"]))
+    for bn in bns:
+        del bn.forward
+        bn.eval()
+    with torch.inference_mode():
+        maps = maps_for_image(dec(torch.from_numpy(expected["eval/embedding"])),
+                              tuple(expected["input_size"]), tuple(expected["original_size"]))
+    maps = maps[0].numpy()
+    for i, name in enumerate(MAPS):
+        assert np.abs(maps[i] - expected[f"eval/decoder/{name}"]).max() < 1e-3, name
+    labels = instances_from_maps(*maps)
+    assert n_instances(labels) == n_instances(expected["eval/ais/default"])
+    assert same_assignment(labels, expected["eval/ais/default"]) >= 0.999
+
+
+# -- end to end through our default CPU backend ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_openvino(msdir):
+    from napari_mobilesam.models.registry import load_model
+
+    return load_model("vit_t_lm", msdir / "vit_t.pt", "cpu", backend="openvino", precision="fp32",
+                      decoder=msdir / "vit_t_decoder.pt")
+
+
+def test_ais_end_to_end_with_openvino(lm_openvino, expected):
+    from napari_mobilesam.models.registry import ais_decoder
+    from napari_mobilesam.volume.instance import decoder_maps, instances_from_maps
+
+    assert ais_decoder(lm_openvino).backend_name == "openvino"
+    maps = decoder_maps(lm_openvino, expected["image"])
+    for i, name in enumerate(MAPS):
+        assert np.abs(maps[i] - expected[f"decoder/{name}"]).max() < 5e-3, name
+    labels = instances_from_maps(*maps)
+    want = n_instances(expected["ais/default"])
+    assert abs(n_instances(labels) - want) <= max(1, round(0.02 * want))
+    assert same_assignment(labels, expected["ais/default"]) >= 0.999
+
+
+def test_ais_stack_is_stitched_through_z(lm_openvino, expected):
+    from napari_mobilesam.volume.instance import segment_stack_ais
+
+    image = expected["image"]
+    stack = np.stack([image, image])
+    seen = []
+    out = list(segment_stack_ais(lm_openvino, stack, progress=seen.append))
+    assert seen == [0, 1] and len(out) == 2
+    assert out[0].shape == image.shape and out[0].max() > 0
+    assert np.array_equal(out[0], out[1])  # identical slices keep their ids through z
+    assert same_assignment(out[0], expected["ais/default"]) >= 0.999
+
+
+def test_ais_needs_a_decoder(engine_sam_test):
+    from napari_mobilesam.errors import ModelError
+    from napari_mobilesam.volume.instance import segment_slice_ais
+
+    with pytest.raises(ModelError, match="vit_t_lm"):
+        segment_slice_ais(engine_sam_test, np.zeros((64, 64), np.uint16))
