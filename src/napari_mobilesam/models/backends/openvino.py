@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import state_dict_digest
+from ..checkpoint import file_sha256, state_dict_digest
 from .decoder import _DecoderCore, _dense_tokens, _TokenArrayCache
 from .torch import _part_precisions, fold_batchnorm, split_encoder
 
@@ -31,7 +32,10 @@ __all__ = ["openvino_ir", "OpenVINOEncoder", "OpenVINOMaskDecoder", "OpenVINOAIS
 log = logging.getLogger(__name__)
 
 # Bumped whenever the way we export changes, so old IR in users' caches is not reused.
-_IR_RECIPE = "3"
+_IR_RECIPE = "4"
+# Written beside model.xml/model.bin at conversion: their sizes and SHA-256, checked on reuse.
+_MANIFEST = "manifest.json"
+_IR_FILES = ("model.xml", "model.bin")
 
 
 def _openvino_has_bf16(core) -> bool:
@@ -52,19 +56,58 @@ def _ir_dir(kind: str, digest: str, img_size: int) -> Path:
     return cache_dir() / "openvino" / f"{kind}-{key}"
 
 
+def _write_manifest(folder: Path) -> None:
+    info = {n: {"size": (folder / n).stat().st_size, "sha256": file_sha256(folder / n)}
+            for n in _IR_FILES}
+    (folder / _MANIFEST).write_text(json.dumps(info), encoding="utf-8")
+
+
+def ir_damage(folder: Path) -> str | None:
+    """Why the cached IR in ``folder`` cannot be used (a missing, truncated or altered file, no
+    readable manifest), or None when it is intact."""
+    try:
+        info = json.loads((folder / _MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{_MANIFEST} is missing or unreadable"
+    for name in _IR_FILES:
+        path, want = folder / name, info.get(name) if isinstance(info, dict) else None
+        if not isinstance(want, dict):
+            return f"{_MANIFEST} does not describe {name}"
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want.get("size"):
+            return f"{name} has {size} bytes, {want.get('size')} were written"
+        if file_sha256(path) != want.get("sha256"):
+            return f"{name} was altered (SHA-256 differs from the one written)"
+    return None
+
+
 def openvino_ir(module: nn.Module, kind: str, example, *, img_size: int, input_shapes=None):
     """Path of the OpenVINO IR (``model.xml``) of ``module``, converting it on first use.
 
     The folder name is a hash of ``kind``, the module's weights digest, ``img_size``, the OpenVINO
     version and our export recipe; it is written to a temporary folder and renamed, so concurrent
-    or interrupted conversions never leave a half-written IR. Returns ``(xml_path, converted)``.
+    or interrupted conversions never leave a half-written IR. A cached IR whose files no longer
+    match the sizes and SHA-256 written beside them (truncated ``model.bin``, a file deleted or
+    edited) is reported with a warning naming the folder, removed and converted again. Returns
+    ``(xml_path, converted)``.
     """
-    import openvino as ov
-
     target = _ir_dir(kind, state_dict_digest(module), img_size)
     xml = target / "model.xml"
-    if xml.exists() and (target / "model.bin").exists():
-        return xml, False
+    if target.exists():
+        reason = ir_damage(target)
+        if reason is None:
+            return xml, False
+        log.warning("the cached OpenVINO model in %s is damaged (%s); rebuilding it", target, reason)
+        shutil.rmtree(target, ignore_errors=True)
+    _convert(module, kind, example, target, input_shapes)
+    return xml, True
+
+
+def _convert(module: nn.Module, kind: str, example, target: Path, input_shapes) -> None:
+    import openvino as ov
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -78,15 +121,15 @@ def openvino_ir(module: nn.Module, kind: str, example, *, img_size: int, input_s
             warnings.simplefilter("ignore", FutureWarning)
             ov_model = ov.convert_model(module, **kwargs)
         ov.save_model(ov_model, tmp / "model.xml", compress_to_fp16=False)
+        _write_manifest(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first: use theirs
-            if not xml.exists():
+            if not (target / "model.xml").exists():
                 raise
         log.info("converted %s to OpenVINO in %.1f s: %s", kind, time.perf_counter() - t0, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return xml, True
 
 
 def _compile(xml: Path, precision: str):
@@ -142,7 +185,7 @@ class OpenVINOEncoder(nn.Module):
             self.ir_paths.append(xml)
             self._requests.append(_compile(xml, prec).create_infer_request())
             later_missing = any(
-                not (_ir_dir(f"encoder-{n}", f"{self.weights_digest}:{n}", s) / "model.xml").exists()
+                ir_damage(_ir_dir(f"encoder-{n}", f"{self.weights_digest}:{n}", s)) is not None
                 for n, _ in parts[i + 1 :]
             )
             if later_missing:  # the next part's example input (only needed to convert it)
