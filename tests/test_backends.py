@@ -395,3 +395,27 @@ def test_real_model_torch_fp32_parity(reference_dir):
     ckpt = reference_dir / "mobile_sam_random_weights.pt"
     sam = load_model("vit_t", ckpt, device="cpu", backend="torch", precision="fp32")
     _assert_fp32_parity(*_fixture_run(sam, reference_dir))
+
+
+def test_damaged_cached_ir_is_rebuilt_and_reported(test_sam, fresh_cache, caplog):
+    """#12 item 8: a truncated model.bin in the IR cache is detected, named and rebuilt."""
+    import logging
+
+    from napari_mobilesam.models.backends import OpenVINOEncoder
+
+    first = OpenVINOEncoder(test_sam.image_encoder, "fp32")
+    x = _x(3)
+    want = first(x)
+    assert first.converted
+    folder = first.ir_paths[-1].parent
+    data = (folder / "model.bin").read_bytes()
+    (folder / "model.bin").write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING, logger="napari_mobilesam.models.backends"):
+        again = OpenVINOEncoder(test_sam.image_encoder, "fp32")
+    assert again.converted
+    assert str(folder) in caplog.text and "model.bin" in caplog.text and "damaged" in caplog.text
+    assert (folder / "model.bin").stat().st_size == len(data)
+    assert torch.equal(again(x), want)
+    caplog.clear()
+    third = OpenVINOEncoder(test_sam.image_encoder, "fp32")  # intact now: reused silently
+    assert not third.converted and "damaged" not in caplog.text

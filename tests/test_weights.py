@@ -160,3 +160,33 @@ def test_build_sam_downloads_default_weights_on_first_use(server, cache, referen
     sam2 = build_sam("vit_t")
     assert log == ["/mobile_sam.pt"]
     assert model_identity(sam) == model_identity(sam2)
+
+
+def test_microsam_model_and_decoder_fetched_with_xxh128(server, cache, monkeypatch, reference_dir):
+    """``build_sam("vit_t_lm")`` downloads the model and its AIS decoder, checks their xxh128
+    hashes (as micro-sam publishes them), then reuses both; a forged file is refused."""
+    import pooch
+
+    from napari_mobilesam.models import weights
+    from napari_mobilesam.models.registry import ais_decoder, build_sam
+
+    base, root, log = server
+    ms = reference_dir / "microsam"
+    for name, src in (("vit_t_lm", "vit_t.pt"), ("vit_t_lm_decoder", "vit_t_decoder.pt")):
+        (root / f"{name}.pt").write_bytes((ms / src).read_bytes())
+        digest = pooch.file_hash(str(root / f"{name}.pt"), alg="xxh128")
+        monkeypatch.setitem(weights.WEIGHTS, name, weights.WeightsFile(
+            f"{name}.pt", f"{base}/{name}.pt", "", None, digest))
+    sam = build_sam("vit_t_lm")
+    assert ais_decoder(sam) is not None
+    assert sorted(log) == ["/vit_t_lm.pt", "/vit_t_lm_decoder.pt"]
+    assert (cache / "weights" / "vit_t_lm_decoder.pt.xxh128").exists()
+    build_sam("vit_t_lm")
+    assert len(log) == 2  # reused, no new request
+
+    entry = weights.WEIGHTS["vit_t_lm_decoder"]
+    monkeypatch.setitem(weights.WEIGHTS, "vit_t_lm_decoder", weights.WeightsFile(
+        entry.filename, entry.url, "", None, "0" * 32))
+    (cache / "weights" / "vit_t_lm_decoder.pt").unlink()
+    with pytest.raises(weights.WeightsHashError, match="xxh128"):
+        weights.fetch_weights("vit_t_lm_decoder")

@@ -56,7 +56,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="labels TIFF to write (compressed, uint32, the input's resolution metadata); "
                    "for a folder of stacks, a folder receiving NAME_labels.tif for each NAME.tif")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never done otherwise)")
-    p.add_argument("--model", default="vit_t", help="model name: vit_t (MobileSAM, default), vit_b, vit_l, vit_h, vit_t_test")
+    p.add_argument("--model", default="vit_t",
+                   help="model name: vit_t (MobileSAM, default), vit_t_lm, vit_t_em_organelles, "
+                   "vit_b_lm, vit_b_em_organelles (micro-sam), vit_b, vit_l, vit_h, vit_t_test")
+    p.add_argument("--decoder", default=None, metavar="PATH",
+                   help="micro-sam AIS decoder file (default: the model's own, if any)")
+    p.add_argument("--semantics", default="auto", choices=("auto", "standard", "microsam"),
+                   help="inference semantics (default: the model's; see docs/models.md)")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="weights file (default: the model's downloaded weights)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
@@ -136,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="minimum IoU between slices for one object id")
     auto.add_argument("--stitch-gap", type=int, default=d.stitch_gap,
                       help="slices an object may be missed on and keep its id")
+    auto.add_argument("--center-distance-threshold", type=float, default=0.5,
+                      help="AIS (models with a decoder): seed threshold on centre distances")
+    auto.add_argument("--boundary-distance-threshold", type=float, default=0.5,
+                      help="AIS: seed threshold on boundary distances")
+    auto.add_argument("--foreground-threshold", type=float, default=0.5,
+                      help="AIS: foreground probability threshold")
+    auto.add_argument("--min-size", type=int, default=0, help="AIS: smallest object, in pixels")
 
     dist = sub.add_parser(
         "distill",
@@ -230,6 +243,11 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
     from .batch.api import open_stack
 
     data, meta = open_stack(stack, lazy=not args.eager_read)
+    if isinstance(model, str) and (args.decoder or args.semantics != "auto"):
+        from .models.choice import ModelChoice
+
+        model = ModelChoice.of(model, args.checkpoint, args.device, args.backend, args.precision,
+                               decoder=args.decoder, semantics=args.semantics)
     common = dict(
         model=model, checkpoint=args.checkpoint, device=args.device, backend=args.backend,
         precision=args.precision, z_range=args.z_range, channel_axis=args.channel_axis,
@@ -257,7 +275,12 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
             stitch_gap=args.stitch_gap, max_points=args.max_points,
             points_per_batch=args.points_per_batch,
         )
-        batch.segment_stack_auto(data, params=params, client=client, **common)
+        from .volume.instance import AISParams
+
+        ais = AISParams(center_distance_threshold=args.center_distance_threshold,
+                        boundary_distance_threshold=args.boundary_distance_threshold,
+                        foreground_threshold=args.foreground_threshold, min_size=args.min_size)
+        batch.segment_stack_auto(data, params=params, client=client, ais_params=ais, **common)
     print(f"wrote {out}", file=sys.stderr)
 
 
@@ -289,7 +312,8 @@ def _run(args) -> int:
                     # Many files: load the model once, when the first input has opened.
                     batch.open_stack(stack)
                     model = ModelChoice.of(model, args.checkpoint, args.device, args.backend,
-                                           args.precision).load()
+                                           args.precision, decoder=args.decoder,
+                                           semantics=args.semantics).load()
                 _run_one(args, stack, out, prompts_path, model, client)
             except Exception as exc:  # noqa: BLE001
                 if len(jobs) == 1:

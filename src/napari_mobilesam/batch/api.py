@@ -369,8 +369,13 @@ def segment_stack_auto(
     client: Any = None,
     viewer: Any = None,
     name: str = "mobilesam auto",
+    ais_params: Any = None,
 ):
     """Automatic instance segmentation of a stack, each object keeping one id through z.
+
+    Models with an AIS decoder (micro-sam's ``vit_t_lm``, ...) segment each slice with it
+    (:func:`napari_mobilesam.volume.instance.segment_slice_ais`, parameters ``ais_params``, an
+    ``AISParams``) when run locally; otherwise, and on a dask cluster, the prompt-based mode below.
 
     Each slice: candidate prompts from the image, batched decoding, filtering, NMS (see
     :mod:`napari_mobilesam.volume.automatic`); then labels are stitched slice to slice by optimal IoU
@@ -405,9 +410,17 @@ def segment_stack_auto(
             else:
                 predictor = _make_predictor(model, checkpoint, device, backend, precision, source,
                                             max(int(cache_bytes), MIN_AUTO_CACHE_BYTES))
+                from ..models.registry import ais_decoder
+
+                use_ais = ais_decoder(predictor.sam) is not None  # micro-sam models: their decoder
                 for z in zs:
-                    res = segment_slice(predictor, z, params)
-                    output.put(z, stitcher.add(res.labels))
+                    if use_ais:
+                        from ..volume.instance import segment_slice_ais
+
+                        local = segment_slice_ais(predictor.sam, source.raw(z), ais_params)
+                    else:
+                        local = segment_slice(predictor, z, params).labels
+                    output.put(z, stitcher.add(local))
                     update()
     finally:
         close()

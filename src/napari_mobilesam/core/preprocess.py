@@ -14,7 +14,10 @@ import numpy as np
 from ..errors import InputError
 from ..models.registry import PIXEL_MEAN, PIXEL_STD
 
-__all__ = ["PIXEL_MEAN", "PIXEL_STD", "encoder_size", "input_size_for", "preprocess_rgb"]
+__all__ = [
+    "PIXEL_MEAN", "PIXEL_STD", "encoder_size", "input_size_for", "microsam_rgb", "preprocess_rgb",
+]
+
 
 def encoder_size(sam: Any) -> int:
     """The square input size of ``sam``'s image encoder (1024 for every SAM-family model)."""
@@ -59,3 +62,27 @@ def preprocess_rgb(
     std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).reshape(3, 1, 1)
     x = F.pad((x - mean_t) / std_t, (0, img_size - w, 0, img_size - h))
     return x.contiguous(), (h, w)
+
+
+def microsam_rgb(image: np.ndarray) -> np.ndarray:
+    """micro-sam's conversion of a raw slice to SAM's uint8 RGB (``micro_sam.util._to_image``).
+
+    ``image``: ``(H, W)`` (repeated to 3 channels) or ``(H, W, 3)``, any real dtype. Per channel,
+    in float32: subtract the minimum, divide by (the maximum after that + 1e-7), multiply by 255
+    and truncate to uint8. Returns ``(H, W, 3)`` uint8 — identical to micro-sam's, so the micro-sam
+    models see exactly the input they were trained and evaluated with. (Our default path for
+    MobileSAM maps percentiles instead: :class:`napari_mobilesam.core.source.SliceSource`.)
+    """
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=-1)
+    if a.ndim != 3 or a.shape[-1] != 3 or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise InputError(
+            f"expected an (H, W) or (H, W, 3) numeric image, got shape {a.shape} {a.dtype}"
+        )
+    x = a.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise InputError("the image has NaN or infinite values; replace them (np.nan_to_num) first")
+    x = x - x.min(axis=(0, 1), keepdims=True)
+    x = x / (x.max(axis=(0, 1), keepdims=True) + np.float32(1e-7))
+    return (x * np.float32(255)).astype(np.uint8)

@@ -36,6 +36,8 @@ from ..files import atomic_write
 __all__ = [
     "CheckpointError",
     "read_state_dict",
+    "read_checkpoint",
+    "split_checkpoint",
     "validate_state_dict",
     "save_checkpoint",
     "read_checkpoint_metadata",
@@ -95,16 +97,10 @@ def _listing(keys, limit: int = _MAX_LISTED) -> str:
     return shown + (f" ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a state dict from ``path`` safely (``weights_only=True``, tensors on the CPU).
-
-    Returns ``{name: tensor}`` as stored (dtypes unchanged). Raises :class:`CheckpointError` for a
-    missing file, a file that is not a PyTorch checkpoint, a truncated file, a file that needs
-    arbitrary code to unpickle, or one that holds something other than a state dict.
-    """
+def _torch_load(p: Path) -> Any:
+    """``torch.load(p, weights_only=True)`` on the CPU, failures as :class:`CheckpointError`."""
     import torch
 
-    p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"checkpoint file not found: {p}")
     if p.is_dir():
@@ -113,7 +109,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     if size == 0:
         raise CheckpointError(f"checkpoint file is empty (0 bytes): {p}; download it again")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError...
         text = str(exc)
         msg = text.splitlines()[0].strip() if text else type(exc).__name__
@@ -131,6 +127,31 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             f"cannot read checkpoint {p} ({size} bytes): {reason} ({msg}). "
             "Download it again or point to a valid state dict saved with torch.save."
         ) from exc
+
+
+def _strip_sam_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
+    """micro-sam's rule: a leading ``sam.`` is removed from every key that has one."""
+    return {(k[4:] if k.startswith("sam.") else k): v for k, v in state.items()}
+
+
+def split_checkpoint(obj: Any, source: str = "the checkpoint") -> tuple[dict, dict | None]:
+    """``(SAM state dict, AIS decoder state or None)`` from a loaded checkpoint object.
+
+    Layouts: a plain state dict (``mobile_sam.pt``, micro-sam's ``vit_t.pt``); micro-sam's
+    combined file ``{"model_state": ..., "decoder_state": ..., ...}`` (its fine-tuning and export
+    format; ``sam.`` key prefixes stripped, other entries such as ``optimizer_state`` ignored);
+    ``{"state_dict": ...}`` or ``{"model": ...}`` wrappers.
+    """
+    if isinstance(obj, Mapping) and isinstance(obj.get("model_state"), Mapping):
+        model = _strip_sam_prefix(obj["model_state"])
+        decoder = obj.get("decoder_state")
+        if decoder is not None and not (
+            isinstance(decoder, Mapping) and _looks_like_state_dict(decoder)
+        ):
+            raise CheckpointError(f"{source}: 'decoder_state' is not a state dict of tensors")
+        if not _looks_like_state_dict(model):
+            raise CheckpointError(f"{source}: 'model_state' is not a state dict of tensors")
+        return model, (dict(decoder) if decoder is not None else None)
     if isinstance(obj, Mapping) and not _looks_like_state_dict(obj):
         for wrapper in ("state_dict", "model"):
             inner = obj.get(wrapper)
@@ -139,10 +160,31 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
                 break
     if not isinstance(obj, Mapping) or not _looks_like_state_dict(obj):
         raise CheckpointError(
-            f"{p} holds a {type(obj).__name__}, not a state dict of tensors; save the model "
+            f"{source} holds a {type(obj).__name__}, not a state dict of tensors; save the model "
             "with torch.save(model.state_dict(), path)"
         )
-    return dict(obj)
+    return dict(obj), None
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``(SAM state dict, AIS decoder state or None)`` read safely from ``path``.
+
+    See :func:`split_checkpoint` for the layouts; read with ``weights_only=True``. Errors are
+    :class:`CheckpointError` naming the file and the problem.
+    """
+    p = Path(path).expanduser()
+    return split_checkpoint(_torch_load(p), str(p))
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a state dict from ``path`` safely (``weights_only=True``, tensors on the CPU).
+
+    Returns ``{name: tensor}`` as stored (dtypes unchanged); for micro-sam's combined layout the
+    SAM part (see :func:`read_checkpoint`). Raises :class:`CheckpointError` for a missing file, a
+    file that is not a PyTorch checkpoint, a truncated file, a file that needs arbitrary code to
+    unpickle, or one that holds something other than a state dict.
+    """
+    return read_checkpoint(path)[0]
 
 
 def _looks_like_state_dict(obj: Mapping) -> bool:

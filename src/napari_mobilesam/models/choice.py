@@ -40,6 +40,12 @@ class ModelChoice:
         model exactly as built).
     precision : str
         ``"auto"``, ``"fp32"`` (exact float32), ``"mixed"`` or ``"bf16"``.
+    decoder : str, path, state dict or None
+        An AIS decoder file (micro-sam's ``*_decoder.pt``) replacing the model's own. Empty: the
+        model's published decoder (micro-sam models) or the checkpoint's ``decoder_state``.
+    semantics : str
+        ``"auto"`` (the model's default), ``"standard"`` or ``"microsam"``
+        (see :mod:`napari_mobilesam.models.registry`).
     """
 
     model: str = "vit_t"
@@ -47,10 +53,13 @@ class ModelChoice:
     device: str | None = "auto"
     backend: str = "auto"
     precision: str = "auto"
+    decoder: Any = ""
+    semantics: str = "auto"
 
     @classmethod
     def of(cls, model: Any = "vit_t", checkpoint: Any = None, device: Any = None,
-           backend: str = "auto", precision: str = "auto") -> ModelChoice:
+           backend: str = "auto", precision: str = "auto", *, decoder: Any = None,
+           semantics: str = "auto") -> ModelChoice:
         """A choice from the batch API's loose arguments; ``model`` may already be a choice."""
         if isinstance(model, ModelChoice):
             return model
@@ -61,8 +70,11 @@ class ModelChoice:
             )
         if isinstance(checkpoint, (str, os.PathLike)) and str(checkpoint):
             checkpoint = str(Path(checkpoint).expanduser())
+        if isinstance(decoder, (str, os.PathLike)) and str(decoder):
+            decoder = str(Path(decoder).expanduser())
         return cls(model, checkpoint if checkpoint is not None else "",
-                   "auto" if device is None else str(device), backend, precision)
+                   "auto" if device is None else str(device), backend, precision,
+                   decoder if decoder is not None else "", semantics)
 
     @property
     def has_file(self) -> bool:
@@ -76,9 +88,14 @@ class ModelChoice:
         """
         if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
             raise ModelError("with a dask client, checkpoint must be a file path the workers can read")
+        if self.decoder is not None and not isinstance(self.decoder, (str, os.PathLike)):
+            raise ModelError("with a dask client, decoder must be a file path the workers can read")
+        out = self
+        if isinstance(self.decoder, (str, os.PathLike)) and str(self.decoder):
+            out = replace(out, decoder=str(Path(self.decoder).expanduser().resolve()))
         if not self.has_file:
-            return self
-        return replace(self, checkpoint=str(Path(self.checkpoint).expanduser().resolve()))
+            return out
+        return replace(out, checkpoint=str(Path(self.checkpoint).expanduser().resolve()))
 
     def describe(self) -> str:
         """Short text for messages, e.g. ``"student.pt on cpu"``."""
@@ -94,15 +111,18 @@ class ModelChoice:
                 "no checkpoint file chosen: pick the .pt file in the widget's checkpoint field "
                 "(--checkpoint on the command line, checkpoint= in Python)"
             )
-        from .checkpoint import detect_architecture, read_state_dict
+        from .checkpoint import detect_architecture, read_checkpoint, split_checkpoint
 
         state = self.checkpoint
         if not isinstance(state, dict):
             path = Path(state).expanduser()
             if not path.is_file():
                 raise ModelError(f"checkpoint file not found: {path}")
-            state = read_state_dict(path)
-        return detect_architecture(state) or "vit_t", state
+            model, dec = read_checkpoint(path)
+        else:
+            model, dec = split_checkpoint(state, "the state dict")
+        weights = model if dec is None else {"model_state": model, "decoder_state": dec}
+        return detect_architecture(model) or "vit_t", weights
 
     def load(self):
         """Build the model and apply the backend (slow: seconds; call it off the GUI thread).
@@ -121,10 +141,12 @@ class ModelChoice:
         device = None if self.device in (None, "", "auto") else self.device
         try:
             model, checkpoint = self._weights()
+            extra = {"decoder": self.decoder or None, "semantics": self.semantics}
             if (self.backend == "eager" and device in (None, "cpu")
                     and self.precision in ("auto", "fp32")):
-                return build_sam(model, checkpoint)  # the exact model needs no backend machinery
-            return load_model(model, checkpoint, device, backend=self.backend, precision=self.precision)
+                return build_sam(model, checkpoint, **extra)  # the exact model: no backend machinery
+            return load_model(model, checkpoint, device, backend=self.backend,
+                              precision=self.precision, **extra)
         except ModelError:
             raise
         except (OSError, ConnectionError) as exc:

@@ -10,6 +10,15 @@ Every model is a ``segment_anything.modeling.Sam`` (prompt encoder, mask decoder
 ``image_encoder``), so ``segment_anything.SamPredictor`` drives it unchanged. Inputs are
 ``(B, 3, 1024, 1024)`` float32 and embeddings ``(B, 256, 64, 64)`` float32 for every model.
 
+micro-sam's microscopy generalists (``vit_t_lm``, ``vit_t_em_organelles``: MobileSAM fine-tuned on
+light / electron microscopy; ``vit_b_lm``, ``vit_b_em_organelles``: SAM ViT-B) come with an AIS
+decoder (:mod:`napari_mobilesam.models.ais_decoder`), loaded with the model and returned by
+:func:`ais_decoder`. ``semantics`` chooses between two inference behaviours of the same weights:
+``"microsam"`` (what micro-sam computes: TinyViT's attention biases at zero, the AIS decoder's
+BatchNorm on each call's statistics; the default for micro-sam's models, whose published accuracy
+was measured that way) and ``"standard"`` (the weights as trained: biases on, BatchNorm running
+statistics; the default for MobileSAM and SAM). See docs/models.md.
+
 ``vit_t_test`` is a tiny random encoder with the same module tree and input/output shapes, for fast
 tests only: it is never downloaded and never the default.
 """
@@ -29,10 +38,23 @@ from .checkpoint import state_dict_digest
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
-__all__ = ["MODELS", "ModelSpec", "build_sam", "load_model", "model_identity", "model_info"]
+__all__ = [
+    "MODELS",
+    "SEMANTICS",
+    "ModelSpec",
+    "ais_decoder",
+    "build_sam",
+    "load_model",
+    "model_identity",
+    "model_info",
+]
+
+SEMANTICS = ("auto", "standard", "microsam")
 
 # Attribute set on every Sam we build: {"model": name, "source": where the weights came from}.
 INFO_ATTR = "napari_mobilesam_info"
+# Attribute holding the AIS decoder (an AISDecoder or its OpenVINO wrapper) of a Sam, if any.
+DECODER_ATTR = "napari_mobilesam_decoder"
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,7 @@ class ModelSpec:
     description: str
     builder: Callable[[], Any]
     needs_weights: bool = True
+    semantics: str = "standard"
 
 
 def _sam_parts(encoder, *, decoder_depth: int = 2, mlp_dim: int = 2048, iou_hidden: int = 256):
@@ -107,6 +130,31 @@ MODELS: dict[str, ModelSpec] = {
     "vit_b": ModelSpec("vit_b", "SAM ViT-B (segment-anything)", _build_segment_anything("vit_b")),
     "vit_l": ModelSpec("vit_l", "SAM ViT-L (segment-anything)", _build_segment_anything("vit_l")),
     "vit_h": ModelSpec("vit_h", "SAM ViT-H (segment-anything)", _build_segment_anything("vit_h")),
+    "vit_t_lm": ModelSpec(
+        "vit_t_lm",
+        "micro-sam light microscopy generalist (MobileSAM fine-tuned; cells, nuclei), with AIS",
+        _build_vit_t,
+        semantics="microsam",
+    ),
+    "vit_t_em_organelles": ModelSpec(
+        "vit_t_em_organelles",
+        "micro-sam electron microscopy organelles (MobileSAM fine-tuned; mitochondria, nuclei), "
+        "with AIS",
+        _build_vit_t,
+        semantics="microsam",
+    ),
+    "vit_b_lm": ModelSpec(
+        "vit_b_lm",
+        "micro-sam light microscopy generalist, SAM ViT-B (slower, more accurate), with AIS",
+        _build_segment_anything("vit_b"),
+        semantics="microsam",
+    ),
+    "vit_b_em_organelles": ModelSpec(
+        "vit_b_em_organelles",
+        "micro-sam electron microscopy organelles, SAM ViT-B (slower), with AIS",
+        _build_segment_anything("vit_b"),
+        semantics="microsam",
+    ),
     "vit_t_test": ModelSpec(
         "vit_t_test",
         "tiny random TinyViT for tests (same tree and shapes, not a usable model)",
@@ -122,46 +170,125 @@ def _spec(model: str) -> ModelSpec:
     return MODELS[model]
 
 
-def build_sam(model: str = "vit_t", checkpoint=None, *, seed: int = 0):
+def _read_weights(checkpoint: Any) -> tuple[dict, dict | None, str]:
+    """(SAM state, decoder state or None, source text) from a path or a state dict."""
+    from .checkpoint import read_checkpoint, split_checkpoint
+
+    if isinstance(checkpoint, Mapping):
+        model, dec = split_checkpoint(dict(checkpoint), "the state dict")
+        return model, dec, "state dict"
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path = Path(checkpoint).expanduser()
+        model, dec = read_checkpoint(path)
+        return model, dec, str(path)
+    raise TypeError(
+        f"checkpoint must be a path, a state dict or None, not {type(checkpoint).__name__}"
+    )
+
+
+def _read_decoder(decoder: Any) -> tuple[dict, str]:
+    """An AIS decoder state from a path (plain ``*_decoder.pt`` or a combined file) or a dict."""
+
+    if isinstance(decoder, Mapping):
+        inner = decoder.get("decoder_state")
+        return dict(inner if isinstance(inner, Mapping) else decoder), "decoder state dict"
+    path = Path(decoder).expanduser()
+    model, dec = _read_weights(path)[:2]
+    return (dec if dec is not None else model), f"decoder {path}"
+
+
+def resolve_semantics(model: str, semantics: str = "auto") -> str:
+    """``"standard"`` or ``"microsam"``: what ``semantics="auto"`` means for ``model``."""
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {', '.join(SEMANTICS)}, not {semantics!r}")
+    if semantics != "auto":
+        return semantics
+    return MODELS[model].semantics if model in MODELS else "standard"
+
+
+def _apply_semantics(sam, semantics: str) -> None:
+    """micro-sam semantics: TinyViT's attention biases are zero (micro-sam's mobile_sam builder
+    caches them before the weights load and never refreshes the cache)."""
+    import torch
+
+    if semantics != "microsam":
+        return
+    with torch.no_grad():
+        for name, p in sam.image_encoder.named_parameters():
+            if name.endswith("attention_biases"):
+                p.zero_()
+
+
+def build_sam(
+    model: str = "vit_t",
+    checkpoint=None,
+    *,
+    seed: int = 0,
+    decoder=None,
+    semantics: str = "auto",
+):
     """Build ``model`` as an exact float32 ``Sam`` on the CPU, in eval mode.
 
-    ``checkpoint``: a path to a state dict file, a state dict (name → tensor), or ``None``. ``None``
+    ``checkpoint``: a path to a checkpoint file, a state dict (name → tensor), or ``None``. ``None``
     means the default downloaded weights for real models (fetched into the cache on first use, see
     :mod:`napari_mobilesam.models.weights`) and a random initialisation from ``seed`` for ``vit_t_test``.
+    Files may be plain state dicts or micro-sam's combined layout (``model_state`` with optional
+    ``sam.`` prefixes and ``decoder_state``, see :func:`~napari_mobilesam.models.checkpoint.split_checkpoint`).
     Weights are loaded strictly (every key, every shape); problems raise
     :class:`~napari_mobilesam.models.checkpoint.CheckpointError`. Floating tensors are cast to float32.
+
+    ``decoder``: an AIS decoder file or state dict; replaces the checkpoint's ``decoder_state`` and
+    the model's published decoder (downloaded with the model when ``checkpoint`` is None). The
+    decoder is attached to the model, see :func:`ais_decoder`. ``semantics``: ``"auto"`` (the
+    model's default), ``"standard"`` or ``"microsam"`` (see the module docstring).
     """
     import torch
 
-    from .checkpoint import read_state_dict, validate_state_dict
+    from .checkpoint import validate_state_dict
 
     spec = _spec(model)
+    sem = resolve_semantics(model, semantics)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sam = spec.builder()
     source: str
+    dec_state = None
     if checkpoint is None and spec.needs_weights:
-        from .weights import fetch_weights
+        from .weights import decoder_entry, fetch_weights
 
         checkpoint = fetch_weights(model)
+        if decoder is None and decoder_entry(model) is not None:
+            decoder = fetch_weights(decoder_entry(model))
     if checkpoint is None:
         source = f"random(seed={seed})"
     else:
-        if isinstance(checkpoint, Mapping):
-            state, source = dict(checkpoint), "state dict"
-        elif isinstance(checkpoint, (str, os.PathLike)):
-            path = Path(checkpoint).expanduser()
-            state, source = read_state_dict(path), str(path)
-        else:
-            raise TypeError(
-                f"checkpoint must be a path, a state dict or None, not {type(checkpoint).__name__}"
-            )
+        state, dec_state, source = _read_weights(checkpoint)
         validate_state_dict(state, sam.state_dict(), model=model, source=f"checkpoint {source}")
         sam.load_state_dict(state, strict=True)
+    dec_source = source
+    if decoder is not None and not (isinstance(decoder, str) and not decoder):
+        dec_state, dec_source = _read_decoder(decoder)
     sam.float().eval()
     sam.requires_grad_(False)
-    setattr(sam, INFO_ATTR, {"model": model, "source": source})
+    _apply_semantics(sam, sem)
+    info = {"model": model, "source": source, "semantics": sem}
+    if dec_state is not None:
+        from .ais_decoder import load_ais_decoder
+
+        batchnorm = "batch" if sem == "microsam" else "running"
+        dec = load_ais_decoder(dec_state, batchnorm=batchnorm, source=dec_source)
+        object.__setattr__(sam, DECODER_ATTR, dec)
+        info["decoder"] = dec_source
+    setattr(sam, INFO_ATTR, info)
     return sam
+
+
+def ais_decoder(sam):
+    """The AIS decoder loaded with ``sam`` (see :func:`build_sam`), or None when it has none.
+
+    Call it as ``decoder(embedding)``: ``(1, 256, 64, 64)`` → ``(1, 3, 1024, 1024)`` maps.
+    """
+    return sam.__dict__.get(DECODER_ATTR)
 
 
 def model_info(sam) -> dict[str, str]:
@@ -202,6 +329,8 @@ def load_model(
     backend: str = "auto",
     precision: str = "auto",
     fast_decoder: bool = True,
+    decoder=None,
+    semantics: str = "auto",
 ):
     """Build ``model`` (see :func:`build_sam`) and apply the fastest backend for ``device``.
 
@@ -214,13 +343,17 @@ def load_model(
     every backend; ``backend="eager"`` is the unmodified model. ``fast_decoder=False`` keeps
     segment-anything's own torch mask decoder (by default the CPU runs the same function,
     rearranged to be cheaper, through OpenVINO or torch: see :mod:`napari_mobilesam.models.backends`). Returns a ``Sam`` in eval mode that
-    ``SamPredictor`` can drive; :func:`model_identity` tells what was applied.
+    ``SamPredictor`` can drive; :func:`model_identity` tells what was applied. ``decoder`` and
+    ``semantics``: see :func:`build_sam`; the AIS decoder runs with the same backend as the
+    encoder (float32).
     """
-    from .backends import apply_backend
+    from .backends import apply_backend, apply_decoder_backend
     from .devices import choose_device
 
     dev = choose_device(device)
-    sam = build_sam(model, checkpoint)
-    return apply_backend(
+    sam = build_sam(model, checkpoint, decoder=decoder, semantics=semantics)
+    sam = apply_backend(
         sam, device=dev, backend=backend, precision=precision, fast_decoder=fast_decoder
     )
+    apply_decoder_backend(sam)
+    return sam

@@ -1,4 +1,4 @@
-"""Per-user weights cache and downloads with pinned SHA-256 (pooch).
+"""Per-user weights cache and downloads with pinned hashes (pooch): SHA-256, or xxh128 for micro-sam.
 
 Nothing is downloaded at import: :func:`fetch_weights` runs when a model is built without an
 explicit checkpoint. The cache folder is ``$NAPARI_MOBILESAM_CACHE`` when that variable is set,
@@ -6,6 +6,9 @@ otherwise the platform's user cache (``~/.cache/napari-mobilesam`` on Linux). La
 
     <cache>/weights/mobile_sam.pt          downloaded checkpoints (official file names)
     <cache>/weights/mobile_sam.pt.sha256   "<size> <mtime_ns> <sha256>": skip re-hashing big files
+    <cache>/weights/vit_t_lm.pt            micro-sam's files, named after the model (theirs are all
+    <cache>/weights/vit_t_lm_decoder.pt    "vit_t.pt"); hashes pinned as xxh128, as micro-sam does,
+                                           remembered in "<file>.xxh128" (needs the xxhash package)
     <cache>/openvino/<key>/                converted OpenVINO models (see backends.py)
 
 Downloads go to a temporary file in the same folder and are renamed only after the SHA-256
@@ -32,6 +35,8 @@ __all__ = [
     "weights_path",
     "fetch_weights",
     "verified_sha256",
+    "verified_digest",
+    "decoder_entry",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,12 +46,34 @@ CACHE_ENV = "NAPARI_MOBILESAM_CACHE"
 
 @dataclass(frozen=True)
 class WeightsFile:
-    """A published checkpoint: file name, URL, pinned SHA-256 (hex) and size in bytes (or None)."""
+    """A published checkpoint: file name, URL, pinned SHA-256 (hex) and size in bytes (or None).
+
+    micro-sam publishes xxh128 hashes only: those entries have ``sha256=""`` and ``xxh128`` set.
+    """
 
     filename: str
     url: str
     sha256: str
     size: int | None = None
+    xxh128: str | None = None
+
+    @property
+    def algorithm(self) -> str:
+        return "sha256" if self.sha256 else "xxh128"
+
+    @property
+    def hash_name(self) -> str:
+        """For messages: ``"SHA-256"`` or ``"xxh128"``."""
+        return "SHA-256" if self.sha256 else "xxh128"
+
+    @property
+    def digest(self) -> str:
+        return self.sha256 or (self.xxh128 or "")
+
+    @property
+    def known_hash(self) -> str:
+        """pooch's ``known_hash``: ``"sha256:<hex>"`` or ``"xxh128:<hex>"``."""
+        return f"{self.algorithm}:{self.digest}"
 
 
 _META = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -73,6 +100,31 @@ WEIGHTS: dict[str, WeightsFile] = {
         "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
     ),
 }
+
+# micro-sam's generalist models (BioImage.IO model zoo; URLs and xxh128 hashes as published in
+# micro_sam.util.models(), micro-sam 1.8). "<model>_decoder" is each model's AIS decoder.
+_ZOO = "https://uk1s3.embassy.ebi.ac.uk/public-datasets/bioimage.io/"
+_MICROSAM = {
+    "vit_t_lm": ("faithful-chicken/1.1/files/vit_t", "72ec5074774761a6e5c05a08942f981e",
+                 "3e914a5f397b0312cdd36813031f8823"),
+    "vit_t_em_organelles": ("greedy-whale/1/files/vit_t", "253474720c497cce605e57c9b1d18fd9",
+                            "8f897c7bb93174a4d1638827c4dd6f44"),
+    "vit_b_lm": ("diplomatic-bug/1.2/files/vit_b", "fe9252a29f3f4ea53c15a06de471e186",
+                 "708b15ac620e235f90bb38612c4929ba"),
+    "vit_b_em_organelles": ("noisy-ox/1.2/files/vit_b", "f3bf2ed83d691456bae2c3f9a05fb438",
+                            "bb6398956a6b0132c26b631c14f95ce2"),
+}
+for _name, (_stem, _model_hash, _decoder_hash) in _MICROSAM.items():
+    WEIGHTS[_name] = WeightsFile(f"{_name}.pt", f"{_ZOO}{_stem}.pt", "", None, _model_hash)
+    WEIGHTS[f"{_name}_decoder"] = WeightsFile(
+        f"{_name}_decoder.pt", f"{_ZOO}{_stem}_decoder.pt", "", None, _decoder_hash
+    )
+
+
+def decoder_entry(model: str) -> str | None:
+    """The WEIGHTS key of ``model``'s AIS decoder (``"vit_t_lm_decoder"``), or None if it has none."""
+    key = f"{model}_decoder"
+    return key if key in WEIGHTS else None
 
 
 
@@ -101,23 +153,33 @@ def weights_path(model: str = "vit_t") -> Path:
     return cache_dir() / "weights" / _entry(model).filename
 
 
-def _stamp_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
 def verified_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of ``path``, remembered beside it (keyed by size and mtime) to avoid re-hashing."""
+    return verified_digest(path, "sha256")
+
+
+def _file_digest(p: Path, algorithm: str) -> str:
+    if algorithm == "sha256":
+        return file_sha256(p)
+    import pooch
+
+    return pooch.file_hash(str(p), alg=algorithm)
+
+
+def verified_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest (``"sha256"`` or ``"xxh128"``) of ``path``, remembered beside it in
+    ``<file>.<algorithm>`` (keyed by size and mtime) to avoid re-hashing."""
     p = Path(path)
     st = p.stat()
-    stamp = _stamp_path(p)
+    stamp = p.with_name(f"{p.name}.{algorithm}")
     key = f"{st.st_size} {st.st_mtime_ns}"
     try:
         size, mtime, digest = stamp.read_text().split()
-        if f"{size} {mtime}" == key and len(digest) == 64:
+        if f"{size} {mtime}" == key and len(digest) in (32, 64):
             return digest
     except (OSError, ValueError):
         pass
-    digest = file_sha256(p)
+    digest = _file_digest(p, algorithm)
     try:
         stamp.write_text(f"{key} {digest}\n")
     except OSError:  # read-only location: just don't remember
@@ -128,7 +190,7 @@ def verified_sha256(path: str | os.PathLike) -> str:
 def _advice(entry: WeightsFile, target: Path) -> str:
     size = f", {entry.size:,} bytes" if entry.size else ""
     return (
-        f"Download {entry.filename} ({entry.url}{size}, SHA-256 {entry.sha256}) on a machine "
+        f"Download {entry.filename} ({entry.url}{size}, {entry.hash_name} {entry.digest}) on a machine "
         f"with internet access and put it at {target}, or pass checkpoint='/path/to/"
         f"{entry.filename}' when loading the model. Set {CACHE_ENV} to move the cache folder."
     )
@@ -151,12 +213,13 @@ def fetch_weights(
     """
     entry = _entry(model)
     if url is not None or sha256 is not None:
-        entry = WeightsFile(entry.filename, url or entry.url, sha256 or entry.sha256, None)
+        xxh = None if sha256 else entry.xxh128
+        entry = WeightsFile(entry.filename, url or entry.url, sha256 or entry.sha256, None, xxh)
     target = weights_path(model)
     if target.exists():
-        if verified_sha256(target) == entry.sha256:
+        if verified_digest(target, entry.algorithm) == entry.digest:
             return target
-        log.warning("cached %s has the wrong SHA-256; downloading it again", target)
+        log.warning("cached %s has the wrong %s; downloading it again", target, entry.hash_name)
     import pooch
     import requests
 
@@ -165,7 +228,7 @@ def fetch_weights(
     try:
         path = pooch.retrieve(
             entry.url,
-            known_hash=f"sha256:{entry.sha256}",
+            known_hash=entry.known_hash,
             fname=target.name,
             path=target.parent,
             progressbar=progress,
@@ -175,16 +238,16 @@ def fetch_weights(
         if "hash" not in str(exc).lower():
             raise
         raise WeightsHashError(
-            f"the file downloaded from {entry.url} does not have the pinned SHA-256 "
-            f"{entry.sha256}; it was discarded (nothing was written to {target.parent}). "
+            f"the file downloaded from {entry.url} does not have the pinned {entry.hash_name} "
+            f"{entry.digest}; it was discarded (nothing was written to {target.parent}). "
             + _advice(entry, target)
         ) from exc
     except (requests.exceptions.RequestException, OSError) as exc:
-        state = "has the wrong SHA-256" if target.exists() else "is missing"
+        state = f"has the wrong {entry.hash_name}" if target.exists() else "is missing"
         raise WeightsError(
             f"{model} weights {target} {state} and could not be downloaded from {entry.url} "
             f"({type(exc).__name__}: {exc}). " + _advice(entry, target)
         ) from exc
     path = Path(path)
-    verified_sha256(path)  # remember the hash pooch just checked
+    verified_digest(path, entry.algorithm)  # remember the hash pooch just checked
     return path

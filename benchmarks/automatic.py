@@ -1,0 +1,161 @@
+"""Automatic instance segmentation: micro-sam's AIS (decoder + watershed) against our prompt-based mode.
+
+Prints, from one run, seconds per slice (median of ``--runs`` timed runs after one warm-up) for a
+512×512 slice and a 1024×1024 image:
+
+* ``AIS <backend>``: micro-sam's AIS as we run it — image encoder (our default backend for the
+  CPU: OpenVINO, precision ``auto``), the AIS decoder (OpenVINO float32; torch float32 too with
+  ``--torch-decoder``, with its map difference), and the post-processing (SciPy/scikit-image),
+  each part timed too;
+* ``prompt-based (segment_slice)``: our automatic mode for models without a decoder (candidate
+  points → batched mask decoder → filters → NMS), encoder included, same backend.
+
+micro-sam's own path (eager torch, the same weights) is not run here: it needs micro-sam in a
+separate environment (it pins napari and pulls torch-em, tensorboard, bioimageio). To compare,
+install ``micro_sam`` there and time ``automatic_instance_segmentation(predictor, segmenter, image,
+ndim=2)`` on the same image and weights (``shared/reference/microsam``).
+
+The weights are the micro-sam parity fixture's random weights in micro-sam's ``vit_t_lm`` layout
+(same architecture, same cost as the published model); the images are tiles of the fixture's
+synthetic nuclei image. Run ``python benchmarks/automatic.py [--runs 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from _machine import describe_machine as machine  # noqa: E402 (benchmarks/ is on sys.path)
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+CPU = {}  # name -> median process CPU seconds (all threads), filled by median_s
+
+
+def median_s(fn, runs: int, name: str | None = None) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``runs`` calls after one warm-up; the median
+    process CPU time (all threads) goes to ``CPU[name]``: on a machine shared with other jobs,
+    CPU seconds / cores is the better estimate of the wall time on an idle machine."""
+    fn()  # warm-up (first-use compilation, caches)
+    times, cpu = [], []
+    for _ in range(runs):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    if name is not None:
+        CPU[name] = statistics.median(cpu)
+    return statistics.median(times)
+
+
+def images() -> dict[str, np.ndarray]:
+    big = np.load(REFERENCE / "microsam" / "microsam_expected.npz")["tiled/image"]
+    return {
+        "512x512": np.ascontiguousarray(big[:512, :512]),
+        "1024x1024": np.pad(big, ((0, 0), (0, 124)), mode="reflect")[:1024, :1024],
+    }
+
+
+def ais_parts(sam, image, runs, key):
+    import torch
+
+    from napari_mobilesam.core.preprocess import microsam_rgb, preprocess_rgb
+    from napari_mobilesam.models.ais_decoder import maps_for_image
+    from napari_mobilesam.models.registry import ais_decoder
+    from napari_mobilesam.volume.instance import instances_from_maps, segment_slice_ais
+
+    dec = ais_decoder(sam)
+    rgb = microsam_rgb(image)
+    x, size = preprocess_rgb(rgb, 1024, mean=sam.pixel_mean, std=sam.pixel_std)
+    with torch.inference_mode():
+        emb = sam.image_encoder(x[None])
+        maps = maps_for_image(dec(emb), size, rgb.shape[:2])[0].numpy()
+
+    def enc():
+        with torch.inference_mode():
+            sam.image_encoder(x[None])
+
+    def decode():
+        with torch.inference_mode():
+            dec(emb)
+
+    return {
+        "total": median_s(lambda: segment_slice_ais(sam, image), runs, key),
+        "encoder": median_s(enc, runs),
+        "decoder": median_s(decode, runs),
+        "post-processing": median_s(lambda: instances_from_maps(*maps), runs),
+    }, maps
+
+
+def prompt_mode(sam, image, runs, key) -> float:
+    from napari_mobilesam.core.embeddings import EmbeddingCache
+    from napari_mobilesam.core.predictor import SlicePredictor
+    from napari_mobilesam.core.source import SliceSource
+    from napari_mobilesam.volume.automatic import segment_slice
+
+    source = SliceSource(image[None])
+
+    def run():
+        pred = SlicePredictor(sam, source, EmbeddingCache(sam, max_bytes=0))
+        segment_slice(pred, 0)
+
+    return median_s(run, runs, key)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--torch-decoder", action="store_true", help="also time the torch decoder")
+    ap.add_argument("--sizes", default="512x512,1024x1024")
+    args = ap.parse_args(argv)
+
+    from napari_mobilesam.models.registry import ais_decoder, load_model
+
+    ms = REFERENCE / "microsam"
+    print(machine())
+    print(f"median of {args.runs} runs after one warm-up, seconds per slice\n")
+    sam = load_model("vit_t_lm", ms / "vit_t.pt", "cpu", decoder=ms / "vit_t_decoder.pt")
+    enc = sam.image_encoder
+    label = f"AIS {enc.backend_name} {enc.precision}, decoder {ais_decoder(sam).backend_name}"
+    variants = [(label, sam)]
+    if args.torch_decoder:
+        from napari_mobilesam.models.registry import DECODER_ATTR
+
+        sam_t = load_model("vit_t_lm", ms / "vit_t.pt", "cpu", decoder=ms / "vit_t_decoder.pt")
+        object.__setattr__(sam_t, DECODER_ATTR, ais_decoder(sam_t).torch_decoder)
+        variants.append((f"AIS {enc.backend_name} {enc.precision}, decoder torch fp32", sam_t))
+    rows = []
+    wanted = args.sizes.split(",")
+    for size, image in images().items():
+        if size not in wanted:
+            continue
+        ref_maps = None
+        for name, model in variants:
+            parts, maps = ais_parts(model, image, args.runs, (size, name))
+            err = "" if ref_maps is None else f"  max map diff vs first row {np.abs(maps - ref_maps).max():.1e}"
+            ref_maps = maps if ref_maps is None else ref_maps
+            rows.append((size, name, parts["total"],
+                         "  ".join(f"{k} {v:.2f}" for k, v in parts.items() if k != "total") + err))
+        pname = "prompt-based (segment_slice)"
+        rows.append((size, pname, prompt_mode(sam, image, args.runs, (size, pname)),
+                     "encoder + candidates + mask decoder + filters"))
+    base = {}
+    import os
+
+    print(f"{'image':<10} {'path':<48} {'s/slice':>8} {'vs AIS':>7} {'CPU s':>7}  parts (wall s)")
+    for size, name, total, note in rows:
+        base.setdefault(size, total)
+        cpu = CPU.get((size, name), float("nan"))
+        print(f"{size:<10} {name:<48} {total:8.2f} {total / base[size]:6.2f}x {cpu:7.2f}  {note}")
+    print(f"\nCPU s: process CPU time per slice, all threads; on an idle machine the wall time is "
+          f"at least CPU s / {os.cpu_count()} cores. Load average now: {os.getloadavg()[0]:.1f}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The instance-segmentation (AIS) decoder of micro-sam's microscopy models, written from its spec.
+
+micro-sam (Archit et al., Nature Methods 2025) ships, with each generalist model, a UNETR-style
+decoder (torch_em's ``UNETR`` without its encoder) that maps SAM's image embedding to three maps:
+foreground probability, distance to the object centre and distance to the object boundary. This
+module is our own implementation of that network: its ``state_dict()`` has exactly the keys and
+shapes of micro-sam's ``decoder_state`` (``vit_t_decoder.pt``), so the published files load
+strictly, without micro-sam or torch_em.
+
+Tensors: ``forward(embedding)``: ``(B, 256, 64, 64)`` float32 → ``(B, 3, 1024, 1024)`` float32 in
+[0, 1] (channels: foreground, centre distances, boundary distances), in the encoder's padded
+1024² input frame; :func:`maps_for_image` crops and resizes them to the original image.
+
+Two upsampling variants exist (chosen from the keys, as micro-sam does): ConvTranspose2d(k=2, s=2)
+(``...block.weight``, the published decoders) or bilinear ×2 then a 1×1 conv (``...conv.weight``,
+what recent micro-sam trains). ``batchnorm``: ``"batch"`` normalises the decoder's BatchNorm layers
+with each call's statistics (micro-sam leaves the decoder in training mode, so this is what its
+users get), ``"running"`` uses the stored running statistics (standard inference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError
+
+__all__ = ["AISDecoder", "decoder_variant", "load_ais_decoder", "maps_for_image", "BATCHNORM_MODES"]
+
+BATCHNORM_MODES = ("batch", "running")
+_EPS = 1e-5
+
+
+class _Conv3(nn.Module):
+    """3×3 conv (padding 1) under the attribute name ``block`` (torch_em's layout)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.block = nn.Conv2d(cin, cout, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class ConvBlock(nn.Module):
+    """InstanceNorm → Conv3×3 → ReLU → InstanceNorm → Conv3×3 → ReLU (no affine norms)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.InstanceNorm2d(cin, eps=_EPS),
+            nn.Conv2d(cin, cout, 3, padding=1),
+            nn.ReLU(),
+            nn.InstanceNorm2d(cout, eps=_EPS),
+            nn.Conv2d(cout, cout, 3, padding=1),
+            nn.ReLU(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class Upsampler(nn.Module):
+    """×2 upsampling: ConvTranspose2d(k=2, s=2) (``block``) or bilinear then 1×1 conv (``conv``)."""
+
+    def __init__(self, cin: int, cout: int, transposed: bool) -> None:
+        super().__init__()
+        self.transposed = transposed
+        if transposed:
+            self.block = nn.ConvTranspose2d(cin, cout, 2, stride=2)
+        else:
+            self.conv = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            return self.block(x)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.conv(x)
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose inference statistics are chosen by ``mode`` (see module docstring).
+
+    ``"batch"`` is written with mean/var ops (biased variance over batch and space), which export
+    to OpenVINO as they are; running statistics are never updated.
+    """
+
+    mode = "batch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "running":
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        var = (x - mean).square().mean(dim=(0, 2, 3), keepdim=True)
+        scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
+        return (x - mean) * scale + self.bias.view(1, -1, 1, 1)
+
+
+class Deconv(nn.Module):
+    """Upsampler → Conv3×3 → BatchNorm → ReLU (``block.0`` … ``block.3``)."""
+
+    def __init__(self, cin: int, cout: int, transposed: bool) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            Upsampler(cin, cout, transposed), _Conv3(cout, cout), BatchNorm(cout, eps=_EPS), nn.ReLU()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, features: tuple[int, ...], transposed: bool) -> None:
+        super().__init__()
+        pairs = list(zip(features[:-1], features[1:]))
+        self.blocks = nn.ModuleList(ConvBlock(2 * cout, cout) for _, cout in pairs)
+        self.samplers = nn.ModuleList(Upsampler(cin, cout, transposed) for cin, cout in pairs)
+
+
+def _center_crop_channels(skip: torch.Tensor, channels: int) -> torch.Tensor:
+    """The middle ``channels`` channels of ``skip`` (torch_em crops every non-batch dim)."""
+    start = (skip.shape[1] - channels) // 2
+    return skip[:, start : start + channels]
+
+
+class AISDecoder(nn.Module):
+    """micro-sam's AIS decoder for a 256-channel embedding (every SAM model micro-sam ships).
+
+    ``forward(z)``: ``(B, 256, h, w)`` → ``(B, 3, 16h, 16w)`` sigmoid maps (foreground, centre
+    distances, boundary distances). No skip connections from the image: every "skip" is a
+    deconvolution chain of the embedding, centre-cropped along channels.
+    """
+
+    def __init__(self, transposed: bool = True, embed_dim: int = 256, out_channels: int = 3) -> None:
+        super().__init__()
+        feats = (512, 256, 128, 64)
+        self.transposed = transposed
+        self.base = ConvBlock(embed_dim, feats[0])
+        self.decoder = _Decoder(feats, transposed)
+        self.deconv1 = Deconv(embed_dim, feats[0], transposed)
+        self.deconv2 = Deconv(feats[0], feats[1], transposed)
+        self.deconv3 = Deconv(feats[1], feats[2], transposed)
+        self.deconv4 = Deconv(feats[2], feats[3], transposed)
+        self.deconv_out = Upsampler(feats[3], feats[3], transposed)
+        self.decoder_head = ConvBlock(2 * feats[3], feats[3])
+        self.out_conv = nn.Conv2d(feats[3], out_channels, 1)
+
+    @property
+    def batchnorm(self) -> str:
+        """``"batch"`` (each call's statistics, micro-sam's behaviour) or ``"running"``."""
+        return self.deconv1.block[2].mode
+
+    @batchnorm.setter
+    def batchnorm(self, mode: str) -> None:
+        if mode not in BATCHNORM_MODES:
+            raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, not {mode!r}")
+        for m in self.modules():
+            if isinstance(m, BatchNorm):
+                m.mode = mode
+
+    def forward(self, z12: torch.Tensor) -> torch.Tensor:
+        z9 = self.deconv1(z12)
+        z6 = self.deconv2(z9)
+        z3 = self.deconv3(z6)
+        z0 = self.deconv4(z3)
+        x = self.base(z12)
+        for sampler, block, skip in zip(self.decoder.samplers, self.decoder.blocks, (z9, z6, z3)):
+            x = sampler(x)
+            x = block(torch.cat([x, _center_crop_channels(skip, x.shape[1])], dim=1))
+        x = self.deconv_out(x)
+        x = self.decoder_head(torch.cat([x, z0], dim=1))
+        return torch.sigmoid(self.out_conv(x))
+
+
+def decoder_variant(state: Mapping[str, Any]) -> bool:
+    """True for the ConvTranspose2d variant: some ``decoder.samplers`` key contains ``.block.``
+    (micro-sam's rule); False for the bilinear-interpolation variant."""
+    return any(k.startswith("decoder.samplers") and ".block." in k for k in state)
+
+
+def load_ais_decoder(
+    state: Mapping[str, Any], *, batchnorm: str = "batch", source: str = "decoder state"
+) -> AISDecoder:
+    """An :class:`AISDecoder` (float32, eval mode, no gradients) from micro-sam's ``decoder_state``.
+
+    Strict: every key of the network must be present with its shape (a missing or mis-shaped key
+    raises :class:`CheckpointError` naming it); extra keys are ignored, as micro-sam does.
+    """
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError(f"{source} is not a decoder state dict (name -> tensor)")
+    dec = AISDecoder(transposed=decoder_variant(state))
+    want = dec.state_dict()
+    missing = sorted(set(want) - set(state))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(want[k].shape)})"
+        for k in sorted(set(want) & set(state))
+        if tuple(state[k].shape) != tuple(want[k].shape)
+    ]
+    if missing or shapes:
+        parts = [f"{source} does not match micro-sam's AIS decoder"]
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {', '.join(missing[:8])}")
+        if shapes:
+            parts.append(f"wrong shapes: {'; '.join(shapes[:8])}")
+        raise CheckpointError("; ".join(parts))
+    dec.load_state_dict({k: state[k] for k in want}, strict=True)
+    dec.float().eval().requires_grad_(False)
+    dec.batchnorm = batchnorm
+    return dec
+
+
+def maps_for_image(
+    maps: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> torch.Tensor:
+    """Decoder maps ``(B, 3, S, S)`` in the padded frame → ``(B, 3, H, W)`` of the original image.
+
+    As micro-sam: crop to ``input_size`` (the resized image inside the padding), then bilinear
+    (align_corners=False, no antialias) resize to ``original_size`` (H, W).
+    """
+    h, w = input_size
+    x = maps[..., :h, :w]
+    if (h, w) != tuple(original_size):
+        x = F.interpolate(x, size=tuple(original_size), mode="bilinear", align_corners=False)
+    return x

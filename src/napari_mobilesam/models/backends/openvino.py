@@ -1,0 +1,342 @@
+"""OpenVINO backend (CPU): IR conversion and on-disk cache, :class:`OpenVINOEncoder`,
+:class:`OpenVINOMaskDecoder`.
+
+The IR is kept under ``<cache>/openvino/<kind>-<key>/`` (``key`` from the weights' SHA-256, the
+image size, the OpenVINO version and our export recipe); the precision is applied when compiling,
+so every precision shares one IR.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import file_sha256, state_dict_digest
+from .decoder import _DecoderCore, _dense_tokens, _TokenArrayCache
+from .torch import _part_precisions, fold_batchnorm, split_encoder
+
+__all__ = ["openvino_ir", "OpenVINOEncoder", "OpenVINOMaskDecoder", "OpenVINOAISDecoder"]
+
+log = logging.getLogger(__name__)
+
+# Bumped whenever the way we export changes, so old IR in users' caches is not reused.
+_IR_RECIPE = "4"
+# Written beside model.xml/model.bin at conversion: their sizes and SHA-256, checked on reuse.
+_MANIFEST = "manifest.json"
+_IR_FILES = ("model.xml", "model.bin")
+
+
+def _openvino_has_bf16(core) -> bool:
+    try:
+        return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # noqa: BLE001 - an odd plugin: just don't use bf16
+        return False
+
+
+def _ir_dir(kind: str, digest: str, img_size: int) -> Path:
+    import openvino
+
+    from ..weights import cache_dir
+
+    key = hashlib.sha256(
+        f"{kind}|{digest}|{img_size}|{openvino.__version__}|{_IR_RECIPE}".encode()
+    ).hexdigest()[:24]
+    return cache_dir() / "openvino" / f"{kind}-{key}"
+
+
+def _write_manifest(folder: Path) -> None:
+    info = {n: {"size": (folder / n).stat().st_size, "sha256": file_sha256(folder / n)}
+            for n in _IR_FILES}
+    (folder / _MANIFEST).write_text(json.dumps(info), encoding="utf-8")
+
+
+def ir_damage(folder: Path) -> str | None:
+    """Why the cached IR in ``folder`` cannot be used (a missing, truncated or altered file, no
+    readable manifest), or None when it is intact."""
+    try:
+        info = json.loads((folder / _MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{_MANIFEST} is missing or unreadable"
+    for name in _IR_FILES:
+        path, want = folder / name, info.get(name) if isinstance(info, dict) else None
+        if not isinstance(want, dict):
+            return f"{_MANIFEST} does not describe {name}"
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want.get("size"):
+            return f"{name} has {size} bytes, {want.get('size')} were written"
+        if file_sha256(path) != want.get("sha256"):
+            return f"{name} was altered (SHA-256 differs from the one written)"
+    return None
+
+
+def openvino_ir(module: nn.Module, kind: str, example, *, img_size: int, input_shapes=None):
+    """Path of the OpenVINO IR (``model.xml``) of ``module``, converting it on first use.
+
+    The folder name is a hash of ``kind``, the module's weights digest, ``img_size``, the OpenVINO
+    version and our export recipe; it is written to a temporary folder and renamed, so concurrent
+    or interrupted conversions never leave a half-written IR. A cached IR whose files no longer
+    match the sizes and SHA-256 written beside them (truncated ``model.bin``, a file deleted or
+    edited) is reported with a warning naming the folder, removed and converted again. Returns
+    ``(xml_path, converted)``.
+    """
+    target = _ir_dir(kind, state_dict_digest(module), img_size)
+    xml = target / "model.xml"
+    if target.exists():
+        reason = ir_damage(target)
+        if reason is None:
+            return xml, False
+        log.warning("the cached OpenVINO model in %s is damaged (%s); rebuilding it", target, reason)
+        shutil.rmtree(target, ignore_errors=True)
+    _convert(module, kind, example, target, input_shapes)
+    return xml, True
+
+
+def _convert(module: nn.Module, kind: str, example, target: Path, input_shapes) -> None:
+    import openvino as ov
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        t0 = time.perf_counter()
+        kwargs = {"example_input": example}
+        if input_shapes is not None:
+            kwargs["input"] = input_shapes
+        with torch.no_grad(), warnings.catch_warnings():
+            # tracing fixes the shapes we export for; its warnings say exactly that
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            ov_model = ov.convert_model(module, **kwargs)
+        ov.save_model(ov_model, tmp / "model.xml", compress_to_fp16=False)
+        _write_manifest(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: use theirs
+            if not (target / "model.xml").exists():
+                raise
+        log.info("converted %s to OpenVINO in %.1f s: %s", kind, time.perf_counter() - t0, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _compile(xml: Path, precision: str):
+    import openvino as ov
+
+    core = ov.Core()
+    config = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+    }
+    return core.compile_model(core.read_model(xml), "CPU", config)
+
+
+class OpenVINOEncoder(nn.Module):
+    """Image encoder running through OpenVINO on the CPU.
+
+    ``precision``: ``"fp32"`` (exact to about 1e-5), ``"bf16"`` or ``"mixed"`` (bf16 front, fp32
+    back, see :func:`split_encoder`). The encoder is converted as its parts, each kept as IR in
+    the cache; the precision is applied when compiling, so all precisions share one IR.
+    ``forward(x)``: ``(B, 3, S, S)`` float32 tensor → ``(B, 256, S/16, S/16)`` float32 CPU tensor
+    (images run one at a time). ``torch_encoder`` is the source module (not registered, so it adds
+    nothing to ``state_dict``). ``converted`` tells whether this construction converted anything
+    (first use) or only read cached IR.
+    """
+
+    backend_name = "openvino"
+
+    def __init__(self, encoder: nn.Module, precision: str = "fp32") -> None:
+        super().__init__()
+        import openvino as ov
+
+        if precision not in ("fp32", "bf16", "mixed"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'mixed', not {precision!r}")
+        if precision != "fp32" and not _openvino_has_bf16(ov.Core()):
+            log.warning("this CPU has no bf16 support in OpenVINO; using float32")
+            precision = "fp32"
+        self.precision = precision
+        self.img_size = encoder.img_size
+        self.device = torch.device("cpu")
+        self.weights_digest = state_dict_digest(encoder)
+        object.__setattr__(self, "torch_encoder", encoder)
+        s = encoder.img_size
+        src = fold_batchnorm(copy.deepcopy(encoder).cpu().float())
+        parts = split_encoder(src)
+        self._lock = threading.Lock()
+        self.ir_paths, self._requests, self.converted = [], [], False
+        example = torch.zeros(1, 3, s, s)
+        precisions = _part_precisions(precision, len(parts))
+        for i, ((name, part), prec) in enumerate(zip(parts, precisions)):
+            part.weights_digest = f"{self.weights_digest}:{name}"
+            xml, converted = openvino_ir(part, f"encoder-{name}", example, img_size=s)
+            self.converted |= converted
+            self.ir_paths.append(xml)
+            self._requests.append(_compile(xml, prec).create_infer_request())
+            later_missing = any(
+                ir_damage(_ir_dir(f"encoder-{n}", f"{self.weights_digest}:{n}", s)) is not None
+                for n, _ in parts[i + 1 :]
+            )
+            if later_missing:  # the next part's example input (only needed to convert it)
+                with torch.no_grad():
+                    example = part(example)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.img_size, self.img_size):
+            raise ValueError(
+                f"expected a (B, 3, {self.img_size}, {self.img_size}) tensor, got {tuple(x.shape)}"
+            )
+        x = x.detach().to("cpu", torch.float32)
+        outs = []
+        with self._lock:  # an infer request serves one call at a time
+            for i in range(x.shape[0]):
+                h = x[i : i + 1].contiguous().numpy()
+                for request in self._requests:
+                    request.infer({0: h})
+                    h = request.get_output_tensor(0).data
+                outs.append(torch.from_numpy(h.copy()))
+        return torch.cat(outs).float()
+
+
+class OpenVINOMaskDecoder(nn.Module):
+    """``segment_anything`` ``MaskDecoder`` running through OpenVINO on the CPU (fp32 or bf16).
+
+    Same call as ``MaskDecoder.forward``: ``image_embeddings (1, 256, 64, 64)``, ``image_pe (1, 256,
+    64, 64)``, ``sparse_prompt_embeddings (B, N, 256)``, ``dense_prompt_embeddings (B, 256, 64, 64)``,
+    ``multimask_output`` → ``masks (B, 3 or 1, 256, 256)``, ``iou_pred (B, 3 or 1)`` float32. ``B``
+    and ``N`` are dynamic. Inputs it was not exported for (batched image embeddings, other sizes,
+    gradients) go to the torch decoder (``torch_decoder``).
+
+    The IR computes :func:`fast_predict_masks` on token layouts; the token layout of the image
+    embedding and of the positional encoding is kept between calls while they do not change, and
+    a dense prompt embedding that is one vector broadcast over the pixels (no mask prompt) is
+    passed as that vector.
+    """
+
+    backend_name = "openvino"
+
+    def __init__(
+        self, decoder: nn.Module, precision: str = "fp32", embed_shape=(256, 64, 64)
+    ) -> None:
+        super().__init__()
+        import openvino as ov
+
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
+        if precision == "bf16" and not _openvino_has_bf16(ov.Core()):
+            precision = "fp32"
+        self.precision = precision
+        self.weights_digest = state_dict_digest(decoder)
+        object.__setattr__(self, "torch_decoder", decoder)
+        self.embed_shape = tuple(embed_shape)
+        c, h, w = self.embed_shape
+        core = _DecoderCore(copy.deepcopy(decoder).cpu().float().eval(), h, w)
+        core.weights_digest = self.weights_digest
+        example = (
+            torch.zeros(1, h * w, c),
+            torch.zeros(1, h * w, c),
+            torch.zeros(2, 3, c),
+            torch.zeros(2, h * w, c),
+        )
+        shapes = [
+            ov.PartialShape([1, h * w, c]),
+            ov.PartialShape([1, h * w, c]),
+            ov.PartialShape([-1, -1, c]),
+            ov.PartialShape([-1, -1, c]),
+        ]
+        self.ir_path, self.converted = openvino_ir(
+            core, "decoder", example, img_size=h, input_shapes=shapes
+        )
+        self._compiled = _compile(self.ir_path, precision)
+        self._request = self._compiled.create_infer_request()
+        self._lock = threading.Lock()
+        self._image_tokens = _TokenArrayCache()
+        self._pe_tokens = _TokenArrayCache()
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+    ):
+        usable = (
+            image_embeddings.shape[0] == 1
+            and tuple(image_embeddings.shape[1:]) == self.embed_shape
+            and tuple(image_pe.shape) == (1, *self.embed_shape)
+            and image_embeddings.device.type == "cpu"
+            and not (torch.is_grad_enabled() and sparse_prompt_embeddings.requires_grad)
+            and sparse_prompt_embeddings.shape[1] > 0
+        )
+        if not usable:
+            return self.torch_decoder(
+                image_embeddings,
+                image_pe,
+                sparse_prompt_embeddings,
+                dense_prompt_embeddings,
+                multimask_output,
+            )
+
+        def arr(t):
+            return t.detach().to(torch.float32).contiguous().numpy()
+
+        with self._lock:  # an infer request (and the token caches) serve one call at a time
+            inputs = {
+                0: self._image_tokens.get(image_embeddings),
+                1: self._pe_tokens.get(image_pe),
+                2: arr(sparse_prompt_embeddings),
+                3: arr(_dense_tokens(dense_prompt_embeddings)),
+            }
+            self._request.infer(inputs)
+            masks = torch.from_numpy(self._request.get_output_tensor(0).data.copy())
+            iou = torch.from_numpy(self._request.get_output_tensor(1).data.copy())
+        sel = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, sel], iou[:, sel]
+
+
+class OpenVINOAISDecoder(nn.Module):
+    """micro-sam's AIS decoder (:class:`~napari_mobilesam.models.ais_decoder.AISDecoder`) through
+    OpenVINO on the CPU, float32.
+
+    ``forward(embedding)``: ``(1, 256, 64, 64)`` float32 → ``(1, 3, 1024, 1024)`` float32 CPU
+    tensor, the same function as the torch module (BatchNorm mode included: it is part of the IR
+    key); other shapes and batches go to the torch module (``torch_decoder``, not registered).
+    """
+
+    backend_name = "openvino"
+    precision = "fp32"
+
+    def __init__(self, decoder: nn.Module, embed_shape=(256, 64, 64)) -> None:
+        super().__init__()
+        self.weights_digest = state_dict_digest(decoder)
+        object.__setattr__(self, "torch_decoder", decoder)
+        self.embed_shape = tuple(embed_shape)
+        self.batchnorm = decoder.batchnorm
+        src = copy.deepcopy(decoder).cpu().float().eval()
+        src.weights_digest = self.weights_digest
+        example = torch.zeros(1, *self.embed_shape)
+        self.ir_path, self.converted = openvino_ir(
+            src, f"ais-decoder-{self.batchnorm}", example, img_size=self.embed_shape[-1]
+        )
+        self._request = _compile(self.ir_path, "fp32").create_infer_request()
+        self._lock = threading.Lock()
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        if tuple(embedding.shape) != (1, *self.embed_shape) or embedding.requires_grad:
+            return self.torch_decoder(embedding)
+        x = embedding.detach().to("cpu", torch.float32).contiguous().numpy()
+        with self._lock:
+            self._request.infer({0: x})
+            return torch.from_numpy(self._request.get_output_tensor(0).data.copy())
