@@ -69,7 +69,7 @@ def _from_mapping(objects: Mapping) -> list[ObjectPrompts]:
 
 
 def _checked(o: ObjectPrompts, n: int, shape: tuple[int, int]) -> ObjectPrompts:
-    from ..core.predictor import Prompt
+    from ..core.predictor import as_prompt
 
     label = int(o.label)
     if label <= 0:
@@ -79,14 +79,13 @@ def _checked(o: ObjectPrompts, n: int, shape: tuple[int, int]) -> ObjectPrompts:
         z = int(z)
         if not 0 <= z < n:
             raise PromptError(f"object {label}: prompt on slice {z}, but the stack has {n} slices")
-        if isinstance(p, Mapping):
-            p = Prompt(**p)
-        if not isinstance(p, Prompt):
+        try:
+            prompts[z] = as_prompt(p)
+        except PromptError as e:
             raise PromptError(
                 f"object {label}: the prompt on slice {z} must be a Prompt or a dict of its fields "
-                f"(points, labels, box, mask_input, multimask), got {type(p).__name__}"
-            )
-        prompts[z] = p
+                f"(points, labels, box, mask_input, multimask): {e}"
+            ) from None
     masks = {}
     for z, m in o.masks.items():
         z = int(z)
