@@ -30,7 +30,7 @@ Coordinates: (z, row, col); no napari or Qt here.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,6 +49,7 @@ from .fronts import (
     NEIGHBOUR,
     STACK_END,
     Z_RANGE,
+    Choice,
     Front,
     Neighbours,
     Rules,
@@ -203,7 +204,7 @@ class _Run:
         self.done_z[label].add(z)
 
     def stop(self, f: Front, at_z: int, reason: str) -> None:
-        f.active, f.pending = False, None
+        f.active = False
         self.stops.append(Stop(f.label, f.seed_z, f.direction, f.z, at_z, reason))
 
     def is_cancelled(self) -> bool:
@@ -270,76 +271,62 @@ class _Run:
 
     # -- 3. rounds ---------------------------------------------------------------------------------
     def round(self, prefetch: bool) -> bool:
-        """Advance every active front by one slice (fronts waiting for a neighbour stay). Returns
-        False when nothing is left to do or the run was cancelled."""
+        """Advance every active front by one slice. Returns False when nothing is left to do or
+        the run was cancelled."""
         due: dict[int, list[Front]] = {}
-        waiting: dict[int, list[Front]] = {}
         for f in self.fronts:
             if not f.active:
                 continue
-            if f.pending is not None:
-                waiting.setdefault(f.next_z, []).append(f)
-            elif f.beyond_limit(f.next_z):
+            if f.beyond_limit(f.next_z):
                 self.stop(f, f.next_z, f.limit_reason)
             elif f.next_z in self.done_z[f.label]:
                 self.stop(f, f.next_z, MET)
             else:
                 due.setdefault(f.next_z, []).append(f)
-        if not due and not waiting:
+        if not due:
             return False
         if prefetch and hasattr(self.predictor, "prefetch"):
             order = sorted(due)
             ahead = order[1:] + sorted({f.z + 2 * f.direction for fs in due.values() for f in fs})
             self.predictor.prefetch([z for z in ahead if self.lo_z <= z < self.hi_z])
-        for z in sorted(set(due) | set(waiting)):
-            group = due.get(z, [])
-            if group:
-                if self.is_cancelled():
-                    return False
-                preds: list[Prediction] = self.predictor.predict_many(z, [f.prompt(self.rules) for f in group])
-                for f, pred in zip(group, preds):
-                    f.pending = pred
-            self.resolve(z, [f for f in group + waiting.get(z, []) if not self.must_wait(f, z)])
+        for z in sorted(due):
+            group = [f for f in due[z] if f.active]  # a take-over may have stopped one
+            if not group:
+                continue
+            if self.is_cancelled():
+                return False
+            prompts = [f.prompt(self.rules, self.taken(z, f.label)) for f in group]
+            preds: list[Prediction] = self.predictor.predict_many(z, prompts)
+            self.resolve(z, group, preds)
             if self.progress is not None:
                 self.progress(self.n_done, self.n_done + self.remaining())
         return True
 
-    def must_wait(self, f: Front, z: int) -> bool:
-        """Does ``f``'s candidate on ``z`` lie mostly under the mask of another object's front that
-        is heading to ``z`` (and is not waiting itself)? Then both are decided together there."""
-        c = choose_candidate(f.pending, f, self.rules, None)
-        if c.area == 0:
-            return False
-        for g in self.fronts:
-            if g.label == f.label or not g.heading_to(z) or g.area == 0:
-                continue
-            inter = int(np.count_nonzero(c.mask & g.mask))
-            if inter > self.rules.max_neighbour * min(c.area, g.area):
-                return True
-        return False
+    def taken(self, z: int, label: int) -> np.ndarray | None:
+        """(H, W) bool: pixels of slice ``z`` held by the run's other objects (None: none)."""
+        held = np.isin(self.labels[z], self.run_ids[self.run_ids != label])
+        return held if held.any() else None
 
-    def resolve(self, z: int, group: list[Front]) -> None:
+    def resolve(self, z: int, group: list[Front], preds: list[Prediction]) -> None:
         """Decide the fronts due on slice ``z``: choose each one's candidate, apply the stop rules,
         then let them claim pixels in order of their claim (see the module docstring)."""
-        sl = self.labels[z]
         decided = []
-        for f in group:
-            c = choose_candidate(f.pending, f, self.rules, Neighbours.on(sl, self.run_ids, f.label))
-            decided.append((f, c, stop_reason(c, f, self.rules)))
-        decided.sort(key=lambda t: (t[2] is not None, -t[1].claim))
-        for f, c, reason in decided:
-            written = None
+        for f, pred in zip(group, preds):
+            c = self.choose(z, f, pred)
+            decided.append((f, pred, c, stop_reason(c, f, self.rules)))
+        decided.sort(key=lambda t: (t[3] is not None, -t[2].claim))
+        for f, pred, c, reason in decided:
             if z in self.done_z[f.label]:  # the other side of the same object got here first
                 self.stop(f, z, MET)
                 continue
-            if reason is None:
-                written = self.writable(f.label, z, c.mask)
-                n_written = int(written.sum())
-                lost_to_run = int(np.count_nonzero(c.mask & np.isin(sl, self.run_ids[self.run_ids != f.label])))
-                if lost_to_run > self.rules.max_neighbour * c.area:
+            written = self.writable(f.label, z, c.mask) if reason is None else None
+            if written is not None:
+                sl = self.labels[z]
+                lost = int(np.count_nonzero(c.mask & np.isin(sl, self.run_ids[self.run_ids != f.label])))
+                if lost > self.rules.max_neighbour * c.area:
                     reason = NEIGHBOUR
-                elif n_written < self.rules.min_area:
-                    reason = NEIGHBOUR if lost_to_run else EMPTY
+                elif int(written.sum()) < self.rules.min_area:
+                    reason = NEIGHBOUR if lost else EMPTY
             area = int(written.sum()) if reason is None else c.area
             self.records.append(
                 SliceRecord(f.label, z, f.direction, f.z, reason is None, area, c.score, c.stability,
@@ -350,7 +337,61 @@ class _Run:
                 self.stop(f, z, reason)
                 continue
             self.write(f.label, z, written)
-            f.z, f.mask, f.area, f.low_res, f.pending = z, written, area, f.pending.low_res[c.k], None
+            f.accept(z, written, area, pred.low_res[c.k], len(self.records) - 1, c.claim)
+
+    # -- neighbours --------------------------------------------------------------------------------
+    def choose(self, z: int, f: Front, pred: Prediction) -> Choice:
+        """``f``'s candidate on ``z``, leaving out those that run into another object of the run,
+        unless that object only reached ``z`` as the last slice of a front and ``f``'s claim on it is
+        better: then that slice is taken over (`retract`)."""
+        c = choose_candidate(pred, f, self.rules, self.neighbours(z, f.label))
+        if not c.blocked:
+            return c
+        free = choose_candidate(pred, f, self.rules, None)
+        owners = self.takeable(z, free, f)
+        if not owners:
+            return c
+        for g in owners:
+            self.retract(g, z)
+        return choose_candidate(pred, f, self.rules, self.neighbours(z, f.label))
+
+    def neighbours(self, z: int, label: int) -> Neighbours | None:
+        return Neighbours.on(self.labels[z], self.run_ids, label, self.rules.overwrite)
+
+    def takeable(self, z: int, c: Choice, f: Front) -> list[Front]:
+        """The fronts whose last slice is ``z``, covered by ``c``, with a weaker claim than ``c``
+        (an empty list unless every object ``c`` runs into is such a front)."""
+        nb = self.neighbours(z, f.label)
+        if nb is None or nb.labels is None or c.area == 0:
+            return []
+        ids, inter = np.unique(nb.labels[c.mask], return_counts=True)
+        owners = []
+        for i, n_in in zip(ids.tolist(), inter.tolist()):
+            if i == 0 or n_in <= self.rules.max_neighbour * min(c.area, nb.area(i)):
+                continue
+            g = next((g for g in self.fronts if g.label == i and g.z == z and g.record is not None
+                      and g.z != g.seed_z and not g.retracted), None)
+            if g is None:
+                return []
+            if not c.claim > g.claim:
+                return []
+            owners.append(g)
+        return owners
+
+    def retract(self, g: Front, z: int) -> None:
+        """Take slice ``z`` back from front ``g`` (its last one): erase what it wrote there, mark
+        the record rejected, and stop ``g`` there with ``"neighbour"``."""
+        sl = self.labels[z]
+        sl[g.mask & (sl == g.label)] = 0
+        self.done_z[g.label].discard(z)
+        self.records[g.record] = replace(self.records[g.record], accepted=False, reason=NEIGHBOUR)
+        g.retracted, g.z = True, z - g.direction
+        if g.active:
+            self.stop(g, z, NEIGHBOUR)
+            return
+        for k, s in enumerate(self.stops):
+            if (s.label, s.seed_z, s.direction) == (g.label, g.seed_z, g.direction):
+                self.stops[k] = Stop(g.label, g.seed_z, g.direction, g.z, z, NEIGHBOUR)
 
     def finish(self) -> PropagationResult:
         if self.progress is not None and not self.cancelled:
@@ -405,6 +446,7 @@ def propagate(
     score_weight: float = 3.0,
     stability_weight: float = 1.0,
     max_neighbour: float = 0.5,
+    regrow: float = 1.3,
     prefetch: bool = True,
     progress: Callable[[int, int], Any] | None = None,
     cancel: Callable[[], bool] | None = None,
@@ -449,6 +491,10 @@ def propagate(
         A candidate overlapping another object of this run by more than this fraction of the
         smaller of the two is left out (stop reason ``"neighbour"`` when none is left); a front
         losing more than this fraction of its mask to fronts with a better claim stops too.
+    regrow : float
+        Regrowth rule (stop reason ``"area_change"``): once an object's area has fallen below half
+        its largest, a mask more than ``regrow`` times the previous area belongs to another object
+        touching it in z (0: off).
     prefetch : bool
         Ask the predictor to compute the next slices' embeddings in the background meanwhile (this
         may embed up to one slice per direction beyond where the direction then stops).
@@ -474,8 +520,11 @@ def propagate(
         raise InputError(f"area_ratio must be (low, high) with 0 <= low <= 1 <= high, got {area_ratio}")
     if n_points < 1:
         raise InputError(f"n_points must be >= 1, got {n_points}")
-    rules = Rules(min_score, min_iou, min_overlap, (lo, hi), min_area, n_points, box_margin, use_mask_input,
-                  score_weight, stability_weight, max_neighbour, overwrite)
+    rules = Rules(
+        min_score=min_score, min_iou=min_iou, min_overlap=min_overlap, area_ratio=(lo, hi), min_area=min_area,
+        n_points=n_points, box_margin=box_margin, use_mask_input=use_mask_input, score_weight=score_weight,
+        stability_weight=stability_weight, max_neighbour=max_neighbour, regrow=regrow, overwrite=overwrite,
+    )
     labels = _labels_volume(target, inplace, (n, *shape), max(o.label for o in objs))
     run = _Run(predictor, objs, rules, labels, lo_z, hi_z, progress, cancel)
     run.make_fronts(run.seeds())
