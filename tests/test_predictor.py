@@ -234,3 +234,43 @@ def test_bad_slice_index_and_cache_model(engine_sam_test):
     other.sam = Other()
     with pytest.raises(ValueError, match="another model"):
         SlicePredictor(engine_sam_test, np.zeros((2, 40, 50), np.uint8), cache=other)
+
+
+def test_predict_many_decodes_in_bounded_chunks(engine_sam_test):
+    """Many prompts go through the decoder in chunks of at most ``max_batch`` (memory flat in the
+    number of prompts), in few distinct batch shapes, with the same results as one big call."""
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 60000, size=(2, 64, 80), dtype=np.uint16)
+    pts = rng.uniform([2, 2], [62, 78], size=(13, 2))
+    prompts = [Prompt(points=[p], labels=[1]) for p in pts]
+    big = SlicePredictor(engine_sam_test, img, max_batch=64)
+    small = SlicePredictor(engine_sam_test, img, big.cache, max_batch=4)
+    calls = []
+    orig = engine_sam_test.mask_decoder.forward
+
+    def counting(*a, **k):
+        calls.append(k["sparse_prompt_embeddings"].shape[0])
+        return orig(*a, **k)
+
+    ref = big.predict_many(0, prompts)
+    engine_sam_test.mask_decoder.forward = counting
+    try:
+        chunked = small.predict_many(0, prompts)
+    finally:
+        del engine_sam_test.mask_decoder.forward
+    assert calls == [4, 4, 4, 1]  # full chunks, then powers of two
+    for a, b in zip(ref, chunked):
+        np.testing.assert_allclose(a.iou, b.iou, atol=1e-5)
+        assert np.array_equal(a.masks, b.masks)
+    with pytest.raises(ValueError, match="max_batch"):
+        SlicePredictor(engine_sam_test, img, max_batch=0)
+
+
+def test_prompt_from_clicks_one_click_means_multimask():
+    assert Prompt.from_clicks([[3, 4]]).multimask
+    assert Prompt.from_clicks(None, None, box=[0, 0, 5, 5]).multimask
+    two = Prompt.from_clicks([[3, 4], [5, 6]], [1, 0])
+    assert not two.multimask and two.labels.tolist() == [1, 0]
+    assert not Prompt.from_clicks([[3, 4]], [1], box=[0, 0, 5, 5]).multimask
+    empty = Prompt.from_clicks(np.zeros((0, 2)), [], box=[0, 0, 5, 5])
+    assert empty.points is None and empty.labels is None and empty.multimask

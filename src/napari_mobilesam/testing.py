@@ -6,6 +6,12 @@ under it, taken from a labels volume that is known in advance (e.g. the syntheti
 the interface on machines where the real MobileSAM weights cannot be downloaded. It has the
 ``SlicePredictor`` calls the widget and the engine use: ``source``, ``predict`` and ``predict_many``.
 Coordinates: (z, row, col).
+
+Perturbed oracles stand in for a model that is slightly wrong: ``error="eroded"`` / ``"dilated"``
+answer with the object shrunk / grown by one pixel, ``error="jitter"`` with one of the three at
+random for every answer (±1 px). ``candidates="spread"`` returns three different candidates
+(the answer, it grown by one pixel, it shrunk by one pixel), the answer scored best, to check that
+a candidate choice does not drift to the largest mask.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import time
 from types import SimpleNamespace
 
 import numpy as np
+from scipy import ndimage as ndi
 
 __all__ = ["GroundTruthOracle"]
 
@@ -31,13 +38,30 @@ class GroundTruthOracle:
         Whether ``image`` has a trailing colour axis.
     delay : float
         Seconds slept in every ``predict`` call (to make long runs cancellable in tests).
+    error : {"exact", "eroded", "dilated", "jitter"}
+        The answer's error (see the module docstring); default exact.
+    candidates : {"same", "spread"}
+        Three copies of the answer (default), or the answer, it dilated and it eroded by one pixel
+        with predicted IoUs 0.95, 0.88, 0.88 and stabilities 0.95, 0.9, 0.9.
+    seed : int
+        Seed of the random errors of ``"jitter"``.
 
     Rules: the object is the ground-truth label under the first positive point; without one, the
     label covering most of the box. A negative point on that object cancels it (empty mask).
     """
 
-    def __init__(self, labels: np.ndarray, image, *, rgb: bool | None = None, delay: float = 0.0):
+    ERRORS = ("exact", "eroded", "dilated", "jitter")
+
+    def __init__(self, labels: np.ndarray, image, *, rgb: bool | None = None, delay: float = 0.0,
+                 error: str = "exact", candidates: str = "same", seed: int = 0):
         from .core.source import SliceSource
+
+        if error not in self.ERRORS:
+            raise ValueError(f"error must be one of {self.ERRORS}, got {error!r}")
+        if candidates not in ("same", "spread"):
+            raise ValueError(f"candidates must be 'same' or 'spread', got {candidates!r}")
+        self.error, self.candidates = error, candidates
+        self.rng = np.random.default_rng(seed)
 
         labels = np.asarray(labels)
         self.gt = labels if labels.ndim == 3 else labels[None]
@@ -70,15 +94,29 @@ class GroundTruthOracle:
             time.sleep(self.delay)
         obj = self._object(int(z), points, labels, box)
         mask = (self.gt[z] == obj) if obj else np.zeros(self.gt.shape[1:], bool)
-        k = 3 if multimask else 1
-        score = 0.95 if obj else 0.0
+        mask = self._perturb(mask)
+        score = 0.95 if mask.any() else 0.0
+        if self.candidates == "spread" and multimask:
+            masks = np.stack([mask, ndi.binary_dilation(mask), ndi.binary_erosion(mask)])
+            iou = np.array([score, 0.88 * (score > 0), 0.88 * (score > 0)], np.float32)
+            stability = np.array([score, 0.9 * (score > 0), 0.9 * (score > 0)], np.float32)
+        else:
+            k = 3 if multimask else 1
+            masks, iou, stability = np.repeat(mask[None], k, 0), np.full(k, score, np.float32), np.full(k, score, np.float32)
         return SimpleNamespace(
-            masks=np.repeat(mask[None], k, 0),
-            iou=np.full(k, score, np.float32),
-            stability=np.full(k, score, np.float32),
-            low_res=np.zeros((k, 256, 256), np.float32),
-            best=0,
+            masks=masks, iou=iou, stability=stability,
+            low_res=np.zeros((len(masks), 256, 256), np.float32), best=int(np.argmax(iou)),
         )
+
+    def _perturb(self, mask: np.ndarray) -> np.ndarray:
+        mode = self.error
+        if mode == "jitter":
+            mode = ("eroded", "exact", "dilated")[int(self.rng.integers(3))]
+        if mode == "eroded":
+            return ndi.binary_erosion(mask)
+        if mode == "dilated":
+            return ndi.binary_dilation(mask)
+        return mask
 
     def predict_many(self, z, prompts):
         """Like ``SlicePredictor.predict_many``: one prediction per prompt (a dict or a Prompt)."""

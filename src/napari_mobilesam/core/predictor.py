@@ -22,15 +22,14 @@ import numpy as np
 import torch
 
 from ..errors import PromptError
+from .batching import batch_bounds
 from .embeddings import EmbeddingCache
 from .preprocess import encoder_size, input_size_for
 from .source import SliceSource
 
-__all__ = ["Prompt", "Prediction", "SlicePredictor", "PromptError"]
+__all__ = ["Prompt", "Prediction", "SlicePredictor", "PromptError", "as_prompt"]
 
 LOW_RES = 256
-
-
 
 
 @dataclass
@@ -56,6 +55,16 @@ class Prompt:
     box: Any = None
     mask_input: Any = None
     multimask: bool = True
+
+    @classmethod
+    def from_clicks(cls, points: Any = None, labels: Any = None, box: Any = None) -> Prompt:
+        """A user's prompt: one lone point or box is ambiguous, so it asks for SAM's three
+        candidates (keep `Prediction.best`); more prompt elements ask for the single mask.
+        Empty point arrays become None; ``labels`` default to all positive."""
+        pts = None if points is None or len(points) == 0 else np.asarray(points, float).reshape(-1, 2)
+        lab = None if pts is None else (np.ones(len(pts), int) if labels is None else np.asarray(labels, int))
+        n = (0 if pts is None else len(pts)) + (box is not None)
+        return cls(points=pts, labels=lab, box=box, multimask=n == 1)
 
 
 @dataclass
@@ -124,7 +133,8 @@ def _apply_taps(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> t
     return out
 
 
-def _as_prompt(p: Prompt | dict) -> Prompt:
+def as_prompt(p: Prompt | dict) -> Prompt:
+    """A `Prompt` from a Prompt or a dict of its fields (unknown keys raise `PromptError`)."""
     if isinstance(p, Prompt):
         return p
     if isinstance(p, dict):
@@ -146,9 +156,18 @@ class SlicePredictor:
         The stack; an array is wrapped in ``SliceSource(array)``.
     cache : EmbeddingCache, optional
         Shared embedding cache; default: a new in-memory one for ``sam``.
+    max_batch : int
+        Most prompts decoded in one decoder call (the decoder needs tens of MB per prompt).
     """
 
-    def __init__(self, sam: Any, source: SliceSource | Any, cache: EmbeddingCache | None = None) -> None:
+    max_batch = 16
+
+    def __init__(self, sam: Any, source: SliceSource | Any, cache: EmbeddingCache | None = None,
+                 *, max_batch: int | None = None) -> None:
+        if max_batch is not None:
+            if int(max_batch) < 1:
+                raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+            self.max_batch = int(max_batch)
         self.sam = sam
         # anything with SliceSource's slice interface (e.g. a tile view) is used as it is
         is_source = all(hasattr(source, a) for a in ("rgb", "slice_key", "slice_shape", "n_slices"))
@@ -298,6 +317,34 @@ class SlicePredictor:
         stab = torch.where(lo > 0, hi / lo.clamp(min=1), torch.zeros_like(lo)).numpy().astype(np.float32)
         return masks, stab, (logits.numpy() if full else None)
 
+    def _decode_chunk(self, emb, checked, idx, sig, original, resized, return_logits, out) -> None:
+        """Decode prompts ``idx`` (one structure ``sig``) in one decoder call into ``out``."""
+        n_pts, has_box, has_mask, multi = sig
+        dev = self.device
+        pts_arg = boxes_arg = masks_arg = None
+        if n_pts:
+            c = torch.as_tensor(np.stack([checked[i][0] for i in idx]), dtype=torch.float32, device=dev)
+            lab = torch.as_tensor(np.stack([checked[i][1] for i in idx]), dtype=torch.int64, device=dev)
+            pts_arg = (c, lab)
+        if has_box:
+            boxes_arg = torch.as_tensor(np.stack([checked[i][2] for i in idx]), dtype=torch.float32, device=dev)
+        if has_mask:
+            masks_arg = torch.as_tensor(np.stack([checked[i][3] for i in idx]), device=dev)[:, None]
+        sparse, dense = self.sam.prompt_encoder(points=pts_arg, boxes=boxes_arg, masks=masks_arg)
+        low, iou = self.sam.mask_decoder(
+            image_embeddings=emb.features,
+            image_pe=self._dense_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multi,
+        )
+        low = low.float().cpu()
+        iou = iou.float().cpu()
+        for j, i in enumerate(idx):
+            masks, stab, logits = self._upscale(low[j], original, resized, return_logits)
+            out[i] = Prediction(masks=masks, iou=iou[j].numpy().copy(), stability=stab,
+                                low_res=low[j].numpy().copy(), logits=logits)
+
     # -- prediction -------------------------------------------------------------------------------
     def predict(
         self,
@@ -321,9 +368,11 @@ class SlicePredictor:
         """Masks for several objects on slice ``z``, one `Prediction` per prompt, in order.
 
         Prompts with the same structure (number of points, box or not, mask or not, multimask) share
-        one batched decoder call; results equal one-by-one calls.
+        batched decoder calls of at most ``max_batch`` prompts each (full batches, then decreasing
+        powers of two: few shapes for compiled decoders), so the decoder's memory stays flat
+        whatever the number of prompts; results equal one-by-one calls.
         """
-        prompts = [_as_prompt(p) for p in prompts]
+        prompts = [as_prompt(p) for p in prompts]
         if not prompts:
             return []
         original = self.source.slice_shape
@@ -336,37 +385,8 @@ class SlicePredictor:
             sig = (0 if coords is None else len(coords), box is not None, mask is not None, multi)
             groups.setdefault(sig, []).append(i)
         out: list[Prediction | None] = [None] * len(prompts)
-        pe = self.sam.prompt_encoder
-        dec = self.sam.mask_decoder
-        dev = self.device
         with torch.inference_mode():
-            for (n_pts, has_box, has_mask, multi), idx in groups.items():
-                pts_arg = boxes_arg = masks_arg = None
-                if n_pts:
-                    c = torch.as_tensor(np.stack([checked[i][0] for i in idx]), dtype=torch.float32, device=dev)
-                    lab = torch.as_tensor(np.stack([checked[i][1] for i in idx]), dtype=torch.int64, device=dev)
-                    pts_arg = (c, lab)
-                if has_box:
-                    boxes_arg = torch.as_tensor(np.stack([checked[i][2] for i in idx]), dtype=torch.float32, device=dev)
-                if has_mask:
-                    masks_arg = torch.as_tensor(np.stack([checked[i][3] for i in idx]), device=dev)[:, None]
-                sparse, dense = pe(points=pts_arg, boxes=boxes_arg, masks=masks_arg)
-                low, iou = dec(
-                    image_embeddings=emb.features,
-                    image_pe=self._dense_pe,
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=multi,
-                )
-                low = low.float().cpu()
-                iou = iou.float().cpu()
-                for j, i in enumerate(idx):
-                    masks, stab, logits = self._upscale(low[j], original, resized, return_logits)
-                    out[i] = Prediction(
-                        masks=masks,
-                        iou=iou[j].numpy().copy(),
-                        stability=stab,
-                        low_res=low[j].numpy().copy(),
-                        logits=logits,
-                    )
+            for sig, idx in groups.items():
+                for start, stop in batch_bounds(len(idx), self.max_batch):
+                    self._decode_chunk(emb, checked, idx[start:stop], sig, original, resized, return_logits, out)
         return out  # type: ignore[return-value]

@@ -19,43 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from ..volume.propagation import STOP_REASONS, describe_stops  # noqa: F401  (re-exported)
+
 __all__ = [
     "Session",
     "ObjectPrediction",
     "describe_stops",
 ]
-
-#: Plain-language meaning of the propagation engine's stop reasons.
-STOP_REASONS = {
-    "empty": "the mask vanished",
-    "low_score": "the model was unsure (low predicted IoU)",
-    "low_iou": "the mask changed too much from the slice before",
-    "low_overlap": "the mask jumped away from the previous slice's object",
-    "area_change": "the area changed too much",
-    "z_range": "end of the chosen z-range",
-    "stack_end": "end of the stack",
-    "negative_prompt": "a slice marked with negative points only",
-    "met": "met another part of the same object",
-    "cancelled": "stopped on request (Stop button)",
-    "empty_seed": "the seed prompts gave an empty mask",
-}
-
-
-def describe_stops(result) -> str:
-    """One line per object and direction: where propagation stopped and why.
-
-    ``result`` is a :class:`~napari_mobilesam.volume.propagation.PropagationResult`.
-    """
-    lines = []
-    names = {1: "up (z+)", -1: "down (z-)", 0: "seed"}
-    for stop in sorted(result.stops, key=lambda s: (s.label, s.seed_z, -s.direction)):
-        why = STOP_REASONS.get(stop.reason, stop.reason)
-        lines.append(
-            f"{names.get(stop.direction, stop.direction)} from z={stop.seed_z}: "
-            f"last slice z={stop.last_z}, stopped at z={stop.at_z}: {why}"
-        )
-    return "\n".join(lines)
-
 
 @dataclass(frozen=True)
 class ObjectPrediction:

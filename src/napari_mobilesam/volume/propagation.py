@@ -2,23 +2,21 @@
 
 An object is given by prompts on one or more slices (points, boxes) and/or by existing masks (e.g. a
 label taken from a napari Labels layer, see `objects_from_labels`). From every annotated ("seed")
-slice the object is followed up and down, one slice at a time:
+slice the object is followed up and down, one slice at a time, by a *front* (`volume.fronts`):
+the next slice's prompt comes from the current mask, the best of SAM's three candidates is chosen
+(predicted IoU and stability first, agreement with the previous slice second) and the stop rules
+are applied (see ``STOP_REASONS`` for every reason a direction ends).
 
-1. the next slice's prompts come from the current mask: its bounding box with a margin, positive
-   points deep inside it (maxima of its distance transform), and -- when the current mask came from
-   the model -- the model's own low-res logits as ``mask_input``;
-2. among SAM's three candidate masks the one that best agrees with the current mask (IoU) plus its
-   predicted IoU wins;
-3. the direction stops when the mask is empty or too small, its predicted IoU is below
-   ``min_score``, its IoU or overlap with the previous mask is too low, its area changed by more than
-   ``area_ratio`` allows, at the ``z_range`` limit, at the stack's end, at a slice the user marked
-   with a negative-only prompt, or where it meets slices of the same object done from the other side
-   (between two seeds the gap is filled from both ends, one slice each in turn).
-
-Several objects run together: all objects due on a slice share one embedding and one batched decoder
-call. Masks are written only into background pixels of the output -- never over other objects or
-labels already in ``target`` -- unless ``overwrite=True``. The result holds the labels volume, one
-`SliceRecord` per decoded slice and one `Stop` per direction.
+Objects know their neighbours. All fronts advance together, one slice per round; fronts due on the
+same slice share one embedding and one batched decoder call. A candidate that mostly covers another
+object of the run (already written on that slice) is left out, and when no candidate is left the
+front stops with ``"neighbour"``. A front whose candidate lies mostly under the footprint of
+another object's front that is heading to the same slice waits for it, so that both are decided
+together: fronts on the same slice claim pixels in order of ``Choice.claim`` (agreement with their
+own previous slice plus predicted IoU); a front left with little of its mask stops with
+``"neighbour"``, otherwise it keeps the pixels nobody claimed before it. Existing labels in
+``target`` are never overwritten (unless ``overwrite=True``). Every record's area, every extent and
+every stop equals what is written into the labels volume.
 
 Hooks: ``progress(done, total)`` after each decoded slice (``total`` is an upper bound that shrinks as
 directions stop) and ``cancel()`` checked before each decoder call; a cancelled run returns what it
@@ -31,14 +29,44 @@ Coordinates: (z, row, col); no napari or Qt here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
-from ..core.predictor import Prediction, Prompt
+from ..errors import InputError
+from .fronts import (
+    AREA_CHANGE,
+    CANCELLED,
+    EMPTY,
+    EMPTY_SEED,
+    LOW_IOU,
+    LOW_OVERLAP,
+    LOW_SCORE,
+    MET,
+    NEGATIVE_PROMPT,
+    NEIGHBOUR,
+    STACK_END,
+    Z_RANGE,
+    Choice,
+    Front,
+    Neighbours,
+    Rules,
+    choose_candidate,
+    front_limit,
+    stop_reason,
+)
+from .objects import (
+    ObjectPrompts,
+    as_objects,
+    is_negative_only,
+    objects_from_labels,
+    prompts_from_mask,
+)
+
+if TYPE_CHECKING:
+    from ..core.predictor import Prediction
 
 __all__ = [
     "ObjectPrompts",
@@ -48,40 +76,38 @@ __all__ = [
     "propagate",
     "objects_from_labels",
     "prompts_from_mask",
+    "STOP_REASONS",
+    "describe_stops",
 ]
 
-# Stop reasons (per direction)
-EMPTY = "empty"
-LOW_SCORE = "low_score"
-LOW_IOU = "low_iou"
-LOW_OVERLAP = "low_overlap"
-AREA_CHANGE = "area_change"
-Z_RANGE = "z_range"
-STACK_END = "stack_end"
-NEGATIVE_PROMPT = "negative_prompt"
-MET = "met"
-CANCELLED = "cancelled"
-EMPTY_SEED = "empty_seed"
+#: Plain-language meaning of every stop reason (the codes are defined in `volume.fronts`).
+STOP_REASONS = {
+    EMPTY: "the mask vanished",
+    LOW_SCORE: "the model was unsure (low predicted IoU)",
+    LOW_IOU: "the mask changed too much from the slice before",
+    LOW_OVERLAP: "the mask jumped away from the previous slice's object",
+    AREA_CHANGE: "the area changed too much",
+    NEIGHBOUR: "ran into another object",
+    Z_RANGE: "end of the chosen z-range",
+    STACK_END: "end of the stack",
+    NEGATIVE_PROMPT: "a slice marked with negative points only",
+    MET: "met another part of the same object",
+    CANCELLED: "stopped on request (Stop button)",
+    EMPTY_SEED: "the seed prompts gave an empty mask",
+}
 
 
-@dataclass
-class ObjectPrompts:
-    """One object to propagate.
-
-    Attributes
-    ----------
-    label : int
-        The label id written into the output (> 0).
-    prompts : dict z -> Prompt (or a dict of its fields)
-        Prompts on annotated slices, points in (row, col). A prompt with only negative points (label
-        0), no box and no mask marks a slice the object must not reach: propagation stops before it.
-    masks : dict z -> (H, W) bool
-        Existing masks of the object (e.g. from a Labels layer); kept as they are and used as seeds.
-    """
-
-    label: int
-    prompts: dict[int, Any] = field(default_factory=dict)
-    masks: dict[int, np.ndarray] = field(default_factory=dict)
+def describe_stops(result: PropagationResult) -> str:
+    """One line per object and direction: where propagation stopped and why."""
+    lines = []
+    names = {1: "up (z+)", -1: "down (z-)", 0: "seed"}
+    for stop in sorted(result.stops, key=lambda s: (s.label, s.seed_z, -s.direction)):
+        why = STOP_REASONS.get(stop.reason, stop.reason)
+        lines.append(
+            f"{names.get(stop.direction, stop.direction)} from z={stop.seed_z}: "
+            f"last slice z={stop.last_z}, stopped at z={stop.at_z}: {why}"
+        )
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -146,188 +172,259 @@ class PropagationResult:
         return sorted((r for r in self.records if r.label == label), key=lambda r: r.z)
 
 
-# -- prompts from a mask ----------------------------------------------------------------------------
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
+# -- one run ----------------------------------------------------------------------------------------
+class _Run:
+    """The state of one propagation: the labels volume, records, stops and fronts."""
 
+    def __init__(self, predictor: Any, objs: list[ObjectPrompts], rules: Rules, labels: np.ndarray,
+                 z_lo: int, z_hi: int, progress: Callable | None, cancel: Callable | None) -> None:
+        self.predictor, self.objs, self.rules, self.labels = predictor, objs, rules, labels
+        self.n = int(predictor.source.n_slices)
+        self.lo_z, self.hi_z = z_lo, z_hi
+        self.progress, self.cancel = progress, cancel
+        self.run_ids = np.array(sorted(o.label for o in objs), np.int64)
+        self.records: list[SliceRecord] = []
+        self.stops: list[Stop] = []
+        self.done_z: dict[int, set[int]] = {o.label: set() for o in objs}
+        self.fronts: list[Front] = []
+        self.n_done = 0
+        self.cancelled = False
 
-def prompts_from_mask(
-    mask: np.ndarray,
-    *,
-    n_points: int = 1,
-    box_margin: float = 0.1,
-    min_margin: int = 2,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Box and positive points for the next slice from a (H, W) bool mask.
+    # -- writing and stopping ----------------------------------------------------------------------
+    def writable(self, label: int, z: int, mask: np.ndarray) -> np.ndarray:
+        """The pixels of ``mask`` this object may take on slice ``z``: background and its own, plus
+        existing labels with ``overwrite`` (never another object of this run)."""
+        sl = self.labels[z]
+        if self.rules.overwrite:
+            return mask & ~np.isin(sl, self.run_ids[self.run_ids != label])
+        return mask & ((sl == 0) | (sl == label))
 
-    Returns ``(box, points)``: box (row0, col0, row1, col1) float, the mask's bounding box grown by
-    ``box_margin`` of its size (at least ``min_margin`` pixels) on each side and clipped to the slice;
-    points (n, 2) (row, col): the deepest pixel of the distance transform, then further points far
-    from the ones chosen among pixels at least half as deep. None for an empty mask.
-    """
-    H, W = mask.shape
-    bb = _bbox(mask)
-    if bb is None:
-        return None
-    r0, c0, r1, c1 = bb
-    mr = max(1, min_margin, box_margin * (r1 - r0 + 1))
-    mc = max(1, min_margin, box_margin * (c1 - c0 + 1))
-    box = np.array(
-        [max(0.0, r0 - mr), max(0.0, c0 - mc), min(H - 1.0, r1 + mr), min(W - 1.0, c1 + mc)], float
-    )
-    crop = np.pad(mask[r0 : r1 + 1, c0 : c1 + 1], 1)
-    dt = ndi.distance_transform_edt(crop)
-    flat = int(np.argmax(dt))
-    pr, pc = np.unravel_index(flat, dt.shape)
-    points = [(pr, pc)]
-    if n_points > 1:
-        deep = np.argwhere(dt >= 0.5 * dt.max())
-        d2 = ((deep - np.array([pr, pc])) ** 2).sum(1).astype(float)
-        for _ in range(n_points - 1):
-            if d2.max() <= 0:
+    def write(self, label: int, z: int, mask: np.ndarray) -> None:
+        self.labels[z][mask] = label
+        self.done_z[label].add(z)
+
+    def stop(self, f: Front, at_z: int, reason: str) -> None:
+        f.active = False
+        self.stops.append(Stop(f.label, f.seed_z, f.direction, f.z, at_z, reason))
+
+    def is_cancelled(self) -> bool:
+        if not self.cancelled and self.cancel is not None and bool(self.cancel()):
+            self.cancelled = True
+        return self.cancelled
+
+    # -- 1. seeds ----------------------------------------------------------------------------------
+    def seeds(self) -> dict[int, dict[int, tuple[np.ndarray, np.ndarray | None]]]:
+        """Write every seed: masks as given, prompts decoded (all prompt seeds of a slice in one
+        call; one click is ambiguous, so the candidate with the best predicted IoU,
+        `Prediction.best`). Returns ``{label: {z: (written mask, low-res logits or None)}}``."""
+        seeds: dict[int, dict[int, tuple[np.ndarray, np.ndarray | None]]] = {o.label: {} for o in self.objs}
+        by_z: dict[int, list[tuple[int, Any]]] = {}
+        for o in self.objs:
+            for z, m in o.masks.items():
+                self._check_in_range(o.label, z)
+                self._seed(seeds, o.label, z, m, None, np.nan, np.nan, -1)
+            for z, p in o.prompts.items():
+                if not is_negative_only(p):
+                    self._check_in_range(o.label, z)
+                    by_z.setdefault(z, []).append((o.label, p))
+        for z in sorted(by_z):
+            if self.is_cancelled():
                 break
-            k = int(np.argmax(d2))
-            points.append(tuple(deep[k]))
-            d2 = np.minimum(d2, ((deep - deep[k]) ** 2).sum(1))
-    pts = np.array(points, float) + np.array([r0 - 1, c0 - 1])  # undo crop and padding
-    return box, pts
+            preds = self.predictor.predict_many(z, [p for _, p in by_z[z]])
+            for (label, _), pred in zip(by_z[z], preds):
+                k = pred.best
+                self._seed(seeds, label, z, pred.masks[k], pred.low_res[k], float(pred.iou[k]),
+                           float(pred.stability[k]), k)
+        return seeds
 
+    def _check_in_range(self, label: int, z: int) -> None:
+        if not self.lo_z <= z < self.hi_z:
+            raise InputError(f"object {label}: seed slice {z} lies outside z_range ({self.lo_z}, {self.hi_z})")
 
-def objects_from_labels(
-    labels: np.ndarray, ids: Iterable[int] | None = None, *, zs: Iterable[int] | None = None
-) -> list[ObjectPrompts]:
-    """Objects seeded by existing masks: for each label id, its mask on every slice where it appears.
+    def _seed(self, seeds, label, z, mask, low_res, score, stability, k) -> None:
+        mask = self.writable(label, z, np.asarray(mask, bool))
+        area = int(mask.sum())
+        ok = area >= self.rules.min_area
+        reason = None if ok else EMPTY_SEED
+        self.records.append(SliceRecord(label, z, 0, None, ok, area, score, stability, 1.0, 1.0, k, reason))
+        if ok:
+            self.write(label, z, mask)
+            seeds[label][z] = (mask, low_res)
+        else:
+            self.stops.append(Stop(label, z, 0, z, z, EMPTY_SEED))
 
-    Parameters
-    ----------
-    labels : (Z, H, W) int array (e.g. a napari Labels layer's data)
-    ids : label ids to take (default: every non-zero id present)
-    zs : only take seeds from these slices (default: all)
-    """
-    lab = np.asarray(labels)
-    if lab.ndim != 3:
-        raise ValueError(f"labels must be a (Z, H, W) volume, got shape {lab.shape}")
-    if lab.dtype.kind not in "ui":
-        raise ValueError(f"labels must have an integer dtype, got {lab.dtype}")
-    z_list = range(lab.shape[0]) if zs is None else [int(z) for z in zs]
-    wanted = None if ids is None else {int(i) for i in ids}
-    objs: dict[int, ObjectPrompts] = {}
-    for z in z_list:
-        sl = lab[z]
-        present = np.unique(sl)
-        for i in present:
-            i = int(i)
-            if i <= 0 or (wanted is not None and i not in wanted):
+    # -- 2. fronts ---------------------------------------------------------------------------------
+    def make_fronts(self, seeds) -> None:
+        """Up and down from every seed, each limited by the object's other seeds, its negative-only
+        markers, the z range and the stack."""
+        for o in self.objs:
+            marks = sorted(z for z, p in o.prompts.items() if is_negative_only(p))
+            szs = sorted(seeds[o.label])
+            for z in szs:
+                m, low = seeds[o.label][z]
+                for d in (+1, -1):
+                    limit, why = front_limit(z, d, szs, marks, self.lo_z, self.hi_z, self.n)
+                    self.fronts.append(Front(o.label, z, d, z, limit, why, m, low, int(m.sum())))
+
+    def remaining(self) -> int:
+        return sum(f.remaining() for f in self.fronts)
+
+    # -- 3. rounds ---------------------------------------------------------------------------------
+    def round(self, prefetch: bool) -> bool:
+        """Advance every active front by one slice. Returns False when nothing is left to do or
+        the run was cancelled."""
+        due: dict[int, list[Front]] = {}
+        for f in self.fronts:
+            if not f.active:
                 continue
-            objs.setdefault(i, ObjectPrompts(i)).masks[z] = sl == i
-    if wanted is not None:
-        missing = wanted - set(objs)
-        if missing:
-            raise ValueError(f"label id(s) {sorted(missing)} do not appear in the given slices")
-    return [objs[i] for i in sorted(objs)]
+            if f.beyond_limit(f.next_z):
+                self.stop(f, f.next_z, f.limit_reason)
+            elif f.next_z in self.done_z[f.label]:
+                self.stop(f, f.next_z, MET)
+            else:
+                due.setdefault(f.next_z, []).append(f)
+        if not due:
+            return False
+        if prefetch and hasattr(self.predictor, "prefetch"):
+            order = sorted(due)
+            ahead = order[1:] + sorted({f.z + 2 * f.direction for fs in due.values() for f in fs})
+            self.predictor.prefetch([z for z in ahead if self.lo_z <= z < self.hi_z])
+        for z in sorted(due):
+            group = [f for f in due[z] if f.active]  # a take-over may have stopped one
+            if not group:
+                continue
+            if self.is_cancelled():
+                return False
+            prompts = [f.prompt(self.rules, self.taken(z, f.label)) for f in group]
+            preds: list[Prediction] = self.predictor.predict_many(z, prompts)
+            self.resolve(z, group, preds)
+            if self.progress is not None:
+                self.progress(self.n_done, self.n_done + self.remaining())
+        return True
 
+    def taken(self, z: int, label: int) -> np.ndarray | None:
+        """(H, W) bool: pixels of slice ``z`` held by the run's other objects (None: none)."""
+        held = np.isin(self.labels[z], self.run_ids[self.run_ids != label])
+        return held if held.any() else None
 
-# -- normalisation of the objects argument ----------------------------------------------------------
-def _is_negative_only(p: Prompt) -> bool:
-    if p.box is not None or p.mask_input is not None or p.points is None:
-        return False
-    lab = np.ones(len(np.asarray(p.points).reshape(-1, 2))) if p.labels is None else np.asarray(p.labels)
-    return lab.size > 0 and bool(np.all(lab == 0))
-
-
-def _coerce_objects(objects: Any, n: int, shape: tuple[int, int]) -> list[ObjectPrompts]:
-    if isinstance(objects, ObjectPrompts):
-        objects = [objects]
-    elif isinstance(objects, Mapping):
-        objs = []
-        for label, per_z in objects.items():
-            o = ObjectPrompts(int(label))
-            if not isinstance(per_z, Mapping):
-                raise ValueError(
-                    f"object {label}: expected a dict z -> prompt or mask, got {type(per_z).__name__}"
-                )
-            for z, v in per_z.items():
-                if isinstance(v, np.ndarray) and v.ndim == 2:
-                    o.masks[int(z)] = v
-                else:
-                    o.prompts[int(z)] = v
-            objs.append(o)
-        objects = objs
-    out = []
-    seen = set()
-    for o in objects:
-        if not isinstance(o, ObjectPrompts):
-            raise ValueError(f"objects must be ObjectPrompts (or a dict label -> {{z: prompt}}), got {type(o).__name__}")
-        label = int(o.label)
-        if label <= 0:
-            raise ValueError(f"label ids must be positive integers, got {o.label}")
-        if label in seen:
-            raise ValueError(f"label id {label} is given twice: merge its prompts into one ObjectPrompts")
-        seen.add(label)
-        prompts = {}
-        for z, p in o.prompts.items():
-            z = int(z)
-            if not 0 <= z < n:
-                raise ValueError(f"object {label}: prompt on slice {z}, but the stack has {n} slices")
-            if isinstance(p, Mapping):
-                p = Prompt(**p)
-            if not isinstance(p, Prompt):
-                raise ValueError(
-                    f"object {label}: the prompt on slice {z} must be a Prompt or a dict of its fields "
-                    f"(points, labels, box, mask_input, multimask), got {type(p).__name__}"
-                )
-            prompts[z] = p
-        masks = {}
-        for z, m in o.masks.items():
-            z = int(z)
-            if not 0 <= z < n:
-                raise ValueError(f"object {label}: mask on slice {z}, but the stack has {n} slices")
-            m = np.asarray(m)
-            if m.shape != shape:
-                raise ValueError(f"object {label}: mask on slice {z} has shape {m.shape}, slices are {shape}")
-            masks[z] = m.astype(bool)
-            if not masks[z].any():
-                raise ValueError(f"object {label}: the mask on slice {z} is empty")
-        both = set(prompts) & set(masks)
-        if both:
-            raise ValueError(f"object {label}: slices {sorted(both)} have both a prompt and a mask; give one")
-        positive = [z for z, p in prompts.items() if not _is_negative_only(p)] + list(masks)
-        if not positive:
-            raise ValueError(
-                f"object {label} has no positive prompt or mask: give at least one slice with a positive "
-                "point, a box or a mask (negative-only prompts only mark where to stop)"
+    def resolve(self, z: int, group: list[Front], preds: list[Prediction]) -> None:
+        """Decide the fronts due on slice ``z``: choose each one's candidate, apply the stop rules,
+        then let them claim pixels in order of their claim (see the module docstring)."""
+        decided = []
+        for f, pred in zip(group, preds):
+            c = self.choose(z, f, pred)
+            decided.append((f, pred, c, stop_reason(c, f, self.rules)))
+        decided.sort(key=lambda t: (t[3] is not None, -t[2].claim))
+        for f, pred, c, reason in decided:
+            if z in self.done_z[f.label]:  # the other side of the same object got here first
+                self.stop(f, z, MET)
+                continue
+            written = self.writable(f.label, z, c.mask) if reason is None else None
+            if written is not None:
+                sl = self.labels[z]
+                lost = int(np.count_nonzero(c.mask & np.isin(sl, self.run_ids[self.run_ids != f.label])))
+                if lost > self.rules.max_neighbour * c.area:
+                    reason = NEIGHBOUR
+                elif int(written.sum()) < self.rules.min_area:
+                    reason = NEIGHBOUR if lost else EMPTY
+            area = int(written.sum()) if reason is None else c.area
+            self.records.append(
+                SliceRecord(f.label, z, f.direction, f.z, reason is None, area, c.score, c.stability,
+                            float(c.iou), float(c.overlap), c.k, reason)
             )
-        out.append(ObjectPrompts(label, prompts, masks))
-    if not out:
-        raise ValueError("no objects to propagate: give at least one ObjectPrompts")
-    return out
+            self.n_done += 1
+            if reason is not None:
+                self.stop(f, z, reason)
+                continue
+            self.write(f.label, z, written)
+            f.accept(z, written, area, pred.low_res[c.k], len(self.records) - 1, c.claim)
+
+    # -- neighbours --------------------------------------------------------------------------------
+    def choose(self, z: int, f: Front, pred: Prediction) -> Choice:
+        """``f``'s candidate on ``z``, leaving out those that run into another object of the run,
+        unless that object only reached ``z`` as the last slice of a front and ``f``'s claim on it is
+        better: then that slice is taken over (`retract`)."""
+        c = choose_candidate(pred, f, self.rules, self.neighbours(z, f.label))
+        if not c.blocked:
+            return c
+        free = choose_candidate(pred, f, self.rules, None)
+        owners = self.takeable(z, free, f)
+        if not owners:
+            return c
+        for g in owners:
+            self.retract(g, z)
+        return choose_candidate(pred, f, self.rules, self.neighbours(z, f.label))
+
+    def neighbours(self, z: int, label: int) -> Neighbours | None:
+        return Neighbours.on(self.labels[z], self.run_ids, label, self.rules.overwrite)
+
+    def takeable(self, z: int, c: Choice, f: Front) -> list[Front]:
+        """The fronts whose last slice is ``z``, covered by ``c``, with a weaker claim than ``c``
+        (an empty list unless every object ``c`` runs into is such a front)."""
+        nb = self.neighbours(z, f.label)
+        if nb is None or nb.labels is None or c.area == 0:
+            return []
+        ids, inter = np.unique(nb.labels[c.mask], return_counts=True)
+        owners = []
+        for i, n_in in zip(ids.tolist(), inter.tolist()):
+            if i == 0 or n_in <= self.rules.max_neighbour * min(c.area, nb.area(i)):
+                continue
+            g = next((g for g in self.fronts if g.label == i and g.z == z and g.record is not None
+                      and g.z != g.seed_z and not g.retracted), None)
+            if g is None:
+                return []
+            if not c.claim > g.claim:
+                return []
+            owners.append(g)
+        return owners
+
+    def retract(self, g: Front, z: int) -> None:
+        """Take slice ``z`` back from front ``g`` (its last one): erase what it wrote there, mark
+        the record rejected, and stop ``g`` there with ``"neighbour"``."""
+        sl = self.labels[z]
+        sl[g.mask & (sl == g.label)] = 0
+        self.done_z[g.label].discard(z)
+        self.records[g.record] = replace(self.records[g.record], accepted=False, reason=NEIGHBOUR)
+        g.retracted, g.z = True, z - g.direction
+        if g.active:
+            self.stop(g, z, NEIGHBOUR)
+            return
+        for k, s in enumerate(self.stops):
+            if (s.label, s.seed_z, s.direction) == (g.label, g.seed_z, g.direction):
+                self.stops[k] = Stop(g.label, g.seed_z, g.direction, g.z, z, NEIGHBOUR)
+
+    def finish(self) -> PropagationResult:
+        if self.progress is not None and not self.cancelled:
+            self.progress(self.n_done, self.n_done)
+        for f in self.fronts:
+            if f.active:
+                self.stop(f, f.next_z, CANCELLED)
+        cache = getattr(self.predictor, "cache", None)
+        if cache is not None and hasattr(cache, "cancel_prefetch"):
+            cache.cancel_prefetch()
+        return PropagationResult(self.labels, self.records, self.stops, self.cancelled)
 
 
-# -- the propagation --------------------------------------------------------------------------------
-@dataclass
-class _Front:
-    label: int
-    seed_z: int
-    direction: int
-    z: int  # last accepted slice
-    limit: int  # last slice this front may visit (inclusive)
-    limit_reason: str
-    mask: np.ndarray
-    low_res: np.ndarray | None
-    area: int
-    active: bool = True
+def _labels_volume(target: np.ndarray | None, inplace: bool, shape: tuple[int, ...], max_label: int) -> np.ndarray:
+    """The output volume: ``target`` (checked, copied unless ``inplace``) or a new zero volume."""
+    if target is None:
+        return np.zeros(shape, np.uint16 if max_label <= np.iinfo(np.uint16).max else np.uint32)
+    if tuple(target.shape) != shape:
+        raise InputError(f"target has shape {tuple(target.shape)}, the stack is {shape}")
+    if np.dtype(target.dtype).kind not in "ui":
+        raise InputError(f"target must be an integer labels volume, got dtype {target.dtype}")
+    if max_label > np.iinfo(target.dtype).max:
+        raise InputError(f"label id {max_label} does not fit target dtype {target.dtype}")
+    return target if inplace else np.array(target, copy=True)
 
 
-def _iou_overlap(a: np.ndarray, b: np.ndarray, area_a: int, area_b: int) -> tuple[float, float]:
-    inter = int(np.count_nonzero(a & b))
-    union = area_a + area_b - inter
-    iou = inter / union if union else 0.0
-    small = min(area_a, area_b)
-    return iou, (inter / small if small else 0.0)
+def _z_bounds(z_range: tuple[int, int] | None, n: int) -> tuple[int, int]:
+    if z_range is None:
+        return 0, n
+    lo_z, hi_z = (int(v) for v in z_range)
+    if not (0 <= lo_z < hi_z <= n):
+        raise InputError(f"z_range must be (start, stop) with 0 <= start < stop <= {n}, got {z_range}")
+    return lo_z, hi_z
 
 
 def propagate(
@@ -346,7 +443,10 @@ def propagate(
     n_points: int = 1,
     box_margin: float = 0.1,
     use_mask_input: bool = True,
-    score_weight: float = 1.0,
+    score_weight: float = 3.0,
+    stability_weight: float = 1.0,
+    max_neighbour: float = 0.5,
+    regrow: float = 1.3,
     prefetch: bool = True,
     progress: Callable[[int, int], Any] | None = None,
     cancel: Callable[[], bool] | None = None,
@@ -357,6 +457,7 @@ def propagate(
     ----------
     predictor : SlicePredictor (or anything with ``source`` and ``predict_many``)
     objects : list of ObjectPrompts, one ObjectPrompts, or ``{label: {z: Prompt | dict | (H, W) bool}}``
+        (see `volume.objects.as_objects`)
     z_range : (start, stop), optional
         Only slices ``start <= z < stop`` are visited (like ``range``); seeds must lie inside.
     target : (Z, H, W) int array, optional
@@ -364,7 +465,7 @@ def propagate(
         objects added. Copied unless ``inplace=True``. Default: a new zero volume (uint16, or uint32
         for label ids above 65535).
     overwrite : bool
-        Write masks over non-zero pixels (other objects, existing labels) too.
+        Write masks over existing labels of ``target`` too (never over another object of this run).
     min_score : float
         Stop when the chosen mask's predicted IoU is below this.
     min_iou, min_overlap : float
@@ -382,8 +483,18 @@ def propagate(
         Box margin as a fraction of the mask's size (at least 2 pixels).
     use_mask_input : bool
         Feed the model's low-res logits of the previous slice as ``mask_input``.
-    score_weight : float
-        Candidate choice: maximise IoU-with-previous + ``score_weight`` * predicted IoU.
+    score_weight, stability_weight : float
+        Candidate choice: maximise IoU-with-previous + ``score_weight`` * predicted IoU +
+        ``stability_weight`` * stability (the model's own confidence first, so that a candidate
+        is not chosen for being the largest; agreement with the previous slice breaks ties).
+    max_neighbour : float
+        A candidate overlapping another object of this run by more than this fraction of the
+        smaller of the two is left out (stop reason ``"neighbour"`` when none is left); a front
+        losing more than this fraction of its mask to fronts with a better claim stops too.
+    regrow : float
+        Regrowth rule (stop reason ``"area_change"``): once an object's area has fallen below half
+        its largest, a mask more than ``regrow`` times the previous area belongs to another object
+        touching it in z (0: off).
     prefetch : bool
         Ask the predictor to compute the next slices' embeddings in the background meanwhile (this
         may embed up to one slice per direction beyond where the direction then stops).
@@ -402,204 +513,21 @@ def propagate(
     src = predictor.source
     n = int(src.n_slices)
     shape = tuple(src.slice_shape)
-    objs = _coerce_objects(objects, n, shape)
-    lo_z, hi_z = 0, n
-    if z_range is not None:
-        lo_z, hi_z = (int(v) for v in z_range)
-        if not (0 <= lo_z < hi_z <= n):
-            raise ValueError(f"z_range must be (start, stop) with 0 <= start < stop <= {n}, got {z_range}")
+    objs = as_objects(objects, n, shape)
+    lo_z, hi_z = _z_bounds(z_range, n)
     lo, hi = area_ratio
     if not 0 <= lo <= 1 <= hi:
-        raise ValueError(f"area_ratio must be (low, high) with 0 <= low <= 1 <= high, got {area_ratio}")
+        raise InputError(f"area_ratio must be (low, high) with 0 <= low <= 1 <= high, got {area_ratio}")
     if n_points < 1:
-        raise ValueError(f"n_points must be >= 1, got {n_points}")
-
-    max_label = max(o.label for o in objs)
-    if target is None:
-        labels = np.zeros((n, *shape), np.uint16 if max_label <= np.iinfo(np.uint16).max else np.uint32)
-    else:
-        if tuple(target.shape) != (n, *shape):
-            raise ValueError(f"target has shape {tuple(target.shape)}, the stack is {(n, *shape)}")
-        if np.dtype(target.dtype).kind not in "ui":
-            raise ValueError(f"target must be an integer labels volume, got dtype {target.dtype}")
-        if max_label > np.iinfo(target.dtype).max:
-            raise ValueError(f"label id {max_label} does not fit target dtype {target.dtype}")
-        labels = target if inplace else np.array(target, copy=True)
-
-    records: list[SliceRecord] = []
-    stops: list[Stop] = []
-    done_z: dict[int, set[int]] = {o.label: set() for o in objs}
-
-    def write(label: int, z: int, mask: np.ndarray) -> None:
-        sl = labels[z]
-        if overwrite:
-            sl[mask] = label
-        else:
-            sl[mask & ((sl == 0) | (sl == label))] = label
-
-    def cancelled() -> bool:
-        return cancel is not None and bool(cancel())
-
-    # 1. seeds: masks are taken as given; prompts are decoded (all prompt seeds of a slice together)
-    seeds: dict[int, dict[int, tuple[np.ndarray, np.ndarray | None, int]]] = {o.label: {} for o in objs}
-    markers: dict[int, list[int]] = {o.label: [] for o in objs}
-    by_z: dict[int, list[tuple[int, Prompt]]] = {}
-    for o in objs:
-        for z, m in o.masks.items():
-            if not lo_z <= z < hi_z:
-                raise ValueError(f"object {o.label}: seed slice {z} lies outside z_range {z_range}")
-            area = int(m.sum())
-            seeds[o.label][z] = (m, None, area)
-            records.append(SliceRecord(o.label, z, 0, None, True, area, float("nan"), float("nan"), 1.0, 1.0, -1))
-        for z, p in o.prompts.items():
-            if _is_negative_only(p):
-                markers[o.label].append(z)
-                continue
-            if not lo_z <= z < hi_z:
-                raise ValueError(f"object {o.label}: seed slice {z} lies outside z_range {z_range}")
-            by_z.setdefault(z, []).append((o.label, p))
-
-    is_cancelled = False
-    for z in sorted(by_z):
-        if cancelled():
-            is_cancelled = True
-            break
-        preds = predictor.predict_many(z, [p for _, p in by_z[z]])
-        for (label, _), pred in zip(by_z[z], preds):
-            k = pred.best
-            m = pred.masks[k]
-            area = int(m.sum())
-            ok = area >= min_area
-            records.append(
-                SliceRecord(label, z, 0, None, ok, area, float(pred.iou[k]), float(pred.stability[k]),
-                            1.0, 1.0, k, None if ok else EMPTY_SEED)
-            )
-            if ok:
-                seeds[label][z] = (m, pred.low_res[k], area)
-            else:
-                stops.append(Stop(label, z, 0, z, z, EMPTY_SEED))
-
-    # 2. fronts: up and down from every seed, limited by other seeds, markers, z_range, stack
-    fronts: list[_Front] = []
-    for o in objs:
-        label = o.label
-        for z, (m, low, area) in seeds[label].items():
-            write(label, z, m)
-            done_z[label].add(z)
-        szs = sorted(seeds[label])
-        marks = sorted(markers[label])
-        for z in szs:
-            for d in (+1, -1):
-                if d > 0:
-                    limit, reason = hi_z - 1, (Z_RANGE if hi_z < n else STACK_END)
-                    nxt_mark = [mz for mz in marks if mz > z]
-                    if nxt_mark and nxt_mark[0] - 1 < limit:
-                        limit, reason = nxt_mark[0] - 1, NEGATIVE_PROMPT
-                    nxt_seed = [s for s in szs if s > z]
-                    if nxt_seed and nxt_seed[0] - 1 < limit:
-                        limit, reason = nxt_seed[0] - 1, MET
-                else:
-                    limit, reason = lo_z, (Z_RANGE if lo_z > 0 else STACK_END)
-                    prv_mark = [mz for mz in marks if mz < z]
-                    if prv_mark and prv_mark[-1] + 1 > limit:
-                        limit, reason = prv_mark[-1] + 1, NEGATIVE_PROMPT
-                    prv_seed = [s for s in szs if s < z]
-                    if prv_seed and prv_seed[-1] + 1 > limit:
-                        limit, reason = prv_seed[-1] + 1, MET
-                m, low, area = seeds[label][z]
-                fronts.append(_Front(label, z, d, z, limit, reason, m, low, area))
-
-    def remaining() -> int:
-        return sum(abs(f.limit - f.z) for f in fronts if f.active)
-
-    n_done = 0
-    total = remaining()
-
-    def stop(f: _Front, at_z: int, reason: str) -> None:
-        f.active = False
-        stops.append(Stop(f.label, f.seed_z, f.direction, f.z, at_z, reason))
-
-    # 3. rounds: every active front advances one slice; fronts due on the same slice share a call
-    while not is_cancelled:
-        due: dict[int, list[_Front]] = {}
-        for f in fronts:
-            if not f.active:
-                continue
-            nz = f.z + f.direction
-            if (f.direction > 0 and nz > f.limit) or (f.direction < 0 and nz < f.limit):
-                stop(f, nz, f.limit_reason)
-            elif nz in done_z[f.label]:
-                stop(f, nz, MET)
-            else:
-                due.setdefault(nz, []).append(f)
-        if not due:
-            break
-        order = sorted(due)
-        if prefetch and hasattr(predictor, "prefetch"):
-            ahead = order[1:] + sorted({f.z + 2 * f.direction for fs in due.values() for f in fs})
-            predictor.prefetch([z for z in ahead if lo_z <= z < hi_z])
-        for z in order:
-            if cancelled():
-                is_cancelled = True
-                break
-            group = due[z]
-            prompts = []
-            for f in group:
-                box, pts = prompts_from_mask(f.mask, n_points=n_points, box_margin=box_margin)
-                prompts.append(
-                    Prompt(points=pts, labels=np.ones(len(pts), int), box=box,
-                           mask_input=f.low_res if (use_mask_input and f.low_res is not None) else None,
-                           multimask=True)
-                )
-            preds: list[Prediction] = predictor.predict_many(z, prompts)
-            for f, pred in zip(group, preds):
-                if z in done_z[f.label]:  # the other side got here first in this round
-                    stop(f, z, MET)
-                    continue
-                areas = pred.masks.reshape(len(pred.masks), -1).sum(1)
-                best_k, best_s, best_m = 0, -np.inf, (0.0, 0.0)
-                for k in range(len(pred.masks)):
-                    iou, ov = _iou_overlap(pred.masks[k], f.mask, int(areas[k]), f.area)
-                    s = iou + score_weight * float(pred.iou[k])
-                    if s > best_s:
-                        best_k, best_s, best_m = k, s, (iou, ov)
-                k = best_k
-                m = pred.masks[k]
-                area = int(areas[k])
-                iou, ov = best_m
-                ratio = area / f.area if f.area else np.inf
-                reason = None
-                if area < min_area:
-                    reason = EMPTY
-                elif float(pred.iou[k]) < min_score:
-                    reason = LOW_SCORE
-                elif ov < min_overlap:
-                    reason = LOW_OVERLAP
-                elif iou < min_iou:
-                    reason = LOW_IOU
-                elif not lo <= ratio <= hi:
-                    reason = AREA_CHANGE
-                records.append(
-                    SliceRecord(f.label, z, f.direction, f.z, reason is None, area, float(pred.iou[k]),
-                                float(pred.stability[k]), float(iou), float(ov), k, reason)
-                )
-                n_done += 1
-                if reason is not None:
-                    stop(f, z, reason)
-                    continue
-                write(f.label, z, m)
-                done_z[f.label].add(z)
-                f.z, f.mask, f.low_res, f.area = z, m, pred.low_res[k], area
-            if progress is not None:
-                total = n_done + remaining()
-                progress(n_done, total)
-    if progress is not None and not is_cancelled and total != n_done:
-        progress(n_done, n_done)  # fronts that met in a gap: the bound was not reached
-    if is_cancelled:
-        for f in fronts:
-            if f.active:
-                stop(f, f.z + f.direction, CANCELLED)
-    if hasattr(predictor, "cache") and hasattr(predictor.cache, "cancel_prefetch"):
-        predictor.cache.cancel_prefetch()
-    return PropagationResult(labels, records, stops, is_cancelled)
-
+        raise InputError(f"n_points must be >= 1, got {n_points}")
+    rules = Rules(
+        min_score=min_score, min_iou=min_iou, min_overlap=min_overlap, area_ratio=(lo, hi), min_area=min_area,
+        n_points=n_points, box_margin=box_margin, use_mask_input=use_mask_input, score_weight=score_weight,
+        stability_weight=stability_weight, max_neighbour=max_neighbour, regrow=regrow, overwrite=overwrite,
+    )
+    labels = _labels_volume(target, inplace, (n, *shape), max(o.label for o in objs))
+    run = _Run(predictor, objs, rules, labels, lo_z, hi_z, progress, cancel)
+    run.make_fronts(run.seeds())
+    while not run.cancelled and run.round(prefetch):
+        pass
+    return run.finish()
