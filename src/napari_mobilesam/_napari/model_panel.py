@@ -67,6 +67,8 @@ class ModelPanel:
         self.combo.tooltip = "Which weights segment: the default MobileSAM, or a .pt file of yours"
         self.checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.pt *.pth *.pth.tar")
         self.checkpoint.tooltip = "The MobileSAM / distilled checkpoint file (.pt) to load"
+        self.checkpoint.line_edit.tooltip = self.checkpoint.tooltip
+        self.checkpoint.choose_btn.tooltip = "Browse for the checkpoint file"
         self.device = ComboBox(label="device", choices=device_choices())
         self.device.tooltip = "Where the model runs: auto picks a GPU when there is one"
         self.load_btn = PushButton(text="Load model")
