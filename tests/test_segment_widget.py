@@ -138,12 +138,13 @@ def test_layer_helpers_respect_scale_translate_and_keep_existing():
     points.add(points.world_to_data(image.data_to_world([3, 5, 5])))
     points.add(points.world_to_data(image.data_to_world([1, 5, 5])))
     boxes.add_rectangles(np.array([[3, 2, 4], [3, 2, 14], [3, 12, 14], [3, 12, 4]], float))
-    p = pl.slice_prompts(image, 3, points, boxes)
+    prompts = pl.layer_prompts(image, points, boxes)  # the engine's prompt types
+    p = pl.slice_prompt(prompts, 3)
     np.testing.assert_allclose(p.points, [[20, 30], [5, 5]], atol=1e-6)
     assert p.labels.tolist() == [1, 0]
     np.testing.assert_allclose(p.box, [2, 4, 12, 14])
-    assert pl.slice_prompts(image, 2, points, boxes).empty
-    assert list(pl.negative_only_slices(image, points, boxes)) == [1]
+    assert pl.slice_prompt(prompts, 2) is None
+    assert list(pl.negative_only_slices(pl.object_prompts(prompts))) == [1]
 
     labels = pl.make_target_layer(image)
     assert labels.data.shape == (5, 40, 50) and labels.data.dtype == np.uint32

@@ -1,239 +1,257 @@
-"""The segmentation widget's long operations: propagation through z and automatic segmentation.
+"""The Segment widget's long operations: one background task at a time, with Stop and Cancel.
 
-:class:`LongTasksMixin` is part of :class:`~napari_mobilesam._napari.segment_widget.SegmentWidget`
-(kept in its own module to keep both files short). Each operation runs in a worker
-(:func:`~napari_mobilesam._napari.workers.start_task`) with progress in napari's activity dock and
-the widget's Cancel button; one runs at a time; a cancelled run writes nothing; a finished one is
-written into the target Labels layer as one undo step. A propagation can also be stopped (the
-widget's Stop button): it ends at once and the slices done so far are written, as one undo step.
+:class:`LongTaskRunner` owns the running task, the volume it fills as it goes (``live``, shown on
+the slice in view) and the Stop/Cancel buttons. It knows nothing of the widget: the widget passes
+callbacks. Each task runs in a worker (:func:`~napari_mobilesam._napari.workers.start_task`) with
+progress in napari's activity dock; a cancelled run writes nothing; Stop ends a propagation at once
+and the slices done so far are written. After :meth:`LongTaskRunner.close` (the dock was closed)
+no callback of a task reaches the widget again: nothing is written, no deleted button is touched.
+
+The propagation runs themselves (what to propagate, how the result is written and reported) are
+:class:`PropagationRun` values and the functions below.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from napari.layers import Labels
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from ..core.session import describe_stops
+import numpy as np
+
+from ..core.session import STOP_REASONS
 from . import prompt_layers as pl
 from .workers import Task, start_task
 
-__all__ = ["LongTasksMixin"]
+__all__ = [
+    "LongTaskRunner",
+    "PropagationRun",
+    "write_propagation",
+    "describe_propagation",
+    "parse_ids",
+    "label_run",
+]
 
 
-class LongTasksMixin:
-    """Propagation, automatic segmentation and cancel for the segmentation widget.
+class LongTaskRunner:
+    """Runs one long task at a time and drives the Stop/Cancel buttons.
 
-    Uses the widget's state: ``_image``, ``_points``, ``_boxes``, ``_session``, ``_sam``,
-    ``_long_task``, the z-range and target controls, and its preview/commit helpers.
+    Parameters
+    ----------
+    cancel_btn, stop_btn : magicgui PushButton
+    on_status : callable(text)
+        Shows a line in the widget's status.
+    on_error : callable(exc, doing)
+        Reports a failed task.
+    on_live : callable()
+        Called on the GUI thread after each progress step while a ``live`` volume is filled.
+    on_live_end : callable()
+        Called when the task that filled the live volume ends.
     """
 
-    def _start_long(
-        self, fn, description: str, total: int, on_result, *, stoppable: bool = False, live=None
+    def __init__(self, cancel_btn, stop_btn, *, on_status, on_error, on_live, on_live_end):
+        self._cancel_btn = cancel_btn
+        self._stop_btn = stop_btn
+        self._on_status = on_status
+        self._on_error = on_error
+        self._on_live = on_live
+        self._on_live_end = on_live_end
+        self.task: Task | None = None
+        self.live: np.ndarray | None = None
+        self.doing = ""  # e.g. "propagating from slice 4", while a task runs
+        self.closed = False
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done
+
+    def start(
+        self, fn, doing: str, total: int, on_result: Callable[[Any], None], *,
+        stoppable: bool = False, live: np.ndarray | None = None,
     ) -> Task | None:
-        """Run ``fn`` as the widget's long task. ``live``: the volume it fills as it goes, shown
-        in the preview layer on the slice in view while it runs."""
-        if self._long_task is not None and not self._long_task.done:
-            self._info("Another MobileSAM task is running: wait for it or press Cancel.")
+        """Run ``fn(report, cancelled)`` as the long task; None when another one still runs.
+
+        ``live``: the volume ``fn`` fills as it goes, shown on the slice in view meanwhile.
+        """
+        if self.running:
+            self._on_status(f"Still {self.doing}: wait for it, or press Stop or Cancel.")
             return None
-
-        def finished():
-            self._cancel_btn.enabled = False
-            self._stop_btn.enabled = False
-            if self._live is live:
-                self._live = None
-                if self._preview_kind == "live":
-                    self._clear_preview_state()
-
         self._cancel_btn.enabled = True
         self._stop_btn.enabled = stoppable
-        self._live = live
-        self._long_task = start_task(
+        self.live, self.doing = live, doing
+        self.task = start_task(
             fn,
-            description=description,
+            description=f"MobileSAM: {doing}",
             total=total,
-            on_result=on_result,
-            on_error=lambda exc: self._report(exc, description[len("MobileSAM: "):]),
-            on_finished=finished,
-            on_progress=None if live is None else (lambda done, total: self._show_live()),
+            on_result=lambda result: None if self.closed else on_result(result),
+            on_error=lambda exc: None if self.closed else self._on_error(exc, doing),
+            on_finished=lambda: self._finished(live),
+            on_progress=None if live is None else (lambda done, n: None if self.closed else self._on_live()),
         )
-        self._status.value = f"{description[len('MobileSAM: '):].capitalize()}…"
-        return self._long_task
+        self._on_status(f"{doing[0].upper()}{doing[1:]}…")
+        return self.task
 
-    def _show_live(self) -> None:
-        """While a propagation runs, show what it has written on the slice in view (unless the
-        user's own prompts are previewed there)."""
-        live = self._live
-        if live is None or self._image is None or self._preview_kind not in (None, "live"):
+    def _finished(self, live) -> None:
+        if self.closed:
             return
-        if tuple(live.shape) != tuple(pl.image_geometry(self._image).shape):  # another image now
-            return
-        z = self.current_z()
-        if not 0 <= z < live.shape[0]:
-            return
-        here = live[z]
-        if here.any():
-            self._set_preview(z, here.astype(np.uint32), "live")
-        elif self._preview_kind == "live":
-            self._clear_preview_state()
+        self._cancel_btn.enabled = False
+        self._stop_btn.enabled = False
+        if self.live is live:
+            self.live = None
+            self._on_live_end()
 
-    def cancel(self) -> None:
-        """Cancel the running propagation / automatic segmentation (nothing is written)."""
-        if self._long_task is not None and not self._long_task.done:
-            self._long_task.cancel()
-            self._status.value = "Cancelled: nothing was written."
-
-    def stop(self) -> None:
-        """End the running propagation early and write the slices it has done (one undo step)."""
-        task = self._long_task
-        if task is not None and not task.done and self._stop_btn.enabled:
-            task.stop()
-            self._stop_btn.enabled = False
-            self._status.value = "Stopping: the slices done so far will be written…"
-
-    def segment_slice_automatically(self) -> Task | None:
-        """Find every object of the current slice (worker) and show them in the preview."""
-        if not self._ready_for_engine():
-            return None
-        session, z = self._session, self.current_z()
-
-        def done(labels):
-            if session is not self._session:
-                return
-            self._prediction = None
-            self._set_preview(z, np.asarray(labels, dtype=np.uint32), "auto")
-            n = len(np.unique(labels)) - 1
-            self._status.value = f"Slice {z}: {n} objects found. C commits them all, Shift-C discards."
-
-        return self._start_long(
-            lambda report, cancelled: session.segment_automatically(z),
-            f"MobileSAM: segmenting slice {z} automatically",
-            0,
-            done,
-        )
-
-    def _ready_for_engine(self) -> bool:
-        if self._image is None:
-            self._warn("No image layer: open or pick an image first.")
+    def cancel(self) -> bool:
+        """Cancel the running task (nothing is written); True when one was running."""
+        if not self.running:
             return False
-        if self._session is None:
-            self._info("The model is loading; try again in a moment." if self._sam is None else "No session.")
-            if self._sam is None:
-                self.load_model()
-            return False
+        self.task.cancel()
         return True
 
-    def _z_range(self) -> tuple[int, int] | None:
-        """The (start, stop) z-range for propagation, or None when not limited."""
-        if not self._limit_z.value:
-            return None
-        lo, hi = sorted((int(self._z_from.value), int(self._z_to.value)))
-        return lo, hi + 1
+    def stop(self) -> bool:
+        """End the running propagation early, keeping the slices done; True when one was asked."""
+        if not self.running or not self._stop_btn.enabled:
+            return False
+        self.task.stop()
+        self._stop_btn.enabled = False
+        return True
 
-    def propagate(self) -> Task | None:
-        """Follow the current object through the stack (worker; one undo step at the end).
+    def close(self) -> None:
+        """Cancel the running task and cut every callback to the widget (the dock is closing)."""
+        self.closed = True
+        if self.running:
+            self.task.cancel()
+        self.live = None
 
-        The current slice's prompts seed it, and so do the prompts on every other slice that holds
-        a positive point or a box (all prompts in the layers describe the object being made);
-        slices with negative points only are walls it does not cross.
-        """
-        if not self._ready_for_engine():
-            return None
-        if not pl.image_geometry(self._image).is_stack:
-            self._info("Propagation needs a stack (z, row, col); this image is 2D.")
-            return None
-        z = self.current_z()
-        prompts = pl.slice_prompts(self._image, z, self._points, self._boxes)
-        if not prompts.has_positive:
-            self._info(f"Nothing to propagate on slice {z}: click on an object first.")
-            return None
-        z_range = self._z_range()
-        if z_range is not None and not z_range[0] <= z < z_range[1]:
-            self._warn(f"Slice {z} lies outside the z-range {z_range[0]}–{z_range[1] - 1}: widen it.")
-            return None
-        stops = pl.negative_only_slices(self._image, self._points, self._boxes)
-        more = {}
-        for zs in pl.seed_slices(self._image, self._points, self._boxes):
-            if zs == z or (z_range is not None and not z_range[0] <= zs < z_range[1]):
-                continue
-            sp = pl.slice_prompts(self._image, zs, self._points, self._boxes)
-            more[zs] = (sp.points, sp.labels, sp.box)
-        seeds = sorted([z, *more])
-        session = self._session
-        live = np.zeros(pl.image_geometry(self._image).shape, np.uint8)
 
-        def run(report, cancelled):
-            return session.propagate_prompts(
-                z, prompts.points, prompts.labels, prompts.box, more_seeds=more,
-                stop_points=stops, z_range=z_range, progress=report, cancel=cancelled, live=live,
-            )
+@dataclass
+class PropagationRun:
+    """One propagation: what goes in and how its result is written.
 
-        def done(result):  # a finished or stopped run (a cancelled one never gets here)
-            if session is not self._session:
-                return
-            where = f"slice {z}" if len(seeds) == 1 else "slices " + ", ".join(map(str, seeds))
-            self._write_propagation(result, None, f"object from {where}", clear_z=seeds)
+    Attributes
+    ----------
+    objects : list of ObjectPrompts
+        The engine's objects through z (one per object; several run in one pass).
+    what : str
+        Words for the report, e.g. ``"object from slice 4"`` or ``"labels 3, 5"``.
+    keep_ids : bool
+        True: the objects' labels are ids of the target layer (extended as they are); False: each
+        object gets the next free id of the target layer.
+    clear_z : list of int
+        Slices whose prompts are used up once the result is written (the seeds).
+    z_range : (start, stop) or None
+    """
 
-        n = pl.image_geometry(self._image).n_slices
-        what = f"slice {z}" if len(seeds) == 1 else f"{len(seeds)} slices"
-        return self._start_long(
-            run, f"MobileSAM: propagating from {what}", n, done, stoppable=True, live=live
-        )
+    objects: list
+    what: str
+    keep_ids: bool
+    clear_z: list[int] = field(default_factory=list)
+    z_range: tuple[int, int] | None = None
 
-    def propagate_selected_label(self) -> Task | None:
-        """Extend the target layer's selected label through z from every slice where it appears."""
-        if not self._ready_for_engine():
-            return None
-        target = self._target_combo.value
-        if not isinstance(target, Labels):
-            self._info("Pick a Labels layer in 'labels' and select one of its labels (picker, key L).")
-            return None
-        try:
-            pl.check_target_layer(target, self._image)
-        except ValueError as exc:
-            self._report(exc, "propagating a label")
-            return None
-        label = int(target.selected_label)
-        volume = np.asarray(target.data)
-        session, z_range = self._session, self._z_range()
-        live = np.zeros(volume.shape, np.min_scalar_type(max(label, 1)))
+    def start(self, runner: LongTaskRunner, session, shape: tuple[int, ...], on_result) -> Task | None:
+        """Run it through ``session``'s predictor in ``runner`` (filling a live volume)."""
+        from ..volume.propagation import propagate
+
+        top = max(int(o.label) for o in self.objects)
+        live = np.zeros(shape, np.min_scalar_type(max(top, 1)))
+        objects, z_range = self.objects, self.z_range
 
         def run(report, cancelled):
-            return session.propagate_label(
-                volume, label, z_range=z_range, progress=report, cancel=cancelled, live=live
+            return propagate(
+                session.predictor, objects, z_range=z_range, progress=report, cancel=cancelled,
+                target=live, inplace=True,
             )
 
-        def done(result):  # a finished or stopped run (a cancelled one never gets here)
-            if session is not self._session:
-                return
-            self._write_propagation(result, label, f"label {label}", clear_z=None)
+        return runner.start(run, f"propagating {self.what}", shape[0], on_result, stoppable=True, live=live)
 
-        n = pl.image_geometry(self._image).n_slices
-        return self._start_long(
-            run, f"MobileSAM: propagating label {label}", n, done, stoppable=True, live=live
-        )
 
-    def _write_propagation(self, result, label: int | None, what: str, clear_z: list[int] | None) -> None:
-        if result.cancelled and not any(r.accepted for r in result.records):
-            self._status.value = "Stopped before any slice was done: nothing was written."
-            return
+def write_propagation(target, result, run: PropagationRun, keep_existing: bool) -> dict[int, int]:
+    """Write ``result`` into the Labels layer ``target`` as one undo step.
+
+    Returns ``{object label: id written}`` (objects with nothing new to write are left out).
+    """
+    volume = np.asarray(result.labels)
+    if run.keep_ids:
+        written = pl.write_objects(target, volume, keep_existing=keep_existing)
+        return {i: i for i in written}
+    ids = pl.write_volume_labels(target, volume, keep_existing=keep_existing)
+    labels = [int(v) for v in np.unique(volume) if v]
+    return dict(zip(labels, ids))
+
+
+def describe_propagation(result, run: PropagationRun, ids: dict[int, int], target_name: str) -> str:
+    """The report: a summary line, then one line per object saying where and why it stopped."""
+    how = "Stopped propagating" if result.cancelled else "Propagated"
+    zs = sorted({r.z for r in result.records if r.accepted})
+    span = f"z={zs[0]}–{zs[-1]}" if zs else "no slice"
+    names = ", ".join(f"id {i}" for i in ids.values()) or "nothing new"
+    lines = [f"{how} {run.what} ({names}) over {span} into {target_name!r}; one undo step."]
+    direction = {1: "up", -1: "down", 0: "seed"}
+    for obj in run.objects:
+        label = int(obj.label)
+        extent = result.extent(label)
+        where = f"z={extent[0]}–{extent[1]}" if extent else "nothing"
+        stops = sorted(result.stops_for(label), key=lambda s: (s.seed_z, -s.direction))
+        parts = [
+            f"{direction.get(s.direction, s.direction)} from z={s.seed_z} to z={s.last_z}, "
+            f"stopped at z={s.at_z}: {STOP_REASONS.get(s.reason, s.reason)}"
+            for s in stops
+        ]
+        name = ids.get(label, label)
+        lines.append(f"• id {name}: {where}; " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def parse_ids(text: str) -> list[int]:
+    """Label ids from text such as ``"3, 5-7"`` -> ``[3, 5, 6, 7]``; ValueError naming the bad part."""
+    ids: set[int] = set()
+    for part in text.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
         try:
-            target = self.target_layer(create=True) if label is None else self._target_combo.value
-            ids = pl.write_volume_labels(
-                target, result.labels, keep_existing=self._keep_existing.value, label=label
-            )
-        except Exception as exc:  # noqa: BLE001
-            self._report(exc, f"writing the propagated {what}")
-            return
-        if clear_z is not None:  # the seeds' prompts are used up (walls stay)
-            for zs in clear_z:
-                self._remove_prompts(zs)
-            self._clear_preview_state()
-        self.last_propagation = result
-        zs = sorted({r.z for r in result.records if r.accepted})
-        span = f"z={zs[0]}–{zs[-1]}" if zs else "no slice"
-        name = f"id {ids[0]}" if ids else "nothing new"
-        how = "Stopped propagating" if result.cancelled else "Propagated"
-        self._status.value = (
-            f"{how} {what} ({name}) over {span} into {target.name!r}; one undo step.\n"
-            + describe_stops(result)
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"{part!r} is not a label id or range: write ids like 3, 5-7") from None
+        if a < 1 or b < a:
+            raise ValueError(f"{part!r}: ids are whole numbers >= 1, ranges go up (5-7)")
+        ids.update(range(a, b + 1))
+    return sorted(ids)
+
+
+def label_run(volume, scope: str, *, selected: int, ids_text: str, z: int, z_range) -> PropagationRun:
+    """The propagation of labels of a Labels layer's ``volume`` ((Z, H, W) int).
+
+    ``scope``: ``"selected label"`` (``selected``), ``"labels on this slice"`` (every id on slice
+    ``z``), ``"all labels"``, or ``"these ids"`` (parsed from ``ids_text``). Each label is seeded by
+    its masks on every slice where it already is (inside ``z_range``): those slices are kept as
+    drawn. ValueError when there is nothing to propagate.
+    """
+    from ..volume.propagation import objects_from_labels
+
+    volume = np.asarray(volume)
+    lo, hi = (0, volume.shape[0]) if z_range is None else z_range
+    inside = volume[lo:hi]
+    if scope == "selected label":
+        ids = [int(selected)]
+    elif scope == "labels on this slice":
+        ids = [int(i) for i in np.unique(volume[z]) if i]
+    elif scope == "these ids":
+        ids = parse_ids(ids_text)
+    else:
+        ids = [int(i) for i in np.unique(inside) if i]
+    if not ids:
+        where = f"on slice {z}" if scope == "labels on this slice" else "in the labels layer"
+        raise ValueError(f"there are no labels {where}: commit an object first, or pick another layer")
+    present = np.isin(inside, ids).reshape(hi - lo, -1).any(axis=1)
+    zs = np.flatnonzero(present) + lo
+    missing = sorted(set(ids) - {int(i) for i in np.unique(inside[present]) if i}) if zs.size else ids
+    if missing:
+        span = "" if z_range is None else f" between {lo} and {hi - 1}"
+        raise ValueError(
+            f"label {', '.join(map(str, missing))} does not appear in the labels layer{span}: pick "
+            "an existing label (the layer's picker tool, key L) before propagating it"
         )
+    objects = objects_from_labels(volume, ids, zs=zs)
+    what = f"label {ids[0]}" if len(ids) == 1 else f"{len(ids)} labels ({', '.join(map(str, ids))})"
+    return PropagationRun(objects, what, keep_ids=True, z_range=z_range)

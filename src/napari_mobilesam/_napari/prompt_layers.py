@@ -17,14 +17,29 @@ coordinates. Nothing here imports Qt.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from ..io.prompts import Prompts, prompts_from_points, prompts_from_shapes
+from .label_writes import (  # noqa: F401 (part of this module's interface)
+    next_free_label,
+    replace_label_on_slice,
+    write_objects,
+    write_slice_labels,
+    write_volume_labels,
+)
+
+if TYPE_CHECKING:  # the engine's prompt types import torch: loaded when first used
+    from ..core.predictor import Prompt
+    from ..volume.propagation import ObjectPrompts
 
 __all__ = [
     "POSITIVE_COLOR",
     "NEGATIVE_COLOR",
     "ImageGeometry",
     "image_geometry",
+    "axis_name",
     "current_slice",
     "make_points_layer",
     "make_boxes_layer",
@@ -32,18 +47,34 @@ __all__ = [
     "make_target_layer",
     "check_target_layer",
     "show_preview",
-    "slice_prompts",
-    "SlicePrompts",
+    "layer_prompts",
+    "slice_prompt",
+    "has_positive",
+    "object_prompts",
     "negative_only_slices",
     "seed_slices",
     "remove_slice_prompts",
     "next_free_label",
     "write_slice_labels",
     "write_volume_labels",
+    "write_objects",
+    "replace_label_on_slice",
+    "label_mask_input",
+    "PREVIEW_COLOR",
+    "preview_colormap",
 ]
 
 POSITIVE_COLOR = "lime"
 NEGATIVE_COLOR = "red"
+#: Every object of the preview has this one colour (committed labels get napari's many colours).
+PREVIEW_COLOR = "#ff00ff"
+
+
+def preview_colormap():
+    """A one-colour (magenta) label colormap: the preview never looks like committed labels."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: PREVIEW_COLOR, 0: "transparent"})
 
 
 @dataclass(frozen=True)
@@ -94,6 +125,21 @@ def image_geometry(image) -> ImageGeometry:
     if min(shape[-2:]) < 2:
         raise ValueError(f"image layer {image.name!r} has a degenerate slice shape {shape[-2:]}")
     return ImageGeometry(shape=shape, rgb=rgb)
+
+
+def axis_name(image) -> str:
+    """Name of a stack's first axis for the interface: ``"t"`` for a time-lapse ``(t, row, col)``.
+
+    Taken from the layer's ``axis_labels`` (``"t"``, ``"time"``, ``"frame"`` ... -> ``"t"``; any other
+    given name as it is); napari's default numeric labels give ``"z"``.
+    """
+    labels = tuple(getattr(image, "axis_labels", ()) or ())
+    first = str(labels[0]).strip() if labels else ""
+    if first.lower() in ("t", "time", "frame", "frames", "timepoint", "tp"):
+        return "t"
+    if not first or first.lstrip("-").isdigit() or first.lower().startswith("axis"):
+        return "z"
+    return first
 
 
 def current_slice(viewer, image) -> int:
@@ -164,7 +210,8 @@ def make_preview_layer(image, name: str | None = None):
     layer = Labels(
         np.zeros(shape, dtype=np.uint32),
         name=name or f"{image.name} preview",
-        opacity=0.55,
+        opacity=0.5,
+        colormap=preview_colormap(),
         **_transform_kwargs(image),
     )
     layer.editable = False
@@ -197,8 +244,10 @@ def check_target_layer(labels, image) -> None:
         raise ValueError(f"labels layer {labels.name!r} is multiscale: pick a single-scale layer")
 
 
-def show_preview(preview, image, z: int, slice_labels: np.ndarray | None) -> None:
+def show_preview(preview, image, z: int, slice_labels: np.ndarray | None, *, outlines: bool = False) -> None:
     """Put ``slice_labels`` ((H, W) int or bool; None clears) into ``preview`` at slice ``z``.
+
+    ``outlines``: draw each object's outline only (several objects of one colour stay apart).
 
     For a stack the preview layer's translate is moved so that its single slice sits on the
     image's slice ``z`` in world coordinates (any image scale/translate/rotation respected).
@@ -213,6 +262,9 @@ def show_preview(preview, image, z: int, slice_labels: np.ndarray | None) -> Non
         data = data.astype(np.uint32, copy=False)
     if geom.is_stack:
         data = data[None]
+    contour = 2 if outlines else 0
+    if preview.contour != contour:
+        preview.contour = contour
     if geom.is_stack and slice_labels is not None:  # an empty preview can stay where it is
         origin = np.zeros(3)
         step = np.array([float(z), 0.0, 0.0])
@@ -235,97 +287,85 @@ def _to_image_coords(layer, coords: np.ndarray, image) -> np.ndarray:
     return np.asarray(out, dtype=float).reshape(len(coords), -1)
 
 
-@dataclass(frozen=True)
-class SlicePrompts:
-    """The prompts lying on one slice, in image data coordinates.
+def layer_prompts(image, points=None, boxes=None) -> Prompts:
+    """Every prompt of the Points/Shapes layers as one object (id 1), in image data coordinates.
 
-    Attributes
-    ----------
-    points : (N, 2) float
-        ``(row, col)`` pixel positions.
-    labels : (N,) int
-        1 for a positive point, 0 for a negative one.
-    box : (4,) float or None
-        ``(row0, col0, row1, col1)`` with ``row0 <= row1`` and ``col0 <= col1``.
+    The conversion is :func:`napari_mobilesam.io.prompts.prompts_from_points` /
+    :func:`~napari_mobilesam.io.prompts.prompts_from_shapes` (the one napari -> prompts converter),
+    after mapping the layers' data through world coordinates into the image's ``(z, row, col)``
+    (``(row, col)`` for a 2D image: slice 0). Only rectangles are boxes; with several on one slice
+    the most recently drawn one counts.
     """
-
-    points: np.ndarray
-    labels: np.ndarray
-    box: np.ndarray | None
-
-    @property
-    def empty(self) -> bool:
-        return len(self.points) == 0 and self.box is None
-
-    @property
-    def has_positive(self) -> bool:
-        return bool(np.any(self.labels == 1)) or self.box is not None
-
-
-def slice_prompts(image, z: int, points=None, boxes=None) -> SlicePrompts:
-    """Collect the prompts of ``points`` (Points layer) and ``boxes`` (Shapes layer) on slice z.
-
-    A point or box belongs to slice ``z`` when its image z coordinate rounds to ``z`` (2D images:
-    every prompt). Only rectangles count as boxes; the most recently drawn one on the slice wins.
-    """
-    geom = image_geometry(image)
-    pts = np.zeros((0, 2))
-    lab = np.zeros(0, dtype=int)
+    out = Prompts()
     if points is not None and len(points.data):
         coords = _to_image_coords(points, np.asarray(points.data), image)
-        keep = np.ones(len(coords), bool) if not geom.is_stack else np.round(coords[:, 0]) == z
         positive = np.asarray(points.features["positive"], dtype=bool)
-        pts = coords[keep][:, -2:]
-        lab = positive[keep].astype(int)
-    box = None
-    if boxes is not None:
-        for vertices, kind in zip(boxes.data, boxes.shape_type, strict=True):
-            if kind != "rectangle":
-                continue
-            coords = _to_image_coords(boxes, np.asarray(vertices), image)
-            if geom.is_stack and not np.all(np.round(coords[:, 0]) == z):
-                continue
-            rc = coords[:, -2:]
-            box = np.concatenate([rc.min(axis=0), rc.max(axis=0)])
-    return SlicePrompts(points=pts, labels=lab, box=box)
-
-
-def negative_only_slices(image, points=None, boxes=None) -> dict[int, np.ndarray]:
-    """Slices of a stack whose prompts are negative points only: ``{z: (N, 2) (row, col)}``.
-
-    Propagation treats such a slice as a wall the object must not cross.
-    """
-    geom = image_geometry(image)
-    if not geom.is_stack or points is None or not len(points.data):
-        return {}
-    coords = _to_image_coords(points, np.asarray(points.data), image)
-    positive = np.asarray(points.features["positive"], dtype=bool)
-    zs = np.round(coords[:, 0]).astype(int)
-    boxed = set()
-    if boxes is not None:
+        out = prompts_from_points(coords, labels=positive, object_ids=np.ones(len(coords), int))
+    if boxes is not None and len(boxes.data):
+        last: dict[int, np.ndarray] = {}  # slice -> corners of its last rectangle
         for vertices, kind in zip(boxes.data, boxes.shape_type, strict=True):
             if kind == "rectangle":
-                boxed.add(int(np.round(_to_image_coords(boxes, np.asarray(vertices), image)[0, 0])))
-    out = {}
-    for z in np.unique(zs):
-        here = zs == z
-        if not positive[here].any() and int(z) not in boxed:
-            out[int(z)] = coords[here][:, -2:]
+                corners = _to_image_coords(boxes, np.asarray(vertices), image)
+                z = int(np.round(corners[0, 0])) if corners.shape[1] == 3 else 0
+                if corners.shape[1] == 3:
+                    corners[:, 0] = np.round(corners[:, 0])
+                last[z] = corners
+        if last:
+            rects = [last[z] for z in sorted(last)]
+            out = out + prompts_from_shapes(rects, object_ids=np.ones(len(rects), int))
     return out
 
 
-def seed_slices(image, points=None, boxes=None) -> list[int]:
-    """Slices of a stack holding a positive point or a box, sorted (``[]`` for a 2D image)."""
-    if not image_geometry(image).is_stack:
-        return []
-    zs: set[int] = set()
-    if points is not None and len(points.data):
-        positive = np.asarray(points.features["positive"], dtype=bool)
-        zs.update(_prompt_slices(points, image)[positive].tolist())
-    if boxes is not None and len(boxes.data):
-        rect = np.array([kind == "rectangle" for kind in boxes.shape_type], bool)
-        zs.update(_prompt_slices(boxes, image)[rect].tolist())
-    return sorted(int(z) for z in zs)
+def slice_prompt(prompts: Prompts, z: int) -> Prompt | None:
+    """The engine's :class:`~napari_mobilesam.core.predictor.Prompt` for slice ``z`` (None: no prompt).
+
+    Points ``(row, col)``, labels 1/0, box ``(row0, col0, row1, col1)``. One lone point or box is
+    ambiguous, so SAM's three candidates are asked for (``multimask``); more prompts: one mask.
+    """
+    from ..core.predictor import Prompt
+
+    for _oid, item in prompts.on_slice(int(z)):
+        points = item["points"] if len(item["points"]) else None
+        n = (0 if points is None else len(points)) + (item["box"] is not None)
+        return Prompt(
+            points=points,
+            labels=None if points is None else item["labels"],
+            box=item["box"],
+            multimask=n == 1,
+        )
+    return None
+
+
+def has_positive(prompt: Prompt | None) -> bool:
+    """Whether a slice prompt selects something (a positive point or a box)."""
+    if prompt is None:
+        return False
+    return prompt.box is not None or bool(np.any(np.asarray(prompt.labels) == 1))
+
+
+def object_prompts(prompts: Prompts, label: int = 1, z_range: tuple[int, int] | None = None) -> ObjectPrompts:
+    """One object through z for :func:`~napari_mobilesam.volume.propagation.propagate`.
+
+    Every prompted slice inside ``z_range`` (``(start, stop)`` like ``range``; None: all) is a
+    seed; a slice with negative points only is a wall the object does not cross.
+    """
+    from ..volume.propagation import ObjectPrompts
+
+    out = ObjectPrompts(int(label))
+    for z in prompts.slices.tolist():
+        if z_range is None or z_range[0] <= z < z_range[1]:
+            out.prompts[int(z)] = slice_prompt(prompts, z)
+    return out
+
+
+def seed_slices(obj: ObjectPrompts) -> list[int]:
+    """Sorted slices of ``obj`` holding a positive point or a box."""
+    return sorted(z for z, p in obj.prompts.items() if has_positive(p))
+
+
+def negative_only_slices(obj: ObjectPrompts) -> list[int]:
+    """Sorted slices of ``obj`` with negative points only (walls)."""
+    return sorted(z for z, p in obj.prompts.items() if not has_positive(p))
 
 
 def _prompt_slices(layer, image) -> np.ndarray:
@@ -350,75 +390,20 @@ def remove_slice_prompts(image, z: int, points=None, boxes=None) -> None:
             layer.remove_selected()
 
 
-def next_free_label(labels) -> int:
-    """One more than the largest id in a Labels layer (1 for an empty layer)."""
-    data = np.asarray(_level0(labels.data))
-    return int(data.max(initial=0)) + 1
+def label_mask_input(mask: np.ndarray, strength: float = 8.0) -> np.ndarray:
+    """(256, 256) float32 logits of a (H, W) bool mask in SAM's low-res frame, for ``mask_input``.
 
-
-def _write(labels, index: tuple[np.ndarray, ...], values: np.ndarray) -> None:
-    """One undoable write of ``values`` at ``index`` into a Labels layer."""
-    if len(index[0]) == 0:
-        return
-    with labels.block_history():
-        labels.data_setitem(index, values)
-
-
-def write_slice_labels(labels, z: int, slice_labels: np.ndarray, *, keep_existing: bool = True):
-    """Commit the objects of ``slice_labels`` ((H, W); bool = one object) into slice z of ``labels``.
-
-    Each object (each distinct non-zero value) gets the next free id of the layer, in increasing
-    order of its value. With ``keep_existing`` (the default), pixels that already hold a label are
-    left alone, so nothing drawn before is lost. The write is one undo step.
-
-    Returns
-    -------
-    list of int
-        The ids written (objects that landed entirely on existing labels are skipped).
+    SAM's mask prompt lives in the encoder's padded square frame at 1/4 resolution: the slice is
+    scaled so its long side is 256, placed top-left, the rest is background. Inside: ``+strength``,
+    outside: ``-strength``.
     """
-    src = np.asarray(slice_labels)
-    data = _level0(labels.data)
-    target = np.asarray(data[z] if data.ndim == 3 else data)
-    if src.shape != target.shape:
-        raise ValueError(f"slice of shape {src.shape} does not fit labels slice {target.shape}")
-    ids, values = _relabel(src, target, keep_existing, next_free_label(labels))
-    rows, cols = np.nonzero(values)
-    index = (np.full(rows.shape, z), rows, cols) if data.ndim == 3 else (rows, cols)
-    _write(labels, index, values[rows, cols])
-    return ids
+    from skimage.transform import resize
 
+    from ..core.preprocess import input_size_for
 
-def write_volume_labels(
-    labels, volume: np.ndarray, *, keep_existing: bool = True, label: int | None = None
-) -> list[int]:
-    """Commit the objects of ``volume`` (same shape as ``labels``) as one undo step.
-
-    Same id and overwrite rules as :func:`write_slice_labels`; with ``label``, every non-zero
-    voxel of ``volume`` is written as that id instead (extending an existing label).
-    Returns the ids written.
-    """
-    src = np.asarray(volume)
-    target = np.asarray(_level0(labels.data))
-    if src.shape != target.shape:
-        raise ValueError(f"volume of shape {src.shape} does not fit labels of shape {target.shape}")
-    if label is not None:
-        src = (src != 0).astype(np.uint8)
-    first = next_free_label(labels) if label is None else int(label)
-    ids, values = _relabel(src, target, keep_existing, first)
-    index = np.nonzero(values)
-    _write(labels, index, values[index])
-    return ids
-
-
-def _relabel(src, target, keep_existing: bool, first_id: int):
-    """Map each non-zero value of ``src`` to a new id from ``first_id``; 0 where not written."""
-    mask = src != 0
-    if keep_existing:
-        mask &= target == 0
-    old = np.unique(src[mask])
-    ids = list(range(first_id, first_id + len(old)))
-    out = np.zeros(src.shape, dtype=np.int64)
-    if len(old):
-        lut_index = np.searchsorted(old, src[mask])
-        out[mask] = np.asarray(ids, dtype=np.int64)[lut_index]
-    return ids, out
+    mask = np.asarray(mask, bool)
+    h, w = input_size_for(mask.shape, 256)
+    small = resize(mask.astype(np.float32), (h, w), order=1, anti_aliasing=False) >= 0.5
+    out = np.full((256, 256), -strength, np.float32)
+    out[:h, :w][small] = strength
+    return out

@@ -5,51 +5,42 @@ Workflow (see ``docs/usage.md``):
 1. pick the image layer, the model and the device (remembered between napari sessions);
 2. click in the image: a plain click adds a positive point (green), Shift- or Ctrl-click a
    negative one (red); ``N`` swaps the two. Draw rectangles in the boxes layer for box prompts;
-3. the preview layer shows the object after every prompt change. The decoder runs on the GUI
-   thread only when the slice's embedding is cached (tens of ms); otherwise the embedding is
-   computed in a background worker first, and the slice's neighbours are prefetched;
-4. ``C`` / Commit writes the object into the target Labels layer under the next free id (one
-   undo step); ``Shift-C`` / Clear drops the prompts of the slice;
-5. ``Shift-S`` / Propagate follows the object through the stack in a worker (progress and cancel
-   in the activity dock and in the widget; Stop ends it early and keeps the slices done) and
-   writes the result as one undo step.
+3. the preview layer (one colour, magenta) shows the object after every prompt change. The decoder
+   runs on the GUI thread only when the slice's embedding is cached (tens of ms); otherwise the
+   embedding is computed in a background worker first, and the slice's neighbours are prefetched;
+4. ``C`` / Commit writes the object into the target Labels layer under the next free id (one undo
+   step), and the prompts layer is ready for the next object; ``Shift-C`` / Clear drops the prompts
+   of the slice; *Refine selected label* corrects a committed label on one slice;
+5. ``Shift-S`` / Propagate follows the object through the stack in a worker (progress and cancel in
+   the activity dock and in the widget; Stop ends it early and keeps the slices done) and writes the
+   result as one undo step. Without prompts it propagates every object committed on the slice;
+   *Propagate labels* extends labels of a Labels layer (the selected one, a set, or all).
 
-The engine is reached only through :class:`~napari_mobilesam.core.session.Session`; the layers
-are made and read by :mod:`.prompt_layers`; propagation and automatic segmentation live in
-:mod:`.long_tasks`.
+The engine is reached through :class:`~napari_mobilesam.core.session.Session` (preview) and
+:func:`~napari_mobilesam.volume.propagation.propagate` (through :mod:`.long_tasks`); prompts are the
+engine's types (:mod:`.prompt_layers` converts the layers through :mod:`napari_mobilesam.io.prompts`).
 """
 
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from magicgui.widgets import (
-    CheckBox,
-    ComboBox,
-    Container,
-    FileEdit,
-    Label,
-    PushButton,
-    SpinBox,
-)
+from magicgui.widgets import Container
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QEvent, QObject, QTimer
 
-from ..core.session import ObjectPrediction, Session
+from ..core.session import Session
 from ..models.choice import ModelChoice
 from . import prompt_layers as pl
-from .long_tasks import LongTasksMixin
-from .settings import (
-    WidgetSettings,
-    device_choices,
-    load_settings,
-    model_choices,
-    save_settings,
-)
-from .workers import Task, start_task
+from .annotator import Annotator
+from .controls import NEW_LAYER, SegmentControls, hint_text
+from .helper_layers import HelperLayers
+from .model_panel import ModelPanel
+from .settings import load_settings
+from .workers import Task
 
 if TYPE_CHECKING:
     import napari
@@ -59,20 +50,9 @@ __all__ = ["SegmentWidget", "KEYS", "HINT"]
 log = logging.getLogger(__name__)
 
 #: Key -> action, bound on the viewer while the widget lives.
-KEYS: dict[str, str] = {
-    "C": "commit",
-    "Shift-C": "clear",
-    "N": "toggle_sign",
-    "Shift-S": "propagate",
-}
+KEYS: dict[str, str] = {"C": "commit", "Shift-C": "clear", "N": "toggle_sign", "Shift-S": "propagate"}
 
-HINT = (
-    "Click: positive point · Shift/Ctrl-click: negative point · N: swap the two\n"
-    "Boxes layer: draw a rectangle (R) for a box prompt\n"
-    "C: commit · Shift-C: clear · Shift-S: propagate through z"
-)
-
-_NEW_LAYER = "(new layer)"
+HINT = hint_text()
 _DEBOUNCE_MS = 120
 
 
@@ -86,7 +66,23 @@ def _error_message(exc: BaseException, doing: str) -> str:
     return f"Error while {doing}: {text}"
 
 
-class SegmentWidget(LongTasksMixin, Container):
+class _CloseWatcher(QObject):
+    """Calls ``on_close`` when the widget is taken out of its dock (napari's × button unparents it)."""
+
+    def __init__(self, on_close):
+        super().__init__()
+        self._on_close = on_close
+
+    def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
+        try:
+            if event.type() == QEvent.Type.ParentChange and obj.parent() is None:
+                self._on_close()
+        except Exception:  # noqa: BLE001 - an exception here would abort PyQt
+            log.debug("napari-mobilesam: close watcher", exc_info=True)
+        return False
+
+
+class SegmentWidget(Container):
     """MobileSAM interactive segmentation dock widget.
 
     Parameters
@@ -98,156 +94,97 @@ class SegmentWidget(LongTasksMixin, Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self._viewer = viewer
-        saved = load_settings()
-        self._extra_models: dict[str, str] = {}
-        # state
-        self._image: Image | None = None
-        self._points = None
-        self._boxes = None
-        self._preview = None
-        self._layer_sets: dict[int, tuple] = {}  # id(image) -> (points, boxes, preview)
-        self._created_targets: dict[int, Labels] = {}  # id(image) -> Labels layer made for it
-        self._sam = None
-        self._sam_request: ModelChoice | None = None
-        self._session: Session | None = None
-        self._model_task: Task | None = None
-        self._embed_task: Task | None = None
-        self._embed_z: int | None = None
-        self._long_task: Task | None = None
+        self._init_state()
+        self._build_controls()
+        self._start_watching()
+        self._on_image_changed(self._image_combo.value)
+
+    # ------------------------------------------------------------------ construction steps
+    def _init_state(self) -> None:
+        self._helpers = HelperLayers(self._viewer.layers, self._on_prompts_changed, self._on_points_press)
         self._negative_default = False
-        self._suspend_prompt_events = False
-        # what the preview layer shows
-        self._preview_z: int | None = None
-        self._preview_labels: np.ndarray | None = None
-        self._preview_kind: str | None = None  # "object" | "auto" | "live"
-        self._live: np.ndarray | None = None  # the volume a running propagation writes into
-        self._prediction: ObjectPrediction | None = None
-        self.last_propagation = None  # the engine's PropagationResult of the last propagation
+        self._closed = False
+        self._annotator: Annotator | None = None
 
-
-        self._image_combo = ComboBox(label="image", choices=self._image_choices)
-        self._model_combo = ComboBox(label="model", choices=self._model_choice_list)
-        self._checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.pt *.pth *.pth.tar")
-        self._device_combo = ComboBox(label="device", choices=device_choices())
-        self._load_btn = PushButton(text="Load model")
-        self._model_status = Label(value="model: not loaded")
-        self._hint = Label(value=HINT)
-        self._target_combo = ComboBox(label="labels", choices=self._target_choices)
-        self._keep_existing = CheckBox(text="keep existing labels (commit only paints background)", value=True)
-        self._commit_btn = PushButton(text="Commit [C]")
-        self._clear_btn = PushButton(text="Clear prompts [Shift-C]")
-        self._limit_z = CheckBox(text="limit propagation to z-range", value=False)
-        self._z_from = SpinBox(label="z from", min=0, max=0)
-        self._z_to = SpinBox(label="z to", min=0, max=0)
-        self._propagate_btn = PushButton(text="Propagate object [Shift-S]")
-        self._propagate_label_btn = PushButton(text="Propagate selected label of target layer")
-        self._auto_btn = PushButton(text="Segment this slice automatically")
-        self._stop_btn = PushButton(text="Stop, keep slices done", enabled=False)
-        self._stop_btn.tooltip = (
-            "End the propagation now and write the slices done so far (one undo step)"
-        )
-        self._cancel_btn = PushButton(text="Cancel", enabled=False)
-        self._cancel_btn.tooltip = "End the running task and write nothing"
-        self._status = Label(value="")
-        self.extend(
-            [
-                self._image_combo,
-                self._model_combo,
-                self._checkpoint,
-                self._device_combo,
-                self._load_btn,
-                self._model_status,
-                self._hint,
-                self._target_combo,
-                self._keep_existing,
-                Container(widgets=[self._commit_btn, self._clear_btn], layout="horizontal", labels=False),
-                self._limit_z,
-                Container(widgets=[self._z_from, self._z_to], layout="horizontal"),
-                self._propagate_btn,
-                self._propagate_label_btn,
-                self._auto_btn,
-                Container(widgets=[self._stop_btn, self._cancel_btn], layout="horizontal", labels=False),
-                self._status,
-            ]
-        )
-        self._hint.native.setWordWrap(True)
-        self._status.native.setWordWrap(True)
-        self._model_status.native.setWordWrap(True)
-
-        # restore the persisted choices
-        choices = model_choices()
-        self._model_combo.value = saved.model if saved.model in choices else "vit_t"
-        if saved.checkpoint:
-            self._checkpoint.value = saved.checkpoint
-        if saved.device in self._device_combo.choices:
-            self._device_combo.value = saved.device
-        self._update_checkpoint_visibility()
-
-        self._slice_timer = QTimer()
+    def _build_controls(self) -> None:
+        self._model = ModelPanel(load_settings(), self.set_model, self._model_failed)
+        self._c = c = SegmentControls(self._image_choices, self._target_choices)
+        self.extend(c.layout(self._model.widgets))
+        # the names the tests and the distillation panel use
+        self._image_combo, self._target_combo, self._hint, self._status = c.image, c.target, c.hint, c.status
+        self._model_combo, self._checkpoint = self._model.combo, self._model.checkpoint
+        self._device_combo, self._model_status = self._model.device, self._model.status
+        self._keep_existing, self._commit_btn, self._clear_btn = c.keep_existing, c.commit, c.clear
+        self._limit_z, self._z_from, self._z_to = c.limit, c.z_from, c.z_to
+        self._propagate_btn, self._propagate_label_btn = c.propagate, c.propagate_labels
+        self._auto_btn, self._stop_btn, self._cancel_btn = c.auto, c.stop, c.cancel
+        say = SimpleNamespace(status=self._show_status, info=self._info, warn=self._warn,
+                              report=self._report, reset_choices=self.reset_choices)
+        self._annotator = Annotator(self._viewer, self._helpers, c, self._model, say)
+        self._slice_timer = QTimer(self.native)
         self._slice_timer.setSingleShot(True)
         self._slice_timer.setInterval(_DEBOUNCE_MS)
         self._slice_timer.timeout.connect(self._on_slice_settled)
+        self._restore_timer = QTimer(self.native)
+        self._restore_timer.setSingleShot(True)
+        self._restore_timer.setInterval(0)
+        self._restore_timer.timeout.connect(self._restore_helpers)
 
-        # connections
-        self._model_combo.changed.connect(self._on_model_choice_changed)
-        self._checkpoint.changed.connect(self._on_model_choice_changed)
-        self._device_combo.changed.connect(self._on_model_choice_changed)
-        self._load_btn.changed.connect(lambda: self.load_model())
-        self._image_combo.changed.connect(self._on_image_changed)
-        self._commit_btn.changed.connect(lambda: self.commit())
-        self._clear_btn.changed.connect(lambda: self.clear_prompts())
-        self._propagate_btn.changed.connect(lambda: self.propagate())
-        self._propagate_label_btn.changed.connect(lambda: self.propagate_selected_label())
-        self._auto_btn.changed.connect(lambda: self.segment_slice_automatically())
-        self._cancel_btn.changed.connect(lambda: self.cancel())
-        self._stop_btn.changed.connect(lambda: self.stop())
-        viewer.layers.events.inserted.connect(self._on_layers_changed)
-        viewer.layers.events.removed.connect(self._on_layers_changed)
-        viewer.dims.events.current_step.connect(self._on_dims_changed)
+    def _start_watching(self) -> None:
+        c = self._c
+        c.image.changed.connect(self._on_image_changed)
+        for button, action in (
+            (c.commit, self.commit), (c.clear, self.clear_prompts), (c.refine, self.refine_selected_label),
+            (c.propagate, self.propagate), (c.propagate_labels, self.propagate_labels),
+            (c.auto, self.segment_slice_automatically), (c.cancel, self.cancel), (c.stop, self.stop),
+        ):
+            button.changed.connect(lambda *_, act=action: act())
+        self._viewer.layers.events.inserted.connect(self._on_layers_changed)
+        self._viewer.layers.events.removed.connect(self._on_layers_changed)
+        self._viewer.dims.events.current_step.connect(self._on_dims_changed)
         self._bind_keys()
-        self.native.destroyed.connect(self._on_destroyed)
-
-        self._on_image_changed(self._image_combo.value)
+        self._close_watcher = _CloseWatcher(self.close_widget)
+        self.native.installEventFilter(self._close_watcher)
+        self.native.destroyed.connect(lambda *_: self.close_widget())
 
     # ------------------------------------------------------------------ choices
     def _image_choices(self, _widget=None) -> list[tuple[str, Any]]:
         return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
 
     def _target_choices(self, _widget=None) -> list[tuple[str, Any]]:
-        own = {id(layers[2]) for layers in self._layer_sets.values()}
         layers = [
             (layer.name, layer)
             for layer in self._viewer.layers
-            if isinstance(layer, Labels) and id(layer) not in own
+            if isinstance(layer, Labels) and not self._helpers.owns(layer)
         ]
-        return [(_NEW_LAYER, _NEW_LAYER), *layers]
-
-    def _model_choice_list(self, _widget=None) -> list[tuple[str, str]]:
-        return [(label, key) for key, label in {**model_choices(), **self._extra_models}.items()]
+        return [(NEW_LAYER, NEW_LAYER), *layers]
 
     def _on_layers_changed(self, event=None) -> None:
+        if self._closed or self._helpers.changing:
+            return
+        removed = getattr(event, "value", None) if getattr(event, "type", "") == "removed" else None
+        if removed is not None:
+            self._helpers.forget_layer(removed)
         self.reset_choices()
+        self._helpers.forget_deleted_images()
         if self._image is not None and self._image not in self._viewer.layers:
+            self._on_image_changed(self._image_combo.value)
+        elif self._helpers.current is not None:
+            self._restore_timer.start()  # after the removal: not while napari clears the list
+
+    def _restore_helpers(self) -> None:
+        """Create again a helper layer the user deleted (unless the image went too)."""
+        if self._closed or self._image is None or self._image not in self._viewer.layers:
+            return
+        if self._helpers.restore_missing():
+            self._annotator._select_prompts()
+        elif self._image is None and self._image_combo.value is not None:
             self._on_image_changed(self._image_combo.value)
 
     # ------------------------------------------------------------------ model
     def model_request(self) -> ModelChoice:
         """The model, checkpoint and device currently chosen in the widget."""
-        checkpoint = str(self._checkpoint.value) if self._model_combo.value in ("checkpoint", "distilled") else ""
-        if checkpoint in (".", ""):
-            checkpoint = ""
-        return ModelChoice(self._model_combo.value, checkpoint, self._device_combo.value)
-
-    def _update_checkpoint_visibility(self) -> None:
-        self._checkpoint.visible = self._model_combo.value in ("checkpoint", "distilled")
-
-    def _on_model_choice_changed(self, _value=None) -> None:
-        self._update_checkpoint_visibility()
-        request = self.model_request()
-        if request.model in model_choices():  # dev-only test models are not persisted otherwise
-            save_settings(WidgetSettings(request.model, request.checkpoint, request.device))
-        if self._sam_request is not None and request != self._sam_request:
-            self._model_status.value = f"model: {self._sam_request.describe()} (choice changed: Load model to switch)"
+        return self._model.choice()
 
     def use_model(self, model: str, checkpoint: str = "", *, load: bool = True) -> Task | None:
         """Choose ``model`` (a key of the model list) and its ``checkpoint`` file, and load it.
@@ -255,63 +192,48 @@ class SegmentWidget(LongTasksMixin, Container):
         Called, for instance, by the distillation panel when a distilled model is ready. The
         choice is remembered like a choice made in the widget.
         """
-        choices = {key for _label, key in self._model_choice_list()}
+        choices = {key for _label, key in self._model._choices()}
         if model not in choices:
             raise ValueError(f"unknown model {model!r}: choose one of {sorted(choices)}")
-        self._model_combo.value = model
+        self._model.combo.value = model
         if checkpoint:
-            self._checkpoint.value = checkpoint
+            self._model.checkpoint.value = checkpoint
         return self.load_model() if load else None
 
     def enable_dev_models(self) -> None:
         """Offer the tiny random ``vit_t_test`` model (also shown when NAPARI_MOBILESAM_DEV=1)."""
-        from .settings import DEV_MODEL_CHOICES
-
-        self._extra_models.update(DEV_MODEL_CHOICES)
-        self._model_combo.reset_choices()
+        self._model.enable_dev_models()
 
     def load_model(self, request: ModelChoice | None = None) -> Task | None:
-        """Load the chosen model in a worker; the preview refreshes when it is ready."""
-        request = request or self.model_request()
-        if self._model_task is not None and not self._model_task.done:
-            return self._model_task
-        self._model_status.value = f"model: loading {request.describe()}…"
-        self._model_task = start_task(
-            lambda report, cancelled: request.load(),
-            description=f"MobileSAM: loading {request.describe()}",
-            on_result=lambda sam: self.set_model(sam, request),
-            on_error=lambda exc: self._on_model_error(exc, request),
-        )
-        return self._model_task
+        """Load the chosen model in a worker (retrying a failed one); the preview then refreshes."""
+        return self._model.load(request, retry=True)
 
-    def _on_model_error(self, exc: BaseException, request: ModelChoice) -> None:
-        self._model_status.value = f"model: failed to load {request.describe()}"
-        self._report(exc, f"loading {request.describe()}")
+    def _model_failed(self, message: str) -> None:
+        self._show_status(message)
+        show_error(message)
 
     def set_model(self, sam, request: ModelChoice | None = None) -> None:
         """Use an already loaded ``Sam`` (what the loader calls; tests pass ``vit_t_test`` here)."""
-        self._sam = sam
-        self._sam_request = request or ModelChoice(getattr(sam, "napari_mobilesam_info", {}).get("model", "custom"))
-        self._model_status.value = f"model: {self._sam_request.describe()} ✓"
+        request = request or ModelChoice(getattr(sam, "napari_mobilesam_info", {}).get("model", "custom"))
+        self._model.set_loaded(sam, request)
         self._new_session()
 
     def set_session(self, session: Session, description: str = "custom session") -> None:
         """Use a ready-made :class:`Session` for the current image (e.g. one with an oracle predictor)."""
-        self._replace_session(session)
-        self._sam_request = self._sam_request or ModelChoice("custom")
-        self._model_status.value = f"model: {description} ✓"
+        self._annotator.use(self._image, session)
+        self._model.request = self._model.request or ModelChoice("custom")
+        self._model.status.value = f"model: {description} ✓"
         self._on_slice_settled()
 
     @property
     def session(self) -> Session | None:
         """The engine session of the current (model, image) pair, or None."""
-        return self._session
+        return self._annotator.session
 
     @property
     def busy(self) -> bool:
         """True while a model load, an embedding or a long task runs in the background."""
-        tasks = (self._model_task, self._embed_task, self._long_task)
-        return any(t is not None and not t.done for t in tasks)
+        return self._model.loading or self._annotator.busy
 
     @property
     def status(self) -> str:
@@ -319,78 +241,61 @@ class SegmentWidget(LongTasksMixin, Container):
         return self._status.value
 
     def _new_session(self) -> None:
-        if self._sam is None or self._image is None:
-            self._replace_session(None)
+        image = self._image
+        if self._model.sam is None or image is None:
+            self._annotator.use(image, None)
             return
         try:
-            data = pl._level0(self._image.data)
-            session = Session(self._sam, data, rgb=bool(self._image.rgb))
+            session = Session(self._model.sam, pl._level0(image.data), rgb=bool(image.rgb))
         except Exception as exc:  # noqa: BLE001 - a bad image must not break the viewer
-            self._replace_session(None)
-            self._report(exc, f"preparing image {self._image.name!r}")
+            self._annotator.use(image, None)
+            self._report(exc, f"preparing image {image.name!r}")
             return
-        self._replace_session(session)
+        self._annotator.use(image, session)
         self._on_slice_settled()
 
-    def _replace_session(self, session: Session | None) -> None:
-        if self._session is not None and self._session is not session:
-            self._session.close()
-        self._session = session
-        self._embed_z = None
-
-    # ------------------------------------------------------------------ image and prompt layers
+    # ------------------------------------------------------------------ image and helper layers
     def _on_image_changed(self, image) -> None:
-        if image is self._image and image is not None and self._points in self._viewer.layers:
+        if self._closed or (image is self._image and image is not None and self._points in self._viewer.layers):
             return
-        self._clear_preview_state()
-        self._image = None
+        self._annotator.use(None, None)
         if image is None:
-            self._replace_session(None)
-            self._status.value = "Open or pick an image layer to segment."
+            self._helpers.show(None)
+            self._show_status("Open or pick an image layer to segment.")
             return
         try:
             geom = pl.image_geometry(image)
         except ValueError as exc:
-            self._replace_session(None)
+            self._helpers.show(None)
             self._report(exc, "choosing the image")
             return
-        self._image = image
+        self._annotator.use(image, None)
         self._z_from.max = self._z_to.max = geom.n_slices - 1
         self._z_to.value = geom.n_slices - 1
-        for w in (self._limit_z, self._z_from, self._z_to, self._propagate_btn, self._propagate_label_btn):
-            w.enabled = geom.is_stack
-        self._ensure_prompt_layers()
+        self._c.enable_stack(geom.is_stack)
+        self._c.name_axis(pl.axis_name(image) if geom.is_stack else "z")
+        self._helpers.show(image)
+        self._helpers.current.points.feature_defaults["positive"] = not self._negative_default
+        self._annotator._select_prompts()
+        self.reset_choices()
+        self._show_status(f"Image {image.name!r}: click on an object.")
         self._new_session()
 
-    def _ensure_prompt_layers(self) -> None:
-        """Use the current image's prompt, box and preview layers, creating any that is missing.
+    @property
+    def _image(self):
+        return None if self._annotator is None else self._annotator.image
 
-        Each image keeps its own set (switching images back and forth reuses them); a layer the
-        user deleted is created again.
-        """
-        image = self._image
-        if image is None:
-            return
-        layers = self._viewer.layers
-        points, boxes, preview = self._layer_sets.get(id(image), (None, None, None))
-        if preview is None or preview not in layers:
-            preview = pl.make_preview_layer(image)
-            layers.append(preview)
-        if boxes is None or boxes not in layers:
-            boxes = pl.make_boxes_layer(image)
-            boxes.events.data.connect(self._on_prompts_changed)
-            layers.append(boxes)
-        if points is None or points not in layers:
-            points = pl.make_points_layer(image)
-            points.events.data.connect(self._on_prompts_changed)
-            points.mouse_drag_callbacks.insert(0, self._on_points_press)
-            layers.append(points)
-            points.mode = "add"
-            layers.selection.active = points
-        points.feature_defaults["positive"] = not self._negative_default
-        self._layer_sets[id(image)] = (points, boxes, preview)
-        self._points, self._boxes, self._preview = points, boxes, preview
-        self.reset_choices()
+    @property
+    def _points(self):
+        return None if self._helpers.current is None else self._helpers.current.points
+
+    @property
+    def _boxes(self):
+        return None if self._helpers.current is None else self._helpers.current.boxes
+
+    @property
+    def _preview(self):
+        return None if self._helpers.current is None else self._helpers.current.preview
 
     @property
     def points_layer(self):
@@ -422,187 +327,91 @@ class SegmentWidget(LongTasksMixin, Container):
         if self._points is not None:
             self._points.feature_defaults["positive"] = not self._negative_default
         sign = "negative" if self._negative_default else "positive"
-        self._status.value = f"Plain clicks now add {sign} points (N swaps back)."
+        self._show_status(f"Plain clicks now add {sign} points (N swaps back).")
 
     def _on_prompts_changed(self, event=None) -> None:
         action = str(getattr(event, "action", "")) if event is not None else ""
-        if self._suspend_prompt_events or action.endswith("ing"):  # adding/removing/changing
+        if self._closed or self._annotator._suspend_prompt_events or action.endswith("ing"):  # adding/removing
             return
         if event is not None and getattr(event, "source", None) not in (self._points, self._boxes):
             return  # the prompts of another image
         self.update_preview()
 
     def _on_dims_changed(self, event=None) -> None:
-        self._slice_timer.start()
+        if not self._closed:
+            self._slice_timer.start()
 
     def current_z(self) -> int:
         """The image's slice shown in the viewer (0 for 2D images)."""
-        if self._image is None:
-            return 0
-        return pl.current_slice(self._viewer, self._image)
+        return self._annotator.current_z()
 
-    # ------------------------------------------------------------------ embedding and preview
+    # ------------------------------------------------------------------ actions (see Annotator)
     def _on_slice_settled(self) -> None:
-        """The user stopped on a slice: refresh its preview and make sure it is embedded."""
-        if self._session is None or self._image is None:
-            return
-        z = self.current_z()
-        if self._preview_kind == "auto" and self._preview_z != z:
-            self._clear_preview_state()
-        if self._ensure_embedded(z):
-            self._session.prefetch(self._neighbours(z))
-        self.update_preview()
-        self._show_live()
+        if not self._closed:
+            self._annotator.on_slice_settled()
 
-    def _ensure_embedded(self, z: int) -> bool:
-        """True when slice z is ready; otherwise start (or queue) its embedding in a worker.
-
-        Once a worker has embedded the slice, its neighbours are prefetched.
-        """
-        session = self._session
-        if session is None:
-            return False
-        try:
-            if session.is_embedded(z):
-                return True
-        except Exception as exc:  # noqa: BLE001
-            self._report(exc, f"reading slice {z}")
-            return False
-        if self._embed_task is not None and not self._embed_task.done:
-            self._embed_z = z  # picked up when the running embedding finishes
-            return False
-        self._embed_z = z
-        self._embed_task = start_task(
-            lambda report, cancelled: session.embed(z),
-            description=f"MobileSAM: embedding slice {z}",
-            on_result=lambda _r: self._on_embedded(session, z),
-            on_error=lambda exc: self._report(exc, f"embedding slice {z}"),
-        )
-        self._status.value = f"Computing the embedding of slice {z}…"
-        return False
-
-    def _neighbours(self, z: int) -> list[int]:
-        return [z + 1, z - 1, z + 2, z - 2]
-
-    def _on_embedded(self, session: Session, z: int) -> None:
-        if session is not self._session:
-            return
-        wanted = self.current_z()
-        self._status.value = f"Slice {z} ready."
-        if wanted != z and self._embed_z not in (None, z):
-            self._embed_task = None
-            self._ensure_embedded(wanted)
-            return
-        session.prefetch(self._neighbours(z))
-        if wanted == z:
-            self.update_preview()
-
-    def update_preview(self) -> ObjectPrediction | None:
-        """Predict the object from the current slice's prompts and show it (GUI thread, fast path).
-
-        Returns the prediction, or None when there is nothing to show yet (no prompts, no model,
-        or the slice's embedding is still being computed in the background).
-        """
-        if self._image is None or self._points is None:
-            return None
-        z = self.current_z()
-        prompts = pl.slice_prompts(self._image, z, self._points, self._boxes)
-        if prompts.empty:
-            if self._preview_kind == "object":
-                self._clear_preview_state()
-            return None
-        if not prompts.has_positive:
-            self._clear_preview_state()
-            self._status.value = "Add a positive point or a box: negative points alone select nothing."
-            return None
-        if self._session is None:
-            if self._sam is None:
-                self.load_model()
-            return None
-        if not self._ensure_embedded(z):
-            return None
-        try:
-            pred = self._session.predict(z, prompts.points, prompts.labels, prompts.box)
-        except Exception as exc:  # noqa: BLE001
-            self._report(exc, f"predicting on slice {z}")
-            return None
-        self._prediction = pred
-        self._set_preview(z, pred.mask.astype(np.uint32), "object")
-        self._status.value = (
-            f"Slice {z}: object of {int(pred.mask.sum())} px, predicted IoU {pred.score:.2f}. "
-            "C commits, Shift-S propagates."
-        )
-        return pred
-
-    def _set_preview(self, z: int, labels: np.ndarray | None, kind: str | None) -> None:
-        self._preview_z = None if labels is None else z
-        self._preview_labels = labels
-        self._preview_kind = None if labels is None else kind
-        if self._preview is not None and self._image is not None:
-            pl.show_preview(self._preview, self._image, z, labels)
-
-    def _clear_preview_state(self) -> None:
-        self._prediction = None
-        self._set_preview(self._preview_z or 0, None, None)
-
-    # ------------------------------------------------------------------ target, commit, clear
-    def target_layer(self, create: bool = True) -> Labels | None:
-        """The Labels layer commits go into (created with the image's shape when asked for)."""
-        choice = self._target_combo.value
-        if isinstance(choice, Labels) and choice in self._viewer.layers:
-            pl.check_target_layer(choice, self._image)
-            return choice
-        if not create or self._image is None:
-            return None
-        target = self._created_targets.get(id(self._image))
-        if target is None or target not in self._viewer.layers:
-            target = pl.make_target_layer(self._image)
-            self._viewer.layers.insert(self._viewer.layers.index(self._image) + 1, target)
-            self._created_targets[id(self._image)] = target
-        self.reset_choices()
-        self._target_combo.value = target
-        return target
+    def update_preview(self):
+        """Predict the object from the current slice's prompts and show it; see :class:`Annotator`."""
+        return self._annotator.update_preview()
 
     def commit(self) -> list[int]:
         """Write the previewed object(s) into the target layer (one undo step); returns the ids."""
-        if self._image is None:
-            show_warning("No image layer: open an image first.")
-            return []
-        if self._preview_labels is None or not self._preview_labels.any():
-            show_info("Nothing to commit: click on an object first (or segment the slice automatically).")
-            return []
-        z = self._preview_z or 0
-        try:
-            target = self.target_layer(create=True)
-            ids = pl.write_slice_labels(target, z, self._preview_labels, keep_existing=self._keep_existing.value)
-        except Exception as exc:  # noqa: BLE001
-            self._report(exc, "committing")
-            return []
-        self._remove_prompts(z)
-        self._clear_preview_state()
-        if ids:
-            target.selected_label = ids[-1]
-        what = f"object {ids[0]}" if len(ids) == 1 else f"{len(ids)} objects"
-        self._status.value = f"Committed {what} on slice {z} into {target.name!r} (Ctrl-Z on that layer undoes)."
-        return ids
+        return self._annotator.commit()
 
     def clear_prompts(self) -> None:
-        """Drop the prompts of the current slice (every prompt of a 2D image) and the preview."""
-        if self._image is None:
-            return
-        self._remove_prompts(self.current_z())
-        self._clear_preview_state()
-        self._status.value = "Prompts cleared."
+        """Drop the prompts of the current slice, the preview and a refinement."""
+        self._annotator.clear_prompts()
 
-    def _remove_prompts(self, z: int) -> None:
-        """Delete the points and boxes lying on slice z, without recomputing the preview."""
-        self._suspend_prompt_events = True
-        try:
-            pl.remove_slice_prompts(self._image, z, self._points, self._boxes)
-        finally:
-            self._suspend_prompt_events = False
+    def refine_selected_label(self) -> bool:
+        """Correct the target layer's selected label on the slice in view (C replaces it there)."""
+        return self._annotator.refine_selected_label()
 
-    # ------------------------------------------------------------------ keys
+    def target_layer(self, create: bool = True) -> Labels | None:
+        """The Labels layer commits go into (created with the image's shape when asked for)."""
+        return self._annotator.target_layer(create)
+
+    def propagate(self) -> Task | None:
+        """Follow the prompted object through the stack, or every object committed on the slice."""
+        return self._annotator.propagate()
+
+    def propagate_selected_label(self) -> Task | None:
+        """Extend the target layer's selected label through the stack."""
+        return self._annotator.propagate_labels("selected label")
+
+    def propagate_labels(self, scope: str | None = None) -> Task | None:
+        """Extend labels of the target layer (``scope``: see :meth:`Annotator.propagate_labels`)."""
+        return self._annotator.propagate_labels(scope)
+
+    def segment_slice_automatically(self) -> Task | None:
+        """Find every object of the current slice (worker) and show their outlines in the preview."""
+        return self._annotator.segment_slice_automatically()
+
+    def cancel(self) -> None:
+        """Cancel the running propagation / automatic segmentation (nothing is written)."""
+        self._annotator.cancel()
+
+    def stop(self) -> None:
+        """End the running propagation early and write the slices it has done (one undo step)."""
+        self._annotator.stop()
+
+    @property
+    def last_propagation(self):
+        """The engine's PropagationResult of the last propagation written."""
+        return self._annotator.last_propagation
+
+    @property
+    def _preview_kind(self):
+        return self._annotator._preview_kind
+
+    @property
+    def _preview_z(self):
+        return self._annotator._preview_z
+
+    @property
+    def _prediction(self):
+        return self._annotator._prediction
+
+    # ------------------------------------------------------------------ keys and closing
     def _bind_keys(self) -> None:
         actions = {
             "commit": lambda viewer: self.commit(),
@@ -614,33 +423,66 @@ class SegmentWidget(LongTasksMixin, Container):
         for key, func in self._key_funcs.items():
             self._viewer.bind_key(key, func, overwrite=True)
 
-    def _on_destroyed(self, *_) -> None:
-        """The dock widget is gone: release the viewer (keys, events) and background work."""
+    def close_widget(self) -> None:
+        """Release the viewer: unbind the keys, drop viewer events, cancel background work.
+
+        Called when the dock is closed (its × button), when the widget is deleted and when the
+        viewer closes. Nothing a running task computes is written afterwards. Safe to call twice
+        and while Qt is tearing the window down.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        steps = (self._unbind_keys, self._disconnect_viewer, self._slice_timer.stop,
+                 self._restore_timer.stop, self._stop_background, self._drop_preview_layer)
+        for step in steps:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - PyQt aborts on an exception leaving a slot
+                log.debug("napari-mobilesam: closing step %s failed", step, exc_info=True)
+
+    def _unbind_keys(self) -> None:
         from napari.utils.key_bindings import coerce_keybinding
 
-        viewer = self._viewer
         for key, func in getattr(self, "_key_funcs", {}).items():
-            if viewer.keymap.get(coerce_keybinding(key)) is func:  # not rebound by another widget
-                viewer.bind_key(key, None)
-        viewer.layers.events.inserted.disconnect(self._on_layers_changed)
-        viewer.layers.events.removed.disconnect(self._on_layers_changed)
-        viewer.dims.events.current_step.disconnect(self._on_dims_changed)
-        self._slice_timer.stop()
-        for task in (self._embed_task, self._long_task):
-            if task is not None and not task.done:
-                task.cancel()
-        self._replace_session(None)
+            if self._viewer.keymap.get(coerce_keybinding(key)) is func:  # not rebound by another widget
+                self._viewer.bind_key(key, None)
+
+    def _disconnect_viewer(self) -> None:
+        self._viewer.layers.events.inserted.disconnect(self._on_layers_changed)
+        self._viewer.layers.events.removed.disconnect(self._on_layers_changed)
+        self._viewer.dims.events.current_step.disconnect(self._on_dims_changed)
+
+    def _stop_background(self) -> None:
+        self._model.closed = True
+        self._annotator.close()
+
+    def _drop_preview_layer(self) -> None:
+        preview = self._preview
+        if preview is not None and preview in self._viewer.layers:
+            self._helpers.changing = True
+            self._viewer.layers.remove(preview)
 
     # ------------------------------------------------------------------ messages
+    def _show_status(self, text: str) -> None:
+        """Show ``text`` in the status line, under the running task's line while one runs."""
+        if self._closed:
+            return
+        runner = None if self._annotator is None else self._annotator._runner
+        head = f"{runner.doing[0].upper()}{runner.doing[1:]}…" if runner is not None and runner.running else ""
+        self._status.value = "\n".join(t for t in dict.fromkeys((head, text)) if t)
+
     def _info(self, message: str) -> None:
+        self._show_status(message)
         show_info(message)
 
     def _warn(self, message: str) -> None:
+        self._show_status(message)
         show_warning(message)
 
     def _report(self, exc: BaseException, doing: str) -> None:
         """Show an error as a napari notification and in the status line (never raise)."""
         message = _error_message(exc, doing)
         log.debug("napari-mobilesam: %s", message, exc_info=exc)
-        self._status.value = message
+        self._show_status(message)
         show_error(message)

@@ -1,0 +1,444 @@
+"""What the Segment widget does with the layers: preview, commit, refine, propagate, segment a slice.
+
+:class:`Annotator` holds that state explicitly (the image and its engine session, what the preview
+shows, the label being refined, the last propagation) and owns the two background helpers: the
+:class:`~.embedder.SliceEmbedder` (embedding the slice in view) and the
+:class:`~.long_tasks.LongTaskRunner` (propagation and automatic segmentation). The widget
+(:mod:`.segment_widget`) builds the controls, follows the viewer and forwards its actions here;
+messages go back through the ``say`` callbacks. Coordinates: image data ``(z, row, col)``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+from napari.layers import Labels
+
+from ..core.session import ObjectPrediction
+from . import prompt_layers as pl
+from .embedder import SliceEmbedder
+from .long_tasks import (
+    LongTaskRunner,
+    PropagationRun,
+    describe_propagation,
+    label_run,
+    write_propagation,
+)
+from .workers import Task
+
+__all__ = ["Annotator"]
+
+
+class Annotator:
+    """Preview, commit, refinement and long tasks for the image being segmented.
+
+    Parameters
+    ----------
+    viewer : napari Viewer
+    helpers : HelperLayers
+        The image's prompts, boxes and preview layers.
+    controls : SegmentControls
+    model : ModelPanel
+    say : namespace of callables
+        ``status(text)``, ``info(text)``, ``warn(text)``, ``report(exc, doing)``, ``reset_choices()``.
+    """
+
+    def __init__(self, viewer, helpers, controls, model, say: SimpleNamespace):
+        self._viewer, self._helpers, self._c, self._model, self._say = viewer, helpers, controls, model, say
+        self.image = None
+        self.session = None
+        self.closed = False
+        self._created_targets: dict[int, Labels] = {}  # id(image) -> Labels layer made for it
+        self._suspend_prompt_events = False
+        self._refining: tuple[Labels, int] | None = None  # (layer, label) being corrected
+        self._preview_z: int | None = None
+        self._preview_labels = None  # (H, W) uint32 of what the preview shows
+        self._preview_kind: str | None = None  # "object" | "auto" | "live"
+        self._prediction: ObjectPrediction | None = None
+        self.last_propagation = None  # the engine's PropagationResult of the last propagation
+        self._runner = LongTaskRunner(
+            controls.cancel, controls.stop, on_status=say.status, on_error=say.report,
+            on_live=self._show_live, on_live_end=self._live_ended,
+        )
+        self._embedder = SliceEmbedder(self.current_z, lambda z: self.update_preview(), say.status, say.report)
+
+    @property
+    def _points(self):
+        return None if self._helpers.current is None else self._helpers.current.points
+
+    @property
+    def _boxes(self):
+        return None if self._helpers.current is None else self._helpers.current.boxes
+
+    @property
+    def _preview(self):
+        return None if self._helpers.current is None else self._helpers.current.preview
+
+    def current_z(self) -> int:
+        """The image's slice shown in the viewer (0 for 2D images)."""
+        return 0 if self.image is None else pl.current_slice(self._viewer, self.image)
+
+    def use(self, image, session) -> None:
+        """Work on ``image`` with ``session`` (either may be None); drops the preview and a refinement."""
+        if image is not self.image:
+            self._clear_preview_state()
+            self._refining = None
+        if self.session is not None and self.session is not session:
+            self.session.close()
+        self.image, self.session = image, session
+        self._embedder.use(session)
+
+    def _select_prompts(self) -> None:
+        """Make the prompts layer the active one, in add mode: the next click adds a point."""
+        points = self._points
+        if points is None or points not in self._viewer.layers:
+            return
+        self._viewer.layers.selection.active = points
+        points.mode = "add"
+
+    @property
+    def busy(self) -> bool:
+        return any(t is not None and not t.done for t in (self._embedder.task, self._runner.task))
+
+    def close(self) -> None:
+        """Cancel background work; no callback reaches the layers afterwards."""
+        self.closed = True
+        self._runner.close()
+        self._embedder.close()
+        if self.session is not None:
+            self.session.close()
+        self.session = None
+
+    # ------------------------------------------------------------------ preview
+    def on_slice_settled(self) -> None:
+        """The user stopped on a slice: refresh its preview and make sure it is embedded."""
+        if self.closed or self.session is None or self.image is None:
+            return
+        z = self.current_z()
+        if self._preview_kind == "auto" and self._preview_z != z:
+            self._clear_preview_state()
+        if self._embedder.ready(z):
+            self.session.prefetch(self._embedder.neighbours(z))
+        self.update_preview()
+        self._show_live()
+
+    def _slice_prompt(self, z: int):
+        """The engine's Prompt of slice z from the prompt layers (None: no prompt there)."""
+        return pl.slice_prompt(pl.layer_prompts(self.image, self._points, self._boxes), z)
+
+    def _refine_mask(self, z: int):
+        """(H, W) bool: the refined label's current mask on slice z (None when not refining)."""
+        if self._refining is None:
+            return None
+        layer, label = self._refining
+        if layer not in self._viewer.layers:
+            self._refining = None
+            return None
+        data = pl._level0(layer.data)
+        return np.asarray(data[z] if data.ndim == 3 else data) == label
+
+    def update_preview(self) -> ObjectPrediction | None:
+        """Predict the object from the current slice's prompts and show it (GUI thread, fast path).
+
+        Returns the prediction, or None when there is nothing to show yet (no prompts, no model,
+        or the slice's embedding is still being computed in the background). While a label is
+        refined, its current mask on the slice is the mask prompt.
+        """
+        if self.closed or self.image is None or self._points is None:
+            return None
+        z = self.current_z()
+        prompt = self._slice_prompt(z)
+        base = self._refine_mask(z)
+        if prompt is None:
+            if self._preview_kind == "object":
+                self._clear_preview_state()
+            return None
+        if not pl.has_positive(prompt) and (base is None or not base.any()):
+            self._clear_preview_state()
+            self._say.status("Add a positive point or a box: negative points alone select nothing.")
+            return None
+        if self.session is None:
+            if self._model.sam is None:
+                self._model.load()
+            return None
+        if not self._embedder.ready(z):
+            return None
+        mask_input = None if base is None or not base.any() else pl.label_mask_input(base)
+        try:
+            pred = self.session.predict(z, prompt.points, prompt.labels, prompt.box, mask_input)
+        except Exception as exc:  # noqa: BLE001
+            self._say.report(exc, f"predicting on slice {z}")
+            return None
+        self._prediction = pred
+        self._set_preview(z, pred.mask.astype(np.uint32), "object")
+        next_step = "" if self._runner.running else (
+            " C replaces the label here." if self._refining else " C commits, Shift-S propagates."
+        )
+        self._say.status(
+            f"Slice {z}: object of {int(pred.mask.sum())} px, predicted IoU {pred.score:.2f}.{next_step}"
+        )
+        return pred
+
+    def _set_preview(self, z: int, labels: np.ndarray | None, kind: str | None) -> None:
+        self._preview_z = None if labels is None else z
+        self._preview_labels = labels
+        self._preview_kind = None if labels is None else kind
+        if self._preview is not None and self.image is not None and self._preview in self._viewer.layers:
+            pl.show_preview(self._preview, self.image, z, labels, outlines=kind == "auto")
+
+    def _clear_preview_state(self) -> None:
+        self._prediction = None
+        self._set_preview(self._preview_z or 0, None, None)
+
+    def _show_live(self) -> None:
+        """While a propagation runs, show what it has written on the slice in view (unless the
+        user's own prompts are previewed there)."""
+        live = self._runner.live
+        if live is None or self.image is None or self._preview_kind not in (None, "live"):
+            return
+        if tuple(live.shape) != tuple(pl.image_geometry(self.image).shape):  # another image now
+            return
+        z = self.current_z()
+        if not 0 <= z < live.shape[0]:
+            return
+        here = live[z]
+        if here.any():
+            self._set_preview(z, here.astype(np.uint32), "live")
+        elif self._preview_kind == "live":
+            self._clear_preview_state()
+
+    def _live_ended(self) -> None:
+        if self._preview_kind == "live":
+            self._clear_preview_state()
+
+    # ------------------------------------------------------------------ target, commit, clear
+    def target_layer(self, create: bool = True) -> Labels | None:
+        """The Labels layer commits go into (created with the image's shape when asked for)."""
+        choice = self._c.target.value
+        if isinstance(choice, Labels) and choice in self._viewer.layers:
+            pl.check_target_layer(choice, self.image)
+            return choice
+        if not create or self.image is None:
+            return None
+        target = self._created_targets.get(id(self.image))
+        if target is None or target not in self._viewer.layers:
+            target = pl.make_target_layer(self.image)
+            self._viewer.layers.insert(self._viewer.layers.index(self.image) + 1, target)
+            self._created_targets[id(self.image)] = target
+        self._say.reset_choices()
+        self._c.target.value = target
+        return target
+
+    def commit(self) -> list[int]:
+        """Write the previewed object(s) into the target layer (one undo step); returns the ids.
+
+        While a label is refined, the preview replaces that label on the slice instead. Afterwards
+        the prompts layer is active again, in add mode: the next click starts the next object.
+        """
+        if self.image is None:
+            self._say.warn("No image layer: open an image first.")
+            return []
+        if self._preview_kind == "live":
+            self._say.info("A propagation is running: what you see is its progress. C commits your own "
+                       "prompts; Stop ends the propagation and writes it.")
+            return []
+        if self._preview_labels is None or not self._preview_labels.any():
+            self._say.info("Nothing to commit: click on an object first (or segment the slice automatically).")
+            return []
+        z = self._preview_z or 0
+        try:
+            if self._refining is not None:
+                ids, target = self._commit_refined(z), self._refining[0]
+            else:
+                target = self.target_layer(create=True)
+                ids = pl.write_slice_labels(target, z, self._preview_labels, keep_existing=self._c.keep_existing.value)
+        except Exception as exc:  # noqa: BLE001
+            self._say.report(exc, "committing")
+            return []
+        self._remove_prompts(z)
+        self._clear_preview_state()
+        if ids:
+            target.selected_label = ids[-1]
+        what = f"object {ids[0]}" if len(ids) == 1 else f"{len(ids)} objects"
+        verb = "Replaced" if self._refining is not None else "Committed"
+        self._refining = None
+        self._select_prompts()
+        self._say.status(f"{verb} {what} on slice {z} in {target.name!r} (Ctrl-Z on that layer undoes). "
+                          "Click the next object.")
+        return ids
+
+    def _commit_refined(self, z: int) -> list[int]:
+        layer, label = self._refining
+        pl.check_target_layer(layer, self.image)
+        pl.replace_label_on_slice(layer, z, label, self._preview_labels > 0, keep_existing=self._c.keep_existing.value)
+        return [label]
+
+    def refine_selected_label(self) -> bool:
+        """Correct the target layer's selected label on the slice in view: its mask is the mask
+        prompt, clicks add to or cut from it, C replaces it on that slice (undoable)."""
+        target = self._c.target.value
+        if self.image is None or not isinstance(target, Labels):
+            self._say.info("Pick the Labels layer in 'labels' and select the label to refine (picker, key L).")
+            return False
+        z, label = self.current_z(), int(target.selected_label)
+        self._refining = (target, label)
+        if not self._refine_mask(z).any():
+            self._refining = None
+            self._say.info(f"Label {label} is not on slice {z}: select a label of this slice (picker, key L).")
+            return False
+        self._set_preview(z, self._refine_mask(z).astype(np.uint32), "object")
+        self._select_prompts()
+        self._say.status(f"Refining label {label} on slice {z}: click to add (Shift-click to cut), "
+                          "C replaces it, Shift-C stops.")
+        return True
+
+    def clear_prompts(self) -> None:
+        """Drop the prompts of the current slice (every prompt of a 2D image), the preview and a refinement."""
+        if self.image is None:
+            return
+        self._remove_prompts(self.current_z())
+        self._clear_preview_state()
+        self._refining = None
+        self._say.status("Prompts cleared.")
+
+    def _remove_prompts(self, z: int) -> None:
+        """Delete the points and boxes lying on slice z, without recomputing the preview."""
+        self._suspend_prompt_events = True
+        try:
+            pl.remove_slice_prompts(self.image, z, self._points, self._boxes)
+        finally:
+            self._suspend_prompt_events = False
+
+    # ------------------------------------------------------------------ long tasks
+    def cancel(self) -> None:
+        """Cancel the running propagation / automatic segmentation (nothing is written)."""
+        if self._runner.cancel():
+            self._say.status("Cancelled: nothing was written.")
+
+    def stop(self) -> None:
+        """End the running propagation early and write the slices it has done (one undo step)."""
+        if self._runner.stop():
+            self._say.status("Stopping: the slices done so far will be written…")
+
+    def _ready_for_engine(self) -> bool:
+        if self.image is None:
+            self._say.warn("No image layer: open or pick an image first.")
+            return False
+        if self.session is None:
+            self._say.info("The model is loading; try again in a moment." if self._model.sam is None else "No session.")
+            if self._model.sam is None:
+                self._model.load()
+            return False
+        return True
+
+    def _z_range(self) -> tuple[int, int] | None:
+        """The (start, stop) range for propagation, or None when not limited."""
+        if not self._c.limit.value:
+            return None
+        lo, hi = sorted((int(self._c.z_from.value), int(self._c.z_to.value)))
+        return lo, hi + 1
+
+    def segment_slice_automatically(self) -> Task | None:
+        """Find every object of the current slice (worker) and show their outlines in the preview."""
+        if not self._ready_for_engine():
+            return None
+        session, z = self.session, self.current_z()
+
+        def done(labels):
+            if session is not self.session:
+                return
+            self._prediction = None
+            self._set_preview(z, np.asarray(labels, dtype=np.uint32), "auto")
+            n = len(np.unique(labels)) - 1
+            self._say.status(f"Slice {z}: {n} objects found. C commits them all, Shift-C discards.")
+
+        return self._runner.start(
+            lambda report, cancelled: session.segment_automatically(z), f"segmenting slice {z} automatically", 0, done
+        )
+
+    def propagate(self) -> Task | None:
+        """Follow the current object through the stack (worker; one undo step at the end).
+
+        Every slice holding a positive point or a box is a seed (all prompts in the layers
+        describe the object being made); slices with negative points only are walls it does not
+        cross. Without prompts on the slice in view, every object committed on it is propagated.
+        """
+        if not self._ready_for_engine():
+            return None
+        if not pl.image_geometry(self.image).is_stack:
+            self._say.info("Propagation needs a stack (z, row, col); this image is 2D.")
+            return None
+        z, z_range = self.current_z(), self._z_range()
+        if not pl.has_positive(self._slice_prompt(z)):
+            target = self.target_layer(create=False)
+            if target is not None and np.asarray(pl._level0(target.data)[z]).any():
+                return self.propagate_labels("labels on this slice")
+            self._say.info(f"Nothing to propagate on slice {z}: click on an object first.")
+            return None
+        if z_range is not None and not z_range[0] <= z < z_range[1]:
+            self._say.warn(f"Slice {z} lies outside the range {z_range[0]}–{z_range[1] - 1}: widen it.")
+            return None
+        obj = pl.object_prompts(pl.layer_prompts(self.image, self._points, self._boxes), 1, z_range)
+        seeds = pl.seed_slices(obj)
+        where = f"slice {z}" if len(seeds) == 1 else "slices " + ", ".join(map(str, seeds))
+        run = PropagationRun([obj], f"object from {where}", keep_ids=False, clear_z=seeds, z_range=z_range)
+        return self._start_propagation(run, None)
+
+    def propagate_selected_label(self) -> Task | None:
+        """Extend the target layer's selected label through z from every slice where it appears."""
+        return self.propagate_labels("selected label")
+
+    def propagate_labels(self, scope: str | None = None) -> Task | None:
+        """Extend labels of the target Labels layer through the stack in one pass (one undo step).
+
+        ``scope`` (default: the widget's choice): ``"selected label"``, ``"labels on this slice"``,
+        ``"all labels"`` or ``"these ids"`` (the ids field). Slices where a label already is are
+        kept as drawn; the report says where and why each label stopped.
+        """
+        if not self._ready_for_engine():
+            return None
+        target = self._c.target.value
+        if not isinstance(target, Labels):
+            target = self.target_layer(create=False)
+        if not isinstance(target, Labels):
+            self._say.info("Pick a Labels layer in 'labels' first (and select a label: picker, key L).")
+            return None
+        try:
+            pl.check_target_layer(target, self.image)
+            run = label_run(
+                pl._level0(target.data), scope or self._c.scope.value, selected=int(target.selected_label),
+                ids_text=self._c.ids.value, z=self.current_z(), z_range=self._z_range(),
+            )
+        except ValueError as exc:
+            self._say.report(exc, "propagating labels")
+            return None
+        return self._start_propagation(run, target)
+
+    def _start_propagation(self, run: PropagationRun, target: Labels | None) -> Task | None:
+        session = self.session
+        shape = pl.image_geometry(self.image).shape
+
+        def done(result):  # a finished or stopped run (a cancelled one never gets here)
+            if session is self.session:
+                self._write_propagation(result, run, target)
+
+        return run.start(self._runner, session, shape, done)
+
+    def _write_propagation(self, result, run: PropagationRun, target: Labels | None) -> None:
+        if result.cancelled and not any(r.accepted for r in result.records):
+            self._say.status("Stopped before any slice was done: nothing was written.")
+            return
+        try:
+            target = target if target is not None else self.target_layer(create=True)
+            ids = write_propagation(target, result, run, self._c.keep_existing.value)
+        except Exception as exc:  # noqa: BLE001
+            self._say.report(exc, f"writing the propagated {run.what}")
+            return
+        for zs in run.clear_z:  # the seeds' prompts are used up (walls stay)
+            self._remove_prompts(zs)
+        if run.clear_z:
+            self._clear_preview_state()
+        self.last_propagation = result
+        self._say.status(describe_propagation(result, run, ids, target.name))
+

@@ -1,0 +1,146 @@
+"""The Segment widget's controls (except the model's: :mod:`.model_panel`), each with a tooltip.
+
+:class:`SegmentControls` only makes and lays out the magicgui widgets; the widget connects them.
+The words that name the stack's axis (``z``, or ``t`` for a time-lapse) are set by
+:meth:`SegmentControls.name_axis`.
+"""
+
+from __future__ import annotations
+
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    Label,
+    LineEdit,
+    PushButton,
+    SpinBox,
+)
+from qtpy.QtWidgets import QSizePolicy
+
+__all__ = ["SegmentControls", "LABEL_SCOPES", "NEW_LAYER", "hint_text"]
+
+NEW_LAYER = "(new layer)"
+
+#: What "Propagate labels" takes from the labels layer.
+LABEL_SCOPES = ("selected label", "labels on this slice", "all labels", "these ids")
+
+
+def hint_text(axis: str = "z") -> str:
+    """The key and mouse help shown in the widget."""
+    return (
+        "Click: positive point · Shift/Ctrl-click: negative point · N: swap the two\n"
+        "Boxes layer: draw a rectangle (R) for a box prompt\n"
+        f"C: commit · Shift-C: clear · Shift-S: propagate through {axis}"
+    )
+
+
+def _wrapping(label: Label) -> Label:
+    """A label that wraps its text and never widens the dock (long reports wrap instead)."""
+    label.native.setWordWrap(True)
+    policy = label.native.sizePolicy()
+    policy.setHorizontalPolicy(QSizePolicy.Policy.Ignored)
+    label.native.setSizePolicy(policy)
+    label.native.setMinimumWidth(50)
+    return label
+
+
+class SegmentControls:
+    """Every control of the Segment widget below the model choice, with tooltips.
+
+    Parameters
+    ----------
+    image_choices, target_choices : callable
+        magicgui choice callbacks for the image and target-labels combo boxes.
+    """
+
+    def __init__(self, image_choices, target_choices):
+        self.image = ComboBox(label="image", choices=image_choices)
+        self.image.tooltip = "The image layer to segment (2D, RGB, or a stack: z or t first)"
+        self.hint = _wrapping(Label(value=hint_text()))
+        self.hint.tooltip = "How to prompt: these keys work while the widget is open"
+        self.target = ComboBox(label="labels", choices=target_choices)
+        self.target.tooltip = "The Labels layer objects are committed into ('(new layer)': made for you)"
+        self.keep_existing = CheckBox(text="keep existing labels (commit only paints background)", value=True)
+        self.keep_existing.tooltip = "On: commits and propagations never paint over labels already there"
+        self.commit = PushButton(text="Commit [C]")
+        self.commit.tooltip = "Write the previewed object(s) into the labels layer (Ctrl-Z there undoes)"
+        self.clear = PushButton(text="Clear prompts [Shift-C]")
+        self.clear.tooltip = "Drop this slice's points and boxes and the preview"
+        self.refine = PushButton(text="Refine selected label")
+        self.refine.tooltip = (
+            "Correct the labels layer's selected label on this slice: its mask is the starting "
+            "prompt, add clicks, C replaces it on this slice (undoable)"
+        )
+        self.limit = CheckBox(text="limit propagation to z-range", value=False)
+        self.limit.tooltip = "Propagate only between the two slices below"
+        self.z_from = SpinBox(label="z from", min=0, max=0)
+        self.z_from.tooltip = "First slice propagation may reach"
+        self.z_to = SpinBox(label="z to", min=0, max=0)
+        self.z_to.tooltip = "Last slice propagation may reach"
+        self.propagate = PushButton(text="Propagate object [Shift-S]")
+        self.propagate.tooltip = (
+            "Follow the prompted object through the stack (all its prompted slices are seeds); "
+            "without prompts: every object committed on this slice"
+        )
+        self.scope = ComboBox(label="which labels", choices=list(LABEL_SCOPES), value=LABEL_SCOPES[0])
+        self.scope.tooltip = "Which labels of the labels layer 'Propagate labels' extends"
+        self.ids = LineEdit(label="ids", value="")
+        self.ids.tooltip = "Label ids for 'these ids', e.g. 3, 5-7"
+        self.propagate_labels = PushButton(text="Propagate labels of the labels layer")
+        self.propagate_labels.tooltip = (
+            "Extend the chosen labels through the stack in one pass (one undo step); slices "
+            "where a label already is are kept as drawn"
+        )
+        self.auto = PushButton(text="Segment this slice automatically")
+        self.auto.tooltip = "Find every object of this slice (preview outlines); C commits them all"
+        self.stop = PushButton(text="Stop, keep slices done", enabled=False)
+        self.stop.tooltip = "End the propagation now and write the slices done so far (one undo step)"
+        self.cancel = PushButton(text="Cancel", enabled=False)
+        self.cancel.tooltip = "End the running task and write nothing"
+        self.status = _wrapping(Label(value=""))
+        self.status.tooltip = "What the widget is doing, and the last result"
+
+    def layout(self, model_widgets: list) -> list:
+        """The widgets in their order in the dock, rows grouped in horizontal containers."""
+
+        def row(*widgets, labels=False):
+            return Container(widgets=list(widgets), layout="horizontal", labels=labels)
+
+        return [
+            self.image,
+            *model_widgets,
+            self.hint,
+            self.target,
+            self.keep_existing,
+            row(self.commit, self.clear),
+            self.refine,
+            self.limit,
+            row(self.z_from, self.z_to, labels=True),
+            self.propagate,
+            row(self.scope, self.ids, labels=True),
+            self.propagate_labels,
+            self.auto,
+            row(self.stop, self.cancel),
+            self.status,
+        ]
+
+    def name_axis(self, axis: str) -> None:
+        """Word the stack controls for its first axis (``"z"``, or ``"t"`` for a time-lapse)."""
+        self.hint.value = hint_text(axis)
+        self.limit.text = f"limit propagation to {axis}-range"
+        self.z_from.label = f"{axis} from"
+        self.z_to.label = f"{axis} to"
+        self.propagate.text = f"Propagate object through {axis} [Shift-S]"
+
+    def enable_stack(self, is_stack: bool) -> None:
+        for w in (self.limit, self.z_from, self.z_to, self.propagate, self.propagate_labels, self.scope, self.ids):
+            w.enabled = is_stack
+
+    def all(self) -> list:
+        """Every control (for tooltip checks)."""
+        return [
+            self.image, self.hint, self.target, self.keep_existing, self.commit, self.clear,
+            self.refine, self.limit, self.z_from, self.z_to, self.propagate, self.scope, self.ids,
+            self.propagate_labels, self.auto, self.stop, self.cancel, self.status,
+        ]

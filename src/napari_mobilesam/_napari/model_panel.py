@@ -1,0 +1,160 @@
+"""The model part of the Segment widget: which model, checkpoint and device; loading in a worker.
+
+:class:`ModelPanel` owns its controls and its state (the loaded model, the load in progress, the
+last failed choice). A failed load is not retried by itself: every click on the image would
+otherwise start the download again and pop up the same error; *Load model* retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from magicgui.widgets import ComboBox, FileEdit, Label, PushButton
+
+from ..errors import WeightsError
+from ..models.choice import FILE_MODELS, ModelChoice
+from .settings import (
+    DEV_MODEL_CHOICES,
+    WidgetSettings,
+    device_choices,
+    model_choices,
+    save_settings,
+)
+from .workers import Task, start_task
+
+__all__ = ["ModelPanel", "model_error_message"]
+
+
+def model_error_message(exc: BaseException, request: ModelChoice) -> str:
+    """A short message for a failed load, worded for the widget's controls (not the Python API)."""
+    text = str(exc) or type(exc).__name__
+    offline = isinstance(exc, WeightsError) or "download" in text.lower()
+    if request.model == "vit_t" and not request.has_file and offline:
+        return (
+            "Could not download the MobileSAM weights (mobile_sam.pt): is this computer offline? "
+            "Get mobile_sam.pt on a connected computer, then choose the model 'MobileSAM "
+            "checkpoint file' and pick the file in 'checkpoint'; or connect and press Load model."
+        )
+    first = text.split(". ")[0].strip().rstrip(".")
+    if len(first) > 220:
+        first = first[:217] + "…"
+    return f"Could not load {request.describe()}: {first}. Check the model choice, then press Load model."
+
+
+class ModelPanel:
+    """Model, checkpoint and device controls, the loaded model and its loading task.
+
+    Parameters
+    ----------
+    saved : WidgetSettings
+        The remembered choices to show first.
+    on_loaded : callable(sam, request)
+        Called on the GUI thread with a freshly loaded model.
+    on_error : callable(message)
+        Called on the GUI thread with a short message when loading fails.
+    """
+
+    def __init__(self, saved: WidgetSettings, on_loaded: Callable, on_error: Callable[[str], None]):
+        self._on_loaded = on_loaded
+        self._on_error = on_error
+        self.extra: dict[str, str] = {}
+        self.sam = None
+        self.request: ModelChoice | None = None  # what ``sam`` was loaded from
+        self.task: Task | None = None
+        self.failed: ModelChoice | None = None  # the last choice that failed to load
+        self.closed = False
+        self.combo = ComboBox(label="model", choices=self._choices)
+        self.combo.tooltip = "Which weights segment: the default MobileSAM, or a .pt file of yours"
+        self.checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.pt *.pth *.pth.tar")
+        self.checkpoint.tooltip = "The MobileSAM / distilled checkpoint file (.pt) to load"
+        self.checkpoint.line_edit.tooltip = self.checkpoint.tooltip
+        self.checkpoint.choose_btn.tooltip = "Browse for the checkpoint file"
+        self.device = ComboBox(label="device", choices=device_choices())
+        self.device.tooltip = "Where the model runs: auto picks a GPU when there is one"
+        self.load_btn = PushButton(text="Load model")
+        self.load_btn.tooltip = "Load (or reload) the chosen model; the first start takes longest"
+        self.status = Label(value="model: not loaded")
+        self.status.tooltip = "The model in use"
+        self._restore(saved)
+        for control in (self.combo, self.checkpoint, self.device):
+            control.changed.connect(self._on_choice_changed)
+        self.load_btn.changed.connect(lambda: self.load(retry=True))
+
+    @property
+    def widgets(self) -> list:
+        return [self.combo, self.checkpoint, self.device, self.load_btn, self.status]
+
+    def _choices(self, _widget=None) -> list[tuple[str, str]]:
+        return [(label, key) for key, label in {**model_choices(), **self.extra}.items()]
+
+    def _restore(self, saved: WidgetSettings) -> None:
+        self.combo.value = saved.model if saved.model in model_choices() else "vit_t"
+        if saved.checkpoint:
+            self.checkpoint.value = saved.checkpoint
+        if saved.device in self.device.choices:
+            self.device.value = saved.device
+        self._update_visibility()
+
+    def _update_visibility(self) -> None:
+        self.checkpoint.visible = self.combo.value in FILE_MODELS
+
+    def choice(self) -> ModelChoice:
+        """The model, checkpoint and device currently chosen."""
+        checkpoint = str(self.checkpoint.value) if self.combo.value in FILE_MODELS else ""
+        return ModelChoice(self.combo.value, "" if checkpoint in (".", "") else checkpoint, self.device.value)
+
+    def _on_choice_changed(self, _value=None) -> None:
+        self._update_visibility()
+        request = self.choice()
+        self.failed = None
+        if request.model in model_choices():  # dev-only test models are not persisted otherwise
+            save_settings(WidgetSettings(request.model, request.checkpoint, request.device))
+        if self.request is not None and request != self.request:
+            self.status.value = f"model: {self.request.describe()} (choice changed: Load model to switch)"
+
+    def enable_dev_models(self) -> None:
+        self.extra.update(DEV_MODEL_CHOICES)
+        self.combo.reset_choices()
+
+    @property
+    def loading(self) -> bool:
+        return self.task is not None and not self.task.done
+
+    def load(self, request: ModelChoice | None = None, *, retry: bool = False) -> Task | None:
+        """Load ``request`` (default: the chosen model) in a worker; None when nothing started.
+
+        Without ``retry``, a choice that already failed is not loaded again (the error stays in
+        the status line; *Load model* passes ``retry``).
+        """
+        request = request or self.choice()
+        if self.loading:
+            return self.task
+        if request.model in FILE_MODELS and not request.has_file:
+            self._fail(request, "Choose the checkpoint file (.pt) in 'checkpoint' first, then press Load model.")
+            return None
+        if request == self.failed and not retry:
+            return None
+        self.failed = None
+        self.status.value = f"model: loading {request.describe()}…"
+        self.task = start_task(
+            lambda report, cancelled: request.load(),
+            description=f"MobileSAM: loading {request.describe()}",
+            on_result=lambda sam: self._loaded(sam, request),
+            on_error=lambda exc: self._fail(request, model_error_message(exc, request), exc),
+        )
+        return self.task
+
+    def _loaded(self, sam, request: ModelChoice) -> None:
+        if not self.closed:
+            self._on_loaded(sam, request)
+
+    def _fail(self, request: ModelChoice, message: str, exc: BaseException | None = None) -> None:
+        if self.closed:
+            return
+        self.failed = request
+        self.status.value = f"model: failed to load {request.describe()}"
+        self._on_error(message)
+
+    def set_loaded(self, sam, request: ModelChoice) -> None:
+        self.sam, self.request, self.failed = sam, request, None
+        self.status.value = f"model: {request.describe()} ✓"

@@ -1,0 +1,239 @@
+"""Issue #11's bugs of the Segment widget, each reproduced through real input on a shown viewer.
+
+Clicks and keys are Qt events on napari's vispy canvas (helpers in ``test_user_flow.py``); prompts
+are answered by ``GroundTruthOracle`` (a stand-in for the predictor, NOT a model), except where the
+real loader or the real encoder is the point (offline weights, embedding in the background).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from qtpy.QtCore import Qt
+from test_user_flow import (  # noqa: F401 (fixtures)
+    SHIFT,
+    _config_dir,
+    click,
+    go_to,
+    key,
+    nucleus,
+    open_session,
+    stack,
+    wait_idle,
+)
+
+from napari_mobilesam._napari import segment_widget as sw
+
+
+def _slow_propagation(make_napari_viewer, qtbot, stack, index=0):  # noqa: F811
+    """Click nucleus ``index``, Shift-S with a slow oracle (0.3 s a slice); 3 decoder calls in."""
+    viewer, dock, widget, image, oracle = open_session(make_napari_viewer, qtbot, stack, delay=0.3)
+    z, r, c, gt = nucleus(stack, index)
+    go_to(viewer, image, z)
+    click(viewer, image, [z, r, c])
+    qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=10_000)
+    calls = oracle.calls
+    key(viewer, Qt.Key.Key_S, SHIFT)
+    qtbot.waitUntil(lambda: oracle.calls >= calls + 3, timeout=10_000)
+    assert widget.busy
+    return viewer, dock, widget, image, oracle, z, gt
+
+
+def test_1_second_object_after_a_commit(make_napari_viewer, qtbot, stack):  # noqa: F811
+    viewer, _dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack)
+    z, r, c, _gt = nucleus(stack, 0)
+    go_to(viewer, image, z)
+    click(viewer, image, [z, r, c])
+    qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=5000)
+    key(viewer, Qt.Key.Key_C)
+    assert not widget.preview_layer.data.any()
+    z2, r2, c2, gt2 = nucleus(stack, 1)
+    go_to(viewer, image, z2)
+    qtbot.wait(200)
+    click(viewer, image, [z2, r2, c2])
+    assert len(widget.points_layer.data) == 1, "the click after a commit added no point"
+    qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=5000)
+    np.testing.assert_array_equal(widget.preview_layer.data[0] > 0, stack.labels[z2] == gt2)
+
+
+def test_2_closing_the_dock_mid_propagation_releases_everything(make_napari_viewer, qtbot, stack):  # noqa: F811
+    from napari.utils.key_bindings import coerce_keybinding
+
+    viewer, dock, widget, image, oracle, z, _gt = _slow_propagation(make_napari_viewer, qtbot, stack)
+    labels = viewer.add_labels(np.zeros(stack.labels.shape, np.uint16), name="mine")
+    target = widget.target_layer(create=False)
+    dock.title.close_button.click()  # napari's × button
+    qtbot.wait(3000)  # the worker would have finished meanwhile
+    assert target is None or not np.asarray(target.data).any(), "the propagation wrote after the close"
+    for name in sw.KEYS:
+        assert coerce_keybinding(name) not in viewer.keymap, name
+    calls = oracle.calls
+    viewer.layers.selection.active = labels
+    key(viewer, Qt.Key.Key_C)
+    key(viewer, Qt.Key.Key_S, SHIFT)
+    qtbot.wait(500)
+    assert oracle.calls == calls, "the hidden widget still reacts to keys"
+    assert not labels.data.any()
+
+
+def test_3_c_during_a_propagation_does_not_commit_its_live_view(make_napari_viewer, qtbot, stack):  # noqa: F811
+    viewer, _dock, widget, image, _oracle, z, gt = _slow_propagation(make_napari_viewer, qtbot, stack)
+    assert "C commits" not in widget.status
+    go_to(viewer, image, z + 1)  # done by the worker: the live view shows it
+    qtbot.waitUntil(lambda: widget._preview_kind == "live", timeout=10_000)
+    key(viewer, Qt.Key.Key_C)
+    wait_idle(qtbot, widget)
+    target = widget.target_layer(create=False)
+    ids = set(np.unique(np.asarray(target.data))) - {0}
+    assert ids == {1}, f"the nucleus ended with ids {ids}"
+
+
+_SCRIPT_CLOSE = """
+import numpy as np, napari
+from napari_mobilesam._napari.segment_widget import SegmentWidget
+viewer = napari.Viewer(show=True)
+viewer.add_image(np.random.default_rng(0).random((6, 64, 64)), name="img")
+widget = SegmentWidget(viewer)
+viewer.window.add_dock_widget(widget, name="Segment (MobileSAM)")
+viewer.dims.set_point(0, 3)  # starts the slice timer
+viewer.close()
+print("closed cleanly")
+"""
+
+
+def test_4_a_script_closing_the_viewer_exits_cleanly(qtbot):
+    """Closing the viewer from a script (no event loop) must not abort (was exit status 134)."""
+    assert os.environ.get("DISPLAY"), "needs the Xvfb display"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for run in range(3):
+        out = subprocess.run([sys.executable, "-c", _SCRIPT_CLOSE], capture_output=True, text=True,
+                             timeout=300, env=env)
+        assert out.returncode == 0 and "closed cleanly" in out.stdout, (run, out.returncode, out.stderr[-3000:])
+
+
+def test_5_a_long_report_does_not_widen_the_dock(make_napari_viewer, qtbot, stack):  # noqa: F811
+    viewer, dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack)
+    qtbot.wait(300)
+    width = dock.width()
+    z, r, c, _gt = nucleus(stack, 0)
+    go_to(viewer, image, z)
+    click(viewer, image, [z, r, c])
+    qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=5000)
+    key(viewer, Qt.Key.Key_S, SHIFT)
+    wait_idle(qtbot, widget)
+    assert widget.status.count("\n") >= 1 and "stopped at" in widget.status
+    widget._status.value += " " + "a-very-long-unbreakable-word" * 8
+    qtbot.wait(500)
+    assert dock.width() <= width + 2, (width, dock.width())
+
+
+def test_6_offline_first_click_one_short_message_naming_the_widget_choice(
+    make_napari_viewer, qtbot, stack, monkeypatch  # noqa: F811
+):
+    import pooch
+    import requests
+
+    tries = []
+
+    def offline(*args, **kwargs):
+        tries.append(1)
+        raise requests.exceptions.ConnectionError("network is unreachable " + "x" * 600)
+
+    monkeypatch.setattr(pooch, "retrieve", offline)
+    popups = []
+    monkeypatch.setattr(sw, "show_error", popups.append)
+    viewer = make_napari_viewer(show=True)
+    image = viewer.add_image(stack.image, name="nuclei")
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-mobilesam", "Segment (MobileSAM)")
+    widget._model_combo.value = "vit_t"
+    widget._device_combo.value = "cpu"
+    z, r, c, _gt = nucleus(stack, 0)
+    go_to(viewer, image, z)
+    click(viewer, image, [z, r, c])  # no model yet: the click loads it
+    wait_idle(qtbot, widget, timeout=120_000)
+    click(viewer, image, [z, r + 2, c])
+    click(viewer, image, [z, r, c + 2])
+    wait_idle(qtbot, widget, timeout=120_000)
+    assert len(popups) == 1, popups
+    assert len(tries) == 1, "every click retried the download"
+    assert "MobileSAM checkpoint file" in popups[0] and "mobile_sam.pt" in popups[0]
+    assert "checkpoint=" not in popups[0] and len(popups[0]) < 300
+    assert len(widget.status) < 300 and "MobileSAM checkpoint file" in widget.status
+    # an empty checkpoint field: says what to do, starts nothing
+    widget._model_combo.value = "checkpoint"
+    widget._model.load_btn.native.click()
+    assert "Choose the checkpoint file" in popups[-1] and " on auto" not in popups[-1]
+    assert not widget.busy
+
+
+def test_7_status_line_follows_images_and_running_tasks(make_napari_viewer, qtbot, stack, engine_sam_test):  # noqa: F811
+    viewer, _dock, widget, image, _oracle, z, _gt = _slow_propagation(make_napari_viewer, qtbot, stack)
+    go_to(viewer, image, z + 2)  # other slice: the preview and embedding messages must not hide the run
+    qtbot.wait(500)
+    assert widget.status.startswith("Propagating"), widget.status
+    wait_idle(qtbot, widget)
+    assert "Propagated" in widget.status
+    other = viewer.add_image(stack.image[::-1].copy(), name="other")
+    widget._image_combo.value = other
+    assert "Propagated" not in widget.status and "other" in widget.status
+    viewer.layers.remove(image)
+    # the real engine: an embedding is running when its image, the last one, is deleted
+    from napari_mobilesam.models.choice import ModelChoice
+
+    widget.set_model(engine_sam_test, ModelChoice("vit_t_test", "", "cpu"))
+    assert "Computing the embedding" in widget.status
+    viewer.layers.remove(other)
+    wait_idle(qtbot, widget)
+    qtbot.wait(300)
+    assert "Computing the embedding" not in widget.status, widget.status
+
+
+def test_8_helper_layers_come_back_and_do_not_pile_up(make_napari_viewer, qtbot, stack):  # noqa: F811
+    viewer, _dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack)
+    viewer.layers.remove(widget.points_layer)
+    qtbot.waitUntil(lambda: widget.points_layer is not None and widget.points_layer in viewer.layers, timeout=5000)
+    assert viewer.layers.selection.active is widget.points_layer
+    z, r, c, _gt = nucleus(stack, 0)
+    go_to(viewer, image, z)
+    qtbot.wait(200)
+    click(viewer, image, [z, r, c])
+    assert len(widget.points_layer.data) == 1
+    images = [image] + [viewer.add_image(stack.image[i], name=f"slice {i}") for i in (2, 4, 6)]
+    for each in images[1:] + images[:1]:
+        widget._image_combo.value = each
+    assert len(viewer.layers) == len(images) + 3, [layer.name for layer in viewer.layers]
+    assert len(widget.points_layer.data) == 1, "the first image's prompts were kept"
+
+
+def test_9_preview_looks_unlike_committed_labels_and_every_control_has_a_tooltip(
+    make_napari_viewer, qtbot, stack  # noqa: F811
+):
+    viewer, _dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack)
+    z, r, c, gt = nucleus(stack, 0)
+    go_to(viewer, image, z)
+    click(viewer, image, [z, r, c])
+    qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=5000)
+    widget.points_layer.visible = False  # the marker would cover the pixel compared
+    qtbot.wait(300)
+    from test_user_flow import canvas_pos
+
+    pos = canvas_pos(viewer, image, [z, r + 3, c + 3])
+    preview = viewer.screenshot(canvas_only=True, flash=False)[pos.y(), pos.x(), :3].astype(int)
+    key(viewer, Qt.Key.Key_C)
+    qtbot.wait(300)
+    committed = viewer.screenshot(canvas_only=True, flash=False)[pos.y(), pos.x(), :3].astype(int)
+    assert np.abs(preview - committed).sum() > 60, (preview, committed)
+    assert preview[1] < preview[0] and preview[1] < preview[2], f"the preview is magenta: {preview}"
+
+    def controls(container):
+        for w in container:
+            if hasattr(w, "__iter__") and not hasattr(w, "choices"):
+                yield from controls(w)
+            else:
+                yield w
+
+    missing = [getattr(w, "label", "") or getattr(w, "text", "") for w in controls(widget) if not w.tooltip]
+    assert not missing, f"controls without a tooltip: {missing}"
