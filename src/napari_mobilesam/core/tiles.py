@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from .predictor import Prediction, Prompt, SlicePredictor, _as_prompt
+from .predictor import Prediction, Prompt, SlicePredictor, as_prompt
 from .source import SliceSource
 
 __all__ = ["Tile", "TileGrid", "TileView", "TiledPredictor", "DEFAULT_TILE", "DEFAULT_HALO"]
@@ -249,7 +249,7 @@ class TiledPredictor:
         """One ``Prediction`` per prompt, masks in whole-slice coordinates."""
         if return_logits:
             raise InputError("full-resolution logits are not available on tiled slices: use return_logits=False")
-        return [self._predict_one(z, _as_prompt(p)) for p in prompts]
+        return [self._predict_one(z, as_prompt(p)) for p in prompts]
 
     def _frame_of(self, mask_input: Any) -> int | None:
         """The tile whose frame ``mask_input`` (or the array it is a view of) is in, if ours."""

@@ -355,5 +355,7 @@ def load_model(
     sam = apply_backend(
         sam, device=dev, backend=backend, precision=precision, fast_decoder=fast_decoder
     )
-    apply_decoder_backend(sam)
+    decoder_module = sam.__dict__.get(DECODER_ATTR)
+    if decoder_module is not None:
+        object.__setattr__(sam, DECODER_ATTR, apply_decoder_backend(decoder_module, sam))
     return sam

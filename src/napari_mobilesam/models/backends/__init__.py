@@ -166,24 +166,18 @@ def apply_backend(
     return sam
 
 
-def apply_decoder_backend(sam) -> None:
-    """Run ``sam``'s AIS decoder (if any, see ``registry.ais_decoder``) like its encoder.
+def apply_decoder_backend(decoder, sam):
+    """The AIS ``decoder`` (see ``registry.ais_decoder``) made to run like ``sam``'s encoder.
 
     With the OpenVINO encoder the decoder is converted too (:class:`OpenVINOAISDecoder`, float32;
     on failure a warning and the torch module); otherwise the torch module moves to the encoder's
-    device. Works in place.
+    device. ``None`` or an already converted decoder is returned as it is.
     """
-    from ..registry import DECODER_ATTR
-
-    dec = sam.__dict__.get(DECODER_ATTR)
-    if dec is None or hasattr(dec, "backend_name"):
-        return
-    enc = sam.image_encoder
-    if getattr(enc, "backend_name", "eager") == "openvino":
+    if decoder is None or hasattr(decoder, "backend_name"):
+        return decoder
+    if getattr(sam.image_encoder, "backend_name", "eager") == "openvino":
         try:
-            dec = OpenVINOAISDecoder(dec)
+            return OpenVINOAISDecoder(decoder)
         except Exception as exc:  # noqa: BLE001 - any conversion failure: keep torch
             log.warning("OpenVINO AIS decoder unavailable (%s: %s); using torch", type(exc).__name__, exc)
-    else:
-        dec = dec.to(sam.pixel_mean.device)
-    object.__setattr__(sam, DECODER_ATTR, dec)
+    return decoder.to(sam.pixel_mean.device)
