@@ -50,11 +50,22 @@ __all__ = ["main", "build_parser", "EXIT_CODES"]
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("stack", metavar="STACK",
-                   help="input image or stack (TIFF: (Z, Y, X), (Y, X), RGB or with channels), or a "
-                   "folder of them")
+                   help="input image or stack: TIFF ((Z, Y, X), (Y, X), RGB or with channels), an "
+                   "OME-Zarr image (IMAGE.zarr), or a folder of TIFFs")
     p.add_argument("-o", "--output", required=True, metavar="LABELS.tif",
-                   help="labels TIFF to write (compressed, uint32, the input's resolution metadata); "
-                   "for a folder of stacks, a folder receiving NAME_labels.tif for each NAME.tif")
+                   help="labels to write: a TIFF (compressed, uint32, the input's resolution "
+                   "metadata) or an OME-Zarr label image (LABELS.zarr, with a pyramid, written slice "
+                   "by slice); for a folder of stacks, a folder receiving NAME_labels.tif for each NAME.tif")
+    p.add_argument("--level", type=int, default=0, metavar="N",
+                   help="OME-Zarr input: segment resolution level N (0 = full resolution, default)")
+    p.add_argument("--resume", action="store_true",
+                   help="OME-Zarr output: continue one left unfinished by an interrupted run "
+                   "(finished slices are kept)")
+    p.add_argument("--tile", default="auto", metavar="PIXELS",
+                   help="cut slices larger than PIXELS into overlapping tiles seen at full resolution "
+                   "(default auto: 1024-pixel tiles for slices over 1536 pixels; 0: never)")
+    p.add_argument("--halo", type=int, default=None, metavar="PIXELS",
+                   help="overlap of the tiles on each inner side (default 128)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never done otherwise)")
     p.add_argument("--model", default="vit_t",
                    help="model name: vit_t (MobileSAM, default), vit_t_lm, vit_t_em_organelles, "
@@ -224,25 +235,25 @@ def _folder_jobs(args, src: Path, out: Path) -> list[tuple[Path, Path, Path | No
 def _jobs(args) -> list[tuple[Path, Path, Path | None]]:
     """(stack, output, prompts) for each input; every output is checked before any work."""
     from .errors import InputError
-    from .io.stacks import check_output_path
+    from .io.stacks import check_output_path, is_zarr_path
 
     src, out = Path(args.stack), Path(args.output)
-    if src.is_dir():
+    if src.is_dir() and not is_zarr_path(src):
         jobs = _folder_jobs(args, src, out)
     else:
-        if out.suffix.lower() not in (".tif", ".tiff"):
-            raise InputError(f"output {out} must be a .tif or .tiff file (-o LABELS.tif)")
+        if out.suffix.lower() not in (".tif", ".tiff", ".zarr"):
+            raise InputError(f"output {out} must be a .tif/.tiff file or a .zarr store (-o LABELS.tif)")
         jobs = [(src, out, Path(args.prompts) if args.command == "segment" else None)]
     for stack, o, prompts in jobs:
-        check_output_path(o, args.overwrite, inputs=[stack] + ([prompts] if prompts else []))
+        check_output_path(o, args.overwrite or args.resume, inputs=[stack] + ([prompts] if prompts else []))
     return jobs
 
 
 def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any, client) -> None:
     from . import batch
-    from .batch.api import open_stack
+    from .io.images import open_image
 
-    data, meta = open_stack(stack, lazy=not args.eager_read)
+    data, meta = open_image(stack, lazy=not args.eager_read, level=args.level)
     if isinstance(model, str) and (args.decoder or args.semantics != "auto"):
         from .models.choice import ModelChoice
 
@@ -252,14 +263,23 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
         model=model, checkpoint=args.checkpoint, device=args.device, backend=args.backend,
         precision=args.precision, z_range=args.z_range, channel_axis=args.channel_axis,
         normalize=args.normalize, out=out, overwrite=args.overwrite, metadata=meta,
-        cache_bytes=args.cache_mb * 2**20, progress=not args.no_progress,
+        cache_bytes=args.cache_mb * 2**20, progress=not args.no_progress, tile=args.tile,
+        halo=args.halo,
     )
+    if args.channel_axis is None and getattr(meta, "channel_axis", None) is not None:
+        common["channel_axis"] = meta.channel_axis  # an OME-Zarr image says which axis is "c"
     if args.command == "segment":
-        from .errors import PromptError
+        from .errors import InputError, PromptError
 
         prompts = batch.read_prompts_csv(prompts_path)
-        run = batch.propagate_stack if args.propagate else batch.segment_stack
-        try:  # with a cluster and --propagate, the workers compute the embeddings
+        if args.propagate:  # with a cluster, the workers compute the embeddings
+            run = batch.propagate_stack
+            if args.resume:
+                raise InputError("--resume does not apply to --propagate (objects are followed "
+                                 "through the whole stack at once); rerun without it")
+        else:
+            run, common["resume"] = batch.segment_stack, args.resume
+        try:
             run(data, prompts, client=client, **common)
         except PromptError as exc:
             if str(prompts_path) in str(exc):
@@ -280,7 +300,8 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
         ais = AISParams(center_distance_threshold=args.center_distance_threshold,
                         boundary_distance_threshold=args.boundary_distance_threshold,
                         foreground_threshold=args.foreground_threshold, min_size=args.min_size)
-        batch.segment_stack_auto(data, params=params, client=client, ais_params=ais, **common)
+        batch.segment_stack_auto(data, params=params, client=client, ais_params=ais, resume=args.resume,
+                                 **common)
     print(f"wrote {out}", file=sys.stderr)
 
 
@@ -290,6 +311,17 @@ def _check_numbers(args) -> None:
 
     if args.cache_mb < 0:
         raise InputError(f"--cache-mb must be at least 0 (MiB of embedding cache), got {args.cache_mb}")
+    if args.tile != "auto":
+        try:
+            args.tile = int(args.tile) or None
+        except ValueError:
+            raise InputError(f"--tile must be a number of pixels, auto or 0, got {args.tile!r}") from None
+        if args.tile is not None and args.tile < 64:
+            raise InputError(f"--tile must be at least 64 pixels (or 0: no tiles), got {args.tile}")
+    if args.halo is not None and args.halo < 0:
+        raise InputError(f"--halo must be at least 0 pixels, got {args.halo}")
+    if args.level < 0:
+        raise InputError(f"--level must be 0 (full resolution) or more, got {args.level}")
     if args.dask_workers is not None and args.dask_workers < 1:
         raise InputError(f"--dask-workers needs at least 1 worker, got {args.dask_workers}")
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..io.images import open_image
 
 # The prompts readers and the stack I/O are part of the batch API (re-exported here).
 from ..io.prompts import (
@@ -51,7 +52,7 @@ from ..io.stacks import (
     read_stack_metadata,
 )
 from ..models.choice import ModelChoice
-from ..volume.automatic import AutoParams, Stitcher, segment_slice
+from ..volume.automatic import AutoParams, Stitcher
 from .cluster import (
     embed_on_cluster,
     map_on_cluster,
@@ -68,6 +69,7 @@ from .slices import (
     progress_callback,
     run_propagation,
     segment_objects_on_slice,
+    slice_segmenter,
 )
 
 __all__ = [
@@ -83,6 +85,7 @@ __all__ = [
     "propagate_stack",
     "segment_stack_auto",
     "open_stack",
+    "open_image",
     "read_stack_metadata",
     "LabelsTiffWriter",
     "add_labels_layer",
@@ -112,13 +115,16 @@ def _resolve_model(model: Any, checkpoint: Any = None, device: Any = None, backe
     return ModelChoice.of(model, checkpoint, device, backend, precision).load()
 
 
-def _make_predictor(model, checkpoint, device, backend, precision, source, cache_bytes, disk_dir=None):
+def _make_predictor(model, checkpoint, device, backend, precision, source, cache_bytes, disk_dir=None,
+                    tile: Any = "auto", halo: int | None = None):
     """The predictor of a :class:`~napari_mobilesam.core.session.Session` (the one wiring place)
-    over ``source``, with an embedding cache of ``cache_bytes`` (and ``disk_dir``, unbounded)."""
+    over ``source``, with an embedding cache of ``cache_bytes`` (and ``disk_dir``, unbounded);
+    a ``TiledPredictor`` when the slices are larger than ``tile``."""
     from ..core.session import Session
 
     sam = _resolve_model(model, checkpoint, device, backend, precision)
-    session = Session(sam, source, cache_dir=disk_dir, cache_bytes=int(cache_bytes), max_disk_bytes=None)
+    session = Session(sam, source, cache_dir=disk_dir, cache_bytes=int(cache_bytes), max_disk_bytes=None,
+                      tile=tile, halo=halo)
     return session.predictor
 
 
@@ -211,6 +217,9 @@ def segment_stack(
     client: Any = None,
     viewer: Any = None,
     name: str = "mobilesam labels",
+    tile: Any = "auto",
+    halo: int | None = None,
+    resume: bool = False,
 ):
     """Segment each prompted object on each slice where it has prompts.
 
@@ -240,6 +249,13 @@ def segment_stack(
         Spread the prompted slices over the cluster (``model`` must then be a name).
     viewer : napari.Viewer, optional
         Add the result as a Labels layer named ``name``.
+    tile, halo : int, "auto" or None; int
+        Slices larger than ``tile`` pixels are cut into overlapping tiles seen at full resolution
+        (see :class:`~napari_mobilesam.core.session.Session`; default "auto": tiles of 1024 for
+        slices over 1536 pixels). Slices sent to a dask ``client`` are processed whole.
+    resume : bool
+        Continue an OME-Zarr ``out`` (``*.zarr``) left unfinished by an interrupted run: slices it
+        finished are kept, the others are done now. (A TIFF output is always rewritten whole.)
 
     Returns
     -------
@@ -254,10 +270,11 @@ def segment_stack(
         raise PromptsError(f"no prompts lie in z range {z_range!r}")
     by_slice = {z: prm.on_slice(z) for z in zs}
     dtype = labels_dtype(int(prm.object_ids.max()))
-    update, close = progress_callback(progress, len(zs), "segment")
-    try:
-        with LabelsOutput(shape, out, overwrite, metadata, out_dtype, dtype=dtype,
-                     inputs=_input_paths(image, metadata)) as output:
+    with LabelsOutput(shape, out, overwrite, metadata, out_dtype, dtype=dtype, resume=resume,
+                      inputs=_input_paths(image, metadata)) as output:
+        zs = output.pending(zs)
+        update, close = progress_callback(progress, len(zs), "segment")
+        try:
             if client is not None:
                 spec = spec_for_client(model, checkpoint, device, backend, precision)
                 jobs = ((z, source.rgb(z), by_slice[z]) for z in zs)
@@ -266,12 +283,12 @@ def segment_stack(
                     update()
             else:
                 predictor = _make_predictor(model, checkpoint, device, backend, precision, source,
-                                            cache_bytes)
+                                            cache_bytes, tile=tile, halo=halo)
                 for z in zs:
                     output.put(z, segment_objects_on_slice(predictor, z, by_slice[z]))
                     update()
-    finally:
-        close()
+        finally:
+            close()
     return _finish(output.result(), viewer, name, image, metadata)
 
 
@@ -299,12 +316,15 @@ def propagate_stack(
     viewer: Any = None,
     name: str = "mobilesam labels",
     client: Any = None,
+    tile: Any = "auto",
+    halo: int | None = None,
     **propagate_options: Any,
 ):
     """Segment prompted objects and follow each one through z (see ``propagate.propagate``).
 
-    Parameters are those of :func:`segment_stack`; ``z_range`` limits how far objects are
-    followed, and further keyword arguments go to ``propagate.propagate`` (stop rules).
+    Parameters are those of :func:`segment_stack` (without ``resume``); ``z_range`` limits how far
+    objects are followed, and further keyword arguments go to ``propagate.propagate`` (stop rules).
+    With ``client`` the slices are not tiled (the workers embed whole slices).
 
     Following an object is sequential through z, but most of its cost is the image encoder. With
     ``client`` (a ``dask.distributed.Client``) the embeddings of every slice in ``z_range`` are
@@ -335,7 +355,8 @@ def propagate_stack(
     with LabelsOutput(shape, out, overwrite, metadata, out_dtype, dtype=dtype,
                  inputs=_input_paths(image, metadata)) as output, folder as tmp:
         predictor = _make_predictor(
-            model, checkpoint, device, backend, precision, source, cache_bytes, disk_dir=tmp
+            model, checkpoint, device, backend, precision, source, cache_bytes, disk_dir=tmp,
+            tile=None if client is not None else tile, halo=halo,
         )
         if client is not None:
             embed_on_cluster(client, spec, predictor, zr, progress)
@@ -370,6 +391,9 @@ def segment_stack_auto(
     viewer: Any = None,
     name: str = "mobilesam auto",
     ais_params: Any = None,
+    tile: Any = "auto",
+    halo: int | None = None,
+    resume: bool = False,
 ):
     """Automatic instance segmentation of a stack, each object keeping one id through z.
 
@@ -387,6 +411,10 @@ def segment_stack_auto(
     model once; ``model`` must be a name and ``checkpoint`` a path) and stitched here in z order,
     with a bounded number of slices in flight.
 
+    ``tile``/``halo``/``resume`` as in :func:`segment_stack`: large slices are segmented tile by
+    tile (each object kept by the tile holding its centre); a resumed OME-Zarr output keeps the
+    slices it has and stitches the new ones to them.
+
     Returns
     -------
     (Z, H, W) int32 labels (ids 1..N in order of first appearance through z), or the output Path
@@ -397,11 +425,15 @@ def segment_stack_auto(
     shape = (source.n_slices, *source.slice_shape)
     zs = list(parse_z_range(z_range, shape[0]))
     stitcher = Stitcher(params.stitch_iou, params.stitch_overlap, params.stitch_gap)
-    update, close = progress_callback(progress, len(zs), "auto")
-    try:
-        with LabelsOutput(shape, out, overwrite, metadata, out_dtype,
-                     inputs=_input_paths(image, metadata)) as output:
+    with LabelsOutput(shape, out, overwrite, metadata, out_dtype, resume=resume,
+                      inputs=_input_paths(image, metadata)) as output:
+        todo = output.pending(zs)
+        update, close = progress_callback(progress, len(todo), "auto")
+        try:
             if client is not None:
+                if len(todo) < len(zs):
+                    raise InputError("resuming an automatic run works without a dask client; rerun "
+                                     "without --dask-workers/--scheduler")
                 spec = spec_for_client(model, checkpoint, device, backend, precision)
                 jobs = ((z, source.rgb(z), None) for z in zs)
                 for z, local in map_on_cluster(client, worker_segment_auto, spec, params, jobs):
@@ -409,21 +441,18 @@ def segment_stack_auto(
                     update()
             else:
                 predictor = _make_predictor(model, checkpoint, device, backend, precision, source,
-                                            max(int(cache_bytes), MIN_AUTO_CACHE_BYTES))
-                from ..models.registry import ais_decoder
-
-                use_ais = ais_decoder(predictor.sam) is not None  # micro-sam models: their decoder
-                for z in zs:
-                    if use_ais:
-                        from ..volume.instance import segment_slice_ais
-
-                        local = segment_slice_ais(predictor.sam, source.raw(z), ais_params)
-                    else:
-                        local = segment_slice(predictor, z, params).labels
-                    output.put(z, stitcher.add(local))
+                                            max(int(cache_bytes), MIN_AUTO_CACHE_BYTES), tile=tile,
+                                            halo=halo)
+                segment_one = slice_segmenter(predictor, source, params, ais_params)
+                for z in zs:  # in z order: the stitcher matches each slice to the one before
+                    done = output.finished(z)
+                    if done is not None:
+                        stitcher.add_stitched(done)
+                        continue
+                    output.put(z, stitcher.add(segment_one(z)))
                     update()
-    finally:
-        close()
+        finally:
+            close()
     return _finish(output.result(), viewer, name, image, metadata)
 
 

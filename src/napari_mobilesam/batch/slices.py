@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PromptError
+from ..errors import InputError, PromptError
 from ..io.prompts import Prompts
-from ..io.stacks import LabelsTiffWriter, check_output_path
+from ..io.stacks import LabelsTiffWriter, check_output_path, is_zarr_path
 
 __all__ = ["segment_objects_on_slice", "prompt_dict", "labels_dtype", "check_ids_fit", "progress_callback",
            "LabelsOutput", "run_propagation", "objects_for_propagate"]
@@ -91,20 +91,44 @@ def progress_callback(progress: Any, total: int, desc: str):
 
 
 class LabelsOutput:
-    """Collect slices in memory ((Z, H, W) ``dtype`` array) or stream them to a TIFF file."""
+    """Collect slices in memory ((Z, H, W) ``dtype`` array) or stream them to a compressed TIFF
+    or, for an ``out`` ending in ``.zarr``, an OME-Zarr label image (which ``resume`` can continue
+    after an interrupted run: :meth:`pending` says which slices are left)."""
 
-    def __init__(self, shape, out, overwrite, metadata, out_dtype, *, inputs=(), dtype=np.int32):
+    def __init__(self, shape, out, overwrite, metadata, out_dtype, *, inputs=(), dtype=np.int32,
+                 resume=False):
         self.shape = tuple(shape)
         self.out = out
+        self.zarr = out is not None and is_zarr_path(out)
+        if resume and not self.zarr:
+            raise InputError("resume works for OME-Zarr outputs (*.zarr), which record their finished "
+                             "slices; a TIFF output is rewritten from the start")
         if out is None:
             self.array = np.zeros(self.shape, dtype)
             self.writer = None
+        elif self.zarr:
+            from ..io.omezarr_write import OmeZarrLabelsWriter
+
+            self.array = None
+            check_output_path(out, overwrite or resume, inputs=inputs)
+            self.writer = OmeZarrLabelsWriter(out, self.shape, dtype=out_dtype, metadata=metadata,
+                                              overwrite=overwrite, resume=resume)
         else:
             self.array = None
             check_output_path(out, overwrite, inputs=inputs)
             self.writer = LabelsTiffWriter(out, self.shape, dtype=out_dtype, metadata=metadata,
                                            overwrite=overwrite)
         self._z = 0
+
+    def pending(self, zs):
+        """The slices of ``zs`` still to do (all of them, except on a resumed OME-Zarr output)."""
+        return list(zs) if not self.zarr else self.writer.pending(zs)
+
+    def finished(self, z: int) -> np.ndarray | None:
+        """Labels already written for slice ``z`` by an interrupted run (resumed OME-Zarr), or None."""
+        if not self.zarr or z not in self.writer.done:
+            return None
+        return self.writer.read(z)
 
     def __enter__(self):
         if self.writer is not None:
@@ -115,6 +139,9 @@ class LabelsOutput:
         """Slices must come in increasing z; skipped ones are zeros."""
         if self.writer is None:
             self.array[z] = sl
+            return
+        if self.zarr:
+            self.writer.put(z, sl)
             return
         while self._z < z:
             self.writer.write(np.zeros(self.shape[1:], np.int32))
@@ -166,3 +193,27 @@ def objects_for_propagate(prm: Prompts, zr: range) -> dict[int, dict[int, dict]]
     if not objs:
         raise PromptError(f"no prompts lie in z range {zr.start}:{zr.stop}")
     return objs
+
+
+def slice_segmenter(predictor, source, params: Any, ais_params: Any):
+    """``z -> (H, W)`` slice-local labels: the model's AIS decoder when it has one (micro-sam's
+    models), else the prompt-based automatic mode; tile by tile on tiled slices."""
+    from ..models.registry import ais_decoder
+    from ..volume.automatic import segment_slice
+    from ..volume.tiled import segment_slice_tiled
+
+    tiled = hasattr(predictor, "grid")
+    if ais_decoder(predictor.sam) is not None:
+        from ..volume.instance import segment_slice_ais
+
+        if not tiled:
+            return lambda z: segment_slice_ais(predictor.sam, source.raw(z), ais_params)
+
+        def per_tile(tile_predictor, z, _params):
+            return segment_slice_ais(predictor.sam, source.raw(z, tile_predictor.source.tile.region),
+                                     ais_params)
+
+        return lambda z: segment_slice_tiled(predictor, z, params, segment=per_tile)
+    if tiled:
+        return lambda z: segment_slice_tiled(predictor, z, params)
+    return lambda z: segment_slice(predictor, z, params).labels

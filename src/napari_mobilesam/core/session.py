@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
 from ..volume.propagation import STOP_REASONS, describe_stops  # noqa: F401  (re-exported)
+from .predictor import Prompt
 
 __all__ = [
     "Session",
@@ -72,19 +74,43 @@ class Session:
         Memory budget of the embedding cache (default: the cache's own, 512 MiB).
     max_disk_bytes : int or None
         Budget of ``cache_dir`` (default: the cache's own, 4 GiB; None: unbounded).
+    tile : int, "auto" or None
+        Slices larger than this are cut into overlapping tiles seen at full resolution (see
+        :mod:`napari_mobilesam.core.tiles`). ``"auto"`` (default): tiles of 1024 pixels for slices
+        whose longest side exceeds 1.5 x 1024 (below that SAM's resizing loses little); None or 0:
+        never.
+    halo : int
+        Overlap of the tiles on each inner side (default 128).
     """
 
     def __init__(self, sam, data, *, rgb: bool | None = None, predictor=None, cache_dir: Any = "env",
-                 cache_bytes: int | None = None, max_disk_bytes: Any = "default"):
+                 cache_bytes: int | None = None, max_disk_bytes: Any = "default", tile: Any = "auto",
+                 halo: int | None = None):
         self.sam = sam
         self.source = self._source(data, rgb)
         self.cache = None
         if predictor is None:
-            from .predictor import SlicePredictor
-
             self.cache = self._cache(sam, cache_dir, cache_bytes, max_disk_bytes)
-            predictor = SlicePredictor(sam, self.source, self.cache)
+            predictor = self._predictor(sam, tile, halo)
         self.predictor = predictor
+
+    @property
+    def tiled(self) -> bool:
+        """Whether slices are cut into tiles (then ``predictor`` is a ``TiledPredictor``)."""
+        return hasattr(self.predictor, "grid")
+
+    def _predictor(self, sam, tile, halo):
+        from .predictor import SlicePredictor
+        from .tiles import DEFAULT_HALO, DEFAULT_TILE, TiledPredictor
+
+        if isinstance(tile, str):
+            if tile != "auto":
+                raise InputError(f"tile must be a size in pixels, 'auto' or None, not {tile!r}")
+            tile = DEFAULT_TILE if max(self.source.slice_shape) > 1.5 * DEFAULT_TILE else None
+        if tile and max(self.source.slice_shape) > int(tile):
+            return TiledPredictor(sam, self.source, self.cache, tile=int(tile),
+                                  halo=DEFAULT_HALO if halo is None else int(halo))
+        return SlicePredictor(sam, self.source, self.cache)
 
     @classmethod
     def from_choice(cls, choice, data, **options) -> Session:
@@ -151,11 +177,9 @@ class Session:
         or None. One lone point is ambiguous, so SAM's three candidates are asked for and the one
         with the highest predicted IoU is kept; with more prompts, the single-mask output is used.
         """
-        points = None if points is None or len(points) == 0 else np.asarray(points, float)
-        labels = None if points is None else np.asarray(labels, int)
-        n_prompts = (0 if points is None else len(points)) + (box is not None)
+        p = Prompt.from_clicks(points, labels, box)
         pred = self.predictor.predict(
-            z, points=points, labels=labels, box=box, mask_input=mask_input, multimask=n_prompts == 1
+            z, points=p.points, labels=p.labels, box=p.box, mask_input=mask_input, multimask=p.multimask
         )
         iou = np.asarray(pred.iou, dtype=float).reshape(-1)
         best = int(np.argmax(iou))
@@ -169,6 +193,10 @@ class Session:
 
     def segment_automatically(self, z: int, params: Any = None) -> np.ndarray:
         """All objects of slice ``z`` as an (H, W) int32 label image (ids 1..N). Slow: worker."""
+        if self.tiled:
+            from ..volume.tiled import segment_slice_tiled
+
+            return segment_slice_tiled(self.predictor, z, params)
         from ..volume.automatic import segment_slice
 
         return segment_slice(self.predictor, z, params).labels
@@ -199,20 +227,9 @@ class Session:
         ``PropagationResult``; its ``labels`` volume ``(Z, H, W)`` holds the object as label 1.
         """
         from ..volume.propagation import ObjectPrompts, propagate
-        from .predictor import Prompt
 
-        def seed(points, labels, box):
-            points = None if points is None or len(points) == 0 else np.asarray(points, float)
-            n_prompts = (0 if points is None else len(points)) + (box is not None)
-            return Prompt(
-                points=points,
-                labels=None if points is None else np.asarray(labels, int),
-                box=box,
-                multimask=n_prompts == 1,
-            )
-
-        prompts = {int(zs): seed(*more) for zs, more in (more_seeds or {}).items()}
-        prompts[int(z)] = seed(points, labels, box)
+        prompts = {int(zs): Prompt.from_clicks(*more) for zs, more in (more_seeds or {}).items()}
+        prompts[int(z)] = Prompt.from_clicks(points, labels, box)
         for zs, pts in (stop_points or {}).items():
             if int(zs) != int(z) and len(pts):
                 pts = np.asarray(pts, float).reshape(-1, 2)

@@ -297,6 +297,11 @@ class OmeZarrLabelsWriter:
             self.done.add(z)
             atomic_write_text(self.partial / PROGRESS_FILE, json.dumps(self._progress()))
 
+    def read(self, z: int) -> np.ndarray:
+        """Slice ``z`` as written (full resolution), e.g. one an interrupted run finished."""
+        arr = self._group["s0"]
+        return np.asarray(arr[int(z)] if len(self.shape) == 3 else arr[...])
+
     def write(self, labels_slice: np.ndarray) -> None:
         """Write the first slice not written yet (``LabelsTiffWriter``-style sequential use)."""
         left = self.pending()

@@ -33,6 +33,7 @@ __all__ = [
     "open_stack",
     "LabelsTiffWriter",
     "check_output_path",
+    "is_zarr_path",
     "parse_z_range",
 ]
 
@@ -122,7 +123,8 @@ def _open_tiff(path):
 
 
 def open_stack(path: str | os.PathLike, *, lazy: bool = True) -> tuple[Any, StackMetadata]:
-    """Open a TIFF image or stack.
+    """Open a TIFF image or stack (see :func:`napari_mobilesam.io.images.open_image` for any
+    format we read).
 
     Parameters
     ----------
@@ -426,6 +428,14 @@ class LabelsTiffWriter:
         self.close(ok=exc_type is None)
 
 
+def is_zarr_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a Zarr store (``*.zarr``, or a folder holding OME-Zarr metadata)."""
+    p = Path(path)
+    if p.suffix.lower() == ".zarr":
+        return True
+    return p.is_dir() and any((p / m).exists() for m in ("zarr.json", ".zattrs", ".zgroup"))
+
+
 def check_output_path(path: str | os.PathLike, overwrite: bool, inputs: Sequence[Any] = ()) -> Path:
     """Refuse an output that is one of ``inputs`` (whatever ``overwrite`` says), an existing file
     unless ``overwrite``, a folder, or a place that cannot be written. Returns ``path``."""
@@ -436,7 +446,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, inputs: Sequence
                 f"output {path} is the input image {src}: writing labels there would destroy it; "
                 "choose another output name (e.g. NAME_labels.tif)"
             )
-    if path.is_dir():
+    if path.is_dir() and not is_zarr_path(path):
         raise OutputError(f"output {path} is a folder; give a file name such as labels.tif")
     if path.exists() and not overwrite:
         raise OutputError(f"output {path} already exists; pass overwrite=True (--overwrite) to replace it")

@@ -172,13 +172,26 @@ class Stitcher:
             fg = labels != 0
             out[fg] = vals[np.searchsorted(keys, labels[fg])]
         self._history.append(out)
+        self._remember(out)
+        return out
+
+    def add_stitched(self, labels: np.ndarray) -> None:
+        """Take a slice that already has stack-wide ids (e.g. written by an interrupted run that is
+        now resumed) as the next slice, so the following ones are matched to it."""
+        out = np.asarray(labels).astype(np.int32, copy=False)
+        if out.ndim != 2:
+            raise ValueError(f"Stitcher.add_stitched takes one (H, W) slice, got shape {out.shape}")
+        self.n_objects = max(self.n_objects, int(out.max(initial=0)))
+        self._history.append(out)
+        self._remember(out)
+
+    def _remember(self, out: np.ndarray) -> None:
         del self._history[: -(self.max_gap + 1)]
         if self.regrow:
             ids, areas = np.unique(out[out > 0], return_counts=True)
             for i, a in zip(ids.tolist(), areas.tolist()):
                 self._last[i] = a
                 self._peak[i] = max(a, self._peak.get(i, 0))
-        return out
 
 
 def stitch_labels(
