@@ -173,7 +173,7 @@ def apply_decoder_backend(sam) -> None:
     on failure a warning and the torch module); otherwise the torch module moves to the encoder's
     device. Works in place.
     """
-    from ..registry import DECODER_ATTR
+    from .. import DECODER_ATTR
 
     dec = sam.__dict__.get(DECODER_ATTR)
     if dec is None or hasattr(dec, "backend_name"):
