@@ -46,16 +46,36 @@ class _Conv3(nn.Module):
         return self.block(x)
 
 
+def _spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the last two dims as two reductions (rows, then columns): the same value, but a
+    float32 sum over a 1024² map stays accurate in backends that accumulate sequentially
+    (OpenVINO's reductions lost 1e-2 on the maps with a single 1M-element reduction)."""
+    return x.mean(dim=3, keepdim=True).mean(dim=2, keepdim=True)
+
+
+class InstanceNorm(nn.Module):
+    """``nn.InstanceNorm2d(affine=False)`` (per sample and channel, biased variance), written
+    with :func:`_spatial_mean` so that its export is as accurate as torch. No parameters."""
+
+    def __init__(self, eps: float = _EPS) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x - _spatial_mean(x)
+        return d * torch.rsqrt(_spatial_mean(d.square()) + self.eps)
+
+
 class ConvBlock(nn.Module):
     """InstanceNorm → Conv3×3 → ReLU → InstanceNorm → Conv3×3 → ReLU (no affine norms)."""
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
         self.block = nn.Sequential(
-            nn.InstanceNorm2d(cin, eps=_EPS),
+            InstanceNorm(),
             nn.Conv2d(cin, cout, 3, padding=1),
             nn.ReLU(),
-            nn.InstanceNorm2d(cout, eps=_EPS),
+            InstanceNorm(),
             nn.Conv2d(cout, cout, 3, padding=1),
             nn.ReLU(),
         )
@@ -85,8 +105,9 @@ class Upsampler(nn.Module):
 class BatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose inference statistics are chosen by ``mode`` (see module docstring).
 
-    ``"batch"`` is written with mean/var ops (biased variance over batch and space), which export
-    to OpenVINO as they are; running statistics are never updated.
+    ``"batch"`` is written with mean/var ops (biased variance over batch and space, see
+    :func:`_spatial_mean`), which export to OpenVINO as they are; running statistics are never
+    updated.
     """
 
     mode = "batch"
@@ -96,10 +117,10 @@ class BatchNorm(nn.BatchNorm2d):
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        var = (x - mean).square().mean(dim=(0, 2, 3), keepdim=True)
+        d = x - _spatial_mean(x).mean(dim=0, keepdim=True)
+        var = _spatial_mean(d.square()).mean(dim=0, keepdim=True)
         scale = self.weight.view(1, -1, 1, 1) * torch.rsqrt(var + self.eps)
-        return (x - mean) * scale + self.bias.view(1, -1, 1, 1)
+        return d * scale + self.bias.view(1, -1, 1, 1)
 
 
 class Deconv(nn.Module):

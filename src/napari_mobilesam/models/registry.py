@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import DECODER_ATTR
 from .checkpoint import state_dict_digest
 
 # SAM's input normalisation, in 0..255 RGB units (every SAM-family model, MobileSAM included).
@@ -53,8 +54,6 @@ SEMANTICS = ("auto", "standard", "microsam")
 
 # Attribute set on every Sam we build: {"model": name, "source": where the weights came from}.
 INFO_ATTR = "napari_mobilesam_info"
-# Attribute holding the AIS decoder (an AISDecoder or its OpenVINO wrapper) of a Sam, if any.
-DECODER_ATTR = "napari_mobilesam_decoder"
 
 
 @dataclass(frozen=True)
