@@ -65,7 +65,7 @@ STACK = balls((36, 64, 64), [(9, 30, 30), (23, 33, 32)], [(7.5, 14, 14), (9.5, 1
 
 def test_two_nuclei_touching_in_z_each_keeps_its_own_slices():
     gt = STACK
-    (a0, a1), (b0, b1) = extent(gt, 1), extent(gt, 2)
+    (_a0, a1), (b0, _b1) = extent(gt, 1), extent(gt, 2)
     assert a1 >= b0 - 1  # they touch across slices
     objs = [ObjectPrompts(i, prompts={z: click(gt, i, z)}) for i, z in ((1, 9), (2, 24))]
     res = propagate(GroundTruthOracle(gt, gt, candidates="spread"), objs)
@@ -108,7 +108,7 @@ def test_a_slice_taken_first_by_the_wrong_object_is_taken_back():
     takes it; B, arriving later with the better claim (its previous slices hold the candidate and
     foretell its size), takes it back; records and stops follow."""
     gt = balls((40, 64, 64), [(8, 30, 30), (26, 31, 36)], [(6.5, 14, 14), (11.5, 18, 18)])
-    (a0, a1), (b0, b1) = extent(gt, 1), extent(gt, 2)
+    (_a0, a1), (_b0, b1) = extent(gt, 1), extent(gt, 2)
     objs = [ObjectPrompts(1, prompts={a1 - 1: click(gt, 1, a1 - 1)}),
             ObjectPrompts(2, prompts={b1 - 2: click(gt, 2, b1 - 2)})]
     res = propagate(GroundTruthOracle(gt, gt, candidates="spread"), objs)

@@ -314,6 +314,7 @@ class _Run:
         for f, pred in zip(group, preds):
             c = self.choose(z, f, pred)
             decided.append((f, pred, c, stop_reason(c, f, self.rules)))
+        decided = self.retry(z, decided)
         decided.sort(key=lambda t: (t[3] is not None, -t[2].claim))
         for f, pred, c, reason in decided:
             if z in self.done_z[f.label]:  # the other side of the same object got here first
@@ -338,6 +339,32 @@ class _Run:
                 continue
             self.write(f.label, z, written)
             f.accept(z, written, area, pred.low_res[c.k], len(self.records) - 1, c.claim)
+
+    def retry(self, z: int, decided: list) -> list:
+        """Second chance for fronts whose candidate was another object (``"neighbour"``) or
+        jumped away (``"low_overlap"``): the click is moved to the part of the previous mask that
+        candidate (and other objects) do not cover, as a user would click again; all retries of
+        the slice in one decoder call. Returns ``decided`` with the retried entries replaced when
+        the new candidate passes the stop rules."""
+        todo = []
+        for j, (f, _pred, c, reason) in enumerate(decided):
+            if reason not in (NEIGHBOUR, LOW_OVERLAP) or c.area == 0:
+                continue
+            held = self.taken(z, f.label)
+            avoid = c.mask if held is None else (c.mask | held)
+            if (f.mask & ~avoid).any():
+                todo.append((j, f.prompt(self.rules, avoid)))
+        if not todo or self.is_cancelled():
+            return decided
+        preds = self.predictor.predict_many(z, [p for _, p in todo])
+        out = list(decided)
+        for (j, _), pred in zip(todo, preds):
+            f = decided[j][0]
+            c = self.choose(z, f, pred)
+            reason = stop_reason(c, f, self.rules)
+            if reason is None:
+                out[j] = (f, pred, c, None)
+        return out
 
     # -- neighbours --------------------------------------------------------------------------------
     def choose(self, z: int, f: Front, pred: Prediction) -> Choice:
