@@ -7,6 +7,8 @@ The words that name the stack's axis (``z``, or ``t`` for a time-lapse) are set 
 
 from __future__ import annotations
 
+import logging
+
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -16,9 +18,12 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
+from qtpy.QtCore import QEvent, QObject
 from qtpy.QtWidgets import QSizePolicy
 
-__all__ = ["SegmentControls", "LABEL_SCOPES", "NEW_LAYER", "hint_text"]
+__all__ = ["SegmentControls", "LABEL_SCOPES", "NEW_LAYER", "hint_text", "error_message", "CloseWatcher"]
+
+log = logging.getLogger(__name__)
 
 NEW_LAYER = "(new layer)"
 
@@ -144,3 +149,29 @@ class SegmentControls:
             self.refine, self.limit, self.z_from, self.z_to, self.propagate, self.scope, self.ids,
             self.propagate_labels, self.auto, self.stop, self.cancel, self.status,
         ]
+
+
+def error_message(exc: BaseException, doing: str) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower():
+        return (
+            f"Out of memory while {doing}. Your labels are unchanged. Close other programs, use "
+            "the CPU device, or work on a cropped/downsampled image."
+        )
+    return f"Error while {doing}: {text}"
+
+
+class CloseWatcher(QObject):
+    """Calls ``on_close`` when the widget is taken out of its dock (napari's × button unparents it)."""
+
+    def __init__(self, on_close):
+        super().__init__()
+        self._on_close = on_close
+
+    def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
+        try:
+            if event.type() == QEvent.Type.ParentChange and obj.parent() is None:
+                self._on_close()
+        except Exception:  # noqa: BLE001 - an exception here would abort PyQt
+            log.debug("napari-mobilesam: close watcher", exc_info=True)
+        return False
