@@ -17,9 +17,11 @@ from magicgui.widgets import (
     LineEdit,
     PushButton,
     SpinBox,
+    TextEdit,
 )
 from qtpy.QtCore import QEvent, QObject
-from qtpy.QtWidgets import QSizePolicy
+from qtpy.QtGui import QTextOption
+from qtpy.QtWidgets import QFrame, QSizePolicy
 
 __all__ = ["SegmentControls", "LABEL_SCOPES", "NEW_LAYER", "hint_text", "error_message", "CloseWatcher"]
 
@@ -46,8 +48,21 @@ def _wrapping(label: Label) -> Label:
     policy = label.native.sizePolicy()
     policy.setHorizontalPolicy(QSizePolicy.Policy.Ignored)
     label.native.setSizePolicy(policy)
-    label.native.setMinimumWidth(50)
     return label
+
+
+def _status_box(lines: int = 8) -> TextEdit:
+    """A read-only text area for the status and reports: as wide as the dock lets it be (never
+    wider), ``lines`` lines high, wrapping anywhere, scrolling when a report is longer."""
+    box = TextEdit(value="")
+    native = box.native
+    native.setReadOnly(True)
+    native.setFrameShape(QFrame.Shape.NoFrame)
+    native.setStyleSheet("background: transparent")
+    native.setWordWrapMode(QTextOption.WrapMode.WrapAtWordBoundaryOrAnywhere)
+    native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+    native.setFixedHeight(native.fontMetrics().lineSpacing() * lines + 8)
+    return box
 
 
 class SegmentControls:
@@ -103,7 +118,7 @@ class SegmentControls:
         self.stop.tooltip = "End the propagation now and write the slices done so far (one undo step)"
         self.cancel = PushButton(text="Cancel", enabled=False)
         self.cancel.tooltip = "End the running task and write nothing"
-        self.status = _wrapping(Label(value=""))
+        self.status = _status_box()
         self.status.tooltip = "What the widget is doing, and the last result"
 
     def layout(self, model_widgets: list) -> list:
@@ -123,7 +138,8 @@ class SegmentControls:
             self.limit,
             row(self.z_from, self.z_to, labels=True),
             self.propagate,
-            row(self.scope, self.ids, labels=True),
+            self.scope,
+            self.ids,
             self.propagate_labels,
             self.auto,
             row(self.stop, self.cancel),

@@ -192,8 +192,8 @@ def describe_propagation(result, run: PropagationRun, ids: dict[int, int], targe
     how = "Stopped propagating" if result.cancelled else "Propagated"
     zs = sorted({r.z for r in result.records if r.accepted})
     span = f"z={zs[0]}–{zs[-1]}" if zs else "no slice"
-    names = ", ".join(f"id {i}" for i in ids.values()) or "nothing new"
-    lines = [f"{how} {run.what} ({names}) over {span} into {target_name!r}; one undo step."]
+    names = "" if run.keep_ids else " (" + (", ".join(f"id {i}" for i in ids.values()) or "nothing new") + ")"
+    lines = [f"{how} {run.what}{names} over {span} into {target_name!r}; one undo step."]
     direction = {1: "up", -1: "down", 0: "seed"}
     for obj in run.objects:
         label = int(obj.label)
