@@ -15,8 +15,14 @@ for ``mobile_sam.pt``, which has the same shapes and therefore the same cost):
    (the encoder runs in a worker, then the decoder on the GUI thread), and the longest GUI-thread
    stall while the encoder runs (the largest gap of a 5 ms timer on the GUI thread).
 
+5. **GUI stalls** (``--stalls``): the longest gap of a 10 ms heartbeat timer on the GUI thread
+   while the widget propagates one nucleus through the stack (``--slices``, default 40) and while it
+   segments a slice automatically, once as the machine is and once with ``--hog`` (default 2)
+   extra processes spinning on the CPU (the "loaded" rows).
+
     xvfb-run -a python benchmarks/interaction.py           # 20 clicks, 3 uncached runs
     xvfb-run -a python benchmarks/interaction.py --quick   # 10 clicks, 1 uncached run
+    xvfb-run -a python benchmarks/interaction.py --quick --stalls --size 256
 
 Without a display the script restarts itself under ``xvfb-run`` when that is installed.
 """
@@ -52,6 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=512, help="slice side in pixels (default 512)")
     ap.add_argument("--checkpoint", default=str(REFERENCE), help="vit_t state dict (default: parity fixture)")
     ap.add_argument("--backend", default="auto", help="encoder backend for load_model (default auto)")
+    ap.add_argument("--stalls", action="store_true", help="measure GUI stalls (propagation, automatic)")
+    ap.add_argument("--slices", type=int, default=40, help="stack depth for --stalls (default 40)")
+    ap.add_argument("--hog", type=int, default=2, help="busy processes for the loaded rows (default 2)")
     args = ap.parse_args(argv)
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY") and shutil.which("xvfb-run"):
         cmd = ["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", sys.executable, *sys.argv]
@@ -72,7 +81,7 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("NAPARI_MOBILESAM_CONFIG", tempfile.mkdtemp(prefix="mobilesam-config-"))
     os.environ.pop("NAPARI_MOBILESAM_CACHE", None)  # embeddings in memory only: easy to drop
-    n_z = max(16, n_uncached * 3 + 6)
+    n_z = max(16, n_uncached * 3 + 6, args.slices if args.stalls else 0)
     s = args.size / 256
     stack = synthetic_nuclei(
         shape=(n_z, args.size, args.size),
@@ -207,10 +216,65 @@ def main(argv=None) -> int:
               f"{statistics.median(uncached_ms):10.1f} {pct(uncached_ms, 0.9):8.1f} {len(uncached_ms):4d}")
         print(f"{'longest GUI stall while the encoder runs (5 ms timer gap)':58s} "
               f"{statistics.median(stall_ms):10.1f} {max(stall_ms):8.1f} {len(stall_ms):4d}")
+    if args.stalls:
+        stall_rows(app, viewer, widget, stack, z, points[0], spin_until, args.hog)
     print(f"\nmachine: {machine()}")
     print(f"model: {session.cache.identity}")
     viewer.close()
     return 0
+
+
+def _spin_forever():  # a CPU hog for the loaded rows
+    while True:
+        pass
+
+
+def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int) -> None:
+    """Print the longest GUI-thread stall (10 ms heartbeat) during a propagation and an automatic
+    segmentation, as the machine is and with ``hog`` busy processes."""
+    import multiprocessing as mp
+
+    import numpy as np
+    from qtpy.QtCore import QElapsedTimer, QTimer
+
+    gaps: list[int] = []
+    clock, ticker = QElapsedTimer(), QTimer()
+    ticker.setInterval(10)
+    ticker.timeout.connect(lambda: gaps.append(clock.restart()))
+
+    def watch(start) -> float:
+        """Run ``start()`` (starts a widget task) and return the longest heartbeat gap in ms."""
+        gaps.clear()
+        clock.start()
+        ticker.start()
+        start()
+        spin_until(lambda: not widget.busy, timeout=1800)
+        ticker.stop()
+        return float(max(gaps, default=0)) - 10.0
+
+    def propagate():
+        widget.clear_prompts()
+        target = widget.target_layer(create=False)
+        if target is not None:
+            target.data = np.zeros_like(target.data)
+        widget.points_layer.add([z, *point])
+        widget.propagate()
+
+    results = []
+    for label, n_hog in (("as is", 0), (f"{hog} busy processes", hog)):
+        hogs = [mp.Process(target=_spin_forever, daemon=True) for _ in range(n_hog)]
+        for h in hogs:
+            h.start()
+        try:
+            results.append((f"propagation, {stack.image.shape[0]} slices ({label})", watch(propagate)))
+            results.append((f"automatic segmentation of a slice ({label})",
+                            watch(widget.segment_slice_automatically)))
+        finally:
+            for h in hogs:
+                h.terminate()
+    print("\nLongest GUI stall (10 ms heartbeat gap minus the 10 ms period), one run each")
+    for name, ms in results:
+        print(f"{name:58s} {ms:10.1f} ms")
 
 
 if __name__ == "__main__":

@@ -121,13 +121,12 @@ def main(argv=None) -> int:
     wait(lambda: widget.preview_layer.data.any() and not widget.busy)
     shot("03_box_prompt.png")
 
-    # 4. propagate B from its box (Shift-S), then A from its committed label
+    # 4. commit B too, then propagate both committed objects in one pass (Shift-S without prompts)
+    widget.commit()
+    wait()
     widget.propagate()
     wait(lambda: not widget.busy)
     target = widget.target_layer(create=False)
-    target.selected_label = int(target.data[z, ra, ca])
-    widget.propagate_selected_label()
-    wait(lambda: not widget.busy)
     viewer.reset_view()
     shot("04_propagated.png", canvas_only=False)
     viewer.dims.ndisplay = 3

@@ -117,7 +117,7 @@ def test_4_a_script_closing_the_viewer_exits_cleanly(qtbot):
 def test_5_a_long_report_does_not_widen_the_dock(make_napari_viewer, qtbot, stack):  # noqa: F811
     viewer, dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack)
     qtbot.wait(300)
-    width = dock.width()
+    width, window = dock.width(), viewer.window._qt_window.size()
     z, r, c, _gt = nucleus(stack, 0)
     go_to(viewer, image, z)
     click(viewer, image, [z, r, c])
@@ -128,6 +128,7 @@ def test_5_a_long_report_does_not_widen_the_dock(make_napari_viewer, qtbot, stac
     widget._status.value += " " + "a-very-long-unbreakable-word" * 8
     qtbot.wait(500)
     assert dock.width() <= width + 2, (width, dock.width())
+    assert viewer.window._qt_window.size() == window, "the report made the window grow"
 
 
 def test_6_offline_first_click_one_short_message_naming_the_widget_choice(

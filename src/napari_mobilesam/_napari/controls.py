@@ -7,6 +7,8 @@ The words that name the stack's axis (``z``, or ``t`` for a time-lapse) are set 
 
 from __future__ import annotations
 
+import logging
+
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -15,10 +17,15 @@ from magicgui.widgets import (
     LineEdit,
     PushButton,
     SpinBox,
+    TextEdit,
 )
-from qtpy.QtWidgets import QSizePolicy
+from qtpy.QtCore import QEvent, QObject
+from qtpy.QtGui import QTextOption
+from qtpy.QtWidgets import QFrame, QSizePolicy
 
-__all__ = ["SegmentControls", "LABEL_SCOPES", "NEW_LAYER", "hint_text"]
+__all__ = ["SegmentControls", "LABEL_SCOPES", "NEW_LAYER", "hint_text", "error_message", "CloseWatcher"]
+
+log = logging.getLogger(__name__)
 
 NEW_LAYER = "(new layer)"
 
@@ -41,8 +48,21 @@ def _wrapping(label: Label) -> Label:
     policy = label.native.sizePolicy()
     policy.setHorizontalPolicy(QSizePolicy.Policy.Ignored)
     label.native.setSizePolicy(policy)
-    label.native.setMinimumWidth(50)
     return label
+
+
+def _status_box(lines: int = 8) -> TextEdit:
+    """A read-only text area for the status and reports: as wide as the dock lets it be (never
+    wider), ``lines`` lines high, wrapping anywhere, scrolling when a report is longer."""
+    box = TextEdit(value="")
+    native = box.native
+    native.setReadOnly(True)
+    native.setFrameShape(QFrame.Shape.NoFrame)
+    native.setStyleSheet("background: transparent")
+    native.setWordWrapMode(QTextOption.WrapMode.WrapAtWordBoundaryOrAnywhere)
+    native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+    native.setFixedHeight(native.fontMetrics().lineSpacing() * lines + 8)
+    return box
 
 
 class SegmentControls:
@@ -98,7 +118,7 @@ class SegmentControls:
         self.stop.tooltip = "End the propagation now and write the slices done so far (one undo step)"
         self.cancel = PushButton(text="Cancel", enabled=False)
         self.cancel.tooltip = "End the running task and write nothing"
-        self.status = _wrapping(Label(value=""))
+        self.status = _status_box()
         self.status.tooltip = "What the widget is doing, and the last result"
 
     def layout(self, model_widgets: list) -> list:
@@ -118,7 +138,8 @@ class SegmentControls:
             self.limit,
             row(self.z_from, self.z_to, labels=True),
             self.propagate,
-            row(self.scope, self.ids, labels=True),
+            self.scope,
+            self.ids,
             self.propagate_labels,
             self.auto,
             row(self.stop, self.cancel),
@@ -144,3 +165,29 @@ class SegmentControls:
             self.refine, self.limit, self.z_from, self.z_to, self.propagate, self.scope, self.ids,
             self.propagate_labels, self.auto, self.stop, self.cancel, self.status,
         ]
+
+
+def error_message(exc: BaseException, doing: str) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower():
+        return (
+            f"Out of memory while {doing}. Your labels are unchanged. Close other programs, use "
+            "the CPU device, or work on a cropped/downsampled image."
+        )
+    return f"Error while {doing}: {text}"
+
+
+class CloseWatcher(QObject):
+    """Calls ``on_close`` when the widget is taken out of its dock (napari's × button unparents it)."""
+
+    def __init__(self, on_close):
+        super().__init__()
+        self._on_close = on_close
+
+    def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
+        try:
+            if event.type() == QEvent.Type.ParentChange and obj.parent() is None:
+                self._on_close()
+        except Exception:  # noqa: BLE001 - an exception here would abort PyQt
+            log.debug("napari-mobilesam: close watcher", exc_info=True)
+        return False

@@ -39,8 +39,8 @@ class LongTaskRunner:
     Parameters
     ----------
     cancel_btn, stop_btn : magicgui PushButton
-    on_status : callable(text)
-        Shows a line in the widget's status.
+    on_status : callable(text or None)
+        Shows a line in the widget's status (None: show the last one again, without the task's).
     on_error : callable(exc, doing)
         Reports a failed task.
     on_live : callable()
@@ -83,17 +83,26 @@ class LongTaskRunner:
             fn,
             description=f"MobileSAM: {doing}",
             total=total,
-            on_result=lambda result: None if self.closed else on_result(result),
-            on_error=lambda exc: None if self.closed else self._on_error(exc, doing),
+            on_result=lambda result: self._deliver(on_result, result),
+            on_error=lambda exc: self._deliver(lambda e: self._on_error(e, doing), exc),
             on_finished=lambda: self._finished(live),
             on_progress=None if live is None else (lambda done, n: None if self.closed else self._on_live()),
         )
-        self._on_status(f"{doing[0].upper()}{doing[1:]}…")
+        self._on_status("")  # the status shows the task's line while it runs
         return self.task
+
+    def _deliver(self, fn, value) -> None:
+        """Hand a result or an error to the widget (not after close); the task's line is done."""
+        if not self.closed:
+            self.doing = ""
+            fn(value)
 
     def _finished(self, live) -> None:
         if self.closed:
             return
+        if self.doing:  # cancelled: nothing was delivered
+            self.doing = ""
+            self._on_status(None)  # drop the task's line from the status
         self._cancel_btn.enabled = False
         self._stop_btn.enabled = False
         if self.live is live:
@@ -183,8 +192,8 @@ def describe_propagation(result, run: PropagationRun, ids: dict[int, int], targe
     how = "Stopped propagating" if result.cancelled else "Propagated"
     zs = sorted({r.z for r in result.records if r.accepted})
     span = f"z={zs[0]}–{zs[-1]}" if zs else "no slice"
-    names = ", ".join(f"id {i}" for i in ids.values()) or "nothing new"
-    lines = [f"{how} {run.what} ({names}) over {span} into {target_name!r}; one undo step."]
+    names = "" if run.keep_ids else " (" + (", ".join(f"id {i}" for i in ids.values()) or "nothing new") + ")"
+    lines = [f"{how} {run.what}{names} over {span} into {target_name!r}; one undo step."]
     direction = {1: "up", -1: "down", 0: "seed"}
     for obj in run.objects:
         label = int(obj.label)

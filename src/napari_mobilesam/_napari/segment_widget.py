@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 from magicgui.widgets import Container
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QEvent, QObject, QTimer
+from qtpy.QtCore import QTimer
 
 from ..core.session import Session
 from ..models.choice import ModelChoice
 from . import prompt_layers as pl
 from .annotator import Annotator
-from .controls import NEW_LAYER, SegmentControls, hint_text
+from .controls import NEW_LAYER, CloseWatcher, SegmentControls, error_message, hint_text
 from .helper_layers import HelperLayers
 from .model_panel import ModelPanel
 from .settings import load_settings
@@ -54,32 +54,6 @@ KEYS: dict[str, str] = {"C": "commit", "Shift-C": "clear", "N": "toggle_sign", "
 
 HINT = hint_text()
 _DEBOUNCE_MS = 120
-
-
-def _error_message(exc: BaseException, doing: str) -> str:
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, MemoryError) or "out of memory" in text.lower():
-        return (
-            f"Out of memory while {doing}. Your labels are unchanged. Close other programs, use "
-            "the CPU device, or work on a cropped/downsampled image."
-        )
-    return f"Error while {doing}: {text}"
-
-
-class _CloseWatcher(QObject):
-    """Calls ``on_close`` when the widget is taken out of its dock (napari's × button unparents it)."""
-
-    def __init__(self, on_close):
-        super().__init__()
-        self._on_close = on_close
-
-    def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
-        try:
-            if event.type() == QEvent.Type.ParentChange and obj.parent() is None:
-                self._on_close()
-        except Exception:  # noqa: BLE001 - an exception here would abort PyQt
-            log.debug("napari-mobilesam: close watcher", exc_info=True)
-        return False
 
 
 class SegmentWidget(Container):
@@ -104,6 +78,7 @@ class SegmentWidget(Container):
         self._helpers = HelperLayers(self._viewer.layers, self._on_prompts_changed, self._on_points_press)
         self._negative_default = False
         self._closed = False
+        self._note = ""  # the status line's text below the running task's line
         self._annotator: Annotator | None = None
 
     def _build_controls(self) -> None:
@@ -143,7 +118,7 @@ class SegmentWidget(Container):
         self._viewer.layers.events.removed.connect(self._on_layers_changed)
         self._viewer.dims.events.current_step.connect(self._on_dims_changed)
         self._bind_keys()
-        self._close_watcher = _CloseWatcher(self.close_widget)
+        self._close_watcher = CloseWatcher(self.close_widget)
         self.native.installEventFilter(self._close_watcher)
         self.native.destroyed.connect(lambda *_: self.close_widget())
 
@@ -285,17 +260,9 @@ class SegmentWidget(Container):
     def _image(self):
         return None if self._annotator is None else self._annotator.image
 
-    @property
-    def _points(self):
-        return None if self._helpers.current is None else self._helpers.current.points
-
-    @property
-    def _boxes(self):
-        return None if self._helpers.current is None else self._helpers.current.boxes
-
-    @property
-    def _preview(self):
-        return None if self._helpers.current is None else self._helpers.current.preview
+    _points = property(lambda self: self._annotator._points)
+    _boxes = property(lambda self: self._annotator._boxes)
+    _preview = property(lambda self: self._annotator._preview)
 
     @property
     def points_layer(self):
@@ -399,17 +366,10 @@ class SegmentWidget(Container):
         """The engine's PropagationResult of the last propagation written."""
         return self._annotator.last_propagation
 
-    @property
-    def _preview_kind(self):
-        return self._annotator._preview_kind
-
-    @property
-    def _preview_z(self):
-        return self._annotator._preview_z
-
-    @property
-    def _prediction(self):
-        return self._annotator._prediction
+    # what the preview shows (read by tests and benchmarks/interaction.py)
+    _preview_kind = property(lambda self: self._annotator._preview_kind)
+    _preview_z = property(lambda self: self._annotator._preview_z)
+    _prediction = property(lambda self: self._annotator._prediction)
 
     # ------------------------------------------------------------------ keys and closing
     def _bind_keys(self) -> None:
@@ -464,13 +424,16 @@ class SegmentWidget(Container):
             self._viewer.layers.remove(preview)
 
     # ------------------------------------------------------------------ messages
-    def _show_status(self, text: str) -> None:
-        """Show ``text`` in the status line, under the running task's line while one runs."""
+    def _show_status(self, text: str | None) -> None:
+        """Show ``text`` in the status line (None: the last text again), under the running task's
+        line while one runs."""
         if self._closed:
             return
+        self._note = self._note if text is None else text
         runner = None if self._annotator is None else self._annotator._runner
-        head = f"{runner.doing[0].upper()}{runner.doing[1:]}…" if runner is not None and runner.running else ""
-        self._status.value = "\n".join(t for t in dict.fromkeys((head, text)) if t)
+        busy = runner is not None and runner.running and runner.doing
+        head = f"{runner.doing[0].upper()}{runner.doing[1:]}…" if busy else ""
+        self._status.value = "\n".join(t for t in dict.fromkeys((head, self._note)) if t)
 
     def _info(self, message: str) -> None:
         self._show_status(message)
@@ -482,7 +445,7 @@ class SegmentWidget(Container):
 
     def _report(self, exc: BaseException, doing: str) -> None:
         """Show an error as a napari notification and in the status line (never raise)."""
-        message = _error_message(exc, doing)
+        message = error_message(exc, doing)
         log.debug("napari-mobilesam: %s", message, exc_info=exc)
         self._show_status(message)
         show_error(message)
