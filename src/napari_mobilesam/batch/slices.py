@@ -209,11 +209,9 @@ def slice_segmenter(predictor, source, params: Any, ais_params: Any):
         if not tiled:
             return lambda z: segment_slice_ais(predictor.sam, source.raw(z), ais_params)
 
-        def per_tile(tile_predictor, z, _params):
-            return segment_slice_ais(predictor.sam, source.raw(z, tile_predictor.source.tile.region),
-                                     ais_params)
+        from ..volume.tiled import segment_slice_ais_tiled
 
-        return lambda z: segment_slice_tiled(predictor, z, params, segment=per_tile)
+        return lambda z: segment_slice_ais_tiled(predictor.sam, source.raw(z), predictor.grid, ais_params)
     if tiled:
         return lambda z: segment_slice_tiled(predictor, z, params)
     return lambda z: segment_slice(predictor, z, params).labels

@@ -116,6 +116,30 @@ class TileGrid:
             for j, c in enumerate(cols)
         ]
 
+    @classmethod
+    def from_cores(cls, shape: tuple[int, int], core: int = 512, halo: int = 64) -> TileGrid:
+        """micro-sam's tiling: cores of ``core`` pixels from the top-left corner (the last ones
+        smaller), each tile its core plus ``halo`` on every side, clipped to the slice (so border
+        tiles are smaller). ``tile`` of the result is ``core + 2 * halo``."""
+        core, halo = int(core), int(halo)
+        if core < 16 or halo < 0:
+            raise InputError(f"core {core} and halo {halo}: use core >= 16 pixels and halo >= 0")
+        grid = cls.__new__(cls)
+        grid.shape = (int(shape[0]), int(shape[1]))
+        grid.tile, grid.halo = core + 2 * halo, halo
+
+        def axis(n):
+            return [(max(a - halo, 0), min(a + core + halo, n), a, min(a + core, n)) for a in range(0, n, core)]
+
+        rows, cols = axis(grid.shape[0]), axis(grid.shape[1])
+        grid.grid_shape = (len(rows), len(cols))
+        grid.tiles = [
+            Tile(i * len(cols) + j, (i, j), (r[0], r[1], c[0], c[1]), (r[2], r[3], c[2], c[3]))
+            for i, r in enumerate(rows)
+            for j, c in enumerate(cols)
+        ]
+        return grid
+
     def __len__(self) -> int:
         return len(self.tiles)
 
