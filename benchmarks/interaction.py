@@ -247,10 +247,14 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int) -> No
         gaps.clear()
         clock.start()
         ticker.start()
-        start()
+        if start() is None:
+            raise SystemExit(f"nothing started: {widget.status}")
         spin_until(lambda: not widget.busy, timeout=1800)
         ticker.stop()
         return float(max(gaps, default=0)) - 10.0
+
+    viewer.dims.set_point(0, float(z))  # propagate from the annotated slice
+    spin_until(lambda: widget.current_z() == z and not widget.busy)
 
     def propagate():
         widget.clear_prompts()
@@ -258,7 +262,7 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int) -> No
         if target is not None:
             target.data = np.zeros_like(target.data)
         widget.points_layer.add([z, *point])
-        widget.propagate()
+        return widget.propagate()
 
     results = []
     for label, n_hog in (("as is", 0), (f"{hog} busy processes", hog)):
