@@ -98,7 +98,7 @@ def child(args) -> dict:
         pred = SlicePredictor(sam, src, cache)
         zc = args.n // 2
         objs = {1: {zc: {"points": [centres[zc]]}}}
-        loose = {"min_score": 0.0, "min_overlap": 0.0, "area_ratio": (0.0, 1e9), "min_area": 0}
+        loose = {"min_score": 0.0, "min_overlap": 0.0, "area_ratio": (0.0, 1e9), "min_area": 0, "regrow": 0.0}
         slice_times: list[float] = []
         last = [time.perf_counter()]
 

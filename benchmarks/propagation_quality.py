@@ -23,8 +23,12 @@ Then the stitcher on slice-by-slice true labels (ids shuffled per slice): object
 object has its own stitched id on most of its voxels, no id shared), and the time to find
 candidate points on a large slice (``--large N``: an N x N tiling of the crowded sample).
 
-    python benchmarks/propagation_quality.py            # about a minute on 2 cores
+    python benchmarks/propagation_quality.py            # about two minutes on 2 cores
     python benchmarks/propagation_quality.py --large 5000
+    python benchmarks/propagation_quality.py --baseline f3277ff   # also the propagate() of a git revision
+
+``--baseline REV`` loads ``volume/propagation.py`` of git revision REV (``git show``) and runs the
+same oracles through it in the same run, as the "before" rows.
 """
 
 from __future__ import annotations
@@ -123,42 +127,80 @@ def stitch_truth(gt: np.ndarray, regrow: float, seed: int = 0) -> tuple[int, int
     return len(majority), kept, int(len(np.unique(out[out > 0])))
 
 
-def large_candidates(size: int, reps: int = 3) -> float:
-    from napari_mobilesam.volume.candidates import candidate_points
+def large_candidates(size: int, reps: int = 3) -> None:
+    """Median seconds of `candidate_points` on a ``size`` x ``size`` slice, at the working scale
+    (default) and, as the baseline measured in the same run, at full resolution."""
+    from napari_mobilesam.volume import candidates as cand
 
     st = synthetic_nuclei(crowded=True, n_nuclei=50)
     tile = st.image[st.image.shape[0] // 2]
     big = np.tile(tile, (size // tile.shape[0] + 1, size // tile.shape[1] + 1))[:size, :size]
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        pts = candidate_points(big)
-        times.append(time.perf_counter() - t)
-    print(f"\ncandidate points on a {size} x {size} slice: median {statistics.median(times):.2f} s "
-          f"over {reps} runs, {len(pts)} points")
-    return statistics.median(times)
+    lab = np.tile(st.labels[st.image.shape[0] // 2], (size // tile.shape[0] + 1, size // tile.shape[1] + 1))
+    rows = []
+    default = cand.WORK_SIZE
+    for name, work in (("working scale (default)", default), ("full resolution (baseline)", 10**9)):
+        cand.WORK_SIZE = work
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            pts = cand.candidate_points(big, cand.AutoParams(max_points=100_000, grid=0))
+            times.append(time.perf_counter() - t)
+        on = lab[np.round(pts[:, 0]).astype(int), np.round(pts[:, 1]).astype(int)]
+        rows.append((name, statistics.median(times), len(pts), float(np.mean(on > 0)) if len(pts) else 0.0))
+    cand.WORK_SIZE = default
+    print(f"\n| candidate points, {size} x {size} slice | median s ({reps} runs) | ratio to baseline | points "
+          "| points on a nucleus |")
+    print("|---|---|---|---|---|")
+    for name, t, n, frac in rows:
+        print(f"| {name} | {t:.2f} | {t / rows[1][1]:.2f} | {n} | {100 * frac:.0f}% |")
+
+
+def baseline_propagate(rev: str):
+    """``propagate`` and ``ObjectPrompts`` of ``volume/propagation.py`` at git revision ``rev``."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    code = subprocess.run(["git", "-C", str(root), "show", f"{rev}:src/napari_mobilesam/volume/propagation.py"],
+                          capture_output=True, text=True, check=True).stdout
+    code = code.replace("from ..core.predictor import", "from napari_mobilesam.core.predictor import")
+    path = Path(tempfile.mkdtemp()) / "baseline_propagation.py"
+    path.write_text(code)
+    spec = importlib.util.spec_from_file_location("baseline_propagation", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large", type=int, default=0, help="also time candidate points on an N x N slice")
     ap.add_argument("--score-weight", type=float, default=None, help="override propagate's score_weight")
+    ap.add_argument("--baseline", default=None, help="git revision whose propagate() is run as the baseline")
     args = ap.parse_args()
     kw = {} if args.score_weight is None else {"score_weight": args.score_weight}
     stacks = {"sample": synthetic_nuclei(), "crowded": synthetic_nuclei(crowded=True, n_nuclei=50)}
     print("| stack | objects | oracle | full extent | full extent (slices >= 30 px) | mean 3D IoU | over-runs "
           "| jumps | inconsistent | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    runs = [("", propagate, ObjectPrompts)]
+    if args.baseline:
+        base = baseline_propagate(args.baseline)
+        runs.append((f" [{args.baseline}]", base.propagate, base.ObjectPrompts))
     for name, st in stacks.items():
-        for err, seed in ORACLES:
-            oracle = GroundTruthOracle(st.labels, st.image, error=err, candidates="spread", seed=seed)
-            t = time.perf_counter()
-            res = propagate(oracle, seeds(st.labels), prefetch=False, **kw)
-            dt = time.perf_counter() - t
-            s = score(st.labels, res)
-            label = err if err != "jitter" else f"±1 px (seed {seed})"
-            print(f"| {name} | {s['n']} | {label} | {100 * s['full']:.0f}% | {100 * s['full_big']:.0f}% | "
-                  f"{s['iou']:.3f} | {s['over']} | {s['jumps']} | {s['bad']} | {dt:.1f} |")
+        for tag, prop, obj_type in runs:
+            for err, seed in ORACLES:
+                oracle = GroundTruthOracle(st.labels, st.image, error=err, candidates="spread", seed=seed)
+                objs = [obj_type(o.label, prompts=dict(o.prompts)) for o in seeds(st.labels)]
+                t = time.perf_counter()
+                res = prop(oracle, objs, prefetch=False, **kw)
+                dt = time.perf_counter() - t
+                s = score(st.labels, res)
+                label = (err if err != "jitter" else f"±1 px (seed {seed})") + tag
+                print(f"| {name} | {s['n']} | {label} | {100 * s['full']:.0f}% | {100 * s['full_big']:.0f}% | "
+                      f"{s['iou']:.3f} | {s['over']} | {s['jumps']} | {s['bad']} | {dt:.1f} |")
     print("\n| stack | true objects | stitcher | kept | stitched ids |")
     print("|---|---|---|---|---|")
     for name, st in stacks.items():

@@ -39,19 +39,20 @@ SHIFT_WEIGHT = 3.0
 #: Slices the area extrapolation (`Front.expected_area`) is fitted to.
 AREA_WINDOW = 5
 
-# Stop reasons (per direction). Their plain-language text is ``propagation.STOP_REASONS``.
-EMPTY = "empty"
-LOW_SCORE = "low_score"
-LOW_IOU = "low_iou"
-LOW_OVERLAP = "low_overlap"
-AREA_CHANGE = "area_change"
-NEIGHBOUR = "neighbour"
-Z_RANGE = "z_range"
-STACK_END = "stack_end"
-NEGATIVE_PROMPT = "negative_prompt"
-MET = "met"
-CANCELLED = "cancelled"
-EMPTY_SEED = "empty_seed"
+from .results import (  # noqa: F401  (the codes, re-exported)
+    AREA_CHANGE,
+    CANCELLED,
+    EMPTY,
+    EMPTY_SEED,
+    LOW_IOU,
+    LOW_OVERLAP,
+    LOW_SCORE,
+    MET,
+    NEGATIVE_PROMPT,
+    NEIGHBOUR,
+    STACK_END,
+    Z_RANGE,
+)
 
 
 @dataclass(frozen=True)
