@@ -51,3 +51,18 @@ def engine_sam_reference(reference_dir):
     from napari_mobilesam.models.registry import build_sam
 
     return build_sam("vit_t", reference_dir / "mobile_sam_random_weights.pt")
+
+
+@pytest.fixture(autouse=True)
+def _config_dir(tmp_path, monkeypatch):
+    """Each test reads and writes its own widget settings file."""
+    monkeypatch.setenv("NAPARI_MOBILESAM_CONFIG", str(tmp_path / "config"))
+    monkeypatch.delenv("NAPARI_MOBILESAM_DEV", raising=False)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """A small synthetic nuclei stack (12 x 128 x 128) for widget tests (modules may override it)."""
+    from napari_mobilesam.data import synthetic_nuclei
+
+    return synthetic_nuclei(shape=(12, 128, 128), n_nuclei=8, radius_range=(9, 14), z_radius_range=(3, 5))

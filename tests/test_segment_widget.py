@@ -32,20 +32,6 @@ from napari_mobilesam.testing import GroundTruthOracle
 WAIT_MS = 60_000
 
 
-@pytest.fixture(autouse=True)
-def _config_dir(tmp_path, monkeypatch):
-    """Each test reads and writes its own widget settings file."""
-    monkeypatch.setenv("NAPARI_MOBILESAM_CONFIG", str(tmp_path / "config"))
-    monkeypatch.delenv("NAPARI_MOBILESAM_DEV", raising=False)
-
-
-@pytest.fixture(scope="module")
-def stack():
-    from napari_mobilesam.data import synthetic_nuclei
-
-    return synthetic_nuclei(shape=(12, 128, 128), n_nuclei=8, radius_range=(9, 14), z_radius_range=(3, 5))
-
-
 def _open(make_napari_viewer, data, *, rgb=False, scale=None, translate=None, name="nuclei"):
     viewer = make_napari_viewer()
     kwargs = {}

@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from qtpy.QtCore import QEvent, QPoint, QPointF, Qt
 from qtpy.QtGui import QMouseEvent
 from qtpy.QtTest import QTest
@@ -29,19 +28,6 @@ NO_MOD = Qt.KeyboardModifier.NoModifier
 SHIFT = Qt.KeyboardModifier.ShiftModifier
 CTRL = Qt.KeyboardModifier.ControlModifier
 LEFT = Qt.MouseButton.LeftButton
-
-
-@pytest.fixture(autouse=True)
-def _config_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_MOBILESAM_CONFIG", str(tmp_path / "config"))
-    monkeypatch.delenv("NAPARI_MOBILESAM_DEV", raising=False)
-
-
-@pytest.fixture(scope="module")
-def stack():
-    from napari_mobilesam.data import synthetic_nuclei
-
-    return synthetic_nuclei(shape=(12, 128, 128), n_nuclei=8, radius_range=(9, 14), z_radius_range=(3, 5))
 
 
 # --------------------------------------------------------------------------- real input helpers

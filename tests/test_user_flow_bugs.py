@@ -13,15 +13,13 @@ import sys
 
 import numpy as np
 from qtpy.QtCore import Qt
-from test_user_flow import (  # noqa: F401 (fixtures)
+from test_user_flow import (
     SHIFT,
-    _config_dir,
     click,
     go_to,
     key,
     nucleus,
     open_session,
-    stack,
     wait_idle,
 )
 

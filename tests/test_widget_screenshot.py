@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
-from test_segment_widget import _config_dir, _nucleus, stack  # noqa: F401 (fixtures)
+from test_segment_widget import _nucleus
 
 from napari_mobilesam._napari import segment_widget as sw
 from napari_mobilesam.core.session import Session
