@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="minimum IoU between slices for one object id")
     auto.add_argument("--stitch-gap", type=int, default=d.stitch_gap,
                       help="slices an object may be missed on and keep its id")
+    auto.add_argument("--stitch-regrow", type=float, default=d.stitch_regrow,
+                      help="an object that shrank towards its end and grows again by this factor is a "
+                      "new object (touching nuclei in z); 0: off")
+    auto.add_argument("--min-contrast", type=float, default=d.min_contrast,
+                      help="blob prompts: smallest contrast, in units of the slice's noise (lower for "
+                      "faint objects)")
     auto.add_argument("--center-distance-threshold", type=float, default=0.5,
                       help="AIS (models with a decoder): seed threshold on centre distances")
     auto.add_argument("--boundary-distance-threshold", type=float, default=0.5,
@@ -292,7 +298,8 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
             min_iou=args.min_iou, min_stability=args.min_stability, min_area=args.min_area,
             max_area_fraction=args.max_area_fraction, min_distance=args.min_distance,
             grid=args.grid, polarity=args.polarity, stitch_iou=args.stitch_iou,
-            stitch_gap=args.stitch_gap, max_points=args.max_points,
+            stitch_gap=args.stitch_gap, stitch_regrow=args.stitch_regrow,
+            min_contrast=args.min_contrast, max_points=args.max_points,
             points_per_batch=args.points_per_batch,
         )
         from .volume.instance import AISParams

@@ -424,7 +424,7 @@ def segment_stack_auto(
     source = _make_source(image, channel_axis, normalize)
     shape = (source.n_slices, *source.slice_shape)
     zs = list(parse_z_range(z_range, shape[0]))
-    stitcher = Stitcher(params.stitch_iou, params.stitch_overlap, params.stitch_gap)
+    stitcher = Stitcher(params.stitch_iou, params.stitch_overlap, params.stitch_gap, params.stitch_regrow)
     with LabelsOutput(shape, out, overwrite, metadata, out_dtype, resume=resume,
                       inputs=_input_paths(image, metadata)) as output:
         todo = output.pending(zs)
