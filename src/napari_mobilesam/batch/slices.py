@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.predictor import Prompt
 from ..errors import InputError, PromptError
 from ..io.prompts import Prompts
 from ..io.stacks import LabelsTiffWriter, check_output_path, is_zarr_path
@@ -38,32 +39,28 @@ def check_ids_fit(max_id: int, out_dtype: Any = np.uint32) -> None:
         )
 
 
-def prompt_dict(item: dict, multimask: bool | None = None) -> dict:
+def prompt_dict(item: dict) -> Prompt:
     """A predictor prompt from a :meth:`~napari_mobilesam.io.prompts.Prompts.iter_objects` item
-    (no empty point arrays; one lone point asks for SAM's three candidate masks)."""
-    has_pts = len(item["points"]) > 0
-    if multimask is None:
-        multimask = item["box"] is None and len(item["points"]) == 1
-    return {
-        "points": item["points"] if has_pts else None,
-        "labels": item["labels"] if has_pts else None,
-        "box": item["box"],
-        "multimask": multimask,
-    }
+    (see :meth:`Prompt.from_clicks`: one lone point or box asks for SAM's three candidate masks)."""
+    return Prompt.from_clicks(item["points"], item["labels"], item["box"])
+
+
+# objects decoded per predictor call on one slice: bounds the candidate masks held at once
+_OBJECTS_PER_CALL = 64
 
 
 def segment_objects_on_slice(predictor, z: int, objects: list[tuple[int, dict]]) -> np.ndarray:
     """(H, W) labels (int32, int64 for ids of 2**31 and more): each object's best mask on slice
     ``z``, the higher predicted IoU winning shared pixels. ``objects``: ``[(object_id, item)]``."""
-    prompts = [prompt_dict(item) for _, item in objects]
-    preds = predictor.predict_many(z, prompts)
     h, w = predictor.source.slice_shape
     masks, scores = [], []
-    for pred in preds:  # the best of SAM's candidates (its only mask with several prompts)
-        iou = np.asarray(pred.iou, float).reshape(-1)
-        k = int(np.argmax(iou))
-        masks.append(np.asarray(pred.masks[k], bool))
-        scores.append(iou[k])
+    for start in range(0, len(objects), _OBJECTS_PER_CALL):  # only the chosen masks are kept
+        chunk = objects[start : start + _OBJECTS_PER_CALL]
+        for pred in predictor.predict_many(z, [prompt_dict(item) for _, item in chunk]):
+            iou = np.asarray(pred.iou, float).reshape(-1)
+            k = int(np.argmax(iou))  # the best of SAM's candidates (its only mask with several prompts)
+            masks.append(np.asarray(pred.masks[k], bool))
+            scores.append(iou[k])
     out = np.zeros((h, w), labels_dtype(max((oid for oid, _ in objects), default=0)))
     for i in np.argsort(-np.asarray(scores), kind="stable"):
         out[masks[i] & (out == 0)] = objects[i][0]
