@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -337,18 +337,22 @@ class LabelsTiffWriter:
             check_output_path(self.path, self.overwrite, inputs=self._inputs)  # now under the lock
             self._clear_stale_partials()
             options = self._tiff_options()
+            # named before it exists, so that an interruption at any point can remove it
+            self._partial = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.partial")
             try:
-                fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial",
-                                            dir=self.path.parent)
-                os.close(fd)
-                self._partial = Path(name)
+                os.close(os.open(self._partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
                 self._tw = tifffile.TiffWriter(self._partial, bigtiff=self._nbytes() > 2**31)
             except OSError as exc:
                 raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}; choose an "
                                   "output in a folder you can write to") from None
+            self._start(options)
         except BaseException:
             self._discard()
             raise
+        return self
+
+    def _start(self, options: dict) -> None:
+        """Start the thread that compresses and writes the pages as they come."""
 
         def run():
             try:
@@ -363,7 +367,6 @@ class LabelsTiffWriter:
 
         self._thread = threading.Thread(target=run, name="labels-tiff-writer", daemon=True)
         self._thread.start()
-        return self
 
     def _nbytes(self) -> int:
         return int(np.prod(self.shape)) * self.dtype.itemsize
