@@ -83,6 +83,7 @@ def _write_world(d: Path) -> None:
         "p_zfrac.csv": "z,row,col,label,object_id\n2.5,30,30,1,1\n",
         "p_bigid.csv": "z,row,col,label,object_id\n2,30,30,1,5000000000\n",
         "p_missing_value.csv": "z,row,col,label,object_id\n2,,30,1,1\n",
+        "p_idinf.csv": "z,row,col,label,object_id\n2,30,30,1,1\n2,31,31,1,inf\n",
     }
     for name, text in csvs.items():
         (d / name).write_text(text)
@@ -168,6 +169,8 @@ CLI_CASES = {
     "prompts id too large": (["segment", S, "--prompts", "{d}/p_bigid.csv", "-o", O], 3, ["5000000000", "renumber"]),
     "prompts missing value": (["segment", S, "--prompts", "{d}/p_missing_value.csv", "-o", O], 3,
                               ["p_missing_value.csv", "line 2", "'row'"]),
+    "prompts id inf": (["segment", S, "--prompts", "{d}/p_idinf.csv", "-o", O], 3,
+                       ["p_idinf.csv", "line 3", "whole number"]),
     "prompts binary": (["segment", S, "--prompts", "{d}/p_binary.csv", "-o", O], 3, ["p_binary.csv"]),
     "prompts is a folder": (["segment", S, "--prompts", "{d}/a_folder", "-o", O], 3, ["a_folder"]),
     "folder clash x.tif x.tiff": (["auto", "{d}/clash", "-o", "{d}/outs"], 3, ["x.tif", "x.tiff", "rename"]),

@@ -167,3 +167,18 @@ def test_two_processes_on_one_cache_folder_and_a_kill(inputs, tmp_path):
         assert torch.equal(shared.get(src, z).features, fresh.get(src, z).features)
     assert shared.stats.disk_hits == src.n_slices and shared.stats.damaged == 0
     # (a killed writer may leave a hidden *.npy.*.tmp file: never read, since entries are *.npy)
+
+
+def test_sigterm_mid_run_cleans_up(inputs, tmp_path):
+    out = tmp_path / "labels.tif"
+    out.write_bytes(OLD)
+    proc = _spawn(_argv("segment", inputs, out))
+    while not any(p.name.endswith(".partial") for p in tmp_path.iterdir()) and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(1.0)  # mid-run
+    assert proc.poll() is None, proc.communicate()[1].decode()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == cli.EXIT_INTERRUPTED, err.decode()
+    assert "interrupted" in err.decode() and "Traceback" not in err.decode()
+    assert out.read_bytes() == OLD and _leftovers(tmp_path) == []

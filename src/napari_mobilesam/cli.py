@@ -21,6 +21,8 @@ prompts file, shapes), 4 output exists or cannot be written, 5 model or weights 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -370,6 +372,24 @@ def _run(args) -> int:
     return code
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``, a job scheduler's stop) ends a run like Ctrl-C: partial outputs are removed,
+    locks released, exit 130."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        before = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"{PROG}: warning: {message}\n"
 
@@ -397,7 +417,8 @@ def _main(argv: list[str] | None) -> int:
 
         return int(run_cli(args))
     try:
-        return _run(args)
+        with _sigterm_as_interrupt():
+            return _run(args)
     except KeyboardInterrupt:
         return _error("interrupted; no output was written", EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - turned into an exit code and a message

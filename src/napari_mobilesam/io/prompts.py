@@ -225,55 +225,10 @@ def read_prompts_csv(path: str | os.PathLike) -> Prompts:
         )
     pts, labs, ids = [], [], []
     for lineno, row in enumerate(rows[1:], start=2):
-        def get(key, default=None):
-            if key not in cols:
-                return default
-            i = cols[key]
-            if i >= len(row) or not row[i].strip():
-                raise PromptsError(f"{path}, line {lineno}: missing value for column {header[i]!r}")
-            return row[i].strip()
-
-        zrc = (get("z", "0"), get("row"), get("col"))
-        try:
-            z, r, c = (float(v) for v in zrc)
-        except ValueError:
-            raise PromptsError(f"{path}, line {lineno}: z, row and col must be numbers, got {row}") from None
-        if not all(np.isfinite((z, r, c))):
-            raise PromptsError(
-                f"{path}, line {lineno}: z, row and col must be finite numbers, got {row}; fix or "
-                "delete that line"
-            )
-        lab = get("label", "1").lower()
-        if lab in ("1", "1.0", "true", "positive", "pos", "+"):
-            lab_v = 1
-        elif lab in ("0", "0.0", "false", "negative", "neg", "-"):
-            lab_v = 0
-        else:
-            raise PromptsError(
-                f"{path}, line {lineno}: label must be 1 (positive) or 0 (negative), got {lab!r}; "
-                "write 0 for a negative point"
-            )
-        oid = get("object_id")
-        if oid is None:
-            if lab_v == 0:
-                raise PromptsError(
-                    f"{path}, line {lineno}: a negative point needs an object_id column saying "
-                    "which object it belongs to"
-                )
-            oid_v = len(ids) + 1
-        else:
-            try:
-                oid_f = float(oid)
-            except ValueError:
-                oid_f = -1.0
-            if oid_f != int(oid_f) or oid_f < 1:
-                raise PromptsError(
-                    f"{path}, line {lineno}: object_id must be a whole number >= 1, got {oid!r}"
-                )
-            oid_v = int(oid_f)
-        pts.append((z, r, c))
+        zrc, lab_v, oid_v = _parse_csv_row(_CsvRow(path, lineno, row, cols, header))
+        pts.append(zrc)
         labs.append(lab_v)
-        ids.append(oid_v)
+        ids.append(oid_v if oid_v is not None else len(ids) + 1)
     if not pts:
         raise PromptsError(f"prompts file {path} has a header but no points")
     return Prompts(np.array(pts), np.array(labs), np.array(ids))
@@ -414,3 +369,60 @@ def _as_prompts(prompts: Any) -> Prompts:
         "prompts must be a Prompts object, a CSV path, a napari Points or Shapes layer, or an "
         f"(N, 3) array of (z, row, col) points; got {type(prompts).__name__}"
     )
+
+
+@dataclass
+class _CsvRow:
+    """One data row of a prompts CSV, with what is needed to read it and to name it in errors."""
+
+    path: Path
+    lineno: int
+    row: list
+    cols: dict
+    header: list
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        if key not in self.cols:
+            return default
+        i = self.cols[key]
+        if i >= len(self.row) or not self.row[i].strip():
+            raise PromptsError(f"{self.where}: missing value for column {self.header[i]!r}")
+        return self.row[i].strip()
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}, line {self.lineno}"
+
+
+def _parse_csv_row(r: _CsvRow) -> tuple[tuple[float, float, float], int, int | None]:
+    """((z, row, col), label 1/0, object id or None) of one prompts CSV row (PromptsError naming
+    the file and line otherwise)."""
+    texts = (r.get("z", "0"), r.get("row"), r.get("col"))  # (missing values are named here)
+    try:
+        z, row, col = (float(v) for v in texts)
+    except ValueError:
+        raise PromptsError(f"{r.where}: z, row and col must be numbers, got {r.row}") from None
+    if not all(np.isfinite((z, row, col))):
+        raise PromptsError(f"{r.where}: z, row and col must be finite numbers, got {r.row}; fix or "
+                           "delete that line")
+    lab = r.get("label", "1").lower()
+    if lab in ("1", "1.0", "true", "positive", "pos", "+"):
+        lab_v = 1
+    elif lab in ("0", "0.0", "false", "negative", "neg", "-"):
+        lab_v = 0
+    else:
+        raise PromptsError(f"{r.where}: label must be 1 (positive) or 0 (negative), got {lab!r}; "
+                           "write 0 for a negative point")
+    oid = r.get("object_id")
+    if oid is None:
+        if lab_v == 0:
+            raise PromptsError(f"{r.where}: a negative point needs an object_id column saying which "
+                               "object it belongs to")
+        return (z, row, col), lab_v, None
+    try:
+        oid_f = float(oid)
+    except ValueError:
+        oid_f = -1.0
+    if not np.isfinite(oid_f) or oid_f != int(oid_f) or oid_f < 1:
+        raise PromptsError(f"{r.where}: object_id must be a whole number >= 1, got {oid!r}")
+    return (z, row, col), lab_v, int(oid_f)
