@@ -319,20 +319,13 @@ def layer_prompts(image, points=None, boxes=None) -> Prompts:
 def slice_prompt(prompts: Prompts, z: int) -> Prompt | None:
     """The engine's :class:`~napari_mobilesam.core.predictor.Prompt` for slice ``z`` (None: no prompt).
 
-    Points ``(row, col)``, labels 1/0, box ``(row0, col0, row1, col1)``. One lone point or box is
-    ambiguous, so SAM's three candidates are asked for (``multimask``); more prompts: one mask.
+    Points ``(row, col)``, labels 1/0, box ``(row0, col0, row1, col1)``; see
+    :meth:`~napari_mobilesam.core.predictor.Prompt.from_clicks` for the one-click rule.
     """
     from ..core.predictor import Prompt
 
     for _oid, item in prompts.on_slice(int(z)):
-        points = item["points"] if len(item["points"]) else None
-        n = (0 if points is None else len(points)) + (item["box"] is not None)
-        return Prompt(
-            points=points,
-            labels=None if points is None else item["labels"],
-            box=item["box"],
-            multimask=n == 1,
-        )
+        return Prompt.from_clicks(item["points"], item["labels"], item["box"])
     return None
 
 
