@@ -21,8 +21,6 @@ No napari or Qt here; torch is imported by this module (it is only imported lazi
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import threading
 from collections import OrderedDict
@@ -35,29 +33,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..files import atomic_write
 from ..models.backends import tensor_version
 from ..models.registry import model_identity
+from .disk_cache import EMBED_SHAPE, DiskCache
 from .preprocess import encoder_size, input_size_for, preprocess_rgb
 from .source import SliceSource
 
 __all__ = ["Embedding", "EmbeddingCache", "CacheStats", "compute_embedding", "model_identity_of"]
 
-EMBED_SHAPE = (256, 64, 64)
+
 DEFAULT_MAX_BYTES = 512 * 2**20
 DEFAULT_MAX_DISK_BYTES = 4 * 2**30
-_CHECKSUM_TAG = b"MSAMSUM1"  # then a 16-byte blake2b digest of the entry's key and values
-
-
-def _entry_checksum(key: str, arr: np.ndarray) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(key.encode())
-    h.update(str(arr.dtype).encode() + repr(arr.shape).encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-    return h.digest()
-
-
 @dataclass(frozen=True)
 class Embedding:
     """The image embedding of one slice.
@@ -164,8 +150,8 @@ class EmbeddingCache:
         self.dtype = dtype
         self.disk_dir = None if disk_dir is None else Path(disk_dir)
         self.max_disk_bytes = None if max_disk_bytes is None else int(max_disk_bytes)
-        self._disk_estimate: int | None = None  # bytes in disk_dir, as last scanned + written since
-        self._model_dir: Path | None = None
+        self._stats = CacheStats()
+        self._disk: DiskCache | None = None
         self.identity = ""
         self._set_identity(model_identity_of(sam))
         self._mem: OrderedDict[str, tuple[torch.Tensor, tuple[int, int], tuple[int, int]]] = OrderedDict()
@@ -175,27 +161,13 @@ class EmbeddingCache:
         self._inflight: dict[str, Future] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._prefetch_jobs: list[Future] = []
-        self._stats = CacheStats()
         # the float32 tensor `get` returned last, reused while unchanged (see `get`)
         self._last_get: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def _set_identity(self, ident: str) -> None:
         self.identity = ident
         if self.disk_dir is not None:
-            tag = hashlib.blake2b(ident.encode(), digest_size=12).hexdigest()
-            self._model_dir = self.disk_dir / f"{tag}-{str(self.dtype).rsplit('.', 1)[-1]}"
-            if self.disk_dir.exists() and not self.disk_dir.is_dir():
-                raise InputError(
-                    f"embedding cache folder {self.disk_dir} is a file; give a folder (or None for "
-                    "a memory-only cache)"
-                )
-            try:
-                self._model_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise InputError(
-                    f"cannot create the embedding cache folder {self._model_dir}: "
-                    f"{exc.strerror or exc}; choose a folder you can write to"
-                ) from None
+            self._disk = DiskCache(self.disk_dir, ident, self.dtype, self.max_disk_bytes, self._stats)
 
     def _check_identity(self) -> None:
         """Drop the in-memory entries if the model's weights changed since they were computed."""
@@ -254,101 +226,6 @@ class EmbeddingCache:
                 _, (old, _, _) = self._mem.popitem(last=False)
                 self._bytes -= old.numel() * old.element_size()
                 self._stats.evictions += 1
-
-    def _disk_path(self, key: str) -> Path | None:
-        if self._model_dir is None:
-            return None
-        return self._model_dir / key[:2] / f"{key}.npy"
-
-    def _load_disk(self, key: str) -> torch.Tensor | None:
-        """The entry ``key`` from disk, or None when absent, unreadable or not matching its
-        checksum (then the caller recomputes and replaces it)."""
-        path = self._disk_path(key)
-        if path is None or not path.exists():
-            return None
-        want = np.float16 if self.dtype == torch.float16 else np.float32
-        try:
-            buf = io.BytesIO(path.read_bytes())
-            arr = np.lib.format.read_array(buf, allow_pickle=False)
-            trailer = buf.read()
-        except (OSError, ValueError, EOFError):
-            arr, trailer = None, b""
-        ok = (
-            arr is not None and arr.shape == (1, *EMBED_SHAPE) and arr.dtype == want
-            and trailer == _CHECKSUM_TAG + _entry_checksum(key, arr) and bool(np.isfinite(arr).all())
-        )
-        if not ok:
-            if path.exists():
-                with self._lock:
-                    self._stats.damaged += 1
-            return None
-        try:
-            os.utime(path)  # recently used: the disk budget evicts by modification time
-        except OSError:
-            pass  # a read-only cache still serves
-        return torch.from_numpy(arr)
-
-    def _save_disk(self, key: str, feats: torch.Tensor) -> None:
-        path = self._disk_path(key)
-        if path is None:
-            return
-        arr = feats.cpu().numpy()
-        checksum = _CHECKSUM_TAG + _entry_checksum(key, arr)
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a path
-                np.save(f, arr, allow_pickle=False)
-                f.write(checksum)
-
-        atomic_write(path, write)
-        self._after_disk_write(path)
-
-    def _disk_entries(self) -> list[tuple[float, int, Path]]:
-        """(mtime, size, path) of every entry under ``disk_dir`` (all models)."""
-        out = []
-        for path in self.disk_dir.glob("*/*/*.npy"):
-            try:
-                st = path.stat()
-            except OSError:  # removed meanwhile (another process)
-                continue
-            out.append((st.st_mtime, st.st_size, path))
-        return out
-
-    def _after_disk_write(self, written: Path) -> None:
-        """Keep ``disk_dir`` within ``max_disk_bytes``: delete least recently used entries.
-
-        The folder is scanned when this process first writes and whenever its running estimate
-        goes over the budget; eviction goes down to 90% of the budget so that it does not run
-        again at every write. The entry just written is kept.
-        """
-        if self.max_disk_bytes is None:
-            return
-        with self._lock:
-            try:
-                size = written.stat().st_size
-            except OSError:
-                size = 0
-            if self._disk_estimate is None:
-                self._disk_estimate = sum(e[1] for e in self._disk_entries())
-            else:
-                self._disk_estimate += size
-            if self._disk_estimate <= self.max_disk_bytes:
-                return
-            entries = sorted(self._disk_entries(), key=lambda e: e[0])
-            total = sum(e[1] for e in entries)
-            goal = int(0.9 * self.max_disk_bytes)
-            for _mtime, nbytes, path in entries:
-                if total <= goal:
-                    break
-                if path == written:
-                    continue
-                try:
-                    path.unlink()
-                except OSError:
-                    continue
-                total -= nbytes
-                self._stats.disk_evictions += 1
-            self._disk_estimate = total
 
     # -- public API -------------------------------------------------------------------------------
     def get(self, source: SliceSource, z: int) -> Embedding:
@@ -410,7 +287,7 @@ class EmbeddingCache:
     def _fill(self, source: SliceSource, z: int, key: str):
         original_size = source.slice_shape
         input_size = input_size_for(original_size, encoder_size(self.sam))
-        feats = self._load_disk(key)
+        feats = None if self._disk is None else self._disk.load(key)
         if feats is not None:
             with self._lock:
                 self._stats.disk_hits += 1
@@ -422,7 +299,8 @@ class EmbeddingCache:
             feats = emb.features.detach().to("cpu", self.dtype).contiguous()
             with self._lock:
                 self._stats.computed += 1
-            self._save_disk(key, feats)
+            if self._disk is not None:
+                self._disk.save(key, feats)
         self._put_mem(key, feats, input_size, original_size)
         return feats, input_size, original_size
 
@@ -449,7 +327,8 @@ class EmbeddingCache:
             old = self._mem.pop(key, None)
             if old is not None:
                 self._bytes -= old[0].numel() * old[0].element_size()
-        self._save_disk(key, feats)
+        if self._disk is not None:
+            self._disk.save(key, feats)
         self._put_mem(key, feats, input_size, original_size)
 
     def is_cached(self, source: SliceSource, z: int) -> bool:
@@ -458,8 +337,7 @@ class EmbeddingCache:
         with self._lock:
             if key in self._mem:
                 return True
-        path = self._disk_path(key)
-        return path is not None and path.exists()
+        return self._disk is not None and self._disk.has(key)
 
     def precompute(
         self,
