@@ -379,3 +379,30 @@ def test_ais_needs_a_decoder(engine_sam_test):
 
     with pytest.raises(ModelError, match="vit_t_lm"):
         segment_slice_ais(engine_sam_test, np.zeros((64, 64), np.uint16))
+
+
+def test_tiles_are_microsams(cases):
+    from napari_mobilesam.volume.instance import tiles
+
+    t = cases["tiled"]
+    got = [
+        [[[s.start, s.stop] for s in outer], [[s.start, s.stop] for s in inner]]
+        for outer, inner in tiles(tuple(t["shape"]), tuple(t["tile_shape"]), tuple(t["halo"]))
+    ]
+    assert got == [[tile["outer"], tile["inner"]] for tile in t["tiles"]]
+
+
+def test_tiled_ais_matches(lm_models, expected):
+    """micro-sam's tiled AIS (tile 512, halo 64): stitched maps within 5e-3, whole-image labels
+    against ``tiled/ais_global``, and micro-sam's own block-wise result within its limit."""
+    from napari_mobilesam.volume.instance import instances_from_maps, tiled_decoder_maps
+
+    maps = tiled_decoder_maps(lm_models["microsam"], expected["tiled/image"])
+    for i, name in enumerate(MAPS):
+        want = expected[f"tiled/{name}_u16"].astype(np.float32) / 65535
+        assert np.abs(maps[i] - want).max() < 5e-3, name
+    labels = instances_from_maps(*maps)
+    want = n_instances(expected["tiled/ais_global"])
+    assert abs(n_instances(labels) - want) <= max(1, round(0.02 * want))
+    assert same_assignment(labels, expected["tiled/ais_global"]) >= 0.999
+    assert same_assignment(labels, expected["tiled/ais_blockwise"]) >= 0.999
