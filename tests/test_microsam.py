@@ -406,3 +406,17 @@ def test_tiled_ais_matches(lm_models, expected):
     assert abs(n_instances(labels) - want) <= max(1, round(0.02 * want))
     assert same_assignment(labels, expected["tiled/ais_global"]) >= 0.999
     assert same_assignment(labels, expected["tiled/ais_blockwise"]) >= 0.999
+
+
+def test_a_finetuned_microsam_file_loads_as_checkpoint_with_microsam_semantics(msdir, tmp_path):
+    """A user's micro-sam fine-tuned file (combined layout) chosen as a plain checkpoint file."""
+    from napari_mobilesam.models.choice import ModelChoice
+    from napari_mobilesam.models.registry import ais_decoder, model_info
+
+    plain = torch.load(msdir / "vit_t.pt", weights_only=True)
+    dec = torch.load(msdir / "vit_t_decoder.pt", weights_only=True)
+    torch.save({"model_state": {f"sam.{k}": v for k, v in plain.items()}, "decoder_state": dec,
+                "optimizer_state": {"state": {}}}, tmp_path / "mine.pt")
+    sam = ModelChoice("checkpoint", str(tmp_path / "mine.pt"), "cpu", backend="eager").load()
+    assert model_info(sam)["model"] == "vit_t" and model_info(sam)["semantics"] == "microsam"
+    assert ais_decoder(sam).batchnorm == "batch"
