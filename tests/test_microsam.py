@@ -379,3 +379,44 @@ def test_ais_needs_a_decoder(engine_sam_test):
 
     with pytest.raises(ModelError, match="vit_t_lm"):
         segment_slice_ais(engine_sam_test, np.zeros((64, 64), np.uint16))
+
+
+def test_tiles_are_microsams(cases):
+    from napari_mobilesam.volume.instance import tiles
+
+    t = cases["tiled"]
+    got = [
+        [[[s.start, s.stop] for s in outer], [[s.start, s.stop] for s in inner]]
+        for outer, inner in tiles(tuple(t["shape"]), tuple(t["tile_shape"]), tuple(t["halo"]))
+    ]
+    assert got == [[tile["outer"], tile["inner"]] for tile in t["tiles"]]
+
+
+def test_tiled_ais_matches(lm_models, expected):
+    """micro-sam's tiled AIS (tile 512, halo 64): stitched maps within 5e-3, whole-image labels
+    against ``tiled/ais_global``, and micro-sam's own block-wise result within its limit."""
+    from napari_mobilesam.volume.instance import instances_from_maps, tiled_decoder_maps
+
+    maps = tiled_decoder_maps(lm_models["microsam"], expected["tiled/image"])
+    for i, name in enumerate(MAPS):
+        want = expected[f"tiled/{name}_u16"].astype(np.float32) / 65535
+        assert np.abs(maps[i] - want).max() < 5e-3, name
+    labels = instances_from_maps(*maps)
+    want = n_instances(expected["tiled/ais_global"])
+    assert abs(n_instances(labels) - want) <= max(1, round(0.02 * want))
+    assert same_assignment(labels, expected["tiled/ais_global"]) >= 0.999
+    assert same_assignment(labels, expected["tiled/ais_blockwise"]) >= 0.999
+
+
+def test_a_finetuned_microsam_file_loads_as_checkpoint_with_microsam_semantics(msdir, tmp_path):
+    """A user's micro-sam fine-tuned file (combined layout) chosen as a plain checkpoint file."""
+    from napari_mobilesam.models.choice import ModelChoice
+    from napari_mobilesam.models.registry import ais_decoder, model_info
+
+    plain = torch.load(msdir / "vit_t.pt", weights_only=True)
+    dec = torch.load(msdir / "vit_t_decoder.pt", weights_only=True)
+    torch.save({"model_state": {f"sam.{k}": v for k, v in plain.items()}, "decoder_state": dec,
+                "optimizer_state": {"state": {}}}, tmp_path / "mine.pt")
+    sam = ModelChoice("checkpoint", str(tmp_path / "mine.pt"), "cpu", backend="eager").load()
+    assert model_info(sam)["model"] == "vit_t" and model_info(sam)["semantics"] == "microsam"
+    assert ais_decoder(sam).batchnorm == "batch"

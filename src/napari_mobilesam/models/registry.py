@@ -239,14 +239,16 @@ def build_sam(
     ``decoder``: an AIS decoder file or state dict; replaces the checkpoint's ``decoder_state`` and
     the model's published decoder (downloaded with the model when ``checkpoint`` is None). The
     decoder is attached to the model, see :func:`ais_decoder`. ``semantics``: ``"auto"`` (the
-    model's default), ``"standard"`` or ``"microsam"`` (see the module docstring).
+    model's default; ``"microsam"`` whenever a micro-sam AIS decoder comes with the weights, e.g. a
+    model fine-tuned in micro-sam loaded as ``model="checkpoint"``), ``"standard"`` or
+    ``"microsam"`` (see the module docstring).
     """
     import torch
 
     from .checkpoint import validate_state_dict
 
     spec = _spec(model)
-    sem = resolve_semantics(model, semantics)
+    resolve_semantics(model, semantics)  # checks the value early
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sam = spec.builder()
@@ -269,6 +271,9 @@ def build_sam(
         dec_state, dec_source = _read_decoder(decoder)
     sam.float().eval()
     sam.requires_grad_(False)
+    sem = resolve_semantics(model, semantics)
+    if semantics == "auto" and dec_state is not None:
+        sem = "microsam"  # a micro-sam decoder (file or checkpoint): micro-sam's model and format
     _apply_semantics(sam, sem)
     info = {"model": model, "source": source, "semantics": sem}
     if dec_state is not None:

@@ -34,6 +34,8 @@ __all__ = [
     "AISParams",
     "instances_from_maps",
     "decoder_maps",
+    "tiled_decoder_maps",
+    "tiles",
     "segment_slice_ais",
     "segment_stack_ais",
     "smooth",
@@ -161,10 +163,56 @@ def decoder_maps(sam: Any, image: np.ndarray, decoder: Any = None) -> np.ndarray
     return maps[0].float().cpu().numpy()
 
 
-def segment_slice_ais(
-    sam: Any, image: np.ndarray, params: AISParams | None = None, decoder: Any = None
+def tiles(shape: tuple[int, int], tile_shape: tuple[int, int], halo: tuple[int, int]):
+    """micro-sam's tiling (bioimage-cpp ``Blocking``): ``[(outer, inner), ...]`` in row-major
+    order, each a pair of ``(row slice, col slice)``; ``inner`` tiles the image on a grid of
+    ``tile_shape`` from (0, 0), ``outer`` is ``inner`` grown by ``halo`` and clipped to the image."""
+    out = []
+    for r0 in range(0, shape[0], tile_shape[0]):
+        for c0 in range(0, shape[1], tile_shape[1]):
+            r1, c1 = min(r0 + tile_shape[0], shape[0]), min(c0 + tile_shape[1], shape[1])
+            outer = (slice(max(r0 - halo[0], 0), min(r1 + halo[0], shape[0])),
+                     slice(max(c0 - halo[1], 0), min(c1 + halo[1], shape[1])))
+            out.append((outer, (slice(r0, r1), slice(c0, c1))))
+    return out
+
+
+def tiled_decoder_maps(
+    sam: Any,
+    image: np.ndarray,
+    tile_shape: tuple[int, int] = (512, 512),
+    halo: tuple[int, int] = (64, 64),
+    decoder: Any = None,
 ) -> np.ndarray:
-    """AIS labels ``(H, W)`` uint64 of one slice (see :func:`decoder_maps`, :func:`instances_from_maps`)."""
+    """``(3, H, W)`` decoder maps of a large image, computed tile by tile as micro-sam does:
+    each tile with its halo is normalised, embedded and decoded on its own, and its inner part is
+    written into the full maps (see :func:`tiles`)."""
+    dec = _decoder_of(sam, decoder)
+    image = np.asarray(image)
+    maps = np.zeros((3, *image.shape[:2]), np.float32)
+    for outer, inner in tiles(image.shape[:2], tile_shape, halo):
+        m = decoder_maps(sam, image[outer], dec)
+        local = tuple(slice(i.start - o.start, i.stop - o.start) for o, i in zip(outer, inner))
+        maps[(slice(None), *inner)] = m[(slice(None), *local)]
+    return maps
+
+
+def segment_slice_ais(
+    sam: Any,
+    image: np.ndarray,
+    params: AISParams | None = None,
+    decoder: Any = None,
+    *,
+    tile_shape: tuple[int, int] | None = None,
+    halo: tuple[int, int] = (64, 64),
+) -> np.ndarray:
+    """AIS labels ``(H, W)`` uint64 of one slice (see :func:`decoder_maps`, :func:`instances_from_maps`).
+
+    With ``tile_shape`` the maps come from :func:`tiled_decoder_maps` (micro-sam's tiled AIS) and
+    are post-processed as one image (micro-sam's whole-image post-processing of stitched maps).
+    """
+    if tile_shape is not None:
+        return instances_from_maps(*tiled_decoder_maps(sam, image, tile_shape, halo, decoder), params)
     return instances_from_maps(*decoder_maps(sam, image, decoder), params)
 
 
