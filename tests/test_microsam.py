@@ -381,17 +381,6 @@ def test_ais_needs_a_decoder(engine_sam_test):
         segment_slice_ais(engine_sam_test, np.zeros((64, 64), np.uint16))
 
 
-def test_tiles_are_microsams(cases):
-    from napari_mobilesam.volume.instance import tiles
-
-    t = cases["tiled"]
-    got = [
-        [[[s.start, s.stop] for s in outer], [[s.start, s.stop] for s in inner]]
-        for outer, inner in tiles(tuple(t["shape"]), tuple(t["tile_shape"]), tuple(t["halo"]))
-    ]
-    assert got == [[tile["outer"], tile["inner"]] for tile in t["tiles"]]
-
-
 def test_tiled_ais_matches(lm_models, expected):
     """micro-sam's tiled AIS (tile 512, halo 64): stitched maps within 5e-3, whole-image labels
     against ``tiled/ais_global``, and micro-sam's own block-wise result within its limit."""

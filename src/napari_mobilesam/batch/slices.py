@@ -206,9 +206,7 @@ def slice_segmenter(predictor, source, params: Any, ais_params: Any):
         if not tiled:
             return lambda z: segment_slice_ais(predictor.sam, source.raw(z), ais_params)
 
-        from ..volume.tiled import segment_slice_ais_tiled
-
-        return lambda z: segment_slice_ais_tiled(predictor.sam, source.raw(z), predictor.grid, ais_params)
+        return lambda z: segment_slice_ais(predictor.sam, source.raw(z), ais_params, grid=predictor.grid)
     if tiled:
         return lambda z: segment_slice_tiled(predictor, z, params)
     return lambda z: segment_slice(predictor, z, params).labels

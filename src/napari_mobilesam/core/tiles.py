@@ -117,21 +117,23 @@ class TileGrid:
         ]
 
     @classmethod
-    def from_cores(cls, shape: tuple[int, int], core: int = 512, halo: int = 64) -> TileGrid:
-        """micro-sam's tiling: cores of ``core`` pixels from the top-left corner (the last ones
-        smaller), each tile its core plus ``halo`` on every side, clipped to the slice (so border
-        tiles are smaller). ``tile`` of the result is ``core + 2 * halo``."""
-        core, halo = int(core), int(halo)
-        if core < 16 or halo < 0:
-            raise InputError(f"core {core} and halo {halo}: use core >= 16 pixels and halo >= 0")
+    def from_cores(cls, shape: tuple[int, int], core: int | tuple[int, int] = 512,
+                   halo: int | tuple[int, int] = 64) -> TileGrid:
+        """micro-sam's tiling (bioimage-cpp's ``Blocking``): cores of ``core`` pixels (or (rows,
+        cols)) from the top-left corner, the last ones smaller; each tile its core plus ``halo`` on
+        every side, clipped to the slice (so border tiles are smaller)."""
+        cr, cc = (int(core), int(core)) if np.isscalar(core) else (int(core[0]), int(core[1]))
+        hr, hc = (int(halo), int(halo)) if np.isscalar(halo) else (int(halo[0]), int(halo[1]))
+        if min(cr, cc) < 16 or min(hr, hc) < 0:
+            raise InputError(f"core {core} and halo {halo}: use cores of at least 16 pixels and halo >= 0")
         grid = cls.__new__(cls)
         grid.shape = (int(shape[0]), int(shape[1]))
-        grid.tile, grid.halo = core + 2 * halo, halo
+        grid.tile, grid.halo = max(cr, cc) + 2 * max(hr, hc), max(hr, hc)
 
-        def axis(n):
+        def axis(n, core, halo):
             return [(max(a - halo, 0), min(a + core + halo, n), a, min(a + core, n)) for a in range(0, n, core)]
 
-        rows, cols = axis(grid.shape[0]), axis(grid.shape[1])
+        rows, cols = axis(grid.shape[0], cr, hr), axis(grid.shape[1], cc, hc)
         grid.grid_shape = (len(rows), len(cols))
         grid.tiles = [
             Tile(i * len(cols) + j, (i, j), (r[0], r[1], c[0], c[1]), (r[2], r[3], c[2], c[3]))

@@ -35,7 +35,6 @@ __all__ = [
     "instances_from_maps",
     "decoder_maps",
     "tiled_decoder_maps",
-    "tiles",
     "segment_slice_ais",
     "segment_stack_ais",
     "smooth",
@@ -163,37 +162,30 @@ def decoder_maps(sam: Any, image: np.ndarray, decoder: Any = None) -> np.ndarray
     return maps[0].float().cpu().numpy()
 
 
-def tiles(shape: tuple[int, int], tile_shape: tuple[int, int], halo: tuple[int, int]):
-    """micro-sam's tiling (bioimage-cpp ``Blocking``): ``[(outer, inner), ...]`` in row-major
-    order, each a pair of ``(row slice, col slice)``; ``inner`` tiles the image on a grid of
-    ``tile_shape`` from (0, 0), ``outer`` is ``inner`` grown by ``halo`` and clipped to the image."""
-    out = []
-    for r0 in range(0, shape[0], tile_shape[0]):
-        for c0 in range(0, shape[1], tile_shape[1]):
-            r1, c1 = min(r0 + tile_shape[0], shape[0]), min(c0 + tile_shape[1], shape[1])
-            outer = (slice(max(r0 - halo[0], 0), min(r1 + halo[0], shape[0])),
-                     slice(max(c0 - halo[1], 0), min(c1 + halo[1], shape[1])))
-            out.append((outer, (slice(r0, r1), slice(c0, c1))))
-    return out
-
-
 def tiled_decoder_maps(
     sam: Any,
     image: np.ndarray,
-    tile_shape: tuple[int, int] = (512, 512),
-    halo: tuple[int, int] = (64, 64),
+    tile_shape: int | tuple[int, int] = (512, 512),
+    halo: int | tuple[int, int] = (64, 64),
     decoder: Any = None,
+    *,
+    grid: Any = None,
 ) -> np.ndarray:
-    """``(3, H, W)`` decoder maps of a large image, computed tile by tile as micro-sam does:
-    each tile with its halo is normalised, embedded and decoded on its own, and its inner part is
-    written into the full maps (see :func:`tiles`)."""
+    """``(3, H, W)`` decoder maps of a large image, computed tile by tile as micro-sam does: each
+    tile with its halo is normalised, embedded and decoded on its own, and its core is written into
+    the full maps. ``grid``: a :class:`~napari_mobilesam.core.tiles.TileGrid` to use (e.g. a
+    ``TiledPredictor``'s); default micro-sam's tiling, ``TileGrid.from_cores(shape, tile_shape, halo)``."""
+    from ..core.tiles import TileGrid
+
     dec = _decoder_of(sam, decoder)
     image = np.asarray(image)
+    grid = grid if grid is not None else TileGrid.from_cores(image.shape[:2], tile_shape, halo)
     maps = np.zeros((3, *image.shape[:2]), np.float32)
-    for outer, inner in tiles(image.shape[:2], tile_shape, halo):
-        m = decoder_maps(sam, image[outer], dec)
-        local = tuple(slice(i.start - o.start, i.stop - o.start) for o, i in zip(outer, inner))
-        maps[(slice(None), *inner)] = m[(slice(None), *local)]
+    for tile in grid.tiles:
+        r0, r1, c0, c1 = tile.core
+        o0, _, p0, _ = tile.outer
+        part = decoder_maps(sam, image[tile.region], dec)
+        maps[:, r0:r1, c0:c1] = part[:, r0 - o0 : r1 - o0, c0 - p0 : c1 - p0]
     return maps
 
 
@@ -203,16 +195,19 @@ def segment_slice_ais(
     params: AISParams | None = None,
     decoder: Any = None,
     *,
-    tile_shape: tuple[int, int] | None = None,
-    halo: tuple[int, int] = (64, 64),
+    tile_shape: int | tuple[int, int] | None = None,
+    halo: int | tuple[int, int] = (64, 64),
+    grid: Any = None,
 ) -> np.ndarray:
     """AIS labels ``(H, W)`` uint64 of one slice (see :func:`decoder_maps`, :func:`instances_from_maps`).
 
-    With ``tile_shape`` the maps come from :func:`tiled_decoder_maps` (micro-sam's tiled AIS) and
-    are post-processed as one image (micro-sam's whole-image post-processing of stitched maps).
+    With ``tile_shape`` (micro-sam's tiling) or a ``grid`` the maps come from
+    :func:`tiled_decoder_maps` and are post-processed as one image (micro-sam's whole-image
+    post-processing of stitched maps), so objects crossing tiles are one instance.
     """
-    if tile_shape is not None:
-        return instances_from_maps(*tiled_decoder_maps(sam, image, tile_shape, halo, decoder), params)
+    if tile_shape is not None or grid is not None:
+        maps = tiled_decoder_maps(sam, image, tile_shape or 512, halo, decoder, grid=grid)
+        return instances_from_maps(*maps, params)
     return instances_from_maps(*decoder_maps(sam, image, decoder), params)
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..core.tiles import Tile, TiledPredictor, TileGrid
+from ..core.tiles import Tile, TiledPredictor
 
-__all__ = ["merge_tile_labels", "segment_slice_tiled", "ais_maps_tiled", "segment_slice_ais_tiled"]
+__all__ = ["merge_tile_labels", "segment_slice_tiled"]
 
 
 def merge_tile_labels(shape: tuple[int, int], pieces: Iterable[tuple[Tile, np.ndarray]]) -> np.ndarray:
@@ -72,30 +72,3 @@ def segment_slice_tiled(
 
     return merge_tile_labels(predictor.slice_shape, pieces())
 
-
-def ais_maps_tiled(sam: Any, image: np.ndarray, grid: TileGrid, decoder: Any = None) -> np.ndarray:
-    """The AIS decoder's ``(3, H, W)`` maps of a large slice, stitched from its tiles.
-
-    Each tile's window of ``image`` (``(H, W)`` or ``(H, W, C)``, raw values) is preprocessed on its
-    own, as micro-sam does, embedded and decoded at full resolution
-    (:func:`~napari_mobilesam.volume.instance.decoder_maps`); its core is written into the maps.
-    """
-    from .instance import decoder_maps
-
-    image = np.asarray(image)
-    maps = np.zeros((3, *image.shape[:2]), np.float32)
-    for tile in grid.tiles:
-        r0, r1, c0, c1 = tile.core
-        o0, _, p0, _ = tile.outer
-        part = decoder_maps(sam, image[tile.region], decoder)
-        maps[:, r0:r1, c0:c1] = part[:, r0 - o0 : r1 - o0, c0 - p0 : c1 - p0]
-    return maps
-
-
-def segment_slice_ais_tiled(sam: Any, image: np.ndarray, grid: TileGrid, params: Any = None,
-                            decoder: Any = None) -> np.ndarray:
-    """AIS labels ``(H, W)`` of a large slice: the stitched maps (:func:`ais_maps_tiled`), then
-    micro-sam's post-processing on the whole slice, so objects crossing tiles are one instance."""
-    from .instance import instances_from_maps
-
-    return instances_from_maps(*ais_maps_tiled(sam, image, grid, decoder), params)
