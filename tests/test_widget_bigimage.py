@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from qtpy.QtCore import Qt
-from test_user_flow import CTRL, click, key, wait_idle, wait_preview
+from test_user_flow import CTRL, SHIFT, click, go_to, key, wait_idle, wait_preview
 
 from napari_mobilesam.models.choice import ModelChoice
 
@@ -108,3 +108,60 @@ def test_click_commit_and_undo_on_a_tiled_2d_image(make_napari_viewer, qtbot, en
     key(viewer, Qt.Key.Key_Z, CTRL)
     assert set(np.unique(target.data)) == {0, 1}
     np.testing.assert_array_equal(target.data == 1, shown)
+
+
+@pytest.fixture
+def lenient_propagation(monkeypatch):
+    """The random model predicts IoUs below the default stop threshold (0.5) and masks that jump
+    between slices, so propagation would stop after the seed; here it stops only at the stack's end."""
+    import functools
+
+    from napari_mobilesam.volume import propagation
+
+    lenient = functools.partial(propagation.propagate, min_score=0.0, min_overlap=0.0, area_ratio=(0.0, 1e9))
+    monkeypatch.setattr(propagation, "propagate", lenient)
+
+
+def test_shift_s_propagates_through_a_stack_of_tiled_slices(
+    make_napari_viewer, qtbot, engine_sam_test, follow_two_tiles, lenient_propagation
+):
+    """3 x 2000 x 2000 uint16 (9 tiles a slice): a click, Shift-S (a worker), labels on every
+    slice at full resolution, one undo step. (Found: a propagation prompt made from a large mask
+    had points outside the tile holding its box centre, and failed with a PromptError.)"""
+    data = _disks((3, 2000, 2000), [(1200, 1000)], dtype=np.uint16, high=40_000)
+    viewer, widget, image = _open(make_napari_viewer, qtbot, data, engine_sam_test)
+    assert widget.session.tiled and widget.session.n_slices == 3
+    go_to(viewer, image, 1)
+    click(viewer, image, [1, 1200, 1000])
+    preview = _preview(qtbot, widget)
+    assert preview.shape == (1, 2000, 2000)
+    shown = preview[0] > 0
+    key(viewer, Qt.Key.Key_S, SHIFT)
+    assert widget.busy  # the propagation runs in a worker
+    wait_idle(qtbot, widget, timeout=120_000)
+    target = widget.target_layer(create=False)
+    assert target.data.shape == data.shape
+    for z in range(3):
+        assert (target.data[z] > 0).any(), f"nothing written on slice {z}: {widget.status!r}"
+    assert (target.data[1] > 0)[shown].all()  # the seed slice holds (at least) what was previewed
+    # one undo step takes the whole propagation back
+    viewer.layers.selection.active = target
+    key(viewer, Qt.Key.Key_Z, CTRL)
+    assert not target.data.any()
+
+
+def test_automatic_segmentation_of_the_slice_in_view_on_a_tiled_image(
+    make_napari_viewer, qtbot, engine_sam_test
+):
+    """The widget's automatic button on a 1600 x 1600 slice (4 tiles): a worker, then a preview
+    of the whole slice's shape."""
+    data = _disks((1600, 1600), [(300, 300), (800, 800), (1300, 1200)])
+    viewer, widget, image = _open(make_napari_viewer, qtbot, data, engine_sam_test)
+    assert widget.session.tiled and len(widget.session.predictor.grid) == 4
+    widget._auto_btn.native.click()  # a real button click
+    assert widget.busy  # runs in a worker
+    wait_idle(qtbot, widget, timeout=300_000)
+    assert widget._preview_kind == "auto", widget.status
+    assert widget.preview_layer.data.shape == data.shape
+    assert "objects found" in widget.status
+    assert widget.session.cache.stats.computed == 4  # each tile once, never the whole slice
