@@ -17,8 +17,6 @@ from test_user_flow import CTRL, SHIFT, click, go_to, key, wait_idle, wait_previ
 
 from napari_mobilesam.models.choice import ModelChoice
 
-pytestmark = pytest.mark.gui
-
 
 @pytest.fixture(autouse=True)
 def _config_dir(tmp_path, monkeypatch):
@@ -71,6 +69,7 @@ def follow_two_tiles(monkeypatch):
     monkeypatch.setattr(tiles, "_MAX_TILES_PER_OBJECT", 2)
 
 
+@pytest.mark.gui
 def test_click_commit_and_undo_on_a_tiled_2d_image(make_napari_viewer, qtbot, engine_sam_test, follow_two_tiles):
     data = _disks((2600, 2600), [NEAR_BORDER, OTHER_TILE])
     viewer, widget, image = _open(make_napari_viewer, qtbot, data, engine_sam_test)
@@ -122,6 +121,7 @@ def lenient_propagation(monkeypatch):
     monkeypatch.setattr(propagation, "propagate", lenient)
 
 
+@pytest.mark.gui
 def test_shift_s_propagates_through_a_stack_of_tiled_slices(
     make_napari_viewer, qtbot, engine_sam_test, follow_two_tiles, lenient_propagation
 ):
@@ -150,6 +150,7 @@ def test_shift_s_propagates_through_a_stack_of_tiled_slices(
     assert not target.data.any()
 
 
+@pytest.mark.gui
 def test_automatic_segmentation_of_the_slice_in_view_on_a_tiled_image(
     make_napari_viewer, qtbot, engine_sam_test
 ):
@@ -165,3 +166,23 @@ def test_automatic_segmentation_of_the_slice_in_view_on_a_tiled_image(
     assert widget.preview_layer.data.shape == data.shape
     assert "objects found" in widget.status
     assert widget.session.cache.stats.computed == 4  # each tile once, never the whole slice
+
+
+def test_a_prompt_reaching_beyond_its_tile_is_clipped_to_it():
+    """Engine part of the propagation fix: in the tile chosen for a prompt (by its box centre),
+    points outside the tile's window are dropped and the box is clipped, instead of the tile's
+    predictor rejecting the prompt."""
+    from napari_mobilesam.core.predictor import Prompt
+    from napari_mobilesam.core.tiles import TileGrid, _shift
+
+    grid = TileGrid((2000, 2000))
+    p = Prompt(points=np.array([[1200.0, 1000.0], [100.0, 100.0]]), labels=np.array([1, 1]),
+               box=np.array([700.0, 600.0, 1700.0, 1500.0]))
+    tile = grid.tile_at(1200, 1050)  # the box centre
+    r0, _, c0, _ = tile.outer
+    q = _shift(p, r0, c0, tile.shape)
+    h, w = tile.shape
+    np.testing.assert_array_equal(q.points, [[1200.0 - r0, 1000.0 - c0]])
+    np.testing.assert_array_equal(q.labels, [1])
+    assert q.box.min() >= 0 and q.box[[0, 2]].max() <= h - 1 and q.box[[1, 3]].max() <= w - 1
+    np.testing.assert_array_equal(_shift(p, r0, c0).points, p.points - (r0, c0))  # no shape: as before
