@@ -162,6 +162,7 @@ class Annotator:
             if self._model.sam is None:
                 self._model.load()
             return None
+        self.session.set_focus(prompt.points, prompt.labels, prompt.box)  # the tile to embed (tiled slices)
         if not self._embedder.ready(z):
             return None
         mask_input = None if base is None or not base.any() else pl.label_mask_input(base)

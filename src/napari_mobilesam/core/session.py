@@ -93,6 +93,7 @@ class Session:
             self.cache = self._cache(sam, cache_dir, cache_bytes, max_disk_bytes)
             predictor = self._predictor(sam, tile, halo)
         self.predictor = predictor
+        self.focus: tuple[float, float] | None = None  # (row, col) worked at last (tiled slices)
 
     @property
     def tiled(self) -> bool:
@@ -146,23 +147,50 @@ class Session:
         return self.source.n_slices
 
     # -- embeddings ------------------------------------------------------------------------------
+    # On a tiled slice "the slice's embedding" is the embedding of the tile being worked in: the
+    # tile holding ``focus`` (set by :meth:`set_focus` and :meth:`predict`). Before any prompt there
+    # is no such tile and nothing to embed: the whole slice is never embedded (it would be resized,
+    # the very thing tiling avoids) and the other tiles only when a prompt reaches them.
+    def set_focus(self, points=None, labels=None, box=None) -> None:
+        """Remember where the user works: the centre of these prompts (as :meth:`predict` takes
+        them, napari ``(row, col)``); on tiled slices, its tile is the one embedded next."""
+        from .tiles import _prompt_center
+
+        try:
+            self.focus = tuple(float(v) for v in _prompt_center(Prompt.from_clicks(points, labels, box)))
+        except InputError:
+            pass  # no point and no box: keep the last place
+
+    def _embedding_sources(self):
+        """(source, predictor) pairs to embed for "the slice": the whole slice, or on a tiled
+        slice the focused tile's view (none before any prompt)."""
+        if not self.tiled:
+            return [(self.source, self.predictor)]
+        if self.focus is None:
+            return []
+        tile_pred = self.predictor.tile_predictor(self.predictor.grid.tile_at(*self.focus))
+        return [(tile_pred.source, tile_pred)]
+
     def is_embedded(self, z: int) -> bool:
-        """True when slice ``z``'s embedding is cached (a prediction there is fast)."""
+        """True when slice ``z``'s embedding (on tiled slices: the focused tile's) is cached, so a
+        prediction there is fast."""
         if self.cache is None:
             return True
-        return self.cache.is_cached(self.source, z)
+        return all(self.cache.is_cached(src, z) for src, _ in self._embedding_sources())
 
     def embed(self, z: int) -> None:
-        """Compute (or load) slice ``z``'s embedding. Slow: call it in a worker."""
+        """Compute (or load) slice ``z``'s embedding (tiled: the focused tile's). Slow: call it in a worker."""
         if self.cache is not None:
-            self.cache.get(self.source, z)
+            for src, _ in self._embedding_sources():
+                self.cache.get(src, z)
 
     def prefetch(self, zs) -> None:
-        """Embed slices ``zs`` in the cache's background thread (earlier prefetches dropped)."""
+        """Embed slices ``zs`` (tiled: the focused tile on them) in the cache's background thread
+        (earlier prefetches dropped)."""
         if self.cache is not None:
             zs = [z for z in zs if 0 <= z < self.n_slices]
-            if zs:
-                self.cache.prefetch(self.source, zs)
+            for src, _ in self._embedding_sources() if zs else []:
+                self.cache.prefetch(src, zs)
 
     def close(self) -> None:
         """Stop background prefetching."""
@@ -178,6 +206,7 @@ class Session:
         with the highest predicted IoU is kept; with more prompts, the single-mask output is used.
         """
         p = Prompt.from_clicks(points, labels, box)
+        self.set_focus(points, labels, box)
         pred = self.predictor.predict(
             z, points=p.points, labels=p.labels, box=p.box, mask_input=mask_input, multimask=p.multimask
         )

@@ -200,11 +200,28 @@ def _prompt_center(p: Prompt) -> tuple[float, float]:
     raise InputError("a tiled slice needs a point or box prompt to know which tile to use (mask_input alone is not enough)")
 
 
-def _shift(p: Prompt, dr: int, dc: int) -> Prompt:
-    """``p`` moved by ``(-dr, -dc)``: slice coordinates to a tile's."""
+def _shift(p: Prompt, dr: int, dc: int, shape: tuple[int, int] | None = None) -> Prompt:
+    """``p`` moved by ``(-dr, -dc)``: slice coordinates to a tile's.
+
+    With ``shape`` (the tile's ``(h, w)``), what lies outside the tile is left out: points
+    outside it are dropped and the box is clipped to it (a prompt made from a large mask, e.g.
+    by propagation, may reach beyond the window of the tile holding its centre; the object is
+    then followed into the neighbouring tiles). The point chosen for the tile stays.
+    """
     pts = None if p.points is None else np.asarray(p.points, dtype=float).reshape(-1, 2) - (dr, dc)
     box = None if p.box is None else np.asarray(p.box, dtype=float).reshape(4) - (dr, dc, dr, dc)
-    return Prompt(pts, p.labels, box, p.mask_input, p.multimask)
+    labels = p.labels
+    if shape is not None:
+        h, w = shape
+        if box is not None:
+            box = np.clip(box, 0, [h - 1, w - 1, h - 1, w - 1])
+        if pts is not None:
+            inside = (pts[:, 0] >= 0) & (pts[:, 0] <= h - 1) & (pts[:, 1] >= 0) & (pts[:, 1] <= w - 1)
+            if not inside.all():
+                labels = None if labels is None else np.asarray(labels).reshape(-1)[inside]
+                pts = pts[inside] if inside.any() else None
+                labels = None if pts is None else labels
+    return Prompt(pts, labels, box, p.mask_input, p.multimask)
 
 
 class TiledPredictor:
@@ -300,7 +317,7 @@ class TiledPredictor:
             if frame is not None and frame != tile.index:  # logits of another tile: not usable here
                 p = Prompt(p.points, p.labels, p.box, None, p.multimask)
         r0, _, c0, _ = tile.outer
-        pred = self._predictors[tile.index].predict_many(z, [_shift(p, r0, c0)])[0]
+        pred = self._predictors[tile.index].predict_many(z, [_shift(p, r0, c0, tile.shape)])[0]
         H, W = self.slice_shape
         masks = np.zeros((len(pred.masks), H, W), dtype=bool)
         rows, cols = tile.region
