@@ -164,7 +164,7 @@ def test_panel_trains_cancels_resumes_and_offers_the_model(make_napari_viewer, q
     assert saved.model == "distilled" and saved.checkpoint == str(output)
     assert json.loads((config_dir / "segment_widget.json").read_text())["checkpoint"] == str(output)
     assert segment._model_combo.value == "distilled" and str(segment._checkpoint.value) == str(output)
-    qtbot.waitUntil(lambda: segment._model_task is None or segment._model_task.done, timeout=TIMEOUT_MS)
+    qtbot.waitUntil(lambda: not segment._model.loading, timeout=TIMEOUT_MS)
     assert "Segment panel now uses" in widget._status.value
 
 
