@@ -22,35 +22,12 @@ import numpy as np
 
 from ..core.preprocess import preprocess_rgb
 from ..errors import DistillError
-from .teacher import (
-    PREPROCESS_VERSION,
-    Teacher,
-    TeacherCache,
-    default_cache_root,
-    fill_teacher_cache,
-    load_teacher,
-    save_teacher_checkpoint,
-    teacher_from_module,
-    vit_teacher_encoder,
-)
+from .teacher import *  # noqa: F403  (re-exported for older imports; names in __all__)
+from .teacher import __all__ as _teacher_names
 
-__all__ = [
-    "DistillError",
-    "SliceRef",
-    "open_images",
-    "split_slices",
-    "preprocess_rgb",
-    "Teacher",
-    "load_teacher",
-    "teacher_from_module",
-    "vit_teacher_encoder",
-    "save_teacher_checkpoint",
-    "TeacherCache",
-    "fill_teacher_cache",
-    "dihedral",
-    "default_cache_root",
-    "PREPROCESS_VERSION",
-]
+# the image side, plus the teacher names this module re-exports for older imports
+__all__ = ["DistillError", "SliceRef", "open_images", "split_slices", "preprocess_rgb", "dihedral",
+           *_teacher_names]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
