@@ -308,6 +308,16 @@ def test_backend_errors(test_sam):
     with pytest.raises(ValueError, match="already applied"):
         apply_backend(test_sam, "cpu", "torch")
 
+def test_bad_precision_is_refused_before_openvino(test_sam, caplog):
+    """A bad precision is named at once, not hidden behind an "OpenVINO unavailable" fallback."""
+    from napari_mobilesam.models.backends import apply_backend
+
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="precision must be one of"):
+        apply_backend(test_sam, "cpu", "openvino", "int4")
+    assert "unavailable" not in caplog.text
+    assert not hasattr(test_sam.image_encoder, "backend_name")  # nothing applied
+
+
 
 def test_openvino_failure_falls_back_to_torch(test_sam, monkeypatch, caplog):
     import sys

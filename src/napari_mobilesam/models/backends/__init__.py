@@ -126,6 +126,8 @@ def apply_backend(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if precision not in PRECISIONS:  # before OpenVINO, whose fallback would hide it
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if backend == "openvino" and device is not None and str(device).split(":")[0] not in ("cpu", "auto"):
         raise ValueError(f"the OpenVINO backend runs on the CPU, not on {device}; use backend='torch'")
     dev = choose_device(device)
