@@ -17,6 +17,7 @@ from napari.layers import Labels
 
 from ..core.session import ObjectPrediction
 from . import prompt_layers as pl
+from .auto_actions import AutomaticActions
 from .embedder import SliceEmbedder
 from .long_tasks import (
     LongTaskRunner,
@@ -30,7 +31,7 @@ from .workers import Task
 __all__ = ["Annotator"]
 
 
-class Annotator:
+class Annotator(AutomaticActions):
     """Preview, commit, refinement and long tasks for the image being segmented.
 
     Parameters
@@ -339,24 +340,6 @@ class Annotator:
             return None
         lo, hi = sorted((int(self._c.z_from.value), int(self._c.z_to.value)))
         return lo, hi + 1
-
-    def segment_slice_automatically(self) -> Task | None:
-        """Find every object of the current slice (worker) and show their outlines in the preview."""
-        if not self._ready_for_engine():
-            return None
-        session, z = self.session, self.current_z()
-
-        def done(labels):
-            if session is not self.session:
-                return
-            self._prediction = None
-            self._set_preview(z, np.asarray(labels, dtype=np.uint32), "auto")
-            n = len(np.unique(labels)) - 1
-            self._say.status(f"Slice {z}: {n} objects found. C commits them all, Shift-C discards.")
-
-        return self._runner.start(
-            lambda report, cancelled: session.segment_automatically(z), f"segmenting slice {z} automatically", 0, done
-        )
 
     def propagate(self) -> Task | None:
         """Follow the current object through the stack (worker; one undo step at the end).
