@@ -20,7 +20,11 @@ from qtpy.QtTest import QTest
 from test_user_flow import go_to, key, wait_idle
 
 from napari_mobilesam._napari import segment_widget as sw
-from napari_mobilesam._napari.settings import MODEL_CHOICES, WidgetSettings, load_settings
+from napari_mobilesam._napari.settings import (
+    MODEL_CHOICES,
+    WidgetSettings,
+    load_settings,
+)
 from napari_mobilesam.core.session import Session
 from napari_mobilesam.models.choice import ModelChoice
 from napari_mobilesam.testing import GroundTruthOracle

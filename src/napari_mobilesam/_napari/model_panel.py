@@ -67,6 +67,17 @@ def model_error_message(exc: BaseException, request: ModelChoice) -> str:
     return f"Could not load {request.describe()}: {first}. Check the model choice, then press Load model."
 
 
+def _narrow(combo: ComboBox, chars: int = 22) -> None:
+    """Size a combo box by ``chars`` characters, not by its longest choice (long model names
+    would otherwise widen the dock and shrink the canvas); the open list shows names in full."""
+    from qtpy.QtWidgets import QComboBox
+
+    native = combo.native
+    native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    native.setMinimumContentsLength(chars)
+    native.view().setMinimumWidth(native.view().sizeHintForColumn(0) + 24)
+
+
 class ModelPanel:
     """Model, checkpoint and device controls, the loaded model and its loading task.
 
@@ -95,6 +106,7 @@ class ModelPanel:
             "(light microscopy or EM organelles; they also segment whole slices automatically "
             "with their AIS decoder), or a .pt file of yours"
         )
+        _narrow(self.combo)
         self.checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.pt *.pth *.pth.tar")
         self.checkpoint.tooltip = "The MobileSAM / micro-sam / distilled model file (.pt) to load"
         self.checkpoint.line_edit.tooltip = self.checkpoint.tooltip
