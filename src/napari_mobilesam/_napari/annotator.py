@@ -242,8 +242,8 @@ class Annotator(AutomaticActions):
             self._say.warn("No image layer: open an image first.")
             return []
         if self._preview_kind == "live":
-            self._say.info("A propagation is running: what you see is its progress. C commits your own "
-                       "prompts; Stop ends the propagation and writes it.")
+            self._say.info(f"Still {self._runner.doing or 'working'}: what you see is its progress. C "
+                           "commits your own prompts; Stop ends it and writes the slices done.")
             return []
         if self._preview_labels is None or not self._preview_labels.any():
             self._say.info("Nothing to commit: click on an object first (or segment the slice automatically).")

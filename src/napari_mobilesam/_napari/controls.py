@@ -152,7 +152,8 @@ class SegmentControls:
             self.ids,
             self.propagate_labels,
             *self.automatic.widgets,
-            row(self.auto, self.auto_stack),
+            self.auto,
+            self.auto_stack,
             row(self.stop, self.cancel),
             self.status,
         ]
