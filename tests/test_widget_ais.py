@@ -1,7 +1,7 @@
 """micro-sam models and automatic instance segmentation (AIS) in the Segment widget.
 
 Buttons are clicked as a user does (``QTest`` on the native Qt buttons), keys go to the canvas.
-Most tests segment with ``fake_ais_model()``: the real AIS path (micro-sam's input conversion, the
+Most tests segment with ``fake_ais_model()`` (``tests/fake_ais.py``): the real AIS path (micro-sam's input conversion, the
 model's encoder call, the decoder call, cropping and resizing the maps, the seeded watershed, the
 z-stitching, the widget) around a STAND-IN network, ``PoolingFakeEncoder`` + ``BrightBlobsFakeDecoder``
 (NOT a model: the "embedding" is the image average-pooled, the "foreground" is where it is bright),
@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from fake_ais import fake_ais_model
 from qtpy.QtCore import Qt
 from qtpy.QtTest import QTest
 from test_user_flow import go_to, key, wait_idle
@@ -30,37 +29,6 @@ from napari_mobilesam.models.choice import ModelChoice
 from napari_mobilesam.testing import GroundTruthOracle
 
 pytestmark = pytest.mark.gui
-
-
-# --------------------------------------------------------------------------- the stand-in network
-class PoolingFakeEncoder(torch.nn.Module):
-    """NOT an encoder: the preprocessed (1, 3, 1024, 1024) input averaged over colour and pooled
-    to (1, 256, 64, 64) (one plane repeated), so the "embedding" follows the image."""
-
-    img_size = 1024
-
-    def forward(self, x):
-        return F.avg_pool2d(x.mean(1, keepdim=True), 16).repeat(1, 256, 1, 1)
-
-
-class BrightBlobsFakeDecoder(torch.nn.Module):
-    """NOT micro-sam's decoder: foreground = sigmoid of the pooled brightness, both distance maps
-    = 1 - foreground, upsampled to (1, 3, 1024, 1024) like the real decoder's output."""
-
-    def forward(self, emb):
-        fg = torch.sigmoid(4.0 * emb[:, :1])
-        maps = torch.cat([fg, 1 - fg, 1 - fg], 1)
-        return F.interpolate(maps, size=(1024, 1024), mode="bilinear", align_corners=False)
-
-
-def fake_ais_model():
-    """``vit_t_test`` with the stand-in encoder and decoder (a Sam the engine drives as usual)."""
-    from napari_mobilesam.models.registry import DECODER_ATTR, build_sam
-
-    sam = build_sam("vit_t_test", seed=0)
-    sam.image_encoder = PoolingFakeEncoder()
-    object.__setattr__(sam, DECODER_ATTR, BrightBlobsFakeDecoder())
-    return sam
 
 
 @pytest.fixture(scope="module")
