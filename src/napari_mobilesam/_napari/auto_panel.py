@@ -61,11 +61,11 @@ class AutoPanel:
         )
         self.show_ais = CheckBox(text="AIS parameters", value=False)
         self.show_ais.tooltip = "Show micro-sam's post-processing parameters of AIS"
-        self.center = _spin(FloatSpinBox, "centre dist.",
+        self.center = _spin(FloatSpinBox, "centre",
                             "Seeds are where the (smoothed) centre-distance map is below this "
                             "(0–1; lower: fewer, more central seeds, fewer splits)",
                             min=0.0, max=1.0, step=0.05, value=0.5)
-        self.boundary = _spin(FloatSpinBox, "boundary dist.",
+        self.boundary = _spin(FloatSpinBox, "boundary",
                               "Seeds are also where the boundary-distance map is below this (0–1; "
                               "lower: fewer seeds near object borders)",
                               min=0.0, max=1.0, step=0.05, value=0.5)
