@@ -14,7 +14,9 @@ Workflow (see ``docs/usage.md``):
 5. ``Shift-S`` / Propagate follows the object through the stack in a worker (progress and cancel in
    the activity dock and in the widget; Stop ends it early and keeps the slices done) and writes the
    result as one undo step. Without prompts it propagates every object committed on the slice;
-   *Propagate labels* extends labels of a Labels layer (the selected one, a set, or all).
+   *Propagate labels* extends labels of a Labels layer (the selected one, a set, or all);
+6. *Segment this slice / stack automatically* finds every object without prompts: AIS with a
+   micro-sam model's decoder, or the SAM point grid (:mod:`.auto_panel`, :mod:`.auto_actions`).
 
 The engine is reached through :class:`~napari_mobilesam.core.session.Session` (preview) and
 :func:`~napari_mobilesam.volume.propagation.propagate` (through :mod:`.long_tasks`); prompts are the
