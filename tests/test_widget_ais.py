@@ -118,18 +118,18 @@ def test_ais_mode_and_parameters_follow_the_loaded_model(make_napari_viewer, qtb
     panel = widget._auto_panel
     widget.set_model(engine_sam_test, ModelChoice("vit_t_test"))  # no decoder
     assert list(panel.mode.choices) == ["grid"] and panel.mode.value == "grid"
-    assert not _shown(panel.show_ais) and not _shown(panel.ais_section)
+    assert not _shown(panel.mode_row) and not _shown(panel.ais_section)  # nothing to choose
     widget.set_model(fake_sam, ModelChoice("vit_t_test"))  # with a decoder: AIS is the default
     assert panel.mode.value == "ais" and "ais" in list(panel.mode.choices)
     assert "AIS decoder" in widget._model_status.value
-    assert _shown(panel.show_ais) and not _shown(panel.ais_section)
+    assert _shown(panel.mode_row) and _shown(panel.show_ais) and not _shown(panel.ais_section)
     _click(panel.show_ais)
     assert panel.show_ais.value and _shown(panel.ais_section)
     panel.mode.value = "grid"
     assert not _shown(panel.ais_section) and not _shown(panel.show_ais)
     panel.mode.value = "ais"
     widget.set_model(engine_sam_test, ModelChoice("vit_t_test"))  # back to a model without one
-    assert panel.mode.value == "grid" and not _shown(panel.ais_section)
+    assert panel.mode.value == "grid" and not _shown(panel.ais_section) and not _shown(panel.mode_row)
 
 
 def test_ais_slice_button_previews_the_engine_labels_and_c_commits_all(make_napari_viewer, qtbot, stack, fake_sam):

@@ -59,7 +59,7 @@ class AutomaticActions:
             return None
         geom = pl.image_geometry(self.image)
         if not geom.is_stack:
-            self._say.info("This image is 2D: use 'Segment this slice automatically'.")
+            self._say.info("This image is 2D: use 'Auto-segment slice'.")
             return None
         session = self.session
         how = self._auto_request(session)

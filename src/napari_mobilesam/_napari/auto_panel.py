@@ -1,7 +1,7 @@
 """Automatic segmentation in the Segment widget: the mode, AIS's parameters and the stack run.
 
 :class:`AutoPanel` holds the controls: the mode (AIS with micro-sam's decoder, or the SAM point
-grid; AIS is offered only when the loaded model has a decoder, and is then the default) and AIS's
+grid; shown only when the loaded model has a decoder, AIS is then the default) and AIS's
 post-processing parameters in a section shown on demand. Another mode plugs in by adding its key to
 :data:`~.settings.AUTO_MODES` (and the engine's ``core.session.AUTO_MODES``), its parameters as a
 section like :attr:`AutoPanel.ais_section`, and a branch in :meth:`AutoPanel.request`.
@@ -59,7 +59,7 @@ class AutoPanel:
             "foreground and distance maps, a watershed splits them; micro-sam models only) or the "
             "SAM point grid (prompts on a grid of points, any model)"
         )
-        self.show_ais = CheckBox(text="AIS parameters", value=False)
+        self.show_ais = CheckBox(text="parameters", value=False)
         self.show_ais.tooltip = "Show micro-sam's post-processing parameters of AIS"
         self.center = _spin(FloatSpinBox, "centre",
                             "Seeds are where the (smoothed) centre-distance map is below this "
@@ -77,6 +77,7 @@ class AutoPanel:
                               "Objects smaller than this many pixels are dropped (0: keep all)",
                               min=0, max=1_000_000, step=10, value=0)
         row = lambda *w: Container(widgets=list(w), layout="horizontal", labels=True)  # noqa: E731
+        self.mode_row = row(self.mode, self.show_ais)
         self.ais_section = Container(widgets=[row(self.center, self.boundary),
                                               row(self.foreground, self.min_size)], labels=False)
         self.ais_section.tooltip = "micro-sam's AIS post-processing parameters (its defaults: 0.5, 0.5, 0.5, 0)"
@@ -86,7 +87,7 @@ class AutoPanel:
 
     @property
     def widgets(self) -> list:
-        return [self.mode, self.show_ais, self.ais_section]
+        return [self.mode_row, self.ais_section]
 
     def all(self) -> list:
         """Every control (for tooltip checks)."""
@@ -104,6 +105,8 @@ class AutoPanel:
         self._update_visibility()
 
     def _update_visibility(self, _value=None) -> None:
+        # without a decoder the point grid is the only mode: no choice to show (and no height taken)
+        self.mode_row.visible = self.has_decoder
         ais = self.has_decoder and self.mode.value == "ais"
         self.show_ais.visible = ais
         self.ais_section.visible = ais and self.show_ais.value

@@ -115,11 +115,11 @@ class SegmentControls:
             "where a label already is are kept as drawn"
         )
         self.automatic = AutoPanel()
-        self.auto = PushButton(text="Segment this slice automatically")
+        self.auto = PushButton(text="Auto-segment slice")
         self.auto.tooltip = (
             "Find every object of this slice with the mode above (preview outlines); C commits them all"
         )
-        self.auto_stack = PushButton(text="Segment stack automatically")
+        self.auto_stack = PushButton(text="Auto-segment stack")
         self.auto_stack.tooltip = (
             "Find every object on every slice (or the limited range) with the mode above, one id "
             "per object through the stack; written as one undo step (Stop keeps the slices done)"
@@ -152,8 +152,7 @@ class SegmentControls:
             self.ids,
             self.propagate_labels,
             *self.automatic.widgets,
-            self.auto,
-            self.auto_stack,
+            row(self.auto, self.auto_stack),
             row(self.stop, self.cancel),
             self.status,
         ]

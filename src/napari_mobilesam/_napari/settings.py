@@ -54,7 +54,7 @@ MODEL_CHOICES: dict[str, str] = {
 #: Automatic segmentation modes offered by the widget: key -> label. ``"ais"`` needs a model with
 #: an AIS decoder (the micro-sam models); ``"grid"`` works with every model.
 AUTO_MODES: dict[str, str] = {
-    "ais": "AIS (micro-sam decoder)",
+    "ais": "AIS (micro-sam)",
     "grid": "SAM point grid",
 }
 #: Extra choices shown only in development mode (``NAPARI_MOBILESAM_DEV=1``).
