@@ -219,6 +219,7 @@ def test_stack_cancel_writes_nothing_and_stop_keeps_the_slices_done(make_napari_
     qtbot.waitUntil(lambda: widget._cancel_btn.enabled and widget._stop_btn.enabled, timeout=5000)
     qtbot.waitUntil(lambda: oracle.calls > 3, timeout=30_000)
     assert widget.status.startswith("Segmenting slices 0–11")
+    qtbot.waitUntil(lambda: "1 of 12 slices done" in widget.status, timeout=60_000)  # progress in the widget
     _click(widget._cancel_btn)
     wait_idle(qtbot, widget)
     qtbot.wait(300)

@@ -60,7 +60,7 @@ class Annotator(AutomaticActions):
         self.last_propagation = None  # the engine's PropagationResult of the last propagation
         self._runner = LongTaskRunner(
             controls.cancel, controls.stop, on_status=say.status, on_error=say.report,
-            on_live=self._show_live, on_live_end=self._live_ended,
+            on_live=self._on_progress, on_live_end=self._live_ended,
         )
         self._embedder = SliceEmbedder(self.current_z, lambda z: self.update_preview(), say.status, say.report)
 
@@ -209,6 +209,11 @@ class Annotator(AutomaticActions):
             self._set_preview(z, here.astype(np.uint32), "live")
         elif self._preview_kind == "live":
             self._clear_preview_state()
+
+    def _on_progress(self) -> None:
+        """After each step of a long task that fills the live volume (GUI thread)."""
+        self._stack_progress()
+        self._show_live()
 
     def _live_ended(self) -> None:
         if self._preview_kind == "live":

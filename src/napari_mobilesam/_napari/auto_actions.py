@@ -72,9 +72,21 @@ class AutomaticActions:
             if session is self.session:
                 self._write_stack(result, run)
 
-        return run.start(self._runner, session, geom.shape, done)
+        task = run.start(self._runner, session, geom.shape, done)
+        if task is not None:
+            self._stack_run = run
+            self._say.status(f"0 of {len(run.zs)} slices done.")
+        return task
+
+    def _stack_progress(self) -> None:
+        """After each slice of a stack run (GUI thread): say how far it got."""
+        run, runner = getattr(self, "_stack_run", None), self._runner
+        if (run is not None and runner.running and runner.live is not None and runner.live is run.live
+                and not runner.task.cancelled and not runner.task.stop_requested):
+            self._say.status(f"{run.done} of {len(run.zs)} slices done.")
 
     def _write_stack(self, result, run: StackRun) -> None:
+        self._stack_run = None
         volume, done = result
         stopped = len(done) < len(run.zs)
         if not done or not np.any(volume):

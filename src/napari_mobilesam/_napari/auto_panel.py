@@ -135,6 +135,8 @@ class StackRun:
 
     how: AutoRequest
     zs: list[int]
+    done: int = 0  # slices finished so far (written by the worker, read on the GUI thread)
+    live: Any = None  # the (Z, H, W) volume the run fills, once started
 
     @property
     def what(self) -> str:
@@ -145,13 +147,17 @@ class StackRun:
         """Run it through ``session`` in ``runner``, filling a live ``(Z, H, W)`` volume."""
         if len(shape) != 3:
             raise InputError(f"segmenting a stack needs a (z, row, col) image, got shape {shape}")
-        live = np.zeros(shape, np.int32)
+        live = self.live = np.zeros(shape, np.int32)
         how, zs = self.how, list(self.zs)
 
         def run(report, cancelled):
+            def progress(done, total):
+                self.done = done
+                report(done, total)
+
             return session.segment_stack_automatically(
                 zs, how.params, mode=how.mode, ais_params=how.ais_params,
-                progress=report, cancel=cancelled, live=live,
+                progress=progress, cancel=cancelled, live=live,
             )
 
         return runner.start(run, f"segmenting {self.what} automatically", len(zs), on_result,
