@@ -17,6 +17,7 @@ from napari.layers import Labels
 
 from ..core.session import ObjectPrediction
 from . import prompt_layers as pl
+from .auto_actions import AutomaticActions
 from .embedder import SliceEmbedder
 from .long_tasks import (
     LongTaskRunner,
@@ -30,7 +31,7 @@ from .workers import Task
 __all__ = ["Annotator"]
 
 
-class Annotator:
+class Annotator(AutomaticActions):
     """Preview, commit, refinement and long tasks for the image being segmented.
 
     Parameters
@@ -59,7 +60,7 @@ class Annotator:
         self.last_propagation = None  # the engine's PropagationResult of the last propagation
         self._runner = LongTaskRunner(
             controls.cancel, controls.stop, on_status=say.status, on_error=say.report,
-            on_live=self._show_live, on_live_end=self._live_ended,
+            on_live=self._on_progress, on_live_end=self._live_ended,
         )
         self._embedder = SliceEmbedder(self.current_z, lambda z: self.update_preview(), say.status, say.report)
 
@@ -209,6 +210,11 @@ class Annotator:
         elif self._preview_kind == "live":
             self._clear_preview_state()
 
+    def _on_progress(self) -> None:
+        """After each step of a long task that fills the live volume (GUI thread)."""
+        self._stack_progress()
+        self._show_live()
+
     def _live_ended(self) -> None:
         if self._preview_kind == "live":
             self._clear_preview_state()
@@ -241,8 +247,8 @@ class Annotator:
             self._say.warn("No image layer: open an image first.")
             return []
         if self._preview_kind == "live":
-            self._say.info("A propagation is running: what you see is its progress. C commits your own "
-                       "prompts; Stop ends the propagation and writes it.")
+            self._say.info(f"Still {self._runner.doing or 'working'}: what you see is its progress. C "
+                           "commits your own prompts; Stop ends it and writes the slices done.")
             return []
         if self._preview_labels is None or not self._preview_labels.any():
             self._say.info("Nothing to commit: click on an object first (or segment the slice automatically).")
@@ -339,24 +345,6 @@ class Annotator:
             return None
         lo, hi = sorted((int(self._c.z_from.value), int(self._c.z_to.value)))
         return lo, hi + 1
-
-    def segment_slice_automatically(self) -> Task | None:
-        """Find every object of the current slice (worker) and show their outlines in the preview."""
-        if not self._ready_for_engine():
-            return None
-        session, z = self.session, self.current_z()
-
-        def done(labels):
-            if session is not self.session:
-                return
-            self._prediction = None
-            self._set_preview(z, np.asarray(labels, dtype=np.uint32), "auto")
-            n = len(np.unique(labels)) - 1
-            self._say.status(f"Slice {z}: {n} objects found. C commits them all, Shift-C discards.")
-
-        return self._runner.start(
-            lambda report, cancelled: session.segment_automatically(z), f"segmenting slice {z} automatically", 0, done
-        )
 
     def propagate(self) -> Task | None:
         """Follow the current object through the stack (worker; one undo step at the end).

@@ -23,6 +23,8 @@ from qtpy.QtCore import QEvent, QObject
 from qtpy.QtGui import QTextOption
 from qtpy.QtWidgets import QFrame, QSizePolicy
 
+from .auto_panel import AutoPanel
+
 __all__ = ["SegmentControls", "LABEL_SCOPES", "NEW_LAYER", "hint_text", "error_message", "CloseWatcher"]
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,7 @@ class SegmentControls:
             "prompt, add clicks, C replaces it on this slice (undoable)"
         )
         self.limit = CheckBox(text="limit propagation to z-range", value=False)
-        self.limit.tooltip = "Propagate only between the two slices below"
+        self.limit.tooltip = "Propagate (and segment the stack automatically) only between the two slices below"
         self.z_from = SpinBox(label="z from", min=0, max=0)
         self.z_from.tooltip = "First slice propagation may reach"
         self.z_to = SpinBox(label="z to", min=0, max=0)
@@ -112,8 +114,16 @@ class SegmentControls:
             "Extend the chosen labels through the stack in one pass (one undo step); slices "
             "where a label already is are kept as drawn"
         )
-        self.auto = PushButton(text="Segment this slice automatically")
-        self.auto.tooltip = "Find every object of this slice (preview outlines); C commits them all"
+        self.automatic = AutoPanel()
+        self.auto = PushButton(text="Auto-segment slice")
+        self.auto.tooltip = (
+            "Find every object of this slice with the mode above (preview outlines); C commits them all"
+        )
+        self.auto_stack = PushButton(text="Auto-segment stack")
+        self.auto_stack.tooltip = (
+            "Find every object on every slice (or the limited range) with the mode above, one id "
+            "per object through the stack; written as one undo step (Stop keeps the slices done)"
+        )
         self.stop = PushButton(text="Stop, keep slices done", enabled=False)
         self.stop.tooltip = "End the propagation now and write the slices done so far (one undo step)"
         self.cancel = PushButton(text="Cancel", enabled=False)
@@ -141,7 +151,8 @@ class SegmentControls:
             self.scope,
             self.ids,
             self.propagate_labels,
-            self.auto,
+            *self.automatic.widgets,
+            row(self.auto, self.auto_stack),
             row(self.stop, self.cancel),
             self.status,
         ]
@@ -155,7 +166,8 @@ class SegmentControls:
         self.propagate.text = f"Propagate object through {axis} [Shift-S]"
 
     def enable_stack(self, is_stack: bool) -> None:
-        for w in (self.limit, self.z_from, self.z_to, self.propagate, self.propagate_labels, self.scope, self.ids):
+        for w in (self.limit, self.z_from, self.z_to, self.propagate, self.propagate_labels, self.scope,
+                  self.ids, self.auto_stack):
             w.enabled = is_stack
 
     def all(self) -> list:
@@ -163,7 +175,8 @@ class SegmentControls:
         return [
             self.image, self.hint, self.target, self.keep_existing, self.commit, self.clear,
             self.refine, self.limit, self.z_from, self.z_to, self.propagate, self.scope, self.ids,
-            self.propagate_labels, self.auto, self.stop, self.cancel, self.status,
+            self.propagate_labels, self.auto, self.auto_stack, self.stop, self.cancel, self.status,
+            *self.automatic.all(),
         ]
 
 

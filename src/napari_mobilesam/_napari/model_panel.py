@@ -1,4 +1,9 @@
-"""The model part of the Segment widget: which model, checkpoint and device; loading in a worker.
+"""The model part of the Segment widget: which model, checkpoint, decoder and device; loading in a worker.
+
+The menu offers MobileSAM, micro-sam's models (downloaded on first use, with their AIS decoder),
+and files: a MobileSAM checkpoint, a micro-sam model file (a model fine-tuned in micro-sam, its
+decoder inside the file or in the separate *decoder* field, shown only for that choice) and a
+distilled model.
 
 :class:`ModelPanel` owns its controls and its state (the loaded model, the load in progress, the
 last failed choice). A failed load is not retried by itself: every click on the image would
@@ -15,6 +20,7 @@ from ..errors import WeightsError
 from ..models.choice import FILE_MODELS, ModelChoice
 from .settings import (
     DEV_MODEL_CHOICES,
+    MICROSAM_FILE,
     WidgetSettings,
     device_choices,
     model_choices,
@@ -22,7 +28,25 @@ from .settings import (
 )
 from .workers import Task, start_task
 
-__all__ = ["ModelPanel", "model_error_message"]
+__all__ = ["ModelPanel", "model_error_message", "MICROSAM_MODELS"]
+
+#: Registry names of micro-sam's published models (two files each: the model and its AIS decoder).
+MICROSAM_MODELS = ("vit_t_lm", "vit_t_em_organelles", "vit_b_lm", "vit_b_em_organelles")
+#: Widget keys whose weights come from the file in 'checkpoint'.
+_FILE_KEYS = (*FILE_MODELS, MICROSAM_FILE)
+
+
+def _microsam_offline_message(model: str) -> str:
+    from ..models.weights import weights_path
+
+    folder = weights_path(model).parent
+    return (
+        f"Could not download the micro-sam model {model} ({model}.pt and its decoder "
+        f"{model}_decoder.pt): is this computer offline? Get both files on a connected computer "
+        "(links in the Models page of the documentation), then either put them in "
+        f"{folder} under those names, or choose the model 'micro-sam model file' and pick the model "
+        "in 'checkpoint' and the decoder in 'decoder'; or connect and press Load model."
+    )
 
 
 def model_error_message(exc: BaseException, request: ModelChoice) -> str:
@@ -35,10 +59,23 @@ def model_error_message(exc: BaseException, request: ModelChoice) -> str:
             "Get mobile_sam.pt on a connected computer, then choose the model 'MobileSAM "
             "checkpoint file' and pick the file in 'checkpoint'; or connect and press Load model."
         )
+    if request.model in MICROSAM_MODELS and not request.has_file and offline:
+        return _microsam_offline_message(request.model)
     first = text.split(". ")[0].strip().rstrip(".")
     if len(first) > 220:
         first = first[:217] + "…"
     return f"Could not load {request.describe()}: {first}. Check the model choice, then press Load model."
+
+
+def _narrow(combo: ComboBox, chars: int = 22) -> None:
+    """Size a combo box by ``chars`` characters, not by its longest choice (long model names
+    would otherwise widen the dock and shrink the canvas); the open list shows names in full."""
+    from qtpy.QtWidgets import QComboBox
+
+    native = combo.native
+    native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    native.setMinimumContentsLength(chars)
+    native.view().setMinimumWidth(native.view().sizeHintForColumn(0) + 24)
 
 
 class ModelPanel:
@@ -64,11 +101,23 @@ class ModelPanel:
         self.failed: ModelChoice | None = None  # the last choice that failed to load
         self.closed = False
         self.combo = ComboBox(label="model", choices=self._choices)
-        self.combo.tooltip = "Which weights segment: the default MobileSAM, or a .pt file of yours"
+        self.combo.tooltip = (
+            "Which weights segment: MobileSAM (natural images), micro-sam's microscopy models "
+            "(light microscopy or EM organelles; they also segment whole slices automatically "
+            "with their AIS decoder), or a .pt file of yours"
+        )
+        _narrow(self.combo)
         self.checkpoint = FileEdit(label="checkpoint", mode="r", filter="*.pt *.pth *.pth.tar")
-        self.checkpoint.tooltip = "The MobileSAM / distilled checkpoint file (.pt) to load"
+        self.checkpoint.tooltip = "The MobileSAM / micro-sam / distilled model file (.pt) to load"
         self.checkpoint.line_edit.tooltip = self.checkpoint.tooltip
-        self.checkpoint.choose_btn.tooltip = "Browse for the checkpoint file"
+        self.checkpoint.choose_btn.tooltip = "Browse for the model file"
+        self.decoder = FileEdit(label="decoder", mode="r", filter="*.pt *.pth")
+        self.decoder.tooltip = (
+            "micro-sam's AIS decoder file (*_decoder.pt) when it is not inside the model file; "
+            "leave empty when the model file holds it (micro-sam's fine-tuned models do)"
+        )
+        self.decoder.line_edit.tooltip = self.decoder.tooltip
+        self.decoder.choose_btn.tooltip = "Browse for the decoder file"
         self.device = ComboBox(label="device", choices=device_choices())
         self.device.tooltip = "Where the model runs: auto picks a GPU when there is one"
         self.load_btn = PushButton(text="Load model")
@@ -76,13 +125,13 @@ class ModelPanel:
         self.status = Label(value="model: not loaded")
         self.status.tooltip = "The model in use"
         self._restore(saved)
-        for control in (self.combo, self.checkpoint, self.device):
+        for control in (self.combo, self.checkpoint, self.decoder, self.device):
             control.changed.connect(self._on_choice_changed)
         self.load_btn.changed.connect(lambda: self.load(retry=True))
 
     @property
     def widgets(self) -> list:
-        return [self.combo, self.checkpoint, self.device, self.load_btn, self.status]
+        return [self.combo, self.checkpoint, self.decoder, self.device, self.load_btn, self.status]
 
     def _choices(self, _widget=None) -> list[tuple[str, str]]:
         return [(label, key) for key, label in {**model_choices(), **self.extra}.items()]
@@ -91,24 +140,38 @@ class ModelPanel:
         self.combo.value = saved.model if saved.model in model_choices() else "vit_t"
         if saved.checkpoint:
             self.checkpoint.value = saved.checkpoint
+        if saved.decoder:
+            self.decoder.value = saved.decoder
         if saved.device in self.device.choices:
             self.device.value = saved.device
         self._update_visibility()
 
     def _update_visibility(self) -> None:
-        self.checkpoint.visible = self.combo.value in FILE_MODELS
+        self.checkpoint.visible = self.combo.value in _FILE_KEYS
+        self.decoder.visible = self.combo.value == MICROSAM_FILE
+
+    @staticmethod
+    def _path(edit: FileEdit) -> str:
+        text = str(edit.value)
+        return "" if text in (".", "") else text
 
     def choice(self) -> ModelChoice:
-        """The model, checkpoint and device currently chosen."""
-        checkpoint = str(self.checkpoint.value) if self.combo.value in FILE_MODELS else ""
-        return ModelChoice(self.combo.value, "" if checkpoint in (".", "") else checkpoint, self.device.value)
+        """The model, checkpoint, decoder and device currently chosen (a micro-sam model file
+        loads as ``ModelChoice("checkpoint", file, decoder=decoder file)``)."""
+        key = self.combo.value
+        checkpoint = self._path(self.checkpoint) if key in _FILE_KEYS else ""
+        if key == MICROSAM_FILE:
+            return ModelChoice("checkpoint", checkpoint, self.device.value, decoder=self._path(self.decoder))
+        return ModelChoice(key, checkpoint, self.device.value)
 
     def _on_choice_changed(self, _value=None) -> None:
         self._update_visibility()
         request = self.choice()
         self.failed = None
-        if request.model in model_choices():  # dev-only test models are not persisted otherwise
-            save_settings(WidgetSettings(request.model, request.checkpoint, request.device))
+        key = self.combo.value
+        if key in model_choices():  # dev-only test models are not persisted otherwise
+            decoder = self._path(self.decoder) if key == MICROSAM_FILE else ""
+            save_settings(WidgetSettings(key, request.checkpoint, request.device, decoder))
         if self.request is not None and request != self.request:
             self.status.value = f"model: {self.request.describe()} (choice changed: Load model to switch)"
 
@@ -157,4 +220,14 @@ class ModelPanel:
 
     def set_loaded(self, sam, request: ModelChoice) -> None:
         self.sam, self.request, self.failed = sam, request, None
-        self.status.value = f"model: {request.describe()} ✓"
+        extra = " (with AIS decoder)" if self.has_decoder else ""
+        self.status.value = f"model: {request.describe()}{extra} ✓"
+
+    @property
+    def has_decoder(self) -> bool:
+        """Whether the loaded model has micro-sam's AIS decoder (automatic instance segmentation)."""
+        if self.sam is None:
+            return False
+        from ..models.registry import ais_decoder
+
+        return ais_decoder(self.sam) is not None

@@ -14,7 +14,9 @@ Workflow (see ``docs/usage.md``):
 5. ``Shift-S`` / Propagate follows the object through the stack in a worker (progress and cancel in
    the activity dock and in the widget; Stop ends it early and keeps the slices done) and writes the
    result as one undo step. Without prompts it propagates every object committed on the slice;
-   *Propagate labels* extends labels of a Labels layer (the selected one, a set, or all).
+   *Propagate labels* extends labels of a Labels layer (the selected one, a set, or all);
+6. *Segment this slice / stack automatically* finds every object without prompts: AIS with a
+   micro-sam model's decoder, or the SAM point grid (:mod:`.auto_panel`, :mod:`.auto_actions`).
 
 The engine is reached through :class:`~napari_mobilesam.core.session.Session` (preview) and
 :func:`~napari_mobilesam.volume.propagation.propagate` (through :mod:`.long_tasks`); prompts are the
@@ -93,6 +95,7 @@ class SegmentWidget(Container):
         self._limit_z, self._z_from, self._z_to = c.limit, c.z_from, c.z_to
         self._propagate_btn, self._propagate_label_btn = c.propagate, c.propagate_labels
         self._auto_btn, self._stop_btn, self._cancel_btn = c.auto, c.stop, c.cancel
+        self._auto_stack_btn, self._auto_panel, self._decoder = c.auto_stack, c.automatic, self._model.decoder
         say = SimpleNamespace(status=self._show_status, info=self._info, warn=self._warn,
                               report=self._report, reset_choices=self.reset_choices)
         self._annotator = Annotator(self._viewer, self._helpers, c, self._model, say)
@@ -111,7 +114,8 @@ class SegmentWidget(Container):
         for button, action in (
             (c.commit, self.commit), (c.clear, self.clear_prompts), (c.refine, self.refine_selected_label),
             (c.propagate, self.propagate), (c.propagate_labels, self.propagate_labels),
-            (c.auto, self.segment_slice_automatically), (c.cancel, self.cancel), (c.stop, self.stop),
+            (c.auto, self.segment_slice_automatically), (c.auto_stack, self.segment_stack_automatically),
+            (c.cancel, self.cancel), (c.stop, self.stop),
         ):
             button.changed.connect(lambda *_, act=action: act())
         self._viewer.layers.events.inserted.connect(self._on_layers_changed)
@@ -161,8 +165,9 @@ class SegmentWidget(Container):
         """The model, checkpoint and device currently chosen in the widget."""
         return self._model.choice()
 
-    def use_model(self, model: str, checkpoint: str = "", *, load: bool = True) -> Task | None:
-        """Choose ``model`` (a key of the model list) and its ``checkpoint`` file, and load it.
+    def use_model(self, model: str, checkpoint: str = "", *, decoder: str = "", load: bool = True) -> Task | None:
+        """Choose ``model`` (a key of the model list) and its ``checkpoint`` file (and, for
+        ``"microsam_file"``, a separate ``decoder`` file), and load it.
 
         Called, for instance, by the distillation panel when a distilled model is ready. The
         choice is remembered like a choice made in the widget.
@@ -173,6 +178,8 @@ class SegmentWidget(Container):
         self._model.combo.value = model
         if checkpoint:
             self._model.checkpoint.value = checkpoint
+        if decoder:
+            self._model.decoder.value = decoder
         return self.load_model() if load else None
 
     def enable_dev_models(self) -> None:
@@ -191,11 +198,13 @@ class SegmentWidget(Container):
         """Use an already loaded ``Sam`` (what the loader calls; tests pass ``vit_t_test`` here)."""
         request = request or ModelChoice(getattr(sam, "napari_mobilesam_info", {}).get("model", "custom"))
         self._model.set_loaded(sam, request)
+        self._c.automatic.set_has_decoder(self._model.has_decoder)
         self._new_session()
 
     def set_session(self, session: Session, description: str = "custom session") -> None:
         """Use a ready-made :class:`Session` for the current image (e.g. one with an oracle predictor)."""
         self._annotator.use(self._image, session)
+        self._c.automatic.set_has_decoder(session.has_ais)
         self._model.request = self._model.request or ModelChoice("custom")
         self._model.status.value = f"model: {description} ✓"
         self._on_slice_settled()
@@ -350,8 +359,14 @@ class SegmentWidget(Container):
         return self._annotator.propagate_labels(scope)
 
     def segment_slice_automatically(self) -> Task | None:
-        """Find every object of the current slice (worker) and show their outlines in the preview."""
+        """Find every object of the current slice (worker; AIS or the point grid, as chosen) and
+        show their outlines in the preview."""
         return self._annotator.segment_slice_automatically()
+
+    def segment_stack_automatically(self) -> Task | None:
+        """Segment every slice (or the limited range) automatically in a worker, one id per object
+        through the stack, written as one undo step."""
+        return self._annotator.segment_stack_automatically()
 
     def cancel(self) -> None:
         """Cancel the running propagation / automatic segmentation (nothing is written)."""

@@ -1,4 +1,4 @@
-"""Persisted choices of the segmentation widget (model, checkpoint, device).
+"""Persisted choices of the segmentation widget (model, checkpoint, decoder file, device).
 
 The choices are kept in a small JSON file so that they survive a napari restart:
 ``$NAPARI_MOBILESAM_CONFIG/segment_widget.json`` when that variable is set, otherwise in the
@@ -19,6 +19,8 @@ from ..models.devices import device_choices
 
 __all__ = [
     "MODEL_CHOICES",
+    "MICROSAM_FILE",
+    "AUTO_MODES",
     "DEV_MODEL_CHOICES",
     "WidgetSettings",
     "dev_mode",
@@ -31,11 +33,29 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Model choices every user sees: key -> label shown in the widget.
+#: The widget's key for "a micro-sam model file" (a user's fine-tuned micro-sam model; its AIS
+#: decoder inside the file or in a separate decoder file). It loads as ``ModelChoice("checkpoint",
+#: file, decoder=decoder file)``.
+MICROSAM_FILE = "microsam_file"
+
+#: Model choices every user sees: key -> label shown in the widget. The micro-sam keys are the
+#: registry's names (``models/registry.py``); their two files are downloaded on first use.
 MODEL_CHOICES: dict[str, str] = {
     "vit_t": "MobileSAM (default weights, downloaded once)",
+    "vit_t_lm": "micro-sam LM generalist (vit_t_lm: light microscopy, cells and nuclei)",
+    "vit_t_em_organelles": "micro-sam EM organelles (vit_t_em_organelles: electron microscopy)",
+    "vit_b_lm": "micro-sam LM generalist, ViT-B (vit_b_lm: light microscopy; about 10x slower)",
+    "vit_b_em_organelles": "micro-sam EM organelles, ViT-B (vit_b_em_organelles; about 10x slower)",
     "checkpoint": "MobileSAM checkpoint file",
+    MICROSAM_FILE: "micro-sam model file (e.g. fine-tuned in micro-sam)",
     "distilled": "Distilled model (file)",
+}
+
+#: Automatic segmentation modes offered by the widget: key -> label. ``"ais"`` needs a model with
+#: an AIS decoder (the micro-sam models); ``"grid"`` works with every model.
+AUTO_MODES: dict[str, str] = {
+    "ais": "AIS (micro-sam)",
+    "grid": "SAM point grid",
 }
 #: Extra choices shown only in development mode (``NAPARI_MOBILESAM_DEV=1``).
 DEV_MODEL_CHOICES: dict[str, str] = {
@@ -62,16 +82,21 @@ class WidgetSettings:
     Attributes
     ----------
     model : str
-        A key of :func:`model_choices` (``"vit_t"``, ``"checkpoint"``, ``"distilled"``...).
+        A key of :func:`model_choices` (``"vit_t"``, ``"vit_t_lm"``, ``"checkpoint"``,
+        ``"microsam_file"``, ``"distilled"``...).
     checkpoint : str
-        Path of the checkpoint / distilled model file ("" when the model needs none).
+        Path of the checkpoint / distilled / micro-sam model file ("" when the model needs none).
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
+    decoder : str
+        Path of a separate micro-sam AIS decoder file (``*_decoder.pt``) for ``"microsam_file"``
+        ("" when the decoder is inside the model file).
     """
 
     model: str = "vit_t"
     checkpoint: str = ""
     device: str = "auto"
+    decoder: str = ""
 
 
 def settings_path() -> Path:

@@ -24,10 +24,17 @@ from ..volume.propagation import STOP_REASONS, describe_stops  # noqa: F401  (re
 from .predictor import Prompt
 
 __all__ = [
+    "AUTO_MODES",
     "Session",
     "ObjectPrediction",
     "describe_stops",
 ]
+
+#: Automatic segmentation modes of :meth:`Session.segment_automatically`: ``"auto"`` (AIS when the
+#: model has a decoder, else the point grid), ``"ais"`` (micro-sam's decoder), ``"grid"`` (SAM
+#: point grid).
+AUTO_MODES = ("auto", "ais", "grid")
+
 
 @dataclass(frozen=True)
 class ObjectPrediction:
@@ -220,8 +227,49 @@ class Session:
             low_res=None if low_res is None else np.asarray(low_res[best], dtype=np.float32),
         )
 
-    def segment_automatically(self, z: int, params: Any = None) -> np.ndarray:
-        """All objects of slice ``z`` as an (H, W) int32 label image (ids 1..N). Slow: worker."""
+    # -- automatic segmentation -------------------------------------------------------------------
+    @property
+    def has_ais(self) -> bool:
+        """Whether the model has micro-sam's AIS decoder (the ``"ais"`` automatic mode)."""
+        if self.sam is None:
+            return False
+        from ..models.registry import ais_decoder
+
+        return ais_decoder(self.sam) is not None
+
+    def automatic_mode(self, mode: str = "auto") -> str:
+        """The mode :meth:`segment_automatically` runs for ``mode``: ``"auto"`` is ``"ais"`` when the
+        model has an AIS decoder, else ``"grid"``. InputError for an unknown mode or ``"ais"``
+        without a decoder."""
+        if mode not in AUTO_MODES:
+            raise InputError(f"unknown automatic mode {mode!r}: choose one of {', '.join(AUTO_MODES)}")
+        if mode == "auto":
+            return "ais" if self.has_ais else "grid"
+        if mode == "ais" and not self.has_ais:
+            raise InputError(
+                "this model has no instance-segmentation (AIS) decoder: choose a micro-sam model "
+                "(e.g. vit_t_lm, vit_t_em_organelles) or the SAM point-grid mode"
+            )
+        return mode
+
+    def segment_automatically(self, z: int, params: Any = None, *, mode: str = "auto",
+                              ais_params: Any = None) -> np.ndarray:
+        """All objects of slice ``z`` as an ``(H, W)`` int32 label image (ids 1..N). Slow: worker.
+
+        ``mode`` (see :meth:`automatic_mode`): ``"ais"``, micro-sam's decoder maps and seeded
+        watershed on the raw slice (:func:`~napari_mobilesam.volume.instance.segment_slice_ais`,
+        parameters ``ais_params``, an ``AISParams``); ``"grid"``, the prompt-based point grid
+        (:mod:`napari_mobilesam.volume.automatic`, parameters ``params``, an ``AutoParams``).
+        Both run tile by tile on tiled slices (AIS: decoder maps of the session's tile grid,
+        post-processed as one image). A further mode plugs in here and in ``AUTO_MODES``.
+        """
+        mode = self.automatic_mode(mode)
+        if mode == "ais":
+            from ..volume.instance import segment_slice_ais
+
+            grid = self.predictor.grid if self.tiled else None
+            labels = segment_slice_ais(self.sam, self.source.raw(z), ais_params, grid=grid)
+            return labels.astype(np.int32)
         if self.tiled:
             from ..volume.tiled import segment_slice_tiled
 
@@ -229,6 +277,36 @@ class Session:
         from ..volume.automatic import segment_slice
 
         return segment_slice(self.predictor, z, params).labels
+
+    def segment_stack_automatically(self, zs=None, params: Any = None, *, mode: str = "auto",
+                                    ais_params: Any = None, progress=None, cancel=None, live=None):
+        """Every slice of ``zs`` (default: all) segmented as :meth:`segment_automatically` does,
+        stitched through z so that each object keeps one id (``Stitcher`` with ``params``'
+        ``stitch_*`` settings). Slow: call it in a worker.
+
+        ``progress(done, total)`` after each slice; ``cancel()`` is checked before each slice (True:
+        stop, keeping the slices done); ``live``: a zero ``(Z, H, W)`` integer volume written into as
+        slices finish (it becomes the result). Returns ``(volume, done)``: the ``(Z, H, W)`` int32
+        labels (ids 1..N in order of first appearance; slices not done are 0) and the list of slices
+        done.
+        """
+        from ..volume.params import AutoParams
+        from ..volume.stitch import Stitcher
+
+        mode = self.automatic_mode(mode)
+        p = params if params is not None else AutoParams()
+        zs = list(range(self.n_slices)) if zs is None else [int(z) for z in zs]
+        volume = live if live is not None else np.zeros((self.n_slices, *self.source.slice_shape), np.int32)
+        stitcher = Stitcher(p.stitch_iou, p.stitch_overlap, p.stitch_gap, p.stitch_regrow)
+        done: list[int] = []
+        for i, z in enumerate(zs):
+            if cancel is not None and cancel():
+                break
+            volume[z] = stitcher.add(self.segment_automatically(z, p, mode=mode, ais_params=ais_params))
+            done.append(z)
+            if progress is not None:
+                progress(i + 1, len(zs))
+        return volume, done
 
     # -- propagation ----------------------------------------------------------------------------
     def propagate_prompts(
