@@ -297,6 +297,27 @@ def test_prompts_match(msdir, expected, cases, case):
     assert (masks != expected[want + "mask"]).mean() <= 0.001
 
 
+@pytest.mark.parametrize("case", ["point", "box"])
+def test_session_clicks_give_microsams_masks(lm_models, expected, cases, case):
+    """The user's path (a Session on the raw image, as the widget and the batch API make it): a
+    micro-sam model gets micro-sam's per-image min/max input, so the same click gives the same mask
+    as in micro-sam (the stack-percentile input of MobileSAM's default path would not)."""
+    from napari_mobilesam.core.preprocess import microsam_rgb
+    from napari_mobilesam.core.session import Session
+
+    session = Session(lm_models["microsam"], expected["image"], cache_dir=None)
+    assert session.source.normalize == "microsam"
+    assert np.array_equal(session.source.rgb(0), microsam_rgb(expected["image"]))
+    c = cases["prompts"][case]
+    if "box" in c:
+        pred = session.predict(0, np.zeros((0, 2)), np.zeros(0, int), box=c["box"])
+    else:
+        pred = session.predict(0, np.asarray(c["points"], float), np.asarray(c["labels"]))
+    assert (pred.mask != expected[f"prompt/{case}/mask"][0]).mean() <= 0.001
+    # MobileSAM's own model keeps its default input
+    assert Session(lm_models["standard"], expected["image"], cache_dir=None).source.normalize == "stack"
+
+
 def test_standard_semantics_decoder_matches_eval_arrays(lm_models, expected):
     """Standard semantics: BatchNorm on running statistics (the ``eval/`` arrays).
 

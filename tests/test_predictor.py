@@ -268,9 +268,9 @@ def test_predict_many_decodes_in_bounded_chunks(engine_sam_test):
 
 def test_prompt_from_clicks_one_click_means_multimask():
     assert Prompt.from_clicks([[3, 4]]).multimask
-    assert Prompt.from_clicks(None, None, box=[0, 0, 5, 5]).multimask
+    assert not Prompt.from_clicks(None, None, box=[0, 0, 5, 5]).multimask  # a box: SAM's single mask
     two = Prompt.from_clicks([[3, 4], [5, 6]], [1, 0])
     assert not two.multimask and two.labels.tolist() == [1, 0]
     assert not Prompt.from_clicks([[3, 4]], [1], box=[0, 0, 5, 5]).multimask
     empty = Prompt.from_clicks(np.zeros((0, 2)), [], box=[0, 0, 5, 5])
-    assert empty.points is None and empty.labels is None and empty.multimask
+    assert empty.points is None and empty.labels is None and not empty.multimask

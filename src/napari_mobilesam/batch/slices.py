@@ -41,7 +41,7 @@ def check_ids_fit(max_id: int, out_dtype: Any = np.uint32) -> None:
 
 def prompt_dict(item: dict) -> Prompt:
     """A predictor prompt from a :meth:`~napari_mobilesam.io.prompts.Prompts.iter_objects` item
-    (see :meth:`Prompt.from_clicks`: one lone point or box asks for SAM's three candidate masks)."""
+    (see :meth:`Prompt.from_clicks`: one lone point asks for SAM's three candidate masks)."""
     return Prompt.from_clicks(item["points"], item["labels"], item["box"])
 
 

@@ -58,13 +58,13 @@ class Prompt:
 
     @classmethod
     def from_clicks(cls, points: Any = None, labels: Any = None, box: Any = None) -> Prompt:
-        """A user's prompt: one lone point or box is ambiguous, so it asks for SAM's three
-        candidates (keep `Prediction.best`); more prompt elements ask for the single mask.
+        """A user's prompt: one lone point is ambiguous, so it asks for SAM's three candidates
+        (keep `Prediction.best`); a box, or several points, ask for the single mask (SAM's own
+        advice, and what micro-sam does: the same clicks give micro-sam's masks).
         Empty point arrays become None; ``labels`` default to all positive."""
         pts = None if points is None or len(points) == 0 else np.asarray(points, float).reshape(-1, 2)
         lab = None if pts is None else (np.ones(len(pts), int) if labels is None else np.asarray(labels, int))
-        n = (0 if pts is None else len(pts)) + (box is not None)
-        return cls(points=pts, labels=lab, box=box, multimask=n == 1)
+        return cls(points=pts, labels=lab, box=box, multimask=box is None and pts is not None and len(pts) == 1)
 
 
 @dataclass

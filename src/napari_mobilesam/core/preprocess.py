@@ -80,9 +80,6 @@ def microsam_rgb(image: np.ndarray) -> np.ndarray:
         raise InputError(
             f"expected an (H, W) or (H, W, 3) numeric image, got shape {a.shape} {a.dtype}"
         )
-    x = a.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise InputError("the image has NaN or infinite values; replace them (np.nan_to_num) first")
-    x = x - x.min(axis=(0, 1), keepdims=True)
-    x = x / (x.max(axis=(0, 1), keepdims=True) + np.float32(1e-7))
-    return (x * np.float32(255)).astype(np.uint8)
+    from .source import minmax_to_uint8
+
+    return minmax_to_uint8(a)

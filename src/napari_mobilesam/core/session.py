@@ -26,6 +26,7 @@ from .predictor import Prompt
 __all__ = [
     "AUTO_MODES",
     "Session",
+    "normalization_for",
     "ObjectPrediction",
     "describe_stops",
 ]
@@ -54,6 +55,19 @@ class ObjectPrediction:
     mask: np.ndarray
     score: float
     low_res: np.ndarray | None = None
+
+
+def normalization_for(sam) -> str:
+    """How raw intensities become SAM's uint8 input for ``sam`` (a ``SliceSource`` ``normalize``).
+
+    ``"microsam"`` (micro-sam's per-slice minimum-to-maximum) for a model loaded with micro-sam
+    semantics (micro-sam's models, or ``semantics="microsam"``): the same clicks then give the
+    same masks as in micro-sam. ``"stack"`` (one percentile range for the stack) otherwise.
+    """
+    from ..models.registry import INFO_ATTR
+
+    info = getattr(sam, INFO_ATTR, None) or {}  # stand-ins (an oracle) have none
+    return "microsam" if info.get("semantics") == "microsam" else "stack"
 
 
 class Session:
@@ -94,7 +108,7 @@ class Session:
                  cache_bytes: int | None = None, max_disk_bytes: Any = "default", tile: Any = "auto",
                  halo: int | None = None):
         self.sam = sam
-        self.source = self._source(data, rgb)
+        self.source = self._source(data, rgb, sam)
         self.cache = None
         if predictor is None:
             self.cache = self._cache(sam, cache_dir, cache_bytes, max_disk_bytes)
@@ -128,12 +142,12 @@ class Session:
         return cls(sam, data, **options)
 
     @staticmethod
-    def _source(data, rgb):
+    def _source(data, rgb, sam=None):
         from .source import SliceSource
 
         if isinstance(data, SliceSource):
             return data
-        return SliceSource(data, rgb=rgb)
+        return SliceSource(data, rgb=rgb, normalize=normalization_for(sam))
 
     @staticmethod
     def _cache(sam, cache_dir, cache_bytes, max_disk_bytes):

@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SliceSource", "normalize_to_uint8", "ACCEPTED_LAYOUTS", "MIN_SLICE_SIDE"]
+from ..errors import InputError
+
+__all__ = ["SliceSource", "normalize_to_uint8", "minmax_to_uint8", "ACCEPTED_LAYOUTS", "MIN_SLICE_SIDE"]
 
 #: Smallest slice side (pixels) we accept: SAM cannot say anything useful about smaller images.
 MIN_SLICE_SIDE = 8
@@ -31,7 +33,7 @@ ACCEPTED_LAYOUTS = (
     "channel axis named by channel_axis=..."
 )
 
-_NORMALIZE_MODES = ("stack", "slice", "none")
+_NORMALIZE_MODES = ("stack", "slice", "none", "microsam")
 # Pixels sampled to estimate the stack-wide percentiles (spread evenly over slices and rows/cols).
 _STACK_SAMPLE_SLICES = 32
 _STACK_SAMPLE_PIXELS = 2_000_000
@@ -110,6 +112,23 @@ def normalize_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (y + 0.5).astype(np.uint8)
 
 
+def minmax_to_uint8(a: np.ndarray) -> np.ndarray:
+    """micro-sam's conversion of raw intensities to uint8 (``micro_sam.util._to_image``).
+
+    ``a``: ``(H, W)`` or ``(H, W, C)``, any real or bool dtype. Per channel, in float32: subtract
+    the minimum, divide by (the maximum after that + 1e-7), multiply by 255 and truncate. Raises
+    :class:`~napari_mobilesam.errors.InputError` on NaN or infinite values (micro-sam gives
+    garbage there).
+    """
+    x = np.asarray(a).astype(np.float32)
+    if not np.isfinite(x).all():
+        raise InputError("the image has NaN or infinite values; replace them (np.nan_to_num) first")
+    axes = (0, 1)
+    x = x - x.min(axis=axes, keepdims=True)
+    x = x / (x.max(axis=axes, keepdims=True) + np.float32(1e-7))
+    return (x * np.float32(255)).astype(np.uint8)
+
+
 class SliceSource:
     """A stack of 2D slices, each presented to SAM as (H, W, 3) uint8 RGB.
 
@@ -128,10 +147,13 @@ class SliceSource:
         Whether the last axis is RGB(A). ``None`` guesses: True when the last axis has 3 or 4 entries,
         the array has 3 or 4 dimensions and no ``channel_axis`` is given (napari's rule). The alpha
         channel of RGBA is dropped. RGB is normalised with one range shared by the three colours.
-    normalize : {"stack", "slice", "none"}
+    normalize : {"stack", "slice", "none", "microsam"}
         ``"stack"`` (default): one percentile range for the whole stack, estimated from up to
         32 slices spread evenly through it. ``"slice"``: a range per slice. ``"none"``: no
-        rescaling -- only for uint8 or bool data (bool becomes 0/255).
+        rescaling -- only for uint8 or bool data (bool becomes 0/255). ``"microsam"``: micro-sam's
+        own conversion (:func:`minmax_to_uint8`: each slice's -- or tile's -- minimum to maximum,
+        per channel), the input micro-sam's models were trained and evaluated with; sessions of
+        those models use it (see :meth:`napari_mobilesam.core.session.Session`).
     percentiles : (low, high)
         Percentiles (0..100) of the finite values mapped to 0 and 255. Default (0.5, 99.5).
     contrast_limits : (low, high), optional
@@ -294,7 +316,9 @@ class SliceSource:
                 self._rgb_cache.move_to_end(ckey)
                 return hit
         a = self.raw(z, region)
-        if self.normalize == "none" and self.contrast_limits is None:
+        if self.normalize == "microsam" and self.contrast_limits is None:
+            u8 = minmax_to_uint8(a)
+        elif self.normalize == "none" and self.contrast_limits is None:
             u8 = a.astype(np.uint8) * np.uint8(255) if a.dtype == bool else a.astype(np.uint8)
         else:
             rng = self.slice_range(z)
