@@ -33,15 +33,17 @@ import hashlib
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from ..core.batching import batch_bounds
-from ..core.predictor import Prompt
 from ..errors import InputError
 from .instance import AISParams, _decoder_of, smooth
+
+if TYPE_CHECKING:  # torch is imported only when a slice is segmented
+    from ..core.predictor import Prompt
 
 __all__ = [
     "APGParams",
@@ -165,6 +167,8 @@ def apg_prompts(maps: np.ndarray, params: APGParams | None = None) -> tuple[list
     """
     from skimage.measure import label
     from skimage.segmentation import watershed
+
+    from ..core.predictor import Prompt
 
     p = params or APGParams()
     maps = np.asarray(maps)
