@@ -107,25 +107,25 @@ class APGParams:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
+        def number(v, integer=False):
+            kinds = (int, np.integer) if integer else (int, float, np.number)
+            return isinstance(v, kinds) and not isinstance(v, (bool, np.bool_))
+
         for name in ("center_distance_threshold", "boundary_distance_threshold", "foreground_threshold",
                      "min_iou", "min_stability", "nms_threshold"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not 0.0 <= float(v) <= 1.0:
+            if not (number(v := getattr(self, name)) and 0.0 <= float(v) <= 1.0):
                 raise InputError(f"APG {name} must be a number in [0, 1], got {v!r}")
         for name in ("foreground_smoothing", "distance_smoothing", "box_extension"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not 0.0 <= float(v) < 1e6:
+            if not (number(v := getattr(self, name)) and 0.0 <= float(v) < 1e6):
                 raise InputError(f"APG {name} must be a number >= 0, got {v!r}")
         if self.prompts not in PROMPT_KINDS:
             raise InputError(f"APG prompts must be one of {', '.join(PROMPT_KINDS)}, got {self.prompts!r}")
-        if isinstance(self.min_size, bool) or not isinstance(self.min_size, (int, np.integer)) or self.min_size < 0:
-            raise InputError(f"APG min_size must be a whole number of pixels >= 0, got {self.min_size!r}")
-        if (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer))
-                or self.batch_size < 1):
-            raise InputError(f"APG batch_size must be a whole number >= 1, got {self.batch_size!r}")
+        for name, low in (("min_size", 0), ("batch_size", 1)):
+            if not (number(v := getattr(self, name), integer=True) and v >= low):
+                raise InputError(f"APG {name} must be a whole number >= {low}, got {v!r}")
         for name in ("multimask", "intersection_over_min"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise InputError(f"APG {name} must be True or False, got {getattr(self, name)!r}")
+            if not isinstance(v := getattr(self, name), (bool, np.bool_)):
+                raise InputError(f"APG {name} must be True or False, got {v!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
