@@ -33,6 +33,7 @@ import hashlib
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -225,9 +226,9 @@ class MaskCrop:
     iou: float
     stability: float
 
-    @property
+    @cached_property
     def area(self) -> int:
-        return int(self.mask.sum())
+        return int(np.count_nonzero(self.mask))
 
     @property
     def box(self) -> tuple[int, int, int, int]:
