@@ -1,4 +1,4 @@
-"""Automatic instance segmentation: micro-sam's AIS (decoder + watershed) against our prompt-based mode.
+"""Automatic instance segmentation: micro-sam's AIS (decoder + watershed) and APG against our prompt-based mode.
 
 Prints, from one run, seconds per slice (median of ``--runs`` timed runs after one warm-up) for a
 512×512 slice and a 1024×1024 image:
@@ -7,6 +7,9 @@ Prints, from one run, seconds per slice (median of ``--runs`` timed runs after o
   CPU: OpenVINO, precision ``auto``), the AIS decoder (OpenVINO float32; torch float32 too with
   ``--torch-decoder``, with its map difference), and the post-processing (SciPy/scikit-image),
   each part timed too;
+* ``APG``: micro-sam's automatic prompt generation as we run it (:mod:`napari_mobilesam.volume.apg`:
+  encoder, AIS decoder, one prompt per AIS instance through SAM's mask decoder, filters, NMS,
+  painting), with its defaults and with three masks per prompt; the prompt part is timed alone too;
 * ``prompt-based (segment_slice)``: our automatic mode for models without a decoder (candidate
   points → batched mask decoder → filters → NMS), encoder included, same backend.
 
@@ -107,6 +110,28 @@ def prompt_mode(sam, image, runs, key) -> float:
     return median_s(run, runs, key)
 
 
+def apg_mode(sam, image, runs, key, params=None):
+    """APG on one slice: a fresh session each run (encoder, AIS decoder, prompts, selection), and
+    the prompt part alone (decoding + filters + NMS + painting, embedding and maps ready)."""
+    from napari_mobilesam.core.session import Session
+    from napari_mobilesam.models.registry import ais_decoder
+    from napari_mobilesam.volume import apg
+
+    p = apg.APGParams.of(params)
+    total = median_s(lambda: apg.segment_slice_apg(Session(sam, image, cache_dir=None).predictor, 0, p),
+                     runs, key)
+    pred = apg._input_predictor(Session(sam, image, cache_dir=None).predictor)
+    maps = apg._slice_maps(pred, 0, ais_decoder(sam))
+    prompts, _ = apg.apg_prompts(maps, p)
+
+    def decode():
+        return apg.select_masks(apg.decode_prompts(pred, 0, prompts, p.batch_size), image.shape, p)
+
+    part = median_s(decode, runs)
+    n = int(decode().max())
+    return total, f"prompts {len(prompts)}: decode+select {part:.2f}; {n} objects"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -141,6 +166,10 @@ def main(argv=None) -> int:
             ref_maps = maps if ref_maps is None else ref_maps
             rows.append((size, name, parts["total"],
                          "  ".join(f"{k} {v:.2f}" for k, v in parts.items() if k != "total") + err))
+        for aname, aparams in (("APG (segment_slice_apg), defaults", None),
+                               ("APG, multimask", {"multimask": True})):
+            total, note = apg_mode(sam, image, args.runs, (size, aname), aparams)
+            rows.append((size, aname, total, note))
         pname = "prompt-based (segment_slice)"
         rows.append((size, pname, prompt_mode(sam, image, args.runs, (size, pname)),
                      "encoder + candidates + mask decoder + filters"))

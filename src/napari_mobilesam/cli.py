@@ -130,8 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     auto = sub.add_parser(
         "auto",
         help="automatic instance segmentation, one id per object through z",
-        description="Find objects without prompts: candidate points from blobs plus a coarse grid, "
-        "masks filtered by predicted IoU and stability, NMS, then stitching through z.",
+        description="Find objects without prompts, then stitch them through z. Modes: 'ais' "
+        "(micro-sam models: the instance-segmentation decoder's maps and a seeded watershed), 'apg' "
+        "(micro-sam models: one prompt per AIS instance decoded by SAM, filtered, NMS), 'grid' (any "
+        "model: candidate points from blobs plus a coarse grid, masks filtered by predicted IoU and "
+        "stability, NMS); 'auto' (default) is ais for a model with a decoder, else grid.",
     )
     _add_common(auto)
     from .volume.automatic import AutoParams
@@ -167,7 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="AIS: seed threshold on boundary distances")
     auto.add_argument("--foreground-threshold", type=float, default=0.5,
                       help="AIS: foreground probability threshold")
-    auto.add_argument("--min-size", type=int, default=0, help="AIS: smallest object, in pixels")
+    auto.add_argument("--min-size", type=int, default=None,
+                      help="AIS/APG: smallest object, in pixels (default: AIS 0, APG 25)")
+    auto.add_argument("--mode", default="auto", choices=("auto", "ais", "apg", "grid"),
+                      help="automatic mode (default auto: ais for a model with a decoder, else grid)")
+    from .volume.apg import PROMPT_KINDS, APGParams
+
+    a = APGParams()
+    auto.add_argument("--apg-prompts", default=a.prompts, choices=PROMPT_KINDS,
+                      help="APG: prompt each AIS instance with a point at its seed, its box, or both")
+    auto.add_argument("--apg-min-iou", type=float, default=a.min_iou,
+                      help="APG: minimum predicted IoU of a mask (0: keep all)")
+    auto.add_argument("--apg-min-stability", type=float, default=a.min_stability,
+                      help="APG: minimum stability score of a mask (0: keep all)")
+    auto.add_argument("--nms-threshold", type=float, default=a.nms_threshold,
+                      help="APG: masks overlapping a better one by more than this IoU are duplicates")
+    auto.add_argument("--apg-multimask", action="store_true",
+                      help="APG: ask SAM for three masks per prompt and keep the best-scored")
 
     dist = sub.add_parser(
         "distill",
@@ -304,13 +323,19 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
             min_contrast=args.min_contrast, max_points=args.max_points,
             points_per_batch=args.points_per_batch,
         )
+        from .volume.apg import APGParams
         from .volume.instance import AISParams
 
-        ais = AISParams(center_distance_threshold=args.center_distance_threshold,
-                        boundary_distance_threshold=args.boundary_distance_threshold,
-                        foreground_threshold=args.foreground_threshold, min_size=args.min_size)
+        seeds = dict(center_distance_threshold=args.center_distance_threshold,
+                     boundary_distance_threshold=args.boundary_distance_threshold,
+                     foreground_threshold=args.foreground_threshold)
+        ais = AISParams(**seeds, min_size=args.min_size or 0)
+        apg = APGParams(**seeds, prompts=args.apg_prompts, min_iou=args.apg_min_iou,
+                        min_stability=args.apg_min_stability, nms_threshold=args.nms_threshold,
+                        multimask=args.apg_multimask,
+                        **({} if args.min_size is None else {"min_size": args.min_size}))
         batch.segment_stack_auto(data, params=params, client=client, ais_params=ais, resume=args.resume,
-                                 **common)
+                                 mode=args.mode, apg_params=apg, **common)
     print(f"wrote {out}", file=sys.stderr)
 
 
@@ -333,6 +358,14 @@ def _check_numbers(args) -> None:
         raise InputError(f"--level must be 0 (full resolution) or more, got {args.level}")
     if args.dask_workers is not None and args.dask_workers < 1:
         raise InputError(f"--dask-workers needs at least 1 worker, got {args.dask_workers}")
+    if args.command == "auto":
+        for flag in ("apg_min_iou", "apg_min_stability", "nms_threshold", "center_distance_threshold",
+                     "boundary_distance_threshold", "foreground_threshold"):
+            v = getattr(args, flag)
+            if not 0.0 <= v <= 1.0:
+                raise InputError(f"--{flag.replace('_', '-')} must lie between 0 and 1, got {v}")
+        if args.min_size is not None and args.min_size < 0:
+            raise InputError(f"--min-size must be at least 0 pixels, got {args.min_size}")
 
 
 def _run(args) -> int:

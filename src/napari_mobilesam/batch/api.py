@@ -63,8 +63,11 @@ from .cluster import (
 )
 from .slices import (
     LabelsOutput,
+    auto_params,
+    check_auto_mode,
     check_ids_fit,
     labels_dtype,
+    make_source,
     objects_for_propagate,
     progress_callback,
     run_propagation,
@@ -128,52 +131,10 @@ def _make_predictor(model, checkpoint, device, backend, precision, source, cache
     return session.predictor
 
 
-def _image_data(image: Any) -> tuple[Any, dict]:
-    """Array and SliceSource options from an array or an image layer (duck-typed: anything with
-    ``data`` and ``rgb`` attributes that is not an array itself, e.g. a napari Image layer)."""
-    if hasattr(image, "rgb") and hasattr(image, "data") and not hasattr(image, "__array__"):
-        data = image.data
-        if getattr(image, "multiscale", False):
-            data = data[0]
-        return data, {"rgb": bool(image.rgb)}
-    return image, {}
-
-
-def _make_source(image: Any, channel_axis: int | None, normalize: str):
-    from ..core.source import SliceSource
-
-    if isinstance(image, SliceSource):
-        return image
-    data, opts = _image_data(image)
-    if channel_axis is not None:
-        opts["channel_axis"] = channel_axis
-    return SliceSource(data, normalize=normalize, **opts)
-
-
 def _input_paths(image: Any, metadata: StackMetadata | None) -> list:
     """Files the image was read from (an output may never replace them)."""
     paths = [getattr(metadata, "path", None), getattr(image, "filename", None)]
     return [p for p in paths if isinstance(p, (str, os.PathLike))]
-
-
-def _auto_params(params: Any) -> AutoParams:
-    """``params`` as AutoParams: None (defaults), an AutoParams, or a dict of its fields."""
-    if params is None:
-        return AutoParams()
-    if isinstance(params, AutoParams):
-        return params
-    if isinstance(params, dict):
-        try:
-            return AutoParams(**params)
-        except TypeError:
-            known = sorted(AutoParams.__dataclass_fields__)
-            unknown = sorted(set(params) - set(known))
-            raise InputError(
-                f"params has unknown setting(s) {unknown}; AutoParams settings are: {', '.join(known)}"
-            ) from None
-    raise InputError(
-        f"params must be an AutoParams (or a dict of its settings), not {type(params).__name__}"
-    )
 
 
 # =========================================================================== outputs
@@ -262,7 +223,7 @@ def segment_stack(
     (Z, H, W) int32 labels (0 background, object ids elsewhere), or the output Path when ``out``
     is given. A 2D image gives (1, H, W).
     """
-    source = _make_source(image, channel_axis, normalize)
+    source = make_source(image, channel_axis, normalize)
     shape = (source.n_slices, *source.slice_shape)
     prm = _checked_prompts(prompts, source, out_dtype, out)
     zs = [z for z in parse_z_range(z_range, shape[0]) if z in set(prm.slices.tolist())]
@@ -338,7 +299,7 @@ def propagate_stack(
     """
     from ..volume.propagation import propagate
 
-    source = _make_source(image, channel_axis, normalize)
+    source = make_source(image, channel_axis, normalize)
     shape = (source.n_slices, *source.slice_shape)
     prm = _checked_prompts(prompts, source, out_dtype, out)
     zr = parse_z_range(z_range, shape[0])
@@ -394,16 +355,24 @@ def segment_stack_auto(
     tile: Any = "auto",
     halo: int | None = None,
     resume: bool = False,
+    mode: str = "auto",
+    apg_params: Any = None,
 ):
     """Automatic instance segmentation of a stack, each object keeping one id through z.
 
-    Models with an AIS decoder (micro-sam's ``vit_t_lm``, ...) segment each slice with it
-    (:func:`napari_mobilesam.volume.instance.segment_slice_ais`, parameters ``ais_params``, an
-    ``AISParams``) when run locally; otherwise, and on a dask cluster, the prompt-based mode below.
+    ``mode`` chooses how a slice is segmented:
 
-    Each slice: candidate prompts from the image, batched decoding, filtering, NMS (see
-    :mod:`napari_mobilesam.volume.automatic`); then labels are stitched slice to slice by optimal IoU
-    matching. Slices outside ``z_range`` stay 0.
+    - ``"ais"``: the model's AIS decoder (micro-sam's ``vit_t_lm``, ...; parameters ``ais_params``,
+      an ``AISParams``; :func:`napari_mobilesam.volume.instance.segment_slice_ais`);
+    - ``"apg"``: prompts generated from that decoder's maps, decoded by SAM (parameters
+      ``apg_params``, an ``APGParams`` or dict; :func:`napari_mobilesam.volume.apg.segment_slice_apg`);
+    - ``"grid"``: the prompt-based mode of any model: candidate prompts from the image, batched
+      decoding, filtering, NMS (:mod:`napari_mobilesam.volume.automatic`; parameters ``params``);
+    - ``"auto"`` (default): ``"ais"`` when the model has a decoder, else ``"grid"``.
+
+    "ais" and "apg" need a model with a decoder (a ``ModelError`` says how to get one) and run
+    locally; on a dask cluster ("auto" there means "grid") only "grid" runs. Labels are stitched
+    slice to slice by optimal IoU matching. Slices outside ``z_range`` stay 0.
 
     Parameters are those of :func:`segment_stack` (without prompts), plus ``params``
     (:class:`~napari_mobilesam.volume.automatic.AutoParams`). With ``client`` (a
@@ -420,8 +389,14 @@ def segment_stack_auto(
     (Z, H, W) int32 labels (ids 1..N in order of first appearance through z), or the output Path
     when ``out`` is given.
     """
-    params = _auto_params(params)
-    source = _make_source(image, channel_axis, normalize)
+    from ..volume.apg import APGParams
+
+    params, apg_params = auto_params(params), APGParams.of(apg_params)
+    check_auto_mode(mode)
+    if client is not None and mode in ("ais", "apg"):
+        raise InputError(f"automatic mode {mode!r} runs locally: rerun without a dask client "
+                         "(--dask-workers/--scheduler), or use mode 'grid'")
+    source = make_source(image, channel_axis, normalize)
     shape = (source.n_slices, *source.slice_shape)
     zs = list(parse_z_range(z_range, shape[0]))
     stitcher = Stitcher(params.stitch_iou, params.stitch_overlap, params.stitch_gap, params.stitch_regrow)
@@ -443,7 +418,7 @@ def segment_stack_auto(
                 predictor = _make_predictor(model, checkpoint, device, backend, precision, source,
                                             max(int(cache_bytes), MIN_AUTO_CACHE_BYTES), tile=tile,
                                             halo=halo)
-                segment_one = slice_segmenter(predictor, source, params, ais_params)
+                segment_one = slice_segmenter(predictor, source, params, ais_params, mode, apg_params)
                 for z in zs:  # in z order: the stitcher matches each slice to the one before
                     done = output.finished(z)
                     if done is not None:

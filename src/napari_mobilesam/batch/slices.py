@@ -14,9 +14,11 @@ from ..core.predictor import Prompt
 from ..errors import InputError, PromptError
 from ..io.prompts import Prompts
 from ..io.stacks import LabelsTiffWriter, check_output_path, is_zarr_path
+from ..volume.params import AutoParams
 
 __all__ = ["segment_objects_on_slice", "prompt_dict", "labels_dtype", "check_ids_fit", "progress_callback",
-           "LabelsOutput", "run_propagation", "objects_for_propagate"]
+           "LabelsOutput", "run_propagation", "objects_for_propagate", "AUTO_MODES", "check_auto_mode",
+           "slice_segmenter", "image_data", "make_source", "auto_params"]
 
 #: The largest object id a labels volume or TIFF holds (uint32 on disk).
 MAX_LABEL_ID = int(np.iinfo(np.uint32).max)
@@ -192,15 +194,51 @@ def objects_for_propagate(prm: Prompts, zr: range) -> dict[int, dict[int, dict]]
     return objs
 
 
-def slice_segmenter(predictor, source, params: Any, ais_params: Any):
-    """``z -> (H, W)`` slice-local labels: the model's AIS decoder when it has one (micro-sam's
-    models), else the prompt-based automatic mode; tile by tile on tiled slices."""
+#: Automatic modes: "auto" is AIS for a model with an instance-segmentation decoder, else "grid".
+AUTO_MODES = ("auto", "ais", "apg", "grid")
+
+
+def check_auto_mode(mode: str, sam: Any = None) -> str:
+    """``mode`` checked (InputError naming the choices); with ``sam``, "auto" resolved to "ais"
+    or "grid", and "ais"/"apg" refused (ModelError naming the fix) when the model has no decoder."""
+    from ..errors import ModelError
+
+    if mode not in AUTO_MODES:
+        raise InputError(f"automatic mode must be one of {', '.join(AUTO_MODES)}, got {mode!r}")
+    if sam is None:
+        return mode
     from ..models.registry import ais_decoder
+
+    has_decoder = ais_decoder(sam) is not None
+    if mode == "auto":
+        return "ais" if has_decoder else "grid"
+    if mode in ("ais", "apg") and not has_decoder:
+        raise ModelError(
+            f"automatic mode {mode!r} needs a model with an instance-segmentation decoder: choose a "
+            "micro-sam model (model='vit_t_lm' or 'vit_t_em_organelles'; CLI --model vit_t_lm), or "
+            "pass its decoder file (decoder=PATH; CLI --decoder PATH)"
+        )
+    return mode
+
+
+def slice_segmenter(predictor, source, params: Any, ais_params: Any, mode: str = "auto",
+                    apg_params: Any = None):
+    """``z -> (H, W)`` slice-local labels in automatic ``mode`` (see :data:`AUTO_MODES`): the
+    model's AIS decoder ("ais"), prompts generated from its maps ("apg",
+    :func:`~napari_mobilesam.volume.apg.segment_slice_apg`) or the prompt-based grid mode
+    ("grid"); "auto" is AIS when the model has a decoder (micro-sam's models), else grid. Tile by
+    tile on tiled slices."""
     from ..volume.automatic import segment_slice
     from ..volume.tiled import segment_slice_tiled
 
     tiled = hasattr(predictor, "grid")
-    if ais_decoder(predictor.sam) is not None:
+    mode = check_auto_mode(mode, predictor.sam)
+    if mode == "apg":
+        from ..volume.apg import APGParams, segment_slice_apg
+
+        apg = APGParams.of(apg_params)
+        return lambda z: segment_slice_apg(predictor, z, apg)
+    if mode == "ais":
         from ..volume.instance import segment_slice_ais
 
         if not tiled:
@@ -210,3 +248,48 @@ def slice_segmenter(predictor, source, params: Any, ais_params: Any):
     if tiled:
         return lambda z: segment_slice_tiled(predictor, z, params)
     return lambda z: segment_slice(predictor, z, params).labels
+
+
+# --------------------------------------------------------------------------- inputs and parameters
+
+
+def image_data(image: Any) -> tuple[Any, dict]:
+    """Array and SliceSource options from an array or an image layer (duck-typed: anything with
+    ``data`` and ``rgb`` attributes that is not an array itself, e.g. a napari Image layer)."""
+    if hasattr(image, "rgb") and hasattr(image, "data") and not hasattr(image, "__array__"):
+        data = image.data
+        if getattr(image, "multiscale", False):
+            data = data[0]
+        return data, {"rgb": bool(image.rgb)}
+    return image, {}
+
+
+def make_source(image: Any, channel_axis: int | None, normalize: str):
+    from ..core.source import SliceSource
+
+    if isinstance(image, SliceSource):
+        return image
+    data, opts = image_data(image)
+    if channel_axis is not None:
+        opts["channel_axis"] = channel_axis
+    return SliceSource(data, normalize=normalize, **opts)
+
+
+def auto_params(params: Any) -> AutoParams:
+    """``params`` as AutoParams: None (defaults), an AutoParams, or a dict of its fields."""
+    if params is None:
+        return AutoParams()
+    if isinstance(params, AutoParams):
+        return params
+    if isinstance(params, dict):
+        try:
+            return AutoParams(**params)
+        except TypeError:
+            known = sorted(AutoParams.__dataclass_fields__)
+            unknown = sorted(set(params) - set(known))
+            raise InputError(
+                f"params has unknown setting(s) {unknown}; AutoParams settings are: {', '.join(known)}"
+            ) from None
+    raise InputError(
+        f"params must be an AutoParams (or a dict of its settings), not {type(params).__name__}"
+    )

@@ -300,11 +300,11 @@ class SlicePredictor:
             cand = low > -1.0  # outside the support of these cells the logits are <= -1
             rows_any = cand.any(dim=2).any(dim=0)
             cols_any = cand.any(dim=1).any(dim=0)
-            if not rows_any.any():
-                z = np.zeros(K, np.float32)
-                return np.zeros((K, H, W), bool), z, None
             rr = torch.nonzero(sr[:, rows_any].any(dim=1)).flatten()
             cc = torch.nonzero(sc[:, cols_any].any(dim=1)).flatten()
+            if len(rr) == 0 or len(cc) == 0:  # nothing, or only in the padding (cropped away)
+                z = np.zeros(K, np.float32)
+                return np.zeros((K, H, W), bool), z, None
             r0, r1 = int(rr[0]), int(rr[-1]) + 1
             c0, c1 = int(cc[0]), int(cc[-1]) + 1
         # resize the columns (as rows of the transpose), then the rows: (K, rh, rw), contiguous

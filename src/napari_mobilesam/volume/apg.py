@@ -1,0 +1,481 @@
+"""Automatic prompt generation (APG): prompts from the AIS decoder's maps, decoded by SAM.
+
+micro-sam's second automatic mode for models with an instance-segmentation decoder (``vit_t_lm``,
+``vit_t_em_organelles``, ...). For one slice:
+
+1. the slice's embedding is computed once, from micro-sam's input (:class:`MicroSAMInput`) by
+   default, and kept in float32 in an :class:`~napari_mobilesam.core.embeddings.EmbeddingCache`
+   that goes with the predictor's (same model and memory budget);
+2. the AIS decoder turns it into foreground, centre-distance and boundary-distance maps
+   (:mod:`napari_mobilesam.models.ais_decoder`);
+3. :func:`apg_prompts` — the AIS seeds (as :func:`~napari_mobilesam.volume.instance.instances_from_maps`
+   finds them: smoothed maps, both distances below their thresholds inside the foreground,
+   8-connected components) give one prompt per AIS instance: a positive point at the seed pixel
+   with the smallest centre distance and/or the box of the instance the seeded watershed grows;
+4. the prompts are decoded by SAM's prompt encoder and mask decoder on the SAME embedding (cache
+   hit), ``batch_size`` prompts per predictor call (the predictor splits further into its own
+   bounded batches); only each mask's bounding-box crop is kept, so memory follows the objects;
+5. :func:`select_masks` — masks below ``min_iou`` / ``min_stability`` / ``min_size`` are dropped,
+   greedy non-maximum suppression on mask IoU (or intersection over the smaller mask) with
+   ``nms_threshold`` removes duplicates (highest predicted IoU first), and the survivors are
+   painted largest first, so smaller objects stay visible on top (micro-sam's order); fragments
+   left smaller than ``min_size`` are removed and ids made consecutive.
+
+Tiled slices (a :class:`~napari_mobilesam.core.tiles.TiledPredictor`) run APG tile by tile and
+keep each object in the tile whose core holds its centre
+(:func:`~napari_mobilesam.volume.tiled.merge_tile_labels`). Stacks: :func:`segment_stack_apg`
+stitches the slices through z. Arrays are napari's (row, col) order; labels are ``(H, W)`` uint32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..core.batching import batch_bounds
+from ..errors import InputError
+from .instance import AISParams, _decoder_of, smooth
+
+if TYPE_CHECKING:  # torch is imported only when a slice is segmented
+    from ..core.predictor import Prompt
+
+__all__ = [
+    "APGParams",
+    "MaskCrop",
+    "MicroSAMInput",
+    "PROMPT_KINDS",
+    "apg_prompts",
+    "decode_prompts",
+    "select_masks",
+    "segment_slice_apg",
+    "segment_stack_apg",
+]
+
+#: What each AIS instance is prompted with.
+PROMPT_KINDS = ("point", "box", "point+box")
+
+
+@dataclass(frozen=True)
+class APGParams:
+    """Parameters of automatic prompt generation (defaults: micro-sam's APG).
+
+    Attributes
+    ----------
+    center_distance_threshold, boundary_distance_threshold, foreground_threshold : float
+        The AIS seed thresholds (0..1): a seed is a connected region where both smoothed distance
+        maps are below theirs inside the foreground (smoothed foreground above its threshold).
+    foreground_smoothing, distance_smoothing : float
+        Gaussian sigmas (pixels) of the AIS post-processing; 0 skips the smoothing.
+    prompts : {"point", "box", "point+box"}
+        Each instance is prompted with a point at its seed, the box of its watershed region, or both.
+    box_extension : float
+        Boxes are grown by this fraction of their size on every side (clipped to the slice).
+    multimask : bool
+        Ask SAM for three masks per prompt and keep the best-scored (default: the single mask).
+    min_iou, min_stability : float
+        Masks with a lower predicted IoU / stability score are dropped (0: keep all).
+    nms_threshold : float
+        A mask overlapping a better one by more than this is a duplicate (mask IoU, 0..1).
+    intersection_over_min : bool
+        Measure overlap as intersection over the smaller mask instead of IoU (suppresses masks
+        lying inside others).
+    min_size : int
+        Smallest object in pixels, before and after painting (0: keep all).
+    batch_size : int
+        Prompts per predictor call (the predictor decodes in its own bounded batches within).
+    """
+
+    center_distance_threshold: float = 0.5
+    boundary_distance_threshold: float = 0.5
+    foreground_threshold: float = 0.5
+    foreground_smoothing: float = 1.0
+    distance_smoothing: float = 1.6
+    prompts: str = "point"
+    box_extension: float = 0.0
+    multimask: bool = False
+    min_iou: float = 0.0
+    min_stability: float = 0.0
+    nms_threshold: float = 0.9
+    intersection_over_min: bool = False
+    min_size: int = 25
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        def number(v, integer=False):
+            kinds = (int, np.integer) if integer else (int, float, np.number)
+            return isinstance(v, kinds) and not isinstance(v, (bool, np.bool_))
+
+        for name in ("center_distance_threshold", "boundary_distance_threshold", "foreground_threshold",
+                     "min_iou", "min_stability", "nms_threshold"):
+            if not (number(v := getattr(self, name)) and 0.0 <= float(v) <= 1.0):
+                raise InputError(f"APG {name} must be a number in [0, 1], got {v!r}")
+        for name in ("foreground_smoothing", "distance_smoothing", "box_extension"):
+            if not (number(v := getattr(self, name)) and 0.0 <= float(v) < 1e6):
+                raise InputError(f"APG {name} must be a number >= 0, got {v!r}")
+        if self.prompts not in PROMPT_KINDS:
+            raise InputError(f"APG prompts must be one of {', '.join(PROMPT_KINDS)}, got {self.prompts!r}")
+        for name, low in (("min_size", 0), ("batch_size", 1)):
+            if not (number(v := getattr(self, name), integer=True) and v >= low):
+                raise InputError(f"APG {name} must be a whole number >= {low}, got {v!r}")
+        for name in ("multimask", "intersection_over_min"):
+            if not isinstance(v := getattr(self, name), (bool, np.bool_)):
+                raise InputError(f"APG {name} must be True or False, got {v!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def ais_params(self) -> AISParams:
+        """The AIS post-processing these seeds come from (no size filter: every seed is prompted)."""
+        return AISParams(self.center_distance_threshold, self.boundary_distance_threshold,
+                         self.foreground_threshold, self.foreground_smoothing, self.distance_smoothing, 0)
+
+    @classmethod
+    def of(cls, params: Any) -> APGParams:
+        """``params`` as APGParams: None (defaults), an APGParams, or a dict of its fields."""
+        if params is None:
+            return cls()
+        if isinstance(params, cls):
+            return params
+        if isinstance(params, dict):
+            unknown = sorted(set(params) - set(cls.__dataclass_fields__))
+            if unknown:
+                raise InputError(f"unknown APG setting(s) {unknown}; APGParams settings are: "
+                                 f"{', '.join(cls.__dataclass_fields__)}")
+            return cls(**params)
+        raise InputError(f"APG params must be an APGParams (or a dict of its settings), not {type(params).__name__}")
+
+
+# --------------------------------------------------------------------------- prompts from maps
+
+
+def apg_prompts(maps: np.ndarray, params: APGParams | None = None) -> tuple[list[Prompt], np.ndarray]:
+    """One prompt per AIS instance of the decoder's ``(3, H, W)`` maps (foreground, centre and
+    boundary distances).
+
+    Returns ``(prompts, instances)``: ``prompts[i]`` belongs to instance ``i + 1`` of
+    ``instances``, the ``(H, W)`` uint64 AIS labels without size filter (equal to
+    ``instances_from_maps(*maps, params.ais_params())``; seeds numbered in row-major order).
+    Points are ``(row, col)`` at the seed pixel with the smallest smoothed centre distance; boxes
+    ``(row0, col0, row1, col1)`` span the instance's pixels (inclusive), grown by
+    ``box_extension``, and at least one pixel wide.
+    """
+    from skimage.measure import label
+    from skimage.segmentation import watershed
+
+    from ..core.predictor import Prompt
+
+    p = params or APGParams()
+    maps = np.asarray(maps)
+    if maps.ndim != 3 or maps.shape[0] != 3:
+        raise InputError(f"APG needs the decoder's (3, H, W) maps, got shape {maps.shape}")
+    fg = smooth(maps[0], p.foreground_smoothing)
+    center = smooth(maps[1], p.distance_smoothing)
+    boundary = smooth(maps[2], p.distance_smoothing)
+    mask = fg > p.foreground_threshold
+    seeds = label((center < p.center_distance_threshold) & (boundary < p.boundary_distance_threshold) & mask,
+                  connectivity=2)
+    n = int(seeds.max())
+    if n == 0:
+        return [], np.zeros(seeds.shape, np.uint64)
+    instances = watershed(boundary, markers=seeds, mask=mask, connectivity=1).astype(np.uint64)
+    ids = np.arange(1, n + 1)
+    points = np.asarray(ndi.minimum_position(center, seeds, ids), float).reshape(n, 2)
+    boxes = _instance_boxes(instances, n, p.box_extension) if p.prompts != "point" else None
+    one = np.ones(1, int)
+    prompts = []
+    for i in range(n):
+        pt = None if p.prompts == "box" else points[i][None]
+        prompts.append(Prompt(points=pt, labels=None if pt is None else one,
+                              box=None if boxes is None else boxes[i], multimask=bool(p.multimask)))
+    return prompts, instances
+
+
+def _instance_boxes(instances: np.ndarray, n: int, extension: float) -> np.ndarray:
+    """``(n, 4)`` (row0, col0, row1, col1) boxes of labels 1..n, grown and clipped to the slice."""
+    h, w = instances.shape
+    boxes = np.zeros((n, 4))
+    for i, sl in enumerate(ndi.find_objects(instances.astype(np.int64), max_label=n)):
+        r0, r1, c0, c1 = sl[0].start, sl[0].stop - 1, sl[1].start, sl[1].stop - 1
+        dr, dc = extension * (r1 - r0 + 1), extension * (c1 - c0 + 1)
+        r0, r1, c0, c1 = r0 - dr, r1 + dr, c0 - dc, c1 + dc
+        if r1 - r0 < 1:  # a box needs an area: widen a one-pixel-thin one by half a pixel
+            r0, r1 = r0 - 0.5, r1 + 0.5
+        if c1 - c0 < 1:
+            c0, c1 = c0 - 0.5, c1 + 0.5
+        boxes[i] = (max(r0, -0.5), max(c0, -0.5), min(r1, h - 0.5), min(c1, w - 0.5))
+    return boxes
+
+
+# --------------------------------------------------------------------------- decoding and selection
+
+
+@dataclass(frozen=True)
+class MaskCrop:
+    """One decoded mask, kept as its bounding-box crop: ``mask`` ``(h, w)`` bool at ``(row, col)``."""
+
+    row: int
+    col: int
+    mask: np.ndarray
+    iou: float
+    stability: float
+
+    @cached_property
+    def area(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(row0, col0, row1, col1), ends exclusive."""
+        return self.row, self.col, self.row + self.mask.shape[0], self.col + self.mask.shape[1]
+
+
+def _crop(mask: np.ndarray, iou: float, stability: float) -> MaskCrop | None:
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return MaskCrop(int(r0), int(c0), np.ascontiguousarray(mask[r0:r1, c0:c1]), float(iou), float(stability))
+
+
+def decode_prompts(predictor: Any, z: int, prompts: list[Prompt], batch_size: int = 32) -> list[MaskCrop | None]:
+    """Decode ``prompts`` on slice ``z``, ``batch_size`` per ``predictor.predict_many`` call.
+
+    Each prompt's best mask (highest predicted IoU of its candidates) is kept as a
+    :class:`MaskCrop` (None for an empty mask), so only one batch of full-slice masks is held.
+    """
+    out: list[MaskCrop | None] = []
+    for start, stop in batch_bounds(len(prompts), batch_size):
+        for pred in predictor.predict_many(z, prompts[start:stop]):
+            iou = np.asarray(pred.iou, float).reshape(-1)
+            stab = np.asarray(pred.stability, float).reshape(-1)
+            k = int(np.argmax(iou))
+            out.append(_crop(np.asarray(pred.masks[k], bool), iou[k], stab[k]))
+    return out
+
+
+def _overlap(a: MaskCrop, b: MaskCrop, over_min: bool) -> float:
+    ar0, ac0, ar1, ac1 = a.box
+    br0, bc0, br1, bc1 = b.box
+    r0, c0, r1, c1 = max(ar0, br0), max(ac0, bc0), min(ar1, br1), min(ac1, bc1)
+    if r0 >= r1 or c0 >= c1:
+        return 0.0
+    inter = int(np.count_nonzero(a.mask[r0 - ar0 : r1 - ar0, c0 - ac0 : c1 - ac0]
+                                 & b.mask[r0 - br0 : r1 - br0, c0 - bc0 : c1 - bc0]))
+    if inter == 0:
+        return 0.0
+    denom = min(a.area, b.area) if over_min else a.area + b.area - inter
+    return inter / denom
+
+
+def select_masks(crops: Iterable[MaskCrop | None], shape: tuple[int, int],
+                 params: APGParams | None = None) -> np.ndarray:
+    """Filter, de-duplicate and paint decoded masks into ``(H, W)`` uint32 labels (ids 1..N).
+
+    Masks below ``min_iou``, ``min_stability`` or ``min_size`` are dropped; greedy NMS keeps the
+    mask with the highest predicted IoU (then stability, then size) and removes every mask
+    overlapping a kept one by more than ``nms_threshold``; the kept masks are painted largest
+    first (smaller objects on top), fragments left under ``min_size`` pixels are removed and ids
+    numbered 1..N in painting order.
+    """
+    p = params or APGParams()
+    cands = [c for c in crops if c is not None and c.iou >= p.min_iou and c.stability >= p.min_stability
+             and c.area >= max(p.min_size, 1)]
+    cands.sort(key=lambda c: (-c.iou, -c.stability, -c.area))
+    kept: list[MaskCrop] = []
+    for c in cands:
+        if all(_overlap(c, k, p.intersection_over_min) <= p.nms_threshold for k in kept):
+            kept.append(c)
+    kept.sort(key=lambda c: -c.area)  # stable: equal areas keep the score order
+    labels = np.zeros(shape, np.uint32)
+    for i, c in enumerate(kept, start=1):
+        r0, c0, r1, c1 = c.box
+        labels[r0:r1, c0:c1][c.mask] = i
+    if not kept:
+        return labels
+    sizes = np.bincount(labels.ravel(), minlength=len(kept) + 1)
+    keep = sizes >= max(p.min_size, 1)
+    keep[0] = True
+    new_ids = np.zeros(len(kept) + 1, np.uint32)
+    new_ids[keep] = np.arange(int(keep.sum()), dtype=np.uint32)
+    return new_ids[labels]
+
+
+# --------------------------------------------------------------------------- the model's input
+
+
+class MicroSAMInput:
+    """The slices (or tile windows) of a source as micro-sam's models see them.
+
+    ``rgb(z)`` is :func:`~napari_mobilesam.core.preprocess.microsam_rgb` of the raw slice (per
+    channel min/max to uint8, as micro-sam does, per tile for a tile view), ``slice_key(z)`` names
+    that content (so its embedding is cached apart from the source's own normalisation).
+    ``source``: a :class:`~napari_mobilesam.core.source.SliceSource` or a
+    :class:`~napari_mobilesam.core.tiles.TileView` of one.
+    """
+
+    def __init__(self, source: Any) -> None:
+        if hasattr(source, "tile") and hasattr(source, "source"):  # a TileView
+            self._raw: Callable[[int], np.ndarray] = lambda z: source.source.raw(z, source.tile.region)
+        elif hasattr(source, "raw"):
+            self._raw = source.raw
+        else:
+            raise InputError("APG needs the raw slices (a SliceSource or a tile of one) to build "
+                             "micro-sam's input; pass microsam_input=False to use the predictor's own")
+        self.source = source
+        self.n_slices = source.n_slices
+        self.slice_shape = tuple(source.slice_shape)
+        self.is_2d = getattr(source, "is_2d", False)
+        self._last: tuple[int, np.ndarray, str] | None = None
+
+    def _entry(self, z: int) -> tuple[int, np.ndarray, str]:
+        last = self._last
+        if last is None or last[0] != z:
+            from ..core.preprocess import microsam_rgb
+
+            rgb = microsam_rgb(self._raw(z))
+            rgb.setflags(write=False)
+            h = hashlib.blake2b(b"microsam-input", digest_size=20)
+            h.update(repr(rgb.shape).encode())
+            h.update(rgb.tobytes())
+            last = self._last = (z, rgb, h.hexdigest())
+        return last
+
+    def rgb(self, z: int) -> np.ndarray:
+        return self._entry(z)[1]
+
+    def slice_key(self, z: int) -> str:
+        return self._entry(z)[2]
+
+
+_INPUT_PREDICTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_INPUT_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: One float32 embedding (the input cache keeps at least one slice).
+_EMBEDDING_BYTES = 256 * 64 * 64 * 4
+
+
+def _input_cache(cache: Any) -> Any:
+    """The float32 embedding cache of micro-sam's input that goes with ``cache`` (same model and
+    memory budget, memory only). float32: the AIS decoder amplifies an embedding's rounding about
+    20 times, and float16 storage would move its maps by ~7e-3."""
+    hit = _INPUT_CACHES.get(cache)
+    if hit is None:
+        import torch
+
+        from ..core.embeddings import EmbeddingCache
+
+        hit = EmbeddingCache(cache.sam, max_bytes=max(int(cache.max_bytes), _EMBEDDING_BYTES),
+                             dtype=torch.float32)
+        _INPUT_CACHES[cache] = hit
+    return hit
+
+
+def _input_predictor(predictor: Any) -> Any:
+    """A predictor of ``predictor``'s model over micro-sam's input, its embeddings kept in float32
+    in a cache that goes with ``predictor``'s (one per session, shared by its tiles)."""
+    hit = _INPUT_PREDICTORS.get(predictor)
+    if hit is None:
+        from ..core.predictor import SlicePredictor
+
+        hit = SlicePredictor(predictor.sam, MicroSAMInput(predictor.source), _input_cache(predictor.cache),
+                             max_batch=getattr(predictor, "max_batch", None))
+        _INPUT_PREDICTORS[predictor] = hit
+    return hit
+
+
+# --------------------------------------------------------------------------- slices and stacks
+
+
+def _slice_maps(predictor: Any, z: int, decoder: Any) -> np.ndarray:
+    """The decoder's ``(3, H, W)`` maps of slice ``z`` from the predictor's cached embedding."""
+    import torch
+
+    from ..models.ais_decoder import maps_for_image
+
+    emb = predictor.cache.get(predictor.source, z)
+    with torch.inference_mode():
+        maps = maps_for_image(decoder(emb.features), emb.input_size, emb.original_size)
+    return maps[0].float().cpu().numpy()
+
+
+def _segment_untiled(predictor: Any, z: int, p: APGParams, decoder: Any, maps: Any,
+                     microsam_input: bool) -> np.ndarray:
+    if maps is None:
+        if microsam_input:
+            predictor = _input_predictor(predictor)
+        maps = _slice_maps(predictor, z, _decoder_of(predictor.sam, decoder))
+    maps = np.asarray(maps, np.float32)
+    shape = tuple(predictor.source.slice_shape)
+    if maps.shape[1:] != shape:
+        raise InputError(f"APG maps are {maps.shape[1:]} but slice {z} is {shape}")
+    prompts, _ = apg_prompts(maps, p)
+    return select_masks(decode_prompts(predictor, z, prompts, p.batch_size), shape, p)
+
+
+def segment_slice_apg(predictor: Any, z: int, params: APGParams | dict | None = None, decoder: Any = None,
+                      *, maps: np.ndarray | None = None, microsam_input: bool = True) -> np.ndarray:
+    """APG labels ``(H, W)`` uint32 (0 background, ids 1..N) of slice ``z``.
+
+    Parameters
+    ----------
+    predictor : SlicePredictor or TiledPredictor
+        E.g. ``Session.predictor``. Its model must have an AIS decoder (or pass ``decoder``); its
+        embedding cache holds the slice's embedding, computed once for both decoders.
+    params : APGParams or dict, optional
+    decoder : callable, optional
+        ``(1, 256, 64, 64)`` embedding → ``(1, 3, 1024, 1024)`` maps; default the model's own.
+    maps : (3, H, W) array, optional
+        Ready decoder maps (then neither the encoder nor the AIS decoder runs here; only the
+        predictor's ``predict_many``, e.g. of a test oracle). Not with a tiled predictor.
+    microsam_input : bool
+        Embed micro-sam's input (:class:`MicroSAMInput`, default: what micro-sam's models expect)
+        or the predictor's own source normalisation.
+    """
+    p = APGParams.of(params)
+    if hasattr(predictor, "grid"):
+        if maps is not None:
+            raise InputError("ready maps cannot be given for a tiled slice: APG computes each tile's own")
+        from .tiled import merge_tile_labels
+
+        dec = _decoder_of(predictor.sam, decoder)
+        pieces = ((t, _segment_untiled(predictor.tile_predictor(t), z, p, dec, None, microsam_input))
+                  for t in predictor.grid.tiles)
+        return merge_tile_labels(predictor.slice_shape, pieces).astype(np.uint32)
+    if maps is None:
+        _decoder_of(predictor.sam, decoder)  # a clear error before any work
+    return _segment_untiled(predictor, z, p, decoder, maps, microsam_input)
+
+
+def segment_stack_apg(
+    predictor: Any,
+    params: APGParams | dict | None = None,
+    decoder: Any = None,
+    *,
+    zs: Iterable[int] | None = None,
+    min_iou: float = 0.3,
+    min_overlap: float = 0.6,
+    max_gap: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[np.ndarray]:
+    """APG of the slices ``zs`` (default all) of the predictor's stack, stitched through z.
+
+    Yields ``(H, W)`` int32 slices in order (ids shared through z; see
+    :class:`~napari_mobilesam.volume.stitch.Stitcher` for ``min_iou``, ``min_overlap``,
+    ``max_gap``); ``progress(z)`` is called after each slice.
+    """
+    from .stitch import Stitcher
+
+    p = APGParams.of(params)
+    dec = _decoder_of(predictor.sam, decoder)
+    stitcher = Stitcher(min_iou, min_overlap, max_gap)
+    for z in range(predictor.n_slices) if zs is None else zs:
+        yield stitcher.add(segment_slice_apg(predictor, z, p, dec))
+        if progress is not None:
+            progress(z)

@@ -1,0 +1,410 @@
+"""Automatic prompt generation (APG): prompts from the AIS decoder's maps, decoded by SAM.
+
+Exactness is checked with :class:`~napari_mobilesam.testing.GroundTruthOracle` (a FAKE predictor
+answering each prompt with the ground-truth object under it, not a model) on the micro-sam
+fixture's realistic post-processing maps (``pp/``, built from ``gt_labels``); the real path runs
+micro-sam's file layout (the fixture's random ``vit_t_lm`` weights and decoder) through a
+``Session`` once, on the fixture image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mobilesam.errors import InputError, ModelError
+from napari_mobilesam.testing import GroundTruthOracle
+from napari_mobilesam.volume.apg import (
+    APGParams,
+    MaskCrop,
+    apg_prompts,
+    decode_prompts,
+    segment_slice_apg,
+    segment_stack_apg,
+    select_masks,
+)
+from napari_mobilesam.volume.instance import instances_from_maps
+
+MAPS = ("foreground", "center_distances", "boundary_distances")
+
+
+@pytest.fixture(scope="module")
+def expected(reference_dir):
+    d = reference_dir / "microsam"
+    if not (d / "vit_t.pt").exists():
+        pytest.fail(f"micro-sam fixture missing: expected it at {d}")
+    return dict(np.load(d / "microsam_expected.npz"))
+
+
+@pytest.fixture(scope="module")
+def pp_maps(expected):
+    return np.stack([expected["pp/" + n] for n in MAPS])
+
+
+def matched(result: np.ndarray, gt: np.ndarray) -> dict[int, int]:
+    """result id -> the gt id it lies on, asserting each result object IS that gt object."""
+    out = {}
+    for i in np.unique(result[result != 0]):
+        ids, counts = np.unique(gt[result == i], return_counts=True)
+        g = int(ids[np.argmax(counts)])
+        assert g != 0 and np.array_equal(result == i, gt == g), f"object {i} is not gt object {g}"
+        out[int(i)] = g
+    return out
+
+
+class CountingOracle(GroundTruthOracle):
+    """The FAKE ground-truth predictor, recording how many prompts each call carried."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches: list[int] = []
+
+    def predict_many(self, z, prompts):
+        self.batches.append(len(prompts))
+        return super().predict_many(z, prompts)
+
+
+# -- parameters ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"nms_threshold": 1.5}, "nms_threshold"),
+    ({"min_iou": -0.1}, "min_iou"),
+    ({"center_distance_threshold": "0.5"}, "center_distance_threshold"),
+    ({"prompts": "circle"}, "point, box, point\\+box"),
+    ({"min_size": -1}, "min_size"),
+    ({"min_size": 2.5}, "min_size"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"distance_smoothing": -1.0}, "distance_smoothing"),
+    ({"multimask": "yes"}, "multimask"),
+])
+def test_bad_params_are_refused_by_name(bad, match):
+    with pytest.raises(InputError, match=match):
+        APGParams(**bad)
+
+
+def test_params_from_dict_and_unknown_settings():
+    assert APGParams.of({"nms_threshold": 0.5}).nms_threshold == 0.5
+    assert APGParams.of(None) == APGParams()
+    with pytest.raises(InputError, match="unknown APG setting.*nms_thresh.*nms_threshold"):
+        APGParams.of({"nms_thresh": 0.5})
+    with pytest.raises(InputError, match="APGParams"):
+        APGParams.of(0.5)
+    assert APGParams().ais_params().min_size == 0  # every seed is prompted
+
+
+# -- prompts from the maps ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["point", "box", "point+box"])
+def test_one_prompt_from_every_ais_instance(pp_maps, kind):
+    p = APGParams(prompts=kind, box_extension=0.1 if kind == "box" else 0.0)
+    prompts, instances = apg_prompts(pp_maps, p)
+    want = instances_from_maps(*pp_maps, p.ais_params())
+    assert np.array_equal(instances, want)  # the AIS instances, seeds numbered alike
+    assert len(prompts) == int(want.max()) == 30
+    h, w = want.shape
+    for i, pr in enumerate(prompts, start=1):
+        rows, cols = np.nonzero(want == i)
+        assert pr.multimask is False
+        if kind == "box":
+            assert pr.points is None
+        else:
+            r, c = np.round(pr.points[0]).astype(int)
+            assert want[r, c] == i  # the point lies in its own instance (at its seed)
+            assert list(pr.labels) == [1]
+        if kind == "point":
+            assert pr.box is None
+        else:
+            r0, c0, r1, c1 = pr.box
+            assert r0 <= rows.min() and c0 <= cols.min() and r1 >= rows.max() and c1 >= cols.max()
+            assert r0 >= -0.5 and c0 >= -0.5 and r1 <= h - 0.5 and c1 <= w - 0.5
+            if kind == "box":  # grown by 10 % of its size on each side (unless clipped)
+                assert r1 - r0 > rows.max() - rows.min()
+
+
+def test_no_foreground_gives_no_prompts():
+    maps = np.ones((3, 40, 50), np.float32)
+    maps[0] = 0.0
+    prompts, instances = apg_prompts(maps)
+    assert prompts == [] and instances.shape == (40, 50) and instances.max() == 0
+    with pytest.raises(InputError, match=r"\(3, H, W\)"):
+        apg_prompts(maps[:2])
+
+
+# -- decoding, NMS and painting with the fake oracle ---------------------------------------------
+
+
+def test_each_object_found_once_exactly(expected, pp_maps):
+    """FAKE oracle: every prompt is answered with the gt object under it, so APG must return
+    the 30 gt objects exactly, each once."""
+    gt = expected["gt_labels"]
+    oracle = CountingOracle(gt, expected["image"])
+    labels = segment_slice_apg(oracle, 0, maps=pp_maps)
+    assert labels.dtype == np.uint32 and labels.shape == gt.shape
+    found = matched(labels, gt)
+    assert sorted(found.values()) == sorted(int(v) for v in np.unique(gt)[1:])
+    assert sorted(found) == list(range(1, 31))  # ids 1..N
+
+
+def test_duplicate_prompts_give_each_object_once(expected, pp_maps):
+    gt = expected["gt_labels"]
+    oracle = CountingOracle(gt, expected["image"])
+    prompts, _ = apg_prompts(pp_maps)
+    crops = decode_prompts(oracle, 0, prompts + prompts[::-1], batch_size=7)  # every object twice
+    assert len(crops) == 60 and oracle.batches == [7] * 8 + [4]
+    labels = select_masks(crops, gt.shape)
+    assert sorted(matched(labels, gt).values()) == sorted(int(v) for v in np.unique(gt)[1:])
+
+
+def test_nms_removes_a_near_duplicate():
+    """A lower-scored, slightly larger copy of an object (IoU 100/110 = 0.91): NMS at 0.9 removes
+    it; without NMS it is painted first and a 10-pixel strip of it survives as a second object."""
+    better = _crop(0, 0, np.ones((10, 10), bool), iou=0.9)
+    copy = _crop(0, 0, np.ones((11, 10), bool), iou=0.8)
+    with_nms = select_masks([better, copy], (20, 20), APGParams(min_size=5))
+    assert sorted(np.unique(with_nms)) == [0, 1] and (with_nms == 1).sum() == 100
+    without = select_masks([better, copy], (20, 20), APGParams(min_size=5, nms_threshold=1.0))
+    assert sorted(np.unique(without)) == [0, 1, 2] and (without == 1).sum() == 10
+
+
+def test_prompts_are_decoded_in_bounded_batches(expected, pp_maps):
+    oracle = CountingOracle(expected["gt_labels"], expected["image"])
+    segment_slice_apg(oracle, 0, {"batch_size": 8}, maps=pp_maps)
+    assert oracle.batches == [8, 8, 8, 4, 2]  # 30 prompts: full batches, then powers of two
+    assert oracle.calls == 30
+
+
+def test_tiled_slice_each_object_once(expected, pp_maps, monkeypatch):
+    """A tiled predictor (6 tiles of 256 px, halo 48) whose tiles are FAKE ground-truth oracles,
+    with FAKE decoder maps (the pp/ maps cut to each tile): each object is kept by one tile."""
+    from napari_mobilesam.core.tiles import TiledPredictor
+    from napari_mobilesam.volume import apg
+
+    gt, image = expected["gt_labels"], expected["image"]
+
+    class TileOracle(GroundTruthOracle):
+        def __init__(self, view):
+            super().__init__(gt[view.tile.region], image[view.tile.region])
+            self.source, self.sam = view, None
+
+    tiled = TiledPredictor(None, image[None], tile=256, halo=48, tile_predictor=TileOracle)
+    assert len(tiled.grid.tiles) == 6
+    monkeypatch.setattr(apg, "_slice_maps", lambda pred, z, dec: pp_maps[(slice(None), *pred.source.tile.region)])
+    labels = segment_slice_apg(tiled, 0, decoder=object(), microsam_input=False)
+    assert labels.dtype == np.uint32
+    assert sorted(matched(labels, gt).values()) == sorted(int(v) for v in np.unique(gt)[1:])
+    with pytest.raises(InputError, match="tiled"):
+        segment_slice_apg(tiled, 0, maps=pp_maps)
+
+
+def _crop(r, c, mask, iou=0.9, stab=0.9):
+    return MaskCrop(r, c, np.asarray(mask, bool), iou, stab)
+
+
+def test_select_masks_filters_nms_and_painting_order():
+    big = np.ones((10, 10), bool)
+    small = np.ones((4, 4), bool)
+    crops = [
+        _crop(0, 0, big, iou=0.8),            # large object
+        _crop(3, 3, small, iou=0.95),         # inside it: painted on top, survives IoU-NMS
+        _crop(0, 0, big, iou=0.7),            # duplicate of the large one (lower score): removed
+        _crop(20, 20, small, iou=0.2),        # low predicted IoU
+        _crop(30, 30, small, iou=0.9, stab=0.1),  # unstable
+        _crop(40, 0, np.ones((2, 2), bool)),  # too small
+        None,                                 # empty mask
+    ]
+    p = APGParams(min_iou=0.5, min_stability=0.5, min_size=5)
+    labels = select_masks(crops, (50, 50), p)
+    assert sorted(np.unique(labels)) == [0, 1, 2]
+    assert (labels == 2).sum() == 16 and labels[3:7, 3:7].min() == 2  # smaller painted last
+    assert (labels == 1).sum() == 100 - 16
+    # intersection over the smaller mask suppresses the small one lying inside the better-scored...
+    crops[1] = _crop(3, 3, small, iou=0.75)
+    over_min = select_masks(crops, (50, 50), APGParams(min_iou=0.5, min_stability=0.5, min_size=5,
+                                                       intersection_over_min=True))
+    assert sorted(np.unique(over_min)) == [0, 1] and (over_min == 1).sum() == 100
+    # ...and a fragment left under min_size after painting is removed
+    frag = [_crop(0, 0, big, iou=0.8), _crop(0, 0, np.ones((10, 9), bool), iou=0.9)]
+    out = select_masks(frag, (12, 12), APGParams(min_size=20, nms_threshold=0.95))
+    assert sorted(np.unique(out)) == [0, 1] and (out == 1).sum() == 90
+
+
+def test_a_model_without_decoder_is_refused(engine_sam_test):
+    from napari_mobilesam.core.session import Session
+
+    session = Session(engine_sam_test, np.zeros((64, 64), np.uint16), cache_dir=None)
+    with pytest.raises(ModelError, match="vit_t_lm"):
+        segment_slice_apg(session.predictor, 0)
+    with pytest.raises(ModelError, match="vit_t_lm"):
+        next(segment_stack_apg(session.predictor))
+    assert session.cache.stats.computed == 0  # refused before any work
+
+
+# -- the real path: micro-sam's layout, one embedding for both decoders --------------------------
+
+
+class RecordingDecoder:
+    """Wraps the real AIS decoder: counts calls and keeps the last output."""
+
+    def __init__(self, dec):
+        self.dec, self.calls, self.out = dec, 0, None
+
+    def __call__(self, emb):
+        self.calls += 1
+        self.out = self.dec(emb)
+        return self.out
+
+
+class ReplayDecoder:
+    """A FAKE decoder: returns maps recorded from the real one (to run more slices cheaply)."""
+
+    def __init__(self, out):
+        self.out, self.calls = out, 0
+
+    def __call__(self, emb):
+        self.calls += 1
+        return self.out
+
+
+@pytest.fixture(scope="module")
+def lm_sam(reference_dir):
+    from napari_mobilesam.models.registry import load_model
+
+    d = reference_dir / "microsam"
+    return load_model("vit_t_lm", d / "vit_t.pt", "cpu", backend="torch", precision="fp32",
+                      decoder=d / "vit_t_decoder.pt")
+
+
+REAL = APGParams(multimask=True)  # the random weights' single-mask output is empty for points
+
+
+@pytest.fixture(scope="module")
+def real_run(lm_sam, expected):
+    from napari_mobilesam.core.session import Session
+    from napari_mobilesam.models.registry import ais_decoder
+
+    session = Session(lm_sam, expected["image"], cache_dir=None)
+    dec = RecordingDecoder(ais_decoder(lm_sam))
+    sizes = []
+    hook = lm_sam.mask_decoder.register_forward_hook(lambda m, args, kw, out: sizes.append(len(out[0])),
+                                                     with_kwargs=True)
+    try:
+        labels = segment_slice_apg(session.predictor, 0, REAL, decoder=dec)
+    finally:
+        hook.remove()
+    return session, dec, sizes, labels
+
+
+def test_real_path_one_embedding_for_both_decoders(real_run, expected):
+    from napari_mobilesam.models.ais_decoder import maps_for_image
+    from napari_mobilesam.volume.apg import _INPUT_CACHES
+
+    session, dec, sizes, labels = real_run
+    stats = _INPUT_CACHES[session.cache].stats
+    assert stats.computed == 1  # the encoder ran once; SAM's decoder used the same embedding
+    assert stats.hits >= 1
+    assert dec.calls == 1
+    with torch.inference_mode():
+        maps = maps_for_image(dec.out, tuple(expected["input_size"]), tuple(expected["original_size"]))[0]
+    for i, name in enumerate(MAPS):  # micro-sam's input and float32 embedding: micro-sam's maps
+        assert np.abs(maps[i].numpy() - expected[f"decoder/{name}"]).max() < 1e-3, name
+    n_ais = int(instances_from_maps(*maps.numpy()).max())
+    assert n_ais == 69
+    assert sum(sizes) == n_ais  # one prompt per AIS instance...
+    assert max(sizes) <= session.predictor.max_batch  # ...in bounded decoder calls
+    assert labels.dtype == np.uint32 and labels.shape == expected["image"].shape
+    ids, counts = np.unique(labels, return_counts=True)
+    counts = counts[ids != 0]
+    ids = ids[ids != 0]  # (the random weights' masks may cover the whole slice)
+    assert list(ids) == list(range(1, len(ids) + 1)) and len(ids) >= 1
+    assert counts.min() >= REAL.min_size
+
+
+@pytest.mark.slow
+def test_stack_is_stitched_and_batch_api_runs_apg(real_run, lm_sam, expected):
+    """Two identical slices keep their ids through z (decoder maps replayed by a FAKE decoder, so
+    only the prompts are decoded again); the batch API's mode="apg" gives the same labels."""
+    from napari_mobilesam import batch
+    from napari_mobilesam.core.session import Session
+
+    _, dec, _, first = real_run
+    image = expected["image"]
+    stack = np.stack([image, image])
+    session = Session(lm_sam, stack, cache_dir=None)
+    replay = ReplayDecoder(dec.out)
+    seen = []
+    out = list(segment_stack_apg(session.predictor, REAL, replay, progress=seen.append))
+    assert seen == [0, 1] and replay.calls == 2
+    assert np.array_equal(out[0], out[1])
+    assert len(matched(out[0], first)) == first.max()  # the same objects as one slice alone
+
+    res = batch.segment_stack_auto(stack[:1], model=lm_sam, mode="apg", apg_params=REAL.as_dict())
+    assert res.shape == (1, *image.shape)
+    assert len(matched(res[0], first)) == first.max()
+
+
+# -- batch API and CLI: modes and errors ----------------------------------------------------------
+
+
+def test_batch_modes_are_checked(engine_sam_test):
+    from napari_mobilesam import batch
+
+    stack = np.zeros((1, 64, 64), np.uint16)
+    with pytest.raises(InputError, match="auto, ais, apg, grid"):
+        batch.segment_stack_auto(stack, model=engine_sam_test, mode="amg")
+    for mode in ("apg", "ais"):
+        with pytest.raises(ModelError, match="vit_t_lm.*--decoder PATH"):
+            batch.segment_stack_auto(stack, model=engine_sam_test, mode=mode)
+    with pytest.raises(InputError, match="unknown APG setting"):
+        batch.segment_stack_auto(stack, model=engine_sam_test, mode="grid", apg_params={"x": 1})
+
+
+def test_batch_apg_refuses_a_dask_client(engine_sam_test):
+    from napari_mobilesam import batch
+
+    with pytest.raises(InputError, match="runs locally"):
+        batch.segment_stack_auto(np.zeros((1, 64, 64), np.uint16), model=engine_sam_test, mode="apg",
+                                 client=object())
+
+
+def test_cli_auto_mode_apg_flags_reach_the_batch_api(tmp_path, monkeypatch):
+    import tifffile
+
+    from napari_mobilesam import batch, cli
+
+    stack = tmp_path / "s.tif"
+    tifffile.imwrite(stack, np.zeros((2, 32, 32), np.uint16))
+    seen = {}
+    monkeypatch.setattr(batch, "segment_stack_auto", lambda data, **kw: seen.update(kw))
+    code = cli.main(["auto", str(stack), "-o", str(tmp_path / "l.tif"), "--mode", "apg",
+                     "--apg-prompts", "point+box", "--nms-threshold", "0.7", "--apg-min-iou", "0.3",
+                     "--apg-min-stability", "0.2", "--apg-multimask", "--min-size", "9",
+                     "--center-distance-threshold", "0.4", "--no-progress"])
+    assert code == 0
+    assert seen["mode"] == "apg"
+    assert seen["apg_params"] == APGParams(center_distance_threshold=0.4, prompts="point+box",
+                                           nms_threshold=0.7, min_iou=0.3, min_stability=0.2,
+                                           multimask=True, min_size=9)
+    assert seen["ais_params"].min_size == 9
+    code = cli.main(["auto", str(stack), "-o", str(tmp_path / "m.tif"), "--no-progress"])
+    assert code == 0 and seen["mode"] == "auto"
+    assert seen["apg_params"].min_size == 25 and seen["ais_params"].min_size == 0  # each mode's default
+
+
+def test_cli_apg_errors(tmp_path, capsys):
+    import tifffile
+
+    from napari_mobilesam import cli
+
+    stack = tmp_path / "s.tif"
+    tifffile.imwrite(stack, np.zeros((1, 64, 64), np.uint16))
+    code = cli.main(["auto", str(stack), "-o", str(tmp_path / "l.tif"), "--mode", "apg",
+                     "--nms-threshold", "2", "--no-progress"])
+    assert code == cli.EXIT_INPUT and "--nms-threshold must lie between 0 and 1" in capsys.readouterr().err
+    code = cli.main(["auto", str(stack), "-o", str(tmp_path / "l.tif"), "--mode", "apg",
+                     "--model", "vit_t_test", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_MODEL and "--model vit_t_lm" in err and "--decoder PATH" in err
+    assert not (tmp_path / "l.tif").exists()
