@@ -53,6 +53,23 @@ def test_ais_slice_is_segment_slice_ais_untiled_and_tiled(stack, fake_sam):
     assert got.max() >= 2
 
 
+def test_apg_mode_is_segment_slice_apg_and_needs_a_decoder(stack, fake_sam, engine_sam_test):
+    from napari_mobilesam.volume.apg import APGParams, segment_slice_apg
+
+    z = int(round(stack.centers[0][0]))
+    params = APGParams(min_size=5, multimask=True)
+    session = Session(fake_sam, stack.image, rgb=False, cache_dir=None)
+    got = session.segment_automatically(z, mode="apg", apg_params=params)
+    assert got.dtype == np.int32 and got.shape == stack.image.shape[1:] and got.max() >= 1
+    np.testing.assert_array_equal(got, segment_slice_apg(session.predictor, z, params))
+    volume, done = session.segment_stack_automatically([z, z + 1], mode="apg", apg_params=params)
+    assert done == [z, z + 1]
+    np.testing.assert_array_equal(volume[z] > 0, got > 0)
+    plain = Session(engine_sam_test, stack.image, rgb=False, cache_dir=None)
+    with pytest.raises(InputError, match="no instance-segmentation .*APG mode needs"):
+        plain.segment_automatically(z, mode="apg")
+
+
 def test_stack_is_stitched_and_stops_when_asked(stack):
     oracle = GroundTruthOracle(stack.labels, stack.image)
     session = Session(None, stack.image, rgb=False, predictor=oracle)

@@ -170,6 +170,40 @@ def test_ais_slice_button_previews_the_engine_labels_and_c_commits_all(make_napa
     assert not target.data.any()
 
 
+def test_apg_mode_chosen_in_the_panel_previews_the_engine_labels(make_napari_viewer, qtbot, stack, fake_sam,
+                                                                 engine_sam_test, monkeypatch):
+    from napari_mobilesam.volume import apg
+    from napari_mobilesam.volume.apg import APGParams, segment_slice_apg
+
+    calls = []  # a spy around the real function: which parameters the panel sent
+
+    def spy(predictor, z, params=None, *args, **kw):
+        calls.append(params)
+        return segment_slice_apg(predictor, z, params, *args, **kw)
+
+    monkeypatch.setattr(apg, "segment_slice_apg", spy)
+
+    viewer, widget, image = _open(make_napari_viewer, stack.image)
+    panel = widget._auto_panel
+    widget.set_model(engine_sam_test, ModelChoice("vit_t_test"))
+    assert "apg" not in list(panel.mode.choices)  # no decoder, no APG
+    widget.set_model(fake_sam, ModelChoice("vit_t_test"))
+    assert "apg" in list(panel.mode.choices)
+    panel.mode.value = "apg"
+    assert _shown(panel.show_ais)  # APG's seeds take the same thresholds
+    _click(panel.show_ais)
+    panel.min_size.value = 7
+    z = int(round(stack.centers[0][0]))
+    go_to(viewer, image, z)
+    qtbot.wait(300)
+    _click(widget._auto_btn)
+    wait_idle(qtbot, widget)
+    expected = segment_slice_apg(widget.session.predictor, z, APGParams(min_size=7))
+    np.testing.assert_array_equal(widget.preview_layer.data[0], expected)
+    assert "(APG)" in widget.status
+    assert calls and calls[0].min_size == 7 and calls[0].foreground_threshold == panel.foreground.value
+
+
 def test_stack_button_writes_stitched_ais_labels_as_one_undo_step_keeping_drawn_labels(
     make_napari_viewer, qtbot, fake_sam
 ):

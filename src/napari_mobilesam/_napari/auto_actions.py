@@ -48,7 +48,8 @@ class AutomaticActions:
             self._say.status(f"Slice {z}: {n} objects found ({how.name}). C commits them all, Shift-C discards.")
 
         def run(report, cancelled):
-            return session.segment_automatically(z, how.params, mode=how.mode, ais_params=how.ais_params)
+            return session.segment_automatically(z, how.params, mode=how.mode, ais_params=how.ais_params,
+                                                 apg_params=how.apg_params)
 
         return self._runner.start(run, f"segmenting slice {z} automatically ({how.name})", 0, done)
 

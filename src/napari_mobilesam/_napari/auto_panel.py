@@ -1,8 +1,9 @@
 """Automatic segmentation in the Segment widget: the mode, AIS's parameters and the stack run.
 
-:class:`AutoPanel` holds the controls: the mode (AIS with micro-sam's decoder, or the SAM point
-grid; shown only when the loaded model has a decoder, AIS is then the default) and AIS's
-post-processing parameters in a section shown on demand. Another mode plugs in by adding its key to
+:class:`AutoPanel` holds the controls: the mode (AIS with micro-sam's decoder, APG -- micro-sam's
+automatic prompt generation, prompts from the decoder's maps answered by SAM -- or the SAM point
+grid; shown only when the loaded model has a decoder, AIS is then the default) and the seed and
+size parameters AIS and APG share, in a section shown on demand. Another mode plugs in by adding its key to
 :data:`~.settings.AUTO_MODES` (and the engine's ``core.session.AUTO_MODES``), its parameters as a
 section like :attr:`AutoPanel.ais_section`, and a branch in :meth:`AutoPanel.request`.
 
@@ -31,15 +32,17 @@ __all__ = ["AutoPanel", "AutoRequest", "StackRun", "write_stack", "describe_stac
 
 @dataclass(frozen=True)
 class AutoRequest:
-    """What to run: ``mode`` (``"ais"`` or ``"grid"``), its parameters and words for messages."""
+    """What to run: ``mode`` (``"ais"``, ``"apg"`` or ``"grid"``), its parameters and words for
+    messages."""
 
     mode: str
     ais_params: Any = None
     params: Any = None
+    apg_params: Any = None
 
     @property
     def name(self) -> str:
-        return "AIS" if self.mode == "ais" else "SAM point grid"
+        return {"ais": "AIS", "apg": "APG"}.get(self.mode, "SAM point grid")
 
 
 def _spin(cls, label: str, tooltip: str, **kw):
@@ -55,12 +58,13 @@ class AutoPanel:
         self.has_decoder = False
         self.mode = ComboBox(label="automatic", choices=self._mode_choices)
         self.mode.tooltip = (
-            "How 'Segment … automatically' finds objects: AIS (micro-sam's decoder predicts "
-            "foreground and distance maps, a watershed splits them; micro-sam models only) or the "
+            "How 'Auto-segment' finds objects: AIS (micro-sam's decoder predicts foreground and "
+            "distance maps, a watershed splits them; micro-sam models only), APG (a prompt per "
+            "object found in those maps, each answered by SAM: slower, SAM-shaped masks) or the "
             "SAM point grid (prompts on a grid of points, any model)"
         )
         self.show_ais = CheckBox(text="parameters", value=False)
-        self.show_ais.tooltip = "Show micro-sam's post-processing parameters of AIS"
+        self.show_ais.tooltip = "Show micro-sam's seed and size parameters of AIS / APG"
         self.center = _spin(FloatSpinBox, "centre",
                             "Seeds are where the (smoothed) centre-distance map is below this "
                             "(0–1; lower: fewer, more central seeds, fewer splits)",
@@ -94,7 +98,7 @@ class AutoPanel:
         return [self.mode, self.show_ais, self.center, self.boundary, self.foreground, self.min_size]
 
     def _mode_choices(self, _widget=None) -> list[tuple[str, str]]:
-        keys = [k for k in AUTO_MODES if k != "ais" or self.has_decoder]
+        keys = [k for k in AUTO_MODES if k not in ("ais", "apg") or self.has_decoder]
         return [(AUTO_MODES[k], k) for k in keys]
 
     def set_has_decoder(self, has: bool) -> None:
@@ -107,7 +111,7 @@ class AutoPanel:
     def _update_visibility(self, _value=None) -> None:
         # without a decoder the point grid is the only mode: no choice to show (and no height taken)
         self.mode_row.visible = self.has_decoder
-        ais = self.has_decoder and self.mode.value == "ais"
+        ais = self.has_decoder and self.mode.value in ("ais", "apg")
         self.show_ais.visible = ais
         self.ais_section.visible = ais and self.show_ais.value
 
@@ -120,12 +124,25 @@ class AutoPanel:
                          foreground_threshold=float(self.foreground.value),
                          min_size=int(self.min_size.value))
 
+    def apg_params(self):
+        """APG's parameters: the panel's seed thresholds and minimum size (0 keeps APG's own
+        default, 25 pixels), micro-sam's defaults for the rest."""
+        from ..volume.apg import APGParams
+
+        size = int(self.min_size.value)
+        return APGParams(center_distance_threshold=float(self.center.value),
+                         boundary_distance_threshold=float(self.boundary.value),
+                         foreground_threshold=float(self.foreground.value),
+                         **({"min_size": size} if size else {}))
+
     def request(self, session) -> AutoRequest:
         """What to run on ``session`` with the chosen mode; InputError when AIS is chosen for a
         session whose model has no decoder."""
         mode = session.automatic_mode(str(self.mode.value))
         if mode == "ais":
             return AutoRequest("ais", ais_params=self.ais_params())
+        if mode == "apg":
+            return AutoRequest("apg", apg_params=self.apg_params())
         return AutoRequest(mode)
 
 
@@ -156,7 +173,7 @@ class StackRun:
                 report(done, total)
 
             return session.segment_stack_automatically(
-                zs, how.params, mode=how.mode, ais_params=how.ais_params,
+                zs, how.params, mode=how.mode, ais_params=how.ais_params, apg_params=how.apg_params,
                 progress=progress, cancel=cancelled, live=live,
             )
 

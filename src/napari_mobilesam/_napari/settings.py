@@ -55,6 +55,7 @@ MODEL_CHOICES: dict[str, str] = {
 #: an AIS decoder (the micro-sam models); ``"grid"`` works with every model.
 AUTO_MODES: dict[str, str] = {
     "ais": "AIS (micro-sam)",
+    "apg": "APG (micro-sam prompts)",
     "grid": "SAM point grid",
 }
 #: Extra choices shown only in development mode (``NAPARI_MOBILESAM_DEV=1``).

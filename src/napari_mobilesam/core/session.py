@@ -34,7 +34,7 @@ __all__ = [
 #: Automatic segmentation modes of :meth:`Session.segment_automatically`: ``"auto"`` (AIS when the
 #: model has a decoder, else the point grid), ``"ais"`` (micro-sam's decoder), ``"grid"`` (SAM
 #: point grid).
-AUTO_MODES = ("auto", "ais", "grid")
+AUTO_MODES = ("auto", "ais", "apg", "grid")
 
 
 @dataclass(frozen=True)
@@ -259,25 +259,33 @@ class Session:
             raise InputError(f"unknown automatic mode {mode!r}: choose one of {', '.join(AUTO_MODES)}")
         if mode == "auto":
             return "ais" if self.has_ais else "grid"
-        if mode == "ais" and not self.has_ais:
+        if mode in ("ais", "apg") and not self.has_ais:
             raise InputError(
-                "this model has no instance-segmentation (AIS) decoder: choose a micro-sam model "
-                "(e.g. vit_t_lm, vit_t_em_organelles) or the SAM point-grid mode"
+                f"this model has no instance-segmentation (AIS) decoder, which the {mode.upper()} "
+                "mode needs: choose a micro-sam model (e.g. vit_t_lm, vit_t_em_organelles) or the "
+                "SAM point-grid mode"
             )
         return mode
 
     def segment_automatically(self, z: int, params: Any = None, *, mode: str = "auto",
-                              ais_params: Any = None) -> np.ndarray:
+                              ais_params: Any = None, apg_params: Any = None) -> np.ndarray:
         """All objects of slice ``z`` as an ``(H, W)`` int32 label image (ids 1..N). Slow: worker.
 
         ``mode`` (see :meth:`automatic_mode`): ``"ais"``, micro-sam's decoder maps and seeded
         watershed on the raw slice (:func:`~napari_mobilesam.volume.instance.segment_slice_ais`,
         parameters ``ais_params``, an ``AISParams``); ``"grid"``, the prompt-based point grid
-        (:mod:`napari_mobilesam.volume.automatic`, parameters ``params``, an ``AutoParams``).
-        Both run tile by tile on tiled slices (AIS: decoder maps of the session's tile grid,
-        post-processed as one image). A further mode plugs in here and in ``AUTO_MODES``.
+        (:mod:`napari_mobilesam.volume.automatic`, parameters ``params``, an ``AutoParams``);
+        ``"apg"``, micro-sam's automatic prompt generation: prompts from the decoder's maps
+        answered by SAM on the same embedding (:func:`~napari_mobilesam.volume.apg.segment_slice_apg`,
+        parameters ``apg_params``, an ``APGParams``). All run tile by tile on tiled slices (AIS:
+        decoder maps of the session's tile grid, post-processed as one image). A further mode
+        plugs in here and in ``AUTO_MODES``.
         """
         mode = self.automatic_mode(mode)
+        if mode == "apg":
+            from ..volume.apg import segment_slice_apg
+
+            return segment_slice_apg(self.predictor, z, apg_params).astype(np.int32)
         if mode == "ais":
             from ..volume.instance import segment_slice_ais
 
@@ -293,7 +301,8 @@ class Session:
         return segment_slice(self.predictor, z, params).labels
 
     def segment_stack_automatically(self, zs=None, params: Any = None, *, mode: str = "auto",
-                                    ais_params: Any = None, progress=None, cancel=None, live=None):
+                                    ais_params: Any = None, apg_params: Any = None, progress=None,
+                                    cancel=None, live=None):
         """Every slice of ``zs`` (default: all) segmented as :meth:`segment_automatically` does,
         stitched through z so that each object keeps one id (``Stitcher`` with ``params``'
         ``stitch_*`` settings). Slow: call it in a worker.
@@ -316,7 +325,8 @@ class Session:
         for i, z in enumerate(zs):
             if cancel is not None and cancel():
                 break
-            volume[z] = stitcher.add(self.segment_automatically(z, p, mode=mode, ais_params=ais_params))
+            volume[z] = stitcher.add(self.segment_automatically(z, p, mode=mode, ais_params=ais_params,
+                                                                apg_params=apg_params))
             done.append(z)
             if progress is not None:
                 progress(i + 1, len(zs))
