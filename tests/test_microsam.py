@@ -318,6 +318,27 @@ def test_session_clicks_give_microsams_masks(lm_models, expected, cases, case):
     assert Session(lm_models["standard"], expected["image"], cache_dir=None).source.normalize == "stack"
 
 
+def test_batch_sources_take_the_models_normalisation(lm_models, expected, engine_sam_test):
+    """The batch API's default normalize='auto' becomes micro-sam's input for micro-sam models
+    (stack percentiles otherwise), and what was computed before is forgotten."""
+    from napari_mobilesam.batch.slices import make_source
+    from napari_mobilesam.core.preprocess import microsam_rgb
+    from napari_mobilesam.core.session import Session
+
+    image = np.stack([expected["image"], expected["image"][::-1]])
+    source = make_source(image, None, "auto")
+    stack_rgb = source.rgb(1).copy()  # "auto" reads as "stack" before a model decides
+    Session(lm_models["microsam"], source, cache_dir=None)
+    assert source.normalize == "microsam"
+    assert np.array_equal(source.rgb(1), microsam_rgb(image[1])) and not np.array_equal(source.rgb(1), stack_rgb)
+    plain = make_source(image, None, "auto")
+    Session(engine_sam_test, plain, cache_dir=None)
+    assert plain.normalize == "stack" and np.array_equal(plain.rgb(1), stack_rgb)
+    fixed = make_source(image, None, "slice")  # an explicit choice is kept
+    Session(lm_models["microsam"], fixed, cache_dir=None)
+    assert fixed.normalize == "slice"
+
+
 def test_standard_semantics_decoder_matches_eval_arrays(lm_models, expected):
     """Standard semantics: BatchNorm on running statistics (the ``eval/`` arrays).
 

@@ -87,8 +87,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="only slices START..STOP-1 (either end may be left out; negative counts from the end)")
     p.add_argument("--channel-axis", type=int, default=None, metavar="AXIS",
                    help="axis holding channels in a multichannel stack")
-    p.add_argument("--normalize", default="stack", choices=("stack", "slice", "none"),
-                   help="intensity normalisation: one range for the stack (default) or per slice")
+    p.add_argument("--normalize", default="auto", choices=("auto", "stack", "slice", "none", "microsam"),
+                   help="intensity normalisation: auto (default: micro-sam's per-slice min/max for "
+                        "micro-sam models, else one percentile range for the stack), stack, slice "
+                        "(a range per slice), none (uint8 as is) or microsam")
     p.add_argument("--cache-mb", type=int, default=64, metavar="MB",
                    help="embedding cache budget in MiB (bounds memory; default 64)")
     p.add_argument("--eager-read", action="store_true",

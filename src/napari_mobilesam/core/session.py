@@ -146,6 +146,7 @@ class Session:
         from .source import SliceSource
 
         if isinstance(data, SliceSource):
+            data.resolve_normalize(normalization_for(sam))  # only when it says "auto"
             return data
         return SliceSource(data, rgb=rgb, normalize=normalization_for(sam))
 

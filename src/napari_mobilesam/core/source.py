@@ -33,7 +33,7 @@ ACCEPTED_LAYOUTS = (
     "channel axis named by channel_axis=..."
 )
 
-_NORMALIZE_MODES = ("stack", "slice", "none", "microsam")
+_NORMALIZE_MODES = ("stack", "slice", "none", "microsam", "auto")
 # Pixels sampled to estimate the stack-wide percentiles (spread evenly over slices and rows/cols).
 _STACK_SAMPLE_SLICES = 32
 _STACK_SAMPLE_PIXELS = 2_000_000
@@ -147,13 +147,15 @@ class SliceSource:
         Whether the last axis is RGB(A). ``None`` guesses: True when the last axis has 3 or 4 entries,
         the array has 3 or 4 dimensions and no ``channel_axis`` is given (napari's rule). The alpha
         channel of RGBA is dropped. RGB is normalised with one range shared by the three colours.
-    normalize : {"stack", "slice", "none", "microsam"}
+    normalize : {"stack", "slice", "none", "microsam", "auto"}
         ``"stack"`` (default): one percentile range for the whole stack, estimated from up to
         32 slices spread evenly through it. ``"slice"``: a range per slice. ``"none"``: no
         rescaling -- only for uint8 or bool data (bool becomes 0/255). ``"microsam"``: micro-sam's
         own conversion (:func:`minmax_to_uint8`: each slice's -- or tile's -- minimum to maximum,
         per channel), the input micro-sam's models were trained and evaluated with; sessions of
-        those models use it (see :meth:`napari_mobilesam.core.session.Session`).
+        those models use it (see :meth:`napari_mobilesam.core.session.Session`). ``"auto"``: what
+        the model of the :class:`~napari_mobilesam.core.session.Session` given this source needs
+        (:func:`~napari_mobilesam.core.session.normalization_for`); ``"stack"`` until then.
     percentiles : (low, high)
         Percentiles (0..100) of the finite values mapped to 0 and 255. Default (0.5, 99.5).
     contrast_limits : (low, high), optional
@@ -216,6 +218,18 @@ class SliceSource:
 
     def __len__(self) -> int:
         return self.n_slices
+
+    def resolve_normalize(self, mode: str) -> None:
+        """Replace ``normalize="auto"`` by ``mode`` (a model's need); other settings are kept.
+        Anything computed with the former setting (RGB slices, keys, ranges) is forgotten."""
+        if self.normalize != "auto":
+            return
+        _check_options(self.dtype, mode, self.percentiles, self.contrast_limits)
+        with self._lock:
+            self.normalize = mode
+            self._rgb_cache.clear()
+            self._keys.clear()
+            self._slice_ranges.clear()
 
     def __repr__(self) -> str:
         return (
@@ -286,7 +300,7 @@ class SliceSource:
 
     def slice_range(self, z: int) -> np.ndarray:
         """(n_channels, 2) intensity range used for slice ``z`` (depends on ``normalize``)."""
-        if self.contrast_limits is not None or self.normalize == "stack":
+        if self.contrast_limits is not None or self.normalize in ("stack", "auto"):
             return self.stack_range()
         if self.normalize == "none":
             return np.tile(np.array([0.0, 255.0]), (len(self._chans), 1))
