@@ -20,6 +20,15 @@ from napari_mobilesam.models.registry import build_sam, model_identity
 pytest.importorskip("openvino")
 
 
+@pytest.fixture(autouse=True)
+def _normal_priority(monkeypatch):
+    """The conversion runs at nice 19 in use; at normal priority here, so that tests on a machine
+    kept busy by other jobs do not wait for idle time (the mechanism is the same)."""
+    from napari_mobilesam.models.backends.background import BackgroundConversion
+
+    monkeypatch.setattr(BackgroundConversion, "nice", 0)
+
+
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     folder = tmp_path / "cache"
@@ -107,3 +116,59 @@ def test_backends_other_than_openvino_never_convert(fresh_cache):
         sam, conversion = ModelChoice("vit_t_test", device="cpu", backend=backend).load_without_waiting()
         assert conversion is None and model_identity(sam).split(":")[2] == backend
     assert not (fresh_cache / "openvino").exists()
+
+
+# --------------------------------------------------------------------------- the widget
+@pytest.mark.gui
+def test_widget_masks_while_converting_then_switches(make_napari_viewer, qtbot, stack, monkeypatch, fresh_cache):
+    """Real clicks on the canvas: masks come from the torch path while the conversion waits on
+    its lock, the activity dock shows the conversion, then the fast encoder takes over."""
+    from test_user_flow import click, go_to, nucleus
+
+    monkeypatch.setenv("NAPARI_MOBILESAM_DEV", "1")
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1400, 900)
+    image = viewer.add_image(stack.image, name="nuclei")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-mobilesam", "Segment (MobileSAM)")
+    widget._model_combo.value = "vit_t_test"
+    widget._device_combo.value = "cpu"
+    z, r, c, _ = nucleus(stack, 0)
+    go_to(viewer, image, z)
+    lock = lock_path(build_sam("vit_t_test").image_encoder)
+    with held(lock):
+        widget.load_model()
+        qtbot.waitUntil(lambda: widget.session is not None and not widget.busy, timeout=120_000)
+        follower = widget._model.conversion
+        assert follower.running is not None and follower.running.running
+        assert "converting the encoder for fast CPU inference" in widget._model.status.value
+        assert any("converting the encoder" in t.description for t in [follower.task])
+        click(viewer, image, (z, r, c), qtbot=qtbot)
+        qtbot.waitUntil(lambda: widget._annotator._prediction is not None and widget._preview_z == z,
+                        timeout=120_000)
+        assert model_identity(widget._model.sam).endswith(":torch:fp32")
+        assert not follower.running.finished.is_set()  # the mask came first
+    qtbot.waitUntil(lambda: "fast OpenVINO encoder" in widget._model.status.value, timeout=600_000)
+    assert model_identity(widget._model.sam).split(":")[2] == "openvino"
+    assert not widget.session.is_embedded(z)  # the torch embedding is not reused
+    widget.clear_prompts()
+    click(viewer, image, (z, r + 1, c), qtbot=qtbot)
+    qtbot.waitUntil(lambda: widget._annotator._prediction is not None and widget._preview_z == z
+                    and widget.session.is_embedded(z), timeout=120_000)
+    assert widget.session.cache.identity.split(":")[2] == "openvino"
+
+
+@pytest.mark.gui
+def test_closing_the_widget_stops_the_conversion(make_napari_viewer, qtbot, stack, monkeypatch, fresh_cache):
+    monkeypatch.setenv("NAPARI_MOBILESAM_DEV", "1")
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(stack.image, name="nuclei")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-mobilesam", "Segment (MobileSAM)")
+    widget._model_combo.value = "vit_t_test"
+    widget._device_combo.value = "cpu"
+    with held(lock_path(build_sam("vit_t_test").image_encoder)):
+        widget.load_model()
+        qtbot.waitUntil(lambda: widget._model.conversion.running is not None, timeout=120_000)
+        conversion = widget._model.conversion.running
+        widget.close_widget()
+        assert conversion.finished.wait(30) and conversion.state == "cancelled"
+        assert conversion._proc.poll() is not None

@@ -81,7 +81,12 @@ class BackgroundConversion:
         The last line the converting process wrote (e.g. ``"converted in 41.2 s"``).
     finished : threading.Event
         Set when the process has ended, whatever the outcome.
+    nice : int
+        The converting process's niceness (class attribute; default 19, the lowest priority: on
+        a machine kept busy by other work the conversion then waits for idle time).
     """
+
+    nice: int = 19
 
     def __init__(self, encoder, decoder, arch: str, precision: str = "auto") -> None:
         self.encoder, self.decoder, self.arch, self.precision = encoder, decoder, arch, precision
@@ -116,7 +121,7 @@ class BackgroundConversion:
         with open(log_path, "wb") as out:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "napari_mobilesam.models.backends.background", str(state),
-                 str(os.getpid())],
+                 str(os.getpid()), str(int(self.nice))],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
             )
         threading.Thread(target=self._watch, args=(log_path,), daemon=True,
@@ -280,10 +285,11 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def main(argv=None) -> int:
-    """``python -m napari_mobilesam.models.backends.background WEIGHTS.pt PARENT_PID``: convert."""
+    """``python -m napari_mobilesam.models.backends.background WEIGHTS.pt [PARENT_PID [NICE]]``:
+    convert the weights' encoder and mask decoder into the IR cache."""
     argv = sys.argv[1:] if argv is None else argv
     with contextlib.suppress(AttributeError, OSError):
-        os.nice(19)  # lowest priority: the GUI and the torch path come first
+        os.nice(int(argv[2]) if len(argv) > 2 else 19)  # the GUI and the torch path come first
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if len(argv) > 1:
         _exit_with_parent(int(argv[1]))
