@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--slices", type=int, default=40, help="stack depth for --stalls (default 40)")
     ap.add_argument("--hog", type=int, default=2, help="busy processes for the loaded rows (default 2)")
     ap.add_argument("--profile", action="store_true", help="print the GUI thread's stacks during stalls")
+    ap.add_argument("--no-distill", action="store_true", help="leave out the distillation row")
     args = ap.parse_args(argv)
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY") and shutil.which("xvfb-run"):
         cmd = ["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", sys.executable, *sys.argv]
@@ -218,7 +219,11 @@ def main(argv=None) -> int:
         print(f"{'longest GUI stall while the encoder runs (5 ms timer gap)':58s} "
               f"{statistics.median(stall_ms):10.1f} {max(stall_ms):8.1f} {len(stall_ms):4d}")
     if args.stalls:
-        stall_rows(app, viewer, widget, stack, z, points[0], spin_until, args.hog, args.profile)
+        stall_rows(app, viewer, widget, stack, z, points[0], spin_until, args.hog, args.profile,
+                   args.checkpoint, not args.no_distill)
+        script_s = script_load_seconds(args.checkpoint)
+        print(f"cached start-up in a plain script (same model, same cache): load() {script_s[1]:.1f} s "
+              f"(imports {script_s[0]:.1f} s)")
     print(f"\nmachine: {machine()}")
     print(f"model: {session.cache.identity}")
     viewer.close()
@@ -290,7 +295,61 @@ class StallWatch:
         return sorted(self.samples.items(), key=lambda kv: -kv[1])[:n]
 
 
-def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profile: bool) -> None:
+class DistillRun:
+    """A few distillation steps from the Distil panel: the real MobileSAM student (``checkpoint``),
+    a tiny random ViT teacher (the GUI cost does not depend on the teacher's size), 4 slices."""
+
+    def __init__(self, viewer, stack, checkpoint: str):
+        from napari_mobilesam._napari.distill_widget import DistillWidget
+        from napari_mobilesam.distillation.data import (
+            save_teacher_checkpoint,
+            vit_teacher_encoder,
+        )
+
+        self.folder = Path(tempfile.mkdtemp(prefix="mobilesam-distill-bench-"))
+        teacher = save_teacher_checkpoint(vit_teacher_encoder("tiny", seed=1), self.folder / "teacher.pth")
+        self.layer = viewer.add_image(stack.image[:4], name="distil", visible=False)
+        _dock, self.panel = viewer.window.add_plugin_dock_widget(
+            "napari-mobilesam", "Fine-tune by distillation (MobileSAM)")
+        assert isinstance(self.panel, DistillWidget)
+        p = self.panel
+        p._teacher.value = str(teacher)
+        p._data_from.value = "layers"
+        p._layers.value = [self.layer]
+        p._student.value = "checkpoint"
+        p._student_ckpt.value = checkpoint
+        p._epochs.value, p._batch.value, p._val_fraction.value = 1, 1, 0.25
+        p._device.value = "cpu"
+        p._overwrite.value = True
+        self.steps = 3  # 3 training images, batch 1, one epoch
+        self.runs = 0
+
+    def start(self):
+        self.runs += 1
+        self.panel._output.value = str(self.folder / f"student{self.runs}.pt")
+        return self.panel.run()
+
+    def done(self) -> bool:
+        return not self.panel.busy
+
+
+def script_load_seconds(checkpoint: str) -> tuple[float, float]:
+    """(import s, ``ModelChoice.load()`` s) in a fresh plain Python process, same model and cache."""
+    code = (
+        "import time; t = time.perf_counter()\n"
+        "from napari_mobilesam.models.choice import ModelChoice\n"
+        "import torch, openvino\n"
+        "t1 = time.perf_counter()\n"
+        f"ModelChoice('checkpoint', {checkpoint!r}, 'cpu').load()\n"
+        "print(t1 - t, time.perf_counter() - t1)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    a, b = out.stdout.split()[-2:]
+    return float(a), float(b)
+
+
+def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profile: bool,
+               checkpoint: str, with_distill: bool) -> None:
     """Print the longest GUI-thread stall and the 99th percentile of the heartbeat gaps during a
     first click on a fresh slice, a propagation and an automatic segmentation, as the machine is
     and with ``hog`` busy processes; with ``profile`` the GUI thread's stacks seen during stalls."""
@@ -342,25 +401,47 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profi
         widget.points_layer.add([z, *point])
         return widget.propagate()
 
+    loads: list[float] = []
+
+    def model_load():
+        from napari_mobilesam.models.choice import ModelChoice
+
+        state["t0"], state["old"] = time.perf_counter(), widget._model.sam
+        return widget._model.load(ModelChoice("checkpoint", checkpoint, "cpu"), retry=True)
+
+    def loaded():
+        if widget._model.sam is state["old"] or widget._model.loading:
+            return False
+        if "t1" not in state or state["t1"] < state["t0"]:
+            state["t1"] = time.perf_counter()
+            loads.append(state["t1"] - state["t0"])
+        return not widget.busy
+
+    distill = DistillRun(viewer, stack, checkpoint) if with_distill else None
     results = []
     for label, n_hog in (("idle", 0), (f"{hog} busy processes", hog))[: 2 if hog else 1]:
         hogs = [mp.Process(target=_spin_forever, daemon=True) for _ in range(n_hog)]
         for h in hogs:
             h.start()
         try:
-            for name, start, done in (
+            rows = [
+                ("model load (cached OpenVINO IR)", model_load, loaded),
                 ("first click on a fresh slice", first_click, clicked),
                 (f"propagation, {stack.image.shape[0]} slices", propagate, lambda: not widget.busy),
                 ("automatic segmentation of a slice", widget.segment_slice_automatically,
                  lambda: not widget.busy),
-            ):
+            ]
+            if distill is not None:
+                rows.append((f"distillation, {distill.steps} steps", distill.start, distill.done))
+            for name, start, done in rows:
                 longest, p99 = watched(start, done)
                 results.append((f"{name} ({label})", longest, p99, watch.top()))
                 spin_until(lambda: not widget.busy, timeout=1800)
         finally:
             for h in hogs:
                 h.terminate()
-    print("\nGUI stalls: 10 ms heartbeat gap minus the period, one run each")
+    session_note = "" if not loads else f"; model load in napari: {', '.join(f'{x:.1f}' for x in loads)} s"
+    print(f"\nGUI stalls: 10 ms heartbeat gap minus the period, one run each{session_note}")
     print(f"{'what':58s} {'longest ms':>10s} {'p99 ms':>8s}")
     for name, longest, p99, top in results:
         print(f"{name:58s} {longest:10.1f} {p99:8.1f}")

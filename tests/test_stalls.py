@@ -49,3 +49,40 @@ def test_mask_decoder_threads_have_their_own_request(fresh_cache, engine_sam_tes
     for (_, j), (masks, iou) in out.items():
         torch.testing.assert_close(masks, alone[j][0])
         torch.testing.assert_close(iou, alone[j][1])
+
+
+@pytest.mark.parametrize("keep_ids", [False, True])
+@pytest.mark.parametrize("keep_existing", [False, True])
+def test_propagation_write_works_on_the_touched_slices_only_and_matches_label_writes(keep_ids, keep_existing):
+    """The end of a propagation writes on the GUI thread: only the slices the result touches are
+    processed, with exactly the rules (ids, overwrites, one undo step) of label_writes."""
+    import numpy as np
+    from napari.layers import Labels
+
+    from napari_mobilesam._napari import label_writes as lw
+    from napari_mobilesam._napari.long_tasks import PropagationRun, write_propagation
+
+    rng = np.random.default_rng(0)
+    existing = np.zeros((12, 32, 32), np.int32)
+    existing[5:8, 4:12, 4:12] = 3
+    existing[1, 20:24, 20:24] = 9
+    volume = np.zeros((12, 32, 32), np.uint8)
+    volume[4:9, 6:20, 6:20] = 2
+    volume[6, 0:5, 0:5] = 3
+    volume[rng.random(volume.shape) < 0.01] = 0
+    result = type("Result", (), {"labels": volume})()
+    run = PropagationRun([], "test", keep_ids=keep_ids)
+
+    ours, reference = Labels(existing.copy()), Labels(existing.copy())
+    written = write_propagation(ours, result, run, keep_existing)
+    if keep_ids:
+        expected = {i: i for i in lw.write_objects(reference, volume, keep_existing=keep_existing)}
+    else:
+        ids = lw.write_volume_labels(reference, volume, keep_existing=keep_existing)
+        expected = dict(zip([2, 3], ids))
+    np.testing.assert_array_equal(ours.data, reference.data)
+    assert written == expected
+    ours.undo()  # one undo step restores the layer
+    np.testing.assert_array_equal(ours.data, existing)
+    empty = type("Result", (), {"labels": np.zeros_like(volume)})()
+    assert write_propagation(ours, empty, run, keep_existing) == {}
