@@ -86,3 +86,36 @@ def test_propagation_write_works_on_the_touched_slices_only_and_matches_label_wr
     np.testing.assert_array_equal(ours.data, existing)
     empty = type("Result", (), {"labels": np.zeros_like(volume)})()
     assert write_propagation(ours, empty, run, keep_existing) == {}
+
+
+@pytest.mark.gui
+def test_live_preview_repaints_only_when_the_slice_in_view_changes(make_napari_viewer, qtbot, stack, monkeypatch):
+    """During a propagation every finished slice reports progress; the preview layer (a canvas
+    repaint each time) is only refreshed when the slice in view got new labels."""
+    import numpy as np
+    from qtpy.QtCore import Qt
+    from test_user_flow import SHIFT, click, go_to, key, nucleus, open_session, wait_idle, wait_preview
+
+    from napari_mobilesam._napari import prompt_layers as pl
+
+    viewer, _dock, widget, image, oracle = open_session(make_napari_viewer, qtbot, stack)
+    z, r, c, _ = nucleus(stack, 0)
+    click(viewer, image, (z, r, c), qtbot=qtbot)
+    wait_preview(qtbot, widget)
+    shown, steps = [], []
+    real_show = pl.show_preview
+    monkeypatch.setattr(pl, "show_preview", lambda *a, **k: (shown.append(a[3]), real_show(*a, **k)))
+    oracle.delay = 0.05
+    key(viewer, Qt.Key.Key_S, SHIFT)
+    relay = widget._annotator._runner.task._relay
+    relay.progressed.connect(lambda done, total: steps.append(done))
+    go_to(viewer, image, z + 1)  # watch a neighbouring slice fill while the run goes on
+    wait_idle(qtbot, widget)
+    assert len(steps) >= 5
+    live = [None if labels is None else np.asarray(labels) for labels in shown]
+    assert any(a is not None for a in live), "the slice in view never showed the run's labels"
+    repeats = sum(a is not None and b is not None and np.array_equal(a, b) for a, b in zip(live, live[1:]))
+    assert repeats == 0, f"{repeats} of {len(live)} live refreshes repainted unchanged labels"
+    assert len(live) < len(steps)
+    target = widget.target_layer(create=False)
+    assert target is not None and (target.data > 0).sum() > 0
