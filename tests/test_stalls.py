@@ -94,7 +94,16 @@ def test_live_preview_repaints_only_when_the_slice_in_view_changes(make_napari_v
     repaint each time) is only refreshed when the slice in view got new labels."""
     import numpy as np
     from qtpy.QtCore import Qt
-    from test_user_flow import SHIFT, click, go_to, key, nucleus, open_session, wait_idle, wait_preview
+    from test_user_flow import (
+        SHIFT,
+        click,
+        go_to,
+        key,
+        nucleus,
+        open_session,
+        wait_idle,
+        wait_preview,
+    )
 
     from napari_mobilesam._napari import prompt_layers as pl
 
