@@ -203,7 +203,9 @@ class ConversionFollower:
     def follow(self, conversion, sam, request: ModelChoice) -> None:
         self.cancel()
         self.sam, self.running = sam, conversion
-        self._panel.status.value = f"model: {request.describe()} ✓ — {self.MESSAGE}"
+        # short lines: a long one would widen the dock (and shrink the canvas) for good
+        self._panel.status.value = (f"model: {request.describe()} ✓ (exact path)\n"
+                                    + self.MESSAGE.replace("… ", "…\n"))
 
         def wait_and_build(report, cancelled):
             if not conversion.wait(cancelled=cancelled):
@@ -235,7 +237,7 @@ class ConversionFollower:
         self.running = None
         message = (f"The fast CPU encoder could not be built ({str(exc)[:200]}); masks keep using "
                    "the exact torch path.")
-        self._panel.status.value = f"model: {request.describe()} ✓ (exact torch path: conversion failed)"
+        self._panel.status.value = f"model: {request.describe()} ✓ (exact path:\nthe conversion failed)"
         self._panel._on_error(message)
 
     def cancel(self) -> None:
