@@ -319,14 +319,20 @@ class OpenVINOMaskDecoder(nn.Module):
         )
         self._compiled = _compile(self.ir_path, precision)
         # one infer request and token caches per calling thread: the GUI thread's click never
-        # waits for a propagation's decoding in a worker (one compiled model serves them all)
-        self._local = threading.local()
+        # waits for a propagation's decoding in a worker (one compiled model serves them all).
+        # Kept by thread id (not threading.local: Qt's pool threads drop their Python thread
+        # state after each task, which would destroy the request there); a live thread id is
+        # unique, so no two threads ever share a request.
+        self._states: dict[int, tuple] = {}
+        self._states_lock = threading.Lock()
 
     def _thread_state(self):
-        state = getattr(self._local, "state", None)
+        key = threading.get_ident()
+        state = self._states.get(key)
         if state is None:
             state = (self._compiled.create_infer_request(), _TokenArrayCache(), _TokenArrayCache())
-            self._local.state = state
+            with self._states_lock:
+                self._states[key] = state
         return state
 
     @property
