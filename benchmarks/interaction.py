@@ -434,6 +434,7 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profi
             if distill is not None:
                 rows.append((f"distillation, {distill.steps} steps", distill.start, distill.done))
             for name, start, done in rows:
+                print(f"  measuring: {name} ({label})", flush=True)
                 longest, p99 = watched(start, done)
                 results.append((f"{name} ({label})", longest, p99, watch.top()))
                 spin_until(lambda: not widget.busy, timeout=1800)

@@ -290,8 +290,7 @@ class OpenVINOMaskDecoder(nn.Module):
     gradients) go to the torch decoder (``torch_decoder``).
 
     The IR computes :func:`fast_predict_masks` on token layouts; the token layout of the image
-    embedding and of the positional encoding is kept between calls (per calling thread, each with
-    its own infer request: threads never wait for each other) while they do not change, and
+    embedding and of the positional encoding is kept between calls while they do not change, and
     a dense prompt embedding that is one vector broadcast over the pixels (no mask prompt) is
     passed as that vector.
     """
@@ -318,27 +317,10 @@ class OpenVINOMaskDecoder(nn.Module):
             core, "decoder", example, img_size=self.embed_shape[1], input_shapes=shapes
         )
         self._compiled = _compile(self.ir_path, precision)
-        # one infer request and token caches per calling thread: the GUI thread's click never
-        # waits for a propagation's decoding in a worker (one compiled model serves them all).
-        # Kept by thread id (not threading.local: Qt's pool threads drop their Python thread
-        # state after each task, which would destroy the request there); a live thread id is
-        # unique, so no two threads ever share a request.
-        self._states: dict[int, tuple] = {}
-        self._states_lock = threading.Lock()
-
-    def _thread_state(self):
-        key = threading.get_ident()
-        state = self._states.get(key)
-        if state is None:
-            state = (self._compiled.create_infer_request(), _TokenArrayCache(), _TokenArrayCache())
-            with self._states_lock:
-                self._states[key] = state
-        return state
-
-    @property
-    def _image_tokens(self) -> _TokenArrayCache:
-        """The calling thread's token layout of the last image embedding."""
-        return self._thread_state()[1]
+        self._request = self._compiled.create_infer_request()
+        self._lock = threading.Lock()
+        self._image_tokens = _TokenArrayCache()
+        self._pe_tokens = _TokenArrayCache()
 
     def forward(
         self,
@@ -368,16 +350,19 @@ class OpenVINOMaskDecoder(nn.Module):
         def arr(t):
             return t.detach().to(torch.float32).contiguous().numpy()
 
-        request, image_tokens, pe_tokens = self._thread_state()
-        inputs = {
-            0: image_tokens.get(image_embeddings),
-            1: pe_tokens.get(image_pe),
-            2: arr(sparse_prompt_embeddings),
-            3: arr(_dense_tokens(dense_prompt_embeddings)),
-        }
-        request.infer(inputs)
-        masks = torch.from_numpy(request.get_output_tensor(0).data.copy())
-        iou = torch.from_numpy(request.get_output_tensor(1).data.copy())
+        # One infer request under a lock: separate requests per thread (tried, so that a click on
+        # the GUI thread need not wait for a worker's decoding) crashed the process in the
+        # widget benchmark, so a click may wait for one worker decoding call.
+        with self._lock:  # an infer request (and the token caches) serve one call at a time
+            inputs = {
+                0: self._image_tokens.get(image_embeddings),
+                1: self._pe_tokens.get(image_pe),
+                2: arr(sparse_prompt_embeddings),
+                3: arr(_dense_tokens(dense_prompt_embeddings)),
+            }
+            self._request.infer(inputs)
+            masks = torch.from_numpy(self._request.get_output_tensor(0).data.copy())
+            iou = torch.from_numpy(self._request.get_output_tensor(1).data.copy())
         sel = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sel], iou[:, sel]
 
