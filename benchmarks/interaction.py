@@ -15,14 +15,19 @@ for ``mobile_sam.pt``, which has the same shapes and therefore the same cost):
    (the encoder runs in a worker, then the decoder on the GUI thread), and the longest GUI-thread
    stall while the encoder runs (the largest gap of a 5 ms timer on the GUI thread).
 
-5. **GUI stalls** (``--stalls``): the longest gap of a 10 ms heartbeat timer on the GUI thread
-   while the widget propagates one nucleus through the stack (``--slices``, default 40) and while it
-   segments a slice automatically, once as the machine is and once with ``--hog`` (default 2)
-   extra processes spinning on the CPU (the "loaded" rows).
+5. **GUI stalls** (``--stalls``): the longest gap of a 10 ms heartbeat timer on the GUI thread and
+   the 99th percentile of the gaps while the widget loads the model (cached IR), answers the first
+   click on a fresh slice, propagates one nucleus through the stack (``--slices``, default 40),
+   segments a slice automatically and runs 3 distillation steps (``--no-distill`` leaves them
+   out), once as the machine is and once with ``--hog`` (default 2) extra processes spinning on
+   the CPU (the "loaded" rows); ``--profile`` prints the GUI thread's stacks seen during stalls.
+   Then the cached start-up of the same model in a plain Python process, for comparison with the
+   widget's load.
 
     xvfb-run -a python benchmarks/interaction.py           # 20 clicks, 3 uncached runs
     xvfb-run -a python benchmarks/interaction.py --quick   # 10 clicks, 1 uncached run
     xvfb-run -a python benchmarks/interaction.py --quick --stalls --size 256
+    xvfb-run -a python benchmarks/interaction.py --clicks 2 --uncached 0 --stalls --profile
 
 Without a display the script restarts itself under ``xvfb-run`` when that is installed.
 """
