@@ -15,14 +15,19 @@ for ``mobile_sam.pt``, which has the same shapes and therefore the same cost):
    (the encoder runs in a worker, then the decoder on the GUI thread), and the longest GUI-thread
    stall while the encoder runs (the largest gap of a 5 ms timer on the GUI thread).
 
-5. **GUI stalls** (``--stalls``): the longest gap of a 10 ms heartbeat timer on the GUI thread
-   while the widget propagates one nucleus through the stack (``--slices``, default 40) and while it
-   segments a slice automatically, once as the machine is and once with ``--hog`` (default 2)
-   extra processes spinning on the CPU (the "loaded" rows).
+5. **GUI stalls** (``--stalls``): the longest gap of a 10 ms heartbeat timer on the GUI thread and
+   the 99th percentile of the gaps while the widget loads the model (cached IR), answers the first
+   click on a fresh slice, propagates one nucleus through the stack (``--slices``, default 40),
+   segments a slice automatically and runs 3 distillation steps (``--no-distill`` leaves them
+   out), once as the machine is and once with ``--hog`` (default 2) extra processes spinning on
+   the CPU (the "loaded" rows); ``--profile`` prints the GUI thread's stacks seen during stalls.
+   Then the cached start-up of the same model in a plain Python process, for comparison with the
+   widget's load.
 
     xvfb-run -a python benchmarks/interaction.py           # 20 clicks, 3 uncached runs
     xvfb-run -a python benchmarks/interaction.py --quick   # 10 clicks, 1 uncached run
     xvfb-run -a python benchmarks/interaction.py --quick --stalls --size 256
+    xvfb-run -a python benchmarks/interaction.py --clicks 2 --uncached 0 --stalls --profile
 
 Without a display the script restarts itself under ``xvfb-run`` when that is installed.
 """
@@ -61,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stalls", action="store_true", help="measure GUI stalls (propagation, automatic)")
     ap.add_argument("--slices", type=int, default=40, help="stack depth for --stalls (default 40)")
     ap.add_argument("--hog", type=int, default=2, help="busy processes for the loaded rows (default 2)")
+    ap.add_argument("--profile", action="store_true", help="print the GUI thread's stacks during stalls")
+    ap.add_argument("--no-distill", action="store_true", help="leave out the distillation row")
     args = ap.parse_args(argv)
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY") and shutil.which("xvfb-run"):
         cmd = ["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", sys.executable, *sys.argv]
@@ -217,7 +224,11 @@ def main(argv=None) -> int:
         print(f"{'longest GUI stall while the encoder runs (5 ms timer gap)':58s} "
               f"{statistics.median(stall_ms):10.1f} {max(stall_ms):8.1f} {len(stall_ms):4d}")
     if args.stalls:
-        stall_rows(app, viewer, widget, stack, z, points[0], spin_until, args.hog)
+        stall_rows(app, viewer, widget, stack, z, points[0], spin_until, args.hog, args.profile,
+                   args.checkpoint, not args.no_distill)
+        script_s = script_load_seconds(args.checkpoint)
+        print(f"cached start-up in a plain script (same model, same cache): load() {script_s[1]:.1f} s "
+              f"(imports {script_s[0]:.1f} s)")
     print(f"\nmachine: {machine()}")
     print(f"model: {session.cache.identity}")
     viewer.close()
@@ -229,34 +240,165 @@ def _spin_forever():  # a CPU hog for the loaded rows
         pass
 
 
-def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int) -> None:
-    """Print the longest GUI-thread stall (10 ms heartbeat) during a propagation and an automatic
-    segmentation, as the machine is and with ``hog`` busy processes."""
+class StallWatch:
+    """The GUI thread's heartbeat (a 10 ms QTimer) and, while it is late, what that thread runs.
+
+    A sampling thread looks every 5 ms at how long ago the last beat was; past ``late_ms`` it
+    records the GUI thread's Python stack (``sys._current_frames``), so a stall names the code
+    that caused it (or shows the thread idle in Qt's event loop: then it waited for the CPU or the
+    GIL). ``gaps`` are the beat-to-beat intervals minus the period, in ms.
+    """
+
+    def __init__(self, period_ms: int = 10, late_ms: float = 50.0):
+        import threading
+
+        from qtpy.QtCore import QTimer
+
+        self.period, self.late = period_ms, late_ms / 1e3
+        self.gaps: list[float] = []
+        self.samples: dict[str, int] = {}
+        self._last = time.perf_counter()
+        self._main = threading.main_thread().ident
+        self._on = False
+        self._timer = QTimer()
+        self._timer.setInterval(period_ms)
+        self._timer.timeout.connect(self._beat)
+        threading.Thread(target=self._sample, daemon=True, name="stall-sampler").start()
+
+    def _beat(self):
+        now = time.perf_counter()
+        self.gaps.append((now - self._last) * 1e3 - self.period)
+        self._last = now
+
+    def _sample(self):
+        import traceback
+
+        while True:
+            time.sleep(0.005)
+            if not self._on or time.perf_counter() - self._last < self.late:
+                continue
+            frame = sys._current_frames().get(self._main)
+            if frame is None:
+                continue
+            stack = traceback.extract_stack(frame)[-6:]
+            key = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack))
+            self.samples[key] = self.samples.get(key, 0) + 1
+
+    def start(self):
+        self.gaps.clear()
+        self.samples.clear()
+        self._last = time.perf_counter()
+        self._on = True
+        self._timer.start()
+
+    def stop(self):
+        self._timer.stop()
+        self._on = False
+        return max(self.gaps, default=0.0), pct(self.gaps, 0.99) if self.gaps else 0.0
+
+    def top(self, n=3):
+        return sorted(self.samples.items(), key=lambda kv: -kv[1])[:n]
+
+
+class DistillRun:
+    """A few distillation steps from the Distil panel: the real MobileSAM student (``checkpoint``),
+    a tiny random ViT teacher (the GUI cost does not depend on the teacher's size), 4 slices."""
+
+    def __init__(self, viewer, stack, checkpoint: str):
+        from napari_mobilesam._napari.distill_widget import DistillWidget
+        from napari_mobilesam.distillation.data import (
+            save_teacher_checkpoint,
+            vit_teacher_encoder,
+        )
+
+        self.folder = Path(tempfile.mkdtemp(prefix="mobilesam-distill-bench-"))
+        teacher = save_teacher_checkpoint(vit_teacher_encoder("tiny", seed=1), self.folder / "teacher.pth")
+        self.layer = viewer.add_image(stack.image[:4], name="distil", visible=False)
+        _dock, self.panel = viewer.window.add_plugin_dock_widget(
+            "napari-mobilesam", "Fine-tune by distillation (MobileSAM)")
+        assert isinstance(self.panel, DistillWidget)
+        p = self.panel
+        p._teacher.value = str(teacher)
+        p._data_from.value = "layers"
+        p._layers.value = [self.layer]
+        p._student.value = "checkpoint"
+        p._student_ckpt.value = checkpoint
+        p._epochs.value, p._batch.value, p._val_fraction.value = 1, 1, 0.25
+        p._device.value = "cpu"
+        p._overwrite.value = True
+        self.steps = 3  # 3 training images, batch 1, one epoch
+        self.runs = 0
+
+    def start(self):
+        self.runs += 1
+        self.panel._output.value = str(self.folder / f"student{self.runs}.pt")
+        return self.panel.run()
+
+    def done(self) -> bool:
+        return not self.panel.busy
+
+
+def script_load_seconds(checkpoint: str) -> tuple[float, float]:
+    """(import s, ``ModelChoice.load()`` s) in a fresh plain Python process, same model and cache."""
+    code = (
+        "import time; t = time.perf_counter()\n"
+        "from napari_mobilesam.models.choice import ModelChoice\n"
+        "import torch, openvino\n"
+        "t1 = time.perf_counter()\n"
+        f"ModelChoice('checkpoint', {checkpoint!r}, 'cpu').load()\n"
+        "print(t1 - t, time.perf_counter() - t1)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    a, b = out.stdout.split()[-2:]
+    return float(a), float(b)
+
+
+def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profile: bool,
+               checkpoint: str, with_distill: bool) -> None:
+    """Print the longest GUI-thread stall and the 99th percentile of the heartbeat gaps during a
+    first click on a fresh slice, a propagation and an automatic segmentation, as the machine is
+    and with ``hog`` busy processes; with ``profile`` the GUI thread's stacks seen during stalls."""
     import multiprocessing as mp
 
     import numpy as np
-    from qtpy.QtCore import QElapsedTimer, QTimer
 
-    gaps: list[int] = []
-    clock, ticker = QElapsedTimer(), QTimer()
-    ticker.setInterval(10)
-    ticker.timeout.connect(lambda: gaps.append(clock.restart()))
+    watch = StallWatch()
 
-    def watch(start) -> float:
-        """Run ``start()`` (starts a widget task) and return the longest heartbeat gap in ms."""
-        gaps.clear()
-        clock.start()
-        ticker.start()
+    def watched(start, done=lambda: not widget.busy):
+        """Run ``start()`` (starts a widget task) and return (longest gap, p99) in ms."""
+        watch.start()
         if start() is None:
             raise SystemExit(f"nothing started: {widget.status}")
-        spin_until(lambda: not widget.busy, timeout=1800)
-        ticker.stop()
-        return float(max(gaps, default=0)) - 10.0
+        spin_until(done, timeout=1800)
+        return watch.stop()
 
     viewer.dims.set_point(0, float(z))  # propagate from the annotated slice
     spin_until(lambda: widget.current_z() == z and not widget.busy)
+    session = widget.session
+    fresh = iter(range(stack.image.shape[0] - 1, -1, -1))
+
+    def first_click():
+        session.cache.cancel_prefetch()
+        session.cache.wait_prefetch(timeout=300)
+        session.cache.clear_memory()
+        zf = next(fresh)
+        viewer.dims.set_point(0, float(zf))
+        widget._slice_timer.stop()
+        widget.clear_prompts()
+        ids = [i for i in np.unique(stack.labels[zf]) if i]
+        rr, cc = np.argwhere(stack.labels[zf] == ids[0])[0] if ids else (16, 16)
+        state["zf"] = zf
+        widget.points_layer.add([zf, rr, cc])
+        return True
+
+    state = {}
+
+    def clicked():
+        return widget._preview_z == state["zf"] and widget._annotator._prediction is not None
 
     def propagate():
+        viewer.dims.set_point(0, float(z))
+        app.processEvents()
         widget.clear_prompts()
         target = widget.target_layer(create=False)
         if target is not None:
@@ -264,21 +406,53 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int) -> No
         widget.points_layer.add([z, *point])
         return widget.propagate()
 
+    loads: list[float] = []
+
+    def model_load():
+        from napari_mobilesam.models.choice import ModelChoice
+
+        state["t0"], state["old"] = time.perf_counter(), widget._model.sam
+        return widget._model.load(ModelChoice("checkpoint", checkpoint, "cpu"), retry=True)
+
+    def loaded():
+        if widget._model.sam is state["old"] or widget._model.loading:
+            return False
+        if "t1" not in state or state["t1"] < state["t0"]:
+            state["t1"] = time.perf_counter()
+            loads.append(state["t1"] - state["t0"])
+        return not widget.busy
+
+    distill = DistillRun(viewer, stack, checkpoint) if with_distill else None
     results = []
-    for label, n_hog in (("as is", 0), (f"{hog} busy processes", hog)):
+    for label, n_hog in (("idle", 0), (f"{hog} busy processes", hog))[: 2 if hog else 1]:
         hogs = [mp.Process(target=_spin_forever, daemon=True) for _ in range(n_hog)]
         for h in hogs:
             h.start()
         try:
-            results.append((f"propagation, {stack.image.shape[0]} slices ({label})", watch(propagate)))
-            results.append((f"automatic segmentation of a slice ({label})",
-                            watch(widget.segment_slice_automatically)))
+            rows = [
+                ("model load (cached OpenVINO IR)", model_load, loaded),
+                ("first click on a fresh slice", first_click, clicked),
+                (f"propagation, {stack.image.shape[0]} slices", propagate, lambda: not widget.busy),
+                ("automatic segmentation of a slice", widget.segment_slice_automatically,
+                 lambda: not widget.busy),
+            ]
+            if distill is not None:
+                rows.append((f"distillation, {distill.steps} steps", distill.start, distill.done))
+            for name, start, done in rows:
+                print(f"  measuring: {name} ({label})", flush=True)
+                longest, p99 = watched(start, done)
+                results.append((f"{name} ({label})", longest, p99, watch.top()))
+                spin_until(lambda: not widget.busy, timeout=1800)
         finally:
             for h in hogs:
                 h.terminate()
-    print("\nLongest GUI stall (10 ms heartbeat gap minus the 10 ms period), one run each")
-    for name, ms in results:
-        print(f"{name:58s} {ms:10.1f} ms")
+    session_note = "" if not loads else f"; model load in napari: {', '.join(f'{x:.1f}' for x in loads)} s"
+    print(f"\nGUI stalls: 10 ms heartbeat gap minus the period, one run each{session_note}")
+    print(f"{'what':58s} {'longest ms':>10s} {'p99 ms':>8s}")
+    for name, longest, p99, top in results:
+        print(f"{name:58s} {longest:10.1f} {p99:8.1f}")
+        for stack_text, n in top if profile else ():
+            print(f"    {n:4d} x  {stack_text}")
 
 
 if __name__ == "__main__":

@@ -205,6 +205,8 @@ class Annotator(AutomaticActions):
         if not 0 <= z < live.shape[0]:
             return
         here = live[z]
+        if self._preview_kind == "live" and self._preview_z == z and np.array_equal(self._preview_labels, here):
+            return  # unchanged: no layer refresh, no repaint (each costs the GUI thread a frame)
         if here.any():
             self._set_preview(z, here.astype(np.uint32), "live")
         elif self._preview_kind == "live":

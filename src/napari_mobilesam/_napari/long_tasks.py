@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from ..core.session import STOP_REASONS
-from . import prompt_layers as pl
 from .workers import Task, start_task
 
 __all__ = [
@@ -174,17 +173,41 @@ class PropagationRun:
 
 
 def write_propagation(target, result, run: PropagationRun, keep_existing: bool) -> dict[int, int]:
-    """Write ``result`` into the Labels layer ``target`` as one undo step.
+    """Write ``result`` into the Labels layer ``target`` as one undo step (GUI thread).
 
-    Returns ``{object label: id written}`` (objects with nothing new to write are left out).
+    Same rules as :func:`~napari_mobilesam._napari.label_writes.write_objects` (``run.keep_ids``)
+    and :func:`~napari_mobilesam._napari.label_writes.write_volume_labels`, computed only on the
+    slices the result touches: a 40 × 512 × 512 volume is a few slices of work, not ten million
+    voxels of masks, ids and indices on the GUI thread. Returns ``{object label: id written}``
+    (objects with nothing new to write are left out).
     """
+    from . import label_writes as lw
+
     volume = np.asarray(result.labels)
+    data = lw._level0(target.data)
+    if volume.shape != tuple(data.shape):
+        raise ValueError(f"volume of shape {volume.shape} does not fit labels of shape {tuple(data.shape)}")
+    touched = np.flatnonzero(volume.reshape(volume.shape[0], -1).any(axis=1))
+    if not touched.size:
+        return {}
+    lo, hi = int(touched[0]), int(touched[-1]) + 1
+    src, current = volume[lo:hi], np.asarray(data[lo:hi])
     if run.keep_ids:
-        written = pl.write_objects(target, volume, keep_existing=keep_existing)
-        return {i: i for i in written}
-    ids = pl.write_volume_labels(target, volume, keep_existing=keep_existing)
-    labels = [int(v) for v in np.unique(volume) if v]
-    return dict(zip(labels, ids))
+        write = (src != 0) & (current != src)
+        if keep_existing:
+            write &= current == 0
+        index = np.nonzero(write)
+        values = src[index]
+        written = {int(v): int(v) for v in np.unique(values)}
+    else:
+        first = lw.next_free_label(target)
+        ids, relabelled = lw._relabel(src, current, keep_existing, first)
+        index = np.nonzero(relabelled)
+        values = relabelled[index]
+        labels = [int(v) for v in np.unique(src) if v]
+        written = dict(zip(labels, ids))
+    lw._write(target, (index[0] + lo, *index[1:]), values)
+    return written
 
 
 def describe_propagation(result, run: PropagationRun, ids: dict[int, int], target_name: str) -> str:

@@ -8,6 +8,11 @@ distilled model.
 :class:`ModelPanel` owns its controls and its state (the loaded model, the load in progress, the
 last failed choice). A failed load is not retried by itself: every click on the image would
 otherwise start the download again and pop up the same error; *Load model* retries.
+
+On the CPU the first start of new weights does not wait for their OpenVINO conversion
+(:meth:`~napari_mobilesam.models.choice.ModelChoice.load_without_waiting`): the model runs the
+exact torch path at once while a low-priority process converts, shown as a task in the activity
+dock; then the fast encoder takes over (:class:`ConversionFollower`).
 """
 
 from __future__ import annotations
@@ -99,7 +104,8 @@ class ModelPanel:
         self.request: ModelChoice | None = None  # what ``sam`` was loaded from
         self.task: Task | None = None
         self.failed: ModelChoice | None = None  # the last choice that failed to load
-        self.closed = False
+        self.conversion = ConversionFollower(self)
+        self._closed = False
         self.combo = ComboBox(label="model", choices=self._choices)
         self.combo.tooltip = (
             "Which weights segment: MobileSAM (natural images), micro-sam's microscopy models "
@@ -180,6 +186,17 @@ class ModelPanel:
         self.combo.reset_choices()
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        """Closing the widget stops a running OpenVINO conversion (its process ends at once)."""
+        self._closed = bool(value)
+        if value:
+            self.conversion.cancel()
+
+    @property
     def loading(self) -> bool:
         return self.task is not None and not self.task.done
 
@@ -200,16 +217,21 @@ class ModelPanel:
         self.failed = None
         self.status.value = f"model: loading {request.describe()}…"
         self.task = start_task(
-            lambda report, cancelled: request.load(),
+            lambda report, cancelled: request.load_without_waiting(),
             description=f"MobileSAM: loading {request.describe()}",
-            on_result=lambda sam: self._loaded(sam, request),
+            on_result=lambda loaded: self._loaded(*loaded, request),
             on_error=lambda exc: self._fail(request, model_error_message(exc, request), exc),
         )
         return self.task
 
-    def _loaded(self, sam, request: ModelChoice) -> None:
-        if not self.closed:
-            self._on_loaded(sam, request)
+    def _loaded(self, sam, conversion, request: ModelChoice) -> None:
+        if self.closed:
+            if conversion is not None:
+                conversion.cancel()
+            return
+        self._on_loaded(sam, request)
+        if conversion is not None:
+            self.conversion.follow(conversion, sam, request)
 
     def _fail(self, request: ModelChoice, message: str, exc: BaseException | None = None) -> None:
         if self.closed:
@@ -219,6 +241,8 @@ class ModelPanel:
         self._on_error(message)
 
     def set_loaded(self, sam, request: ModelChoice) -> None:
+        if sam is not self.conversion.sam:
+            self.conversion.cancel()  # another model now: its conversion is of no use
         self.sam, self.request, self.failed = sam, request, None
         extra = " (with AIS decoder)" if self.has_decoder else ""
         self.status.value = f"model: {request.describe()}{extra} ✓"
@@ -231,3 +255,68 @@ class ModelPanel:
         from ..models.registry import ais_decoder
 
         return ais_decoder(self.sam) is not None
+
+
+class ConversionFollower:
+    """Follows a background OpenVINO conversion of the loaded model and switches it when done.
+
+    A task in the activity dock waits for the converting process and compiles the result (off
+    the GUI thread); the switch itself happens on the GUI thread. Meanwhile the model status says
+    that masks use the exact path; a failed conversion keeps the torch model and says so.
+    """
+
+    MESSAGE = "converting the encoder for fast CPU inference… masks use the exact path meanwhile"
+
+    def __init__(self, panel: ModelPanel):
+        self._panel = panel
+        self.sam = None
+        self.running = None  # the BackgroundConversion followed
+        self.task: Task | None = None
+
+    def follow(self, conversion, sam, request: ModelChoice) -> None:
+        self.cancel()
+        self.sam, self.running = sam, conversion
+        # short lines: a long one would widen the dock (and shrink the canvas) for good
+        self._panel.status.value = (f"model: {request.describe()} ✓ (exact path)\n"
+                                    + self.MESSAGE.replace("… ", "…\n"))
+
+        def wait_and_build(report, cancelled):
+            if not conversion.wait(cancelled=cancelled):
+                if conversion.state == "failed":
+                    raise RuntimeError(conversion.error)
+                return None  # cancelled
+            return conversion.build()
+
+        self.task = start_task(
+            wait_and_build,
+            description=f"MobileSAM: {self.MESSAGE}",
+            on_result=lambda parts: self._switch(conversion, sam, request, parts),
+            on_error=lambda exc: self._failed(conversion, request, exc),
+        )
+
+    def _current(self, conversion) -> bool:
+        return not self._panel.closed and conversion is self.running and self._panel.sam is self.sam
+
+    def _switch(self, conversion, sam, request: ModelChoice, parts) -> None:
+        if parts is None or not self._current(conversion):
+            return
+        conversion.switch(sam, parts)
+        self.running = None
+        self._panel.status.value = f"model: {request.describe()} ✓ (fast OpenVINO encoder)"
+
+    def _failed(self, conversion, request: ModelChoice, exc: BaseException) -> None:
+        if not self._current(conversion):
+            return
+        self.running = None
+        message = (f"The fast CPU encoder could not be built ({str(exc)[:200]}); masks keep using "
+                   "the exact torch path.")
+        self._panel.status.value = f"model: {request.describe()} ✓ (exact path:\nthe conversion failed)"
+        self._panel._on_error(message)
+
+    def cancel(self) -> None:
+        """Stop following: the converting process ends, the model stays as it is."""
+        conversion, self.running, self.sam = self.running, None, None
+        if conversion is not None:
+            conversion.cancel()
+        if self.task is not None and not self.task.done:
+            self.task.cancel()

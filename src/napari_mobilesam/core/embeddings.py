@@ -293,12 +293,17 @@ class EmbeddingCache:
                 self._stats.disk_hits += 1
         else:
             rgb = source.rgb(z)
+            identity = self.identity
             with self._encode_lock:
                 emb = compute_embedding(self.sam, rgb)
             input_size = emb.input_size
             feats = emb.features.detach().to("cpu", self.dtype).contiguous()
             with self._lock:
                 self._stats.computed += 1
+            if model_identity_of(self.sam) != identity:
+                # the model changed while it ran (e.g. switched to the OpenVINO encoder): the
+                # result answers this call but is not stored under either identity
+                return feats, input_size, original_size
             if self._disk is not None:
                 self._disk.save(key, feats)
         self._put_mem(key, feats, input_size, original_size)
@@ -332,7 +337,8 @@ class EmbeddingCache:
         self._put_mem(key, feats, input_size, original_size)
 
     def is_cached(self, source: SliceSource, z: int) -> bool:
-        """Whether slice ``z`` is in memory or on disk (no computation)."""
+        """Whether slice ``z`` is in memory or on disk for the model as it is now (no computation)."""
+        self._check_identity()
         key = self.key(source, z)
         with self._lock:
             if key in self._mem:

@@ -128,8 +128,34 @@ class ModelChoice:
         """Build the model and apply the backend (slow: seconds; call it off the GUI thread).
 
         Returns a ``segment_anything.modeling.Sam`` in eval mode. Raises :class:`ModelError` (or
-        one of its subclasses) naming the problem and the fix.
+        one of its subclasses) naming the problem and the fix. On the CPU, the first load of new
+        weights waits for their OpenVINO conversion (see :meth:`load_without_waiting`).
         """
+        return self._load(background=False)[0]
+
+    def load_without_waiting(self):
+        """Like :meth:`load`, but never waits for an OpenVINO conversion: ``(sam, conversion)``.
+
+        When this choice means OpenVINO (backend ``"auto"`` or ``"openvino"`` on the CPU) and the
+        weights' IR is not cached yet, ``sam`` runs the exact torch backend (float32) at once and
+        ``conversion`` is the running
+        :class:`~napari_mobilesam.models.backends.background.BackgroundConversion` (its
+        ``build()`` then ``switch(sam, ...)`` move ``sam`` to OpenVINO); otherwise ``conversion``
+        is None and ``sam`` is what :meth:`load` returns. The widget uses this; batch runs use
+        :meth:`load`, which converts first (a whole stack gains more from the fast encoder than
+        the conversion costs).
+        """
+        return self._load(background=True)
+
+    def _background_applies(self, device) -> bool:
+        if self.backend not in ("auto", "openvino"):
+            return False
+        from .backends.background import openvino_available
+        from .devices import choose_device
+
+        return choose_device(device).type == "cpu" and openvino_available()
+
+    def _load(self, background: bool):
         from .registry import MODELS, build_sam, load_model
 
         if self.model not in MODELS and self.model not in FILE_MODELS:
@@ -144,9 +170,13 @@ class ModelChoice:
             extra = {"decoder": self.decoder or None, "semantics": self.semantics}
             if (self.backend == "eager" and device in (None, "cpu")
                     and self.precision in ("auto", "fp32")):
-                return build_sam(model, checkpoint, **extra)  # the exact model: no backend machinery
+                return build_sam(model, checkpoint, **extra), None  # the exact model: no backend
+            if background and self._background_applies(device):
+                from .backends.background import start_with_torch
+
+                return start_with_torch(build_sam(model, checkpoint, **extra), device, self.precision)
             return load_model(model, checkpoint, device, backend=self.backend,
-                              precision=self.precision, **extra)
+                              precision=self.precision, **extra), None
         except ModelError:
             raise
         except (OSError, ConnectionError) as exc:

@@ -27,7 +27,14 @@ from ..checkpoint import file_sha256, state_dict_digest
 from .decoder import _DecoderCore, _dense_tokens, _TokenArrayCache
 from .torch import _part_precisions, fold_batchnorm, split_encoder
 
-__all__ = ["openvino_ir", "OpenVINOEncoder", "OpenVINOMaskDecoder", "OpenVINOAISDecoder"]
+__all__ = [
+    "openvino_ir",
+    "OpenVINOEncoder",
+    "OpenVINOMaskDecoder",
+    "OpenVINOAISDecoder",
+    "ir_ready",
+    "convert_irs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +116,8 @@ def _convert(module: nn.Module, kind: str, example, target: Path, input_shapes) 
     import openvino as ov
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # the process id in the name lets whoever stops a conversion process remove what it left
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
     try:
         t0 = time.perf_counter()
         kwargs = {"example_input": example}
@@ -130,6 +138,72 @@ def _convert(module: nn.Module, kind: str, example, target: Path, input_shapes) 
         log.info("converted %s to OpenVINO in %.1f s: %s", kind, time.perf_counter() - t0, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _encoder_parts(encoder: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The encoder's parts as exported: ``[(kind, folded float32 CPU module), ...]``."""
+    src = fold_batchnorm(copy.deepcopy(encoder).cpu().float())
+    return [(f"encoder-{name}", part) for name, part in split_encoder(src)]
+
+
+def _decoder_core(decoder: nn.Module, embed_shape) -> nn.Module:
+    _, h, w = embed_shape
+    core = _DecoderCore(copy.deepcopy(decoder).cpu().float().eval(), h, w)
+    core.weights_digest = state_dict_digest(decoder)
+    return core
+
+
+def _decoder_io(embed_shape):
+    """(example inputs, dynamic input shapes) of the decoder IR for ``(C, h, w)`` embeddings."""
+    import openvino as ov
+
+    c, h, w = embed_shape
+    example = (
+        torch.zeros(1, h * w, c),
+        torch.zeros(1, h * w, c),
+        torch.zeros(2, 3, c),
+        torch.zeros(2, h * w, c),
+    )
+    shapes = [
+        ov.PartialShape([1, h * w, c]),
+        ov.PartialShape([1, h * w, c]),
+        ov.PartialShape([-1, -1, c]),
+        ov.PartialShape([-1, -1, c]),
+    ]
+    return example, shapes
+
+
+def ir_ready(encoder: nn.Module, decoder: nn.Module | None = None, embed_shape=(256, 64, 64)) -> bool:
+    """Whether the IR of ``encoder`` (and of the mask ``decoder``) is cached and intact, so that
+    :class:`OpenVINOEncoder` (and :class:`OpenVINOMaskDecoder`) only read and compile it. Cheap
+    (hashes the weights and the cached files); converts nothing."""
+    s = encoder.img_size
+    for kind, part in _encoder_parts(encoder):
+        if ir_damage(_ir_dir(kind, state_dict_digest(part), s)) is not None:
+            return False
+    if decoder is None:
+        return True
+    core = _decoder_core(decoder, embed_shape)
+    return ir_damage(_ir_dir("decoder", state_dict_digest(core), embed_shape[1])) is None
+
+
+def convert_irs(encoder: nn.Module, decoder: nn.Module | None = None, embed_shape=(256, 64, 64)) -> bool:
+    """Convert ``encoder`` (and the mask ``decoder``) to cached IR without compiling anything;
+    parts already cached are kept. Returns whether anything was converted. Slow (the conversion
+    itself): :mod:`~napari_mobilesam.models.backends.background` runs it in another process."""
+    s = encoder.img_size
+    example, converted = torch.zeros(1, 3, s, s), False
+    for kind, part in _encoder_parts(encoder):
+        _, done = openvino_ir(part, kind, example, img_size=s)
+        converted |= done
+        with torch.no_grad():
+            example = part(example)
+    if decoder is not None:
+        example, shapes = _decoder_io(embed_shape)
+        core = _decoder_core(decoder, embed_shape)
+        _, done = openvino_ir(core, "decoder", example, img_size=embed_shape[1], input_shapes=shapes)
+        converted |= done
+    return converted
 
 
 def _compile(xml: Path, precision: str):
@@ -172,21 +246,18 @@ class OpenVINOEncoder(nn.Module):
         self.weights_digest = state_dict_digest(encoder)
         object.__setattr__(self, "torch_encoder", encoder)
         s = encoder.img_size
-        src = fold_batchnorm(copy.deepcopy(encoder).cpu().float())
-        parts = split_encoder(src)
+        parts = _encoder_parts(encoder)
         self._lock = threading.Lock()
         self.ir_paths, self._requests, self.converted = [], [], False
         example = torch.zeros(1, 3, s, s)
         precisions = _part_precisions(precision, len(parts))
-        for i, ((name, part), prec) in enumerate(zip(parts, precisions)):
-            part.weights_digest = f"{self.weights_digest}:{name}"
-            xml, converted = openvino_ir(part, f"encoder-{name}", example, img_size=s)
+        for i, ((kind, part), prec) in enumerate(zip(parts, precisions)):
+            xml, converted = openvino_ir(part, kind, example, img_size=s)
             self.converted |= converted
             self.ir_paths.append(xml)
             self._requests.append(_compile(xml, prec).create_infer_request())
             later_missing = any(
-                ir_damage(_ir_dir(f"encoder-{n}", f"{self.weights_digest}:{n}", s)) is not None
-                for n, _ in parts[i + 1 :]
+                ir_damage(_ir_dir(k, state_dict_digest(p), s)) is not None for k, p in parts[i + 1 :]
             )
             if later_missing:  # the next part's example input (only needed to convert it)
                 with torch.no_grad():
@@ -240,23 +311,10 @@ class OpenVINOMaskDecoder(nn.Module):
         self.weights_digest = state_dict_digest(decoder)
         object.__setattr__(self, "torch_decoder", decoder)
         self.embed_shape = tuple(embed_shape)
-        c, h, w = self.embed_shape
-        core = _DecoderCore(copy.deepcopy(decoder).cpu().float().eval(), h, w)
-        core.weights_digest = self.weights_digest
-        example = (
-            torch.zeros(1, h * w, c),
-            torch.zeros(1, h * w, c),
-            torch.zeros(2, 3, c),
-            torch.zeros(2, h * w, c),
-        )
-        shapes = [
-            ov.PartialShape([1, h * w, c]),
-            ov.PartialShape([1, h * w, c]),
-            ov.PartialShape([-1, -1, c]),
-            ov.PartialShape([-1, -1, c]),
-        ]
+        core = _decoder_core(decoder, self.embed_shape)
+        example, shapes = _decoder_io(self.embed_shape)
         self.ir_path, self.converted = openvino_ir(
-            core, "decoder", example, img_size=h, input_shapes=shapes
+            core, "decoder", example, img_size=self.embed_shape[1], input_shapes=shapes
         )
         self._compiled = _compile(self.ir_path, precision)
         self._request = self._compiled.create_infer_request()
@@ -292,6 +350,9 @@ class OpenVINOMaskDecoder(nn.Module):
         def arr(t):
             return t.detach().to(torch.float32).contiguous().numpy()
 
+        # One infer request under a lock: separate requests per thread (tried, so that a click on
+        # the GUI thread need not wait for a worker's decoding) crashed the process in the
+        # widget benchmark, so a click may wait for one worker decoding call.
         with self._lock:  # an infer request (and the token caches) serve one call at a time
             inputs = {
                 0: self._image_tokens.get(image_embeddings),
