@@ -40,7 +40,9 @@ SHIFT_WEIGHT = 3.0
 #: Slices the area extrapolation (`Front.expected_area`) is fitted to.
 AREA_WINDOW = 5
 #: Retry clicks spread along the free side of a neighbour's edge (`Front.retry_prompts`).
-RING_CLICKS = 4
+RING_CLICKS = 32
+#: About one retry click per this many pixels of that edge (a tip a few pixels wide is hit).
+RING_SPACING = 2
 
 from .results import (  # noqa: F401  (the codes, re-exported)
     AREA_CHANGE,
@@ -172,8 +174,9 @@ class Front:
         object's last slices often lie under a neighbour's, so its tip is a small patch beside it:
         one click on the free part's deepest pixel (far from the neighbour and the mask's edge) and
         one on the free pixel nearest the previous mask's centroid (where the tip of a round object
-        is) and up to ``RING_CLICKS`` spread along the free pixels touching ``avoid`` (a tip pressed
-        against the neighbour), each with the box of the free part.
+        is) and clicks spread along the free pixels touching ``avoid`` (a tip pressed
+        against the neighbour; one per ``RING_SPACING`` pixels of that edge, at most ``RING_CLICKS``),
+        each with the box of the free part.
         Empty when nothing of the previous mask is free."""
         from ..core.predictor import Prompt
 
@@ -186,7 +189,8 @@ class Front:
         clicks.append(np.array([rows, cols], float)[:, np.argmin((rows - self.center[0]) ** 2
                                                                   + (cols - self.center[1]) ** 2)])
         ring = free & ndi.binary_dilation(avoid)  # the free pixels touching the neighbour
-        clicks.extend(spread_points(np.argwhere(ring).astype(float), RING_CLICKS))
+        ring_pts = np.argwhere(ring).astype(float)
+        clicks.extend(spread_points(ring_pts, min(RING_CLICKS, max(4, len(ring_pts) // RING_SPACING))))
         kept: list[np.ndarray] = []
         for c in clicks:
             if all(np.abs(c - k).sum() > 1.5 for k in kept):
