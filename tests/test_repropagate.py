@@ -99,3 +99,24 @@ def test_a_tip_beside_a_neighbour_is_found():
     res = propagate(oracle, objs, prefetch=False)
     np.testing.assert_array_equal(res.labels == 1, gt == 1)
     np.testing.assert_array_equal(res.labels == 2, gt == 2)
+
+
+def test_a_tip_taken_before_its_neighbour_arrived_is_decided_again():
+    """Object 1 reaches its tip slice (z = 2) before object 2's front does: its click there lands on
+    object 2, which is not written yet, so it first takes object 2's pixels. When object 2's front
+    arrives with the better claim it takes them back, and object 1 decides slice 2 again, now
+    finding its tip beside object 2."""
+    shape = (8, 48, 48)
+    gt = np.zeros(shape, np.int32)
+    gt[3:7][_ball((4, 48, 48), (1.5, 24, 24), (3, 8, 8))] = 1
+    gt[0:3, 20:29, 20:29] = 2
+    gt[2, 21:24, 17:20] = 1  # the tip, against object 2
+    img = (gt > 0).astype(np.float32) * 200 + 20
+    oracle = GroundTruthOracle(gt, img, candidates="spread")
+    objs = [ObjectPrompts(1, masks={3: gt[3] == 1}), ObjectPrompts(2, masks={0: gt[0] == 2})]
+    res = propagate(oracle, objs, prefetch=False)
+    np.testing.assert_array_equal(res.labels == 1, gt == 1)
+    np.testing.assert_array_equal(res.labels == 2, gt == 2)
+    taken_back = [r for r in res.records if r.label == 1 and r.z == 2 and not r.accepted]
+    assert [r.reason for r in taken_back] == ["neighbour"]  # the first decision, taken back
+    assert res.extent(1) == (2, 6) and res.extent(2) == (0, 2)

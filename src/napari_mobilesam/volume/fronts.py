@@ -129,6 +129,15 @@ class Front:
         self.areas = [*self.areas[-(AREA_WINDOW - 1):], area]
         self.center = centroid(mask)
 
+    def back(self, z: int, mask: np.ndarray) -> None:
+        """Return to slice ``z`` (the one before the last) with the mask written there, active
+        again: its last step was taken back (`volume.propagation` ``retract``). The logits of that
+        slice are not kept, so the next prompt goes without ``mask_input``."""
+        self.z, self.mask, self.area, self.low_res = z, mask, int(mask.sum()), None
+        self.areas = self.areas[:-1] or [self.area]
+        self.peak, self.record, self.active = max(self.areas), None, True
+        self.center = centroid(mask)
+
     def expected_area(self) -> float | None:
         """The next slice's area extrapolated from the last (up to ``AREA_WINDOW``) slices by a
         least-squares parabola (a round object's area is a parabola in z; the fit evens out ±1 px

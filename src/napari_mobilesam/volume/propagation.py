@@ -202,7 +202,8 @@ class _Run:
             ahead = order[1:] + sorted({f.z + 2 * f.direction for fs in due.values() for f in fs})
             self.predictor.prefetch([z for z in ahead if self.lo_z <= z < self.hi_z])
         for z in sorted(due):
-            group = [f for f in due[z] if f.active]  # a take-over may have stopped one
+            # a take-over may have stopped one, or sent it back a slice (it is due there next round)
+            group = [f for f in due[z] if f.active and f.next_z == z]
             if not group:
                 continue
             if self.is_cancelled():
@@ -229,8 +230,16 @@ class _Run:
             f = group[i]
             c = self.choose(z, f, pred)
             decided[i] = (f, pred.low_res[c.k], _own(c), stop_reason(c, f, self.rules))
-        decided = self.retry(z, decided)
-        decided.sort(key=lambda t: (t[3] is not None, -t[2].claim))
+        lost = self.claim(z, self.retry(z, decided), defer=True)
+        if lost:  # candidates that lost their pixels to a front decided first: one more try
+            self.claim(z, self.retry(z, lost), defer=False)
+
+    def claim(self, z: int, decided: list, defer: bool) -> list:
+        """Write the decided fronts on slice ``z`` in order of their claim; a front losing most of
+        its mask to fronts before it stops with ``"neighbour"``, or, with ``defer``, is returned
+        (nothing recorded) for a retry once the others are written."""
+        deferred = []
+        decided = sorted(decided, key=lambda t: (t[3] is not None, -t[2].claim))
         for f, low, c, reason in decided:
             if z in self.done_z[f.label]:  # the other side of the same object got here first
                 self.stop(f, z, MET)
@@ -243,6 +252,9 @@ class _Run:
                     reason = NEIGHBOUR
                 elif int(written.sum()) < self.rules.min_area:
                     reason = NEIGHBOUR if lost else EMPTY
+                if reason == NEIGHBOUR and defer:
+                    deferred.append((f, low, c, reason))
+                    continue
             area = int(written.sum()) if reason is None else c.area
             self.records.append(
                 SliceRecord(f.label, z, f.direction, f.z, reason is None, area, c.score, c.stability,
@@ -254,6 +266,7 @@ class _Run:
                 continue
             self.write(f.label, z, written)
             f.accept(z, written, area, low, len(self.records) - 1, c.claim)
+        return deferred
 
     def retry(self, z: int, decided: list) -> list:
         """Second chance for fronts whose candidate was another object (``"neighbour"``) or
@@ -320,18 +333,16 @@ class _Run:
 
     def retract(self, g: Front, z: int) -> None:
         """Take slice ``z`` back from front ``g`` (its last one): erase what it wrote there, mark
-        the record rejected, and stop ``g`` there with ``"neighbour"``."""
+        the record rejected, and send ``g`` back to its previous slice to decide ``z`` again next
+        round, now with the taker's pixels in place (its first candidate there was the taker, whose
+        front had not arrived yet: an object's tip under a neighbour). Once per front."""
         sl = self.labels[z]
         sl[g.mask & (sl == g.label)] = 0
         self.done_z[g.label].discard(z)
         self.records[g.record] = replace(self.records[g.record], accepted=False, reason=NEIGHBOUR)
-        g.retracted, g.z = True, z - g.direction
-        if g.active:
-            self.stop(g, z, NEIGHBOUR)
-            return
-        for k, s in enumerate(self.stops):
-            if (s.label, s.seed_z, s.direction) == (g.label, g.seed_z, g.direction):
-                self.stops[k] = Stop(g.label, g.seed_z, g.direction, g.z, z, NEIGHBOUR)
+        g.retracted = True
+        self.stops = [s for s in self.stops if (s.label, s.seed_z, s.direction) != (g.label, g.seed_z, g.direction)]
+        g.back(z - g.direction, self.labels[z - g.direction] == g.label)
 
     def finish(self) -> PropagationResult:
         if self.progress is not None and not self.cancelled:
