@@ -64,6 +64,8 @@ from .results import (
     SliceRecord,
     Stop,
     describe_stops,
+    labels_volume,
+    z_bounds,
 )
 
 if TYPE_CHECKING:
@@ -368,28 +370,6 @@ def _own(c: Choice) -> Choice:
     return replace(c, mask=np.array(c.mask, bool))
 
 
-def _labels_volume(target: np.ndarray | None, inplace: bool, shape: tuple[int, ...], max_label: int) -> np.ndarray:
-    """The output volume: ``target`` (checked, copied unless ``inplace``) or a new zero volume."""
-    if target is None:
-        return np.zeros(shape, np.uint16 if max_label <= np.iinfo(np.uint16).max else np.uint32)
-    if tuple(target.shape) != shape:
-        raise InputError(f"target has shape {tuple(target.shape)}, the stack is {shape}")
-    if np.dtype(target.dtype).kind not in "ui":
-        raise InputError(f"target must be an integer labels volume, got dtype {target.dtype}")
-    if max_label > np.iinfo(target.dtype).max:
-        raise InputError(f"label id {max_label} does not fit target dtype {target.dtype}")
-    return target if inplace else np.array(target, copy=True)
-
-
-def _z_bounds(z_range: tuple[int, int] | None, n: int) -> tuple[int, int]:
-    if z_range is None:
-        return 0, n
-    lo_z, hi_z = (int(v) for v in z_range)
-    if not (0 <= lo_z < hi_z <= n):
-        raise InputError(f"z_range must be (start, stop) with 0 <= start < stop <= {n}, got {z_range}")
-    return lo_z, hi_z
-
-
 def propagate(
     predictor: Any,
     objects: Sequence[ObjectPrompts] | Mapping[int, Mapping[int, Any]] | ObjectPrompts,
@@ -477,7 +457,7 @@ def propagate(
     n = int(src.n_slices)
     shape = tuple(src.slice_shape)
     objs = as_objects(objects, n, shape)
-    lo_z, hi_z = _z_bounds(z_range, n)
+    lo_z, hi_z = z_bounds(z_range, n)
     lo, hi = area_ratio
     if not 0 <= lo <= 1 <= hi:
         raise InputError(f"area_ratio must be (low, high) with 0 <= low <= 1 <= high, got {area_ratio}")
@@ -488,7 +468,7 @@ def propagate(
         n_points=n_points, box_margin=box_margin, use_mask_input=use_mask_input, score_weight=score_weight,
         stability_weight=stability_weight, max_neighbour=max_neighbour, regrow=regrow, overwrite=overwrite,
     )
-    labels = _labels_volume(target, inplace, (n, *shape), max(o.label for o in objs))
+    labels = labels_volume(target, inplace, (n, *shape), max(o.label for o in objs))
     run = _Run(predictor, objs, rules, labels, lo_z, hi_z, progress, cancel)
     run.make_fronts(run.seeds())
     while not run.cancelled and run.round(prefetch):
