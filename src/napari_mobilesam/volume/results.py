@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InputError
+
 __all__ = ["STOP_REASONS", "SliceRecord", "Stop", "PropagationResult", "describe_stops"]
 
 # Stop reasons (per direction)
@@ -22,6 +24,7 @@ NEGATIVE_PROMPT = "negative_prompt"
 MET = "met"
 CANCELLED = "cancelled"
 EMPTY_SEED = "empty_seed"
+PROTECTED = "protected"
 
 
 #: Plain-language meaning of every stop reason, next to the codes above.
@@ -38,6 +41,7 @@ STOP_REASONS = {
     MET: "met another part of the same object",
     CANCELLED: "stopped on request (Stop button)",
     EMPTY_SEED: "the seed prompts gave an empty mask",
+    PROTECTED: "a slice corrected by hand (kept)",
 }
 
 
@@ -114,3 +118,26 @@ class PropagationResult:
 
     def records_for(self, label: int) -> list[SliceRecord]:
         return sorted((r for r in self.records if r.label == label), key=lambda r: r.z)
+
+
+def labels_volume(target: np.ndarray | None, inplace: bool, shape: tuple[int, ...], max_label: int) -> np.ndarray:
+    """The output volume: ``target`` (checked, copied unless ``inplace``) or a new zero volume."""
+    if target is None:
+        return np.zeros(shape, np.uint16 if max_label <= np.iinfo(np.uint16).max else np.uint32)
+    if tuple(target.shape) != shape:
+        raise InputError(f"target has shape {tuple(target.shape)}, the stack is {shape}")
+    if np.dtype(target.dtype).kind not in "ui":
+        raise InputError(f"target must be an integer labels volume, got dtype {target.dtype}")
+    if max_label > np.iinfo(target.dtype).max:
+        raise InputError(f"label id {max_label} does not fit target dtype {target.dtype}")
+    return target if inplace else np.array(target, copy=True)
+
+
+def z_bounds(z_range: tuple[int, int] | None, n: int) -> tuple[int, int]:
+    """``(start, stop)`` of the slices a run visits (all ``n`` without ``z_range``), checked."""
+    if z_range is None:
+        return 0, n
+    lo_z, hi_z = (int(v) for v in z_range)
+    if not (0 <= lo_z < hi_z <= n):
+        raise InputError(f"z_range must be (start, stop) with 0 <= start < stop <= {n}, got {z_range}")
+    return lo_z, hi_z
