@@ -339,6 +339,18 @@ def test_batch_sources_take_the_models_normalisation(lm_models, expected, engine
     assert fixed.normalize == "slice"
 
 
+def test_microsam_models_default_to_float32(msdir, engine_sam_test):
+    """precision='auto' keeps micro-sam's AIS labels: float32 for a model with an AIS decoder
+    (bf16 'mixed' moved them to 86 % agreement); a model without one keeps the backend's choice."""
+    from napari_mobilesam.models.registry import load_model, model_info, precision_for
+
+    sam = load_model("vit_t_lm", msdir / "vit_t.pt", "cpu", backend="torch", precision="auto",
+                     decoder=msdir / "vit_t_decoder.pt")
+    assert model_info(sam)["precision"] == "fp32"
+    assert precision_for(sam, "mixed") == "mixed"  # an explicit choice is kept
+    assert precision_for(engine_sam_test, "auto") == "auto"
+
+
 def test_standard_semantics_decoder_matches_eval_arrays(lm_models, expected):
     """Standard semantics: BatchNorm on running statistics (the ``eval/`` arrays).
 

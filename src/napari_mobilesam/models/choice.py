@@ -156,7 +156,7 @@ class ModelChoice:
         return choose_device(device).type == "cpu" and openvino_available()
 
     def _load(self, background: bool):
-        from .registry import MODELS, build_sam, load_model
+        from .registry import MODELS, build_sam, load_model, precision_for
 
         if self.model not in MODELS and self.model not in FILE_MODELS:
             raise ModelError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
@@ -174,7 +174,8 @@ class ModelChoice:
             if background and self._background_applies(device):
                 from .backends.background import start_with_torch
 
-                return start_with_torch(build_sam(model, checkpoint, **extra), device, self.precision)
+                sam = build_sam(model, checkpoint, **extra)
+                return start_with_torch(sam, device, precision_for(sam, self.precision))
             return load_model(model, checkpoint, device, backend=self.backend,
                               precision=self.precision, **extra), None
         except ModelError:
