@@ -129,7 +129,7 @@ def encoder_threads(monkeypatch):
 
 @pytest.mark.gui
 def test_the_gui_thread_never_runs_the_encoder_when_a_mask_spreads_over_tiles(
-    make_napari_viewer, qtbot, engine_sam_test, encoder_threads, monkeypatch
+    make_napari_viewer, qtbot, engine_sam_test, encoder_threads, monkeypatch, tmp_path
 ):
     """A click near a tile border: the tile holding it is embedded in a worker, the preview shows
     what that tile gives, and the tiles the mask runs into are embedded in the worker too (the
@@ -138,6 +138,7 @@ def test_the_gui_thread_never_runs_the_encoder_when_a_mask_spreads_over_tiles(
     from napari_mobilesam.core import tiles
 
     monkeypatch.setattr(tiles, "_MAX_TILES_PER_OBJECT", 3)  # a few tiles: the test stays short
+    monkeypatch.setenv("NAPARI_MOBILESAM_CACHE", str(tmp_path))  # no tile from an earlier test on disk
     data = _disks((2600, 2600), [NEAR_BORDER])
     viewer, widget, image = _open(make_napari_viewer, qtbot, data, engine_sam_test)
     session = widget.session
