@@ -80,7 +80,7 @@ def auto_params(max_points: int):
     return AutoParams(max_points=int(max_points))
 
 
-def run_slice(store: str, tiled: bool, auto: bool, max_points: int = 256) -> dict:
+def run_slice(store: str, tiled: bool, auto: bool, max_points: int = 256, clicks: int = 20) -> dict:
     """In a fresh process: clicks (and automatic mode) on slice 0 of ``store``."""
     import resource
 
@@ -102,7 +102,7 @@ def run_slice(store: str, tiled: bool, auto: bool, max_points: int = 256) -> dic
     pred = TiledPredictor(sam, source, cache) if tiled else SlicePredictor(sam, source, cache)
     labels = np.load(Path(store).with_suffix(".npy"))
     ids = np.unique(labels)[1:]
-    pick = ids[np.linspace(0, len(ids) - 1, 20).round().astype(int)]
+    pick = ids[np.linspace(0, len(ids) - 1, clicks).round().astype(int)]
     centres = ndi.center_of_mass(np.ones_like(labels), labels, pick)
     times, sized = [], 0
     for (r, c), obj in zip(centres, pick):
@@ -165,6 +165,7 @@ def main() -> None:
     ap.add_argument("--sides", type=int, nargs="*", default=None)
     ap.add_argument("--auto-max", type=int, default=None, help="largest side run in automatic mode")
     ap.add_argument("--depth", type=int, default=None, help="slices of the 2048 x 2048 OME-Zarr stack (0: none)")
+    ap.add_argument("--clicks", type=int, default=20, help="nuclei clicked per slice (at least 2)")
     ap.add_argument("--max-points", type=int, default=None,
                     help="automatic mode: prompts per slice (untiled) or per tile (tiled)")
     args = ap.parse_args()
@@ -176,16 +177,16 @@ def main() -> None:
     print("model: MobileSAM architecture, parity-fixture random weights, default backend; "
           f"automatic mode with at most {max_points} prompts per slice or tile\n")
     print("| slice | mode | first click (s) | click median (s) | clicked nuclei sized right | encoder runs "
-          "(20 clicks) | peak RSS after clicks (MiB) | auto (s) | auto objects | peak RSS (MiB) |")
+          f"({max(args.clicks, 2)} clicks) | peak RSS after clicks (MiB) | auto (s) | auto objects | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for side in sides:
             store = make_slice_store(Path(tmp) / f"s{side}.zarr", side)
             for tiled in (False, True):
-                r = _child("run_slice", str(store), tiled, side <= auto_max, max_points)
+                r = _child("run_slice", str(store), tiled, side <= auto_max, max_points, max(args.clicks, 2))
                 auto = f"{r['auto_s']:.1f} | {r['auto_objects']}" if "auto_s" in r else "– | –"
                 print(f"| {side}² | {'tiled' if tiled else 'untiled'} | {r['first_click_s']:.2f} | "
-                      f"{r['click_s']:.3f} | {r['sized']}/20 | {r['tiles_embedded']} | "
+                      f"{r['click_s']:.3f} | {r['sized']}/{max(args.clicks, 2)} | {r['tiles_embedded']} | "
                       f"{r['clicks_peak_mib']:.0f} | {auto} | {r['peak_mib']:.0f} |", flush=True)
         if depth:
             stack = make_slice_store(Path(tmp) / "stack.zarr", 2048, depth)
