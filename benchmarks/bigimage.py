@@ -24,7 +24,8 @@ slice only by the slice-sized outputs (masks, labels), not by the image or the e
 Usage::
 
     python benchmarks/bigimage.py               # 2048, 4096, 10000; auto up to 4096; depth 10
-    python benchmarks/bigimage.py --quick       # 2048, 4096; auto 2048; depth 3
+    python benchmarks/bigimage.py --quick       # 2048, 4096; auto 2048 with 32 prompts; depth 2
+    python benchmarks/bigimage.py --sides 10000 --auto-max 0 --depth 0   # the 10 000² rows alone
 """
 
 from __future__ import annotations
@@ -71,7 +72,15 @@ def make_slice_store(path: Path, side: int, depth: int = 1) -> Path:
     return path
 
 
-def run_slice(store: str, tiled: bool, auto: bool) -> dict:
+def auto_params(max_points: int):
+    """Automatic-mode settings of the benchmark: the defaults with at most ``max_points`` prompts
+    per slice (untiled) or per tile (tiled)."""
+    from napari_mobilesam.volume.automatic import AutoParams
+
+    return AutoParams(max_points=int(max_points))
+
+
+def run_slice(store: str, tiled: bool, auto: bool, max_points: int = 256, clicks: int = 20) -> dict:
     """In a fresh process: clicks (and automatic mode) on slice 0 of ``store``."""
     import resource
 
@@ -83,7 +92,7 @@ def run_slice(store: str, tiled: bool, auto: bool) -> dict:
     from napari_mobilesam.core.tiles import TiledPredictor
     from napari_mobilesam.io.omezarr import open_ome_zarr
     from napari_mobilesam.models.choice import ModelChoice
-    from napari_mobilesam.volume.automatic import AutoParams, segment_slice
+    from napari_mobilesam.volume.automatic import segment_slice
     from napari_mobilesam.volume.tiled import segment_slice_tiled
 
     sam = ModelChoice("vit_t", str(WEIGHTS)).load()
@@ -93,7 +102,7 @@ def run_slice(store: str, tiled: bool, auto: bool) -> dict:
     pred = TiledPredictor(sam, source, cache) if tiled else SlicePredictor(sam, source, cache)
     labels = np.load(Path(store).with_suffix(".npy"))
     ids = np.unique(labels)[1:]
-    pick = ids[np.linspace(0, len(ids) - 1, 20).round().astype(int)]
+    pick = ids[np.linspace(0, len(ids) - 1, clicks).round().astype(int)]
     centres = ndi.center_of_mass(np.ones_like(labels), labels, pick)
     times, sized = [], 0
     for (r, c), obj in zip(centres, pick):
@@ -102,9 +111,11 @@ def run_slice(store: str, tiled: bool, auto: bool) -> dict:
         times.append(time.perf_counter() - t0)
         area, true = out.masks[out.best].sum(), (labels == obj).sum()
         sized += int(0.5 * true <= area <= 2 * true)
-    res = {"first_click_s": times[0], "click_s": statistics.median(times[1:]), "sized": sized}
+    res = {"first_click_s": times[0], "click_s": statistics.median(times[1:]), "sized": sized,
+           "tiles_embedded": cache.stats.computed,
+           "clicks_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if auto:
-        params = AutoParams()
+        params = auto_params(max_points)
         t0 = time.perf_counter()
         lab = segment_slice_tiled(pred, 0, params) if tiled else segment_slice(pred, 0, params).labels
         res["auto_s"] = time.perf_counter() - t0
@@ -113,7 +124,7 @@ def run_slice(store: str, tiled: bool, auto: bool) -> dict:
     return res
 
 
-def run_stack(store: str, out: str) -> dict:
+def run_stack(store: str, out: str, max_points: int = 256) -> dict:
     """In a fresh process: tiled automatic mode through an OME-Zarr stack into OME-Zarr labels."""
     import resource
 
@@ -123,7 +134,6 @@ def run_stack(store: str, out: str) -> dict:
     from napari_mobilesam.io.omezarr import open_ome_zarr
     from napari_mobilesam.io.omezarr_write import OmeZarrLabelsWriter
     from napari_mobilesam.models.choice import ModelChoice
-    from napari_mobilesam.volume.automatic import AutoParams
     from napari_mobilesam.volume.tiled import segment_slice_tiled
 
     sam = ModelChoice("vit_t", str(WEIGHTS)).load()
@@ -133,7 +143,7 @@ def run_stack(store: str, out: str) -> dict:
     t0 = time.perf_counter()
     with OmeZarrLabelsWriter(out, data.shape, metadata=meta) as writer:
         for z in range(data.shape[0]):
-            writer.put(z, segment_slice_tiled(pred, z, AutoParams()))
+            writer.put(z, segment_slice_tiled(pred, z, auto_params(max_points)))
     dt = time.perf_counter() - t0
     return {"s_per_slice": dt / data.shape[0], "slices": int(data.shape[0]),
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -154,27 +164,35 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sides", type=int, nargs="*", default=None)
     ap.add_argument("--auto-max", type=int, default=None, help="largest side run in automatic mode")
-    ap.add_argument("--depth", type=int, default=None, help="slices of the 2048 x 2048 OME-Zarr stack")
+    ap.add_argument("--depth", type=int, default=None, help="slices of the 2048 x 2048 OME-Zarr stack (0: none)")
+    ap.add_argument("--clicks", type=int, default=20, help="nuclei clicked per slice (at least 2)")
+    ap.add_argument("--max-points", type=int, default=None,
+                    help="automatic mode: prompts per slice (untiled) or per tile (tiled)")
     args = ap.parse_args()
     sides = args.sides or ([2048, 4096] if args.quick else [2048, 4096, 10000])
-    auto_max = args.auto_max or (2048 if args.quick else 4096)
-    depth = args.depth or (3 if args.quick else 10)
+    auto_max = args.auto_max if args.auto_max is not None else (2048 if args.quick else 4096)
+    depth = args.depth if args.depth is not None else (2 if args.quick else 10)
+    max_points = args.max_points or (32 if args.quick else 256)
     print(f"machine: {machine()}")
-    print("model: MobileSAM architecture, parity-fixture random weights, default backend\n")
-    print("| slice | mode | first click (s) | click median (s) | clicked nuclei sized right | auto (s) | auto objects | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("model: MobileSAM architecture, parity-fixture random weights, default backend; "
+          f"automatic mode with at most {max_points} prompts per slice or tile\n")
+    print("| slice | mode | first click (s) | click median (s) | clicked nuclei sized right | encoder runs "
+          f"({max(args.clicks, 2)} clicks) | peak RSS after clicks (MiB) | auto (s) | auto objects | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for side in sides:
             store = make_slice_store(Path(tmp) / f"s{side}.zarr", side)
             for tiled in (False, True):
-                r = _child("run_slice", str(store), tiled, side <= auto_max)
+                r = _child("run_slice", str(store), tiled, side <= auto_max, max_points, max(args.clicks, 2))
                 auto = f"{r['auto_s']:.1f} | {r['auto_objects']}" if "auto_s" in r else "– | –"
                 print(f"| {side}² | {'tiled' if tiled else 'untiled'} | {r['first_click_s']:.2f} | "
-                      f"{r['click_s']:.3f} | {r['sized']}/20 | {auto} | {r['peak_mib']:.0f} |", flush=True)
-        stack = make_slice_store(Path(tmp) / "stack.zarr", 2048, depth)
-        r = _child("run_stack", str(stack), str(Path(tmp) / "labels.zarr"))
-        print(f"\nOME-Zarr stack {r['slices']} x 2048 x 2048 through tiled automatic mode into OME-Zarr "
-              f"labels: {r['s_per_slice']:.1f} s per slice, peak RSS {r['peak_mib']:.0f} MiB")
+                      f"{r['click_s']:.3f} | {r['sized']}/{max(args.clicks, 2)} | {r['tiles_embedded']} | "
+                      f"{r['clicks_peak_mib']:.0f} | {auto} | {r['peak_mib']:.0f} |", flush=True)
+        if depth:
+            stack = make_slice_store(Path(tmp) / "stack.zarr", 2048, depth)
+            r = _child("run_stack", str(stack), str(Path(tmp) / "labels.zarr"), max_points)
+            print(f"\nOME-Zarr stack {r['slices']} x 2048 x 2048 through tiled automatic mode into OME-Zarr "
+                  f"labels: {r['s_per_slice']:.1f} s per slice, peak RSS {r['peak_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -231,3 +231,37 @@ def test_microsam_tile_layout_matches_the_fixture(reference_dir):
         (e, f), (g, h) = theirs["inner"]
         assert ours.outer == (a, b, c, d) and ours.core == (e, f, g, h)
 
+
+
+def test_predict_embedded_never_runs_the_encoder_and_converges_to_predict(engine_sam_test, monkeypatch):
+    """What the widget does on the GUI thread: decode with the tiles embedded so far, embed the
+    missing ones elsewhere, ask again; once none is missing the mask is ``predict``'s."""
+    from napari_mobilesam.core import embeddings, tiles
+    from napari_mobilesam.core.embeddings import EmbeddingCache
+
+    monkeypatch.setattr(tiles, "_MAX_TILES_PER_OBJECT", 4)  # a few encoder runs (the random model's masks are large)
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (1, 700, 700)).astype(np.uint8)
+    encoded = []
+    real = embeddings.compute_embedding
+    monkeypatch.setattr(embeddings, "compute_embedding", lambda sam, rgb: encoded.append(rgb.shape) or real(sam, rgb))
+    pred = TiledPredictor(engine_sam_test, image, EmbeddingCache(engine_sam_test), tile=256, halo=32)
+    assert len(pred.grid) == 16
+    first, missing = pred.predict_embedded(0, {"points": [(300, 300)], "labels": [1]})
+    assert first is None and [t.index for t in missing] == [pred.grid.tile_at(300, 300).index]
+    assert encoded == []
+    rounds = 0
+    while missing:
+        pred.embed_tiles(0, missing)  # (the widget's worker)
+        n = len(encoded)
+        out, missing = pred.predict_embedded(0, {"points": [(300, 300)], "labels": [1]})
+        assert len(encoded) == n, "predict_embedded ran the encoder"
+        assert out.masks.shape == (3, 700, 700)
+        rounds += 1
+    assert rounds >= 2, "the random model's mask should run into neighbouring tiles"
+    assert all(s[:2] == (256, 256) for s in encoded)  # tiles only, never the whole slice
+    n = len(encoded)
+    eager = pred.predict(0, points=[(300, 300)], labels=[1])
+    assert len(encoded) == n, "every tile the object needs was embedded already"
+    np.testing.assert_array_equal(out.masks, eager.masks)
+    np.testing.assert_array_equal(out.iou, eager.iou)

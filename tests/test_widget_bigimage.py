@@ -110,6 +110,55 @@ def test_click_commit_and_undo_on_a_tiled_2d_image(make_napari_viewer, qtbot, en
 
 
 @pytest.fixture
+def encoder_threads(monkeypatch):
+    """Records, for every encoder run, whether it ran on the GUI (main) thread and its input shape."""
+    import threading
+
+    from napari_mobilesam.core import embeddings
+
+    calls: list[tuple[bool, tuple[int, int]]] = []
+    real = embeddings.compute_embedding
+
+    def recording(sam, rgb):
+        calls.append((threading.current_thread() is threading.main_thread(), tuple(rgb.shape[:2])))
+        return real(sam, rgb)
+
+    monkeypatch.setattr(embeddings, "compute_embedding", recording)
+    return calls
+
+
+@pytest.mark.gui
+def test_the_gui_thread_never_runs_the_encoder_when_a_mask_spreads_over_tiles(
+    make_napari_viewer, qtbot, engine_sam_test, encoder_threads, monkeypatch, tmp_path
+):
+    """A click near a tile border: the tile holding it is embedded in a worker, the preview shows
+    what that tile gives, and the tiles the mask runs into are embedded in the worker too (the
+    preview grows as they arrive). No encoder run on the GUI thread; the final preview is the
+    engine's whole prediction."""
+    from napari_mobilesam.core import tiles
+
+    monkeypatch.setattr(tiles, "_MAX_TILES_PER_OBJECT", 3)  # a few tiles: the test stays short
+    monkeypatch.setenv("NAPARI_MOBILESAM_CACHE", str(tmp_path))  # no tile from an earlier test on disk
+    data = _disks((2600, 2600), [NEAR_BORDER])
+    viewer, widget, image = _open(make_napari_viewer, qtbot, data, engine_sam_test)
+    session = widget.session
+    click(viewer, image, NEAR_BORDER)
+    preview = _preview(qtbot, widget, timeout=180_000) > 0
+    assert len(encoder_threads) >= 2, f"the mask was not followed into another tile: {encoder_threads}"
+    assert not any(on_gui for on_gui, _ in encoder_threads), encoder_threads
+    assert {shape for _, shape in encoder_threads} == {(1024, 1024)}  # tiles, never the whole slice
+    # every tile the object needs is embedded now: the engine's prediction is decoder-only and
+    # equals what the widget shows
+    n = len(encoder_threads)
+    clicked = np.asarray(widget.points_layer.data, float).reshape(-1, 2)  # where the click landed
+    full = session.predict(0, clicked, np.ones(len(clicked), int))
+    assert len(encoder_threads) == n
+    np.testing.assert_array_equal(preview, full.mask)
+    grid = session.predictor.grid
+    assert len({grid.tile_at(r, c).index for r, c in np.argwhere(preview)[:: 97]}) >= 2, "merged across tiles"
+
+
+@pytest.fixture
 def lenient_propagation(monkeypatch):
     """The random model predicts IoUs below the default stop threshold (0.5) and masks that jump
     between slices, so propagation would stop after the seed; here it stops only at the stack's end."""

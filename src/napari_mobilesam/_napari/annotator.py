@@ -18,7 +18,7 @@ from napari.layers import Labels
 from ..core.session import ObjectPrediction
 from . import prompt_layers as pl
 from .auto_actions import AutomaticActions
-from .embedder import SliceEmbedder
+from .embedder import SliceEmbedder, prompt_key
 from .long_tasks import (
     LongTaskRunner,
     PropagationRun,
@@ -168,10 +168,14 @@ class Annotator(AutomaticActions):
             return None
         mask_input = None if base is None or not base.any() else pl.label_mask_input(base)
         try:
-            pred = self.session.predict(z, prompt.points, prompt.labels, prompt.box, mask_input)
+            # decoder only: on tiled slices, tiles not embedded yet are embedded by the worker
+            pred = self.session.predict(z, prompt.points, prompt.labels, prompt.box, mask_input,
+                                        embedded_only=True)
         except Exception as exc:  # noqa: BLE001
             self._say.report(exc, f"predicting on slice {z}")
             return None
+        if pred.missing_tiles:
+            self._embedder.follow(z, pred.missing_tiles, key=prompt_key(z, prompt, base))
         self._prediction = pred
         self._set_preview(z, pred.mask.astype(np.uint32), "object")
         next_step = "" if self._runner.running else (

@@ -54,9 +54,11 @@ from ..io.stacks import (
 from ..models.choice import ModelChoice
 from ..volume.automatic import AutoParams, Stitcher
 from .cluster import (
+    SliceSteps,
     embed_on_cluster,
     map_on_cluster,
     preload_model_on_workers,
+    prompt_tiles,
     spec_for_client,
     worker_segment_auto,
     worker_segment_prompts,
@@ -213,7 +215,7 @@ def segment_stack(
     tile, halo : int, "auto" or None; int
         Slices larger than ``tile`` pixels are cut into overlapping tiles seen at full resolution
         (see :class:`~napari_mobilesam.core.session.Session`; default "auto": tiles of 1024 for
-        slices over 1536 pixels). Slices sent to a dask ``client`` are processed whole.
+        slices over 1536 pixels), here and on the workers of a dask ``client`` alike.
     resume : bool
         Continue an OME-Zarr ``out`` (``*.zarr``) left unfinished by an interrupted run: slices it
         finished are kept, the others are done now. (A TIFF output is always rewritten whole.)
@@ -239,7 +241,8 @@ def segment_stack(
             if client is not None:
                 spec = spec_for_client(model, checkpoint, device, backend, precision)
                 jobs = ((z, source.rgb(z), by_slice[z]) for z in zs)
-                for z, sl in map_on_cluster(client, worker_segment_prompts, spec, None, jobs):
+                steps = SliceSteps(tile=tile, halo=halo)
+                for z, sl in map_on_cluster(client, worker_segment_prompts, spec, steps, jobs):
                     output.put(z, sl)
                     update()
             else:
@@ -285,7 +288,8 @@ def propagate_stack(
 
     Parameters are those of :func:`segment_stack` (without ``resume``); ``z_range`` limits how far
     objects are followed, and further keyword arguments go to ``propagate.propagate`` (stop rules).
-    With ``client`` the slices are not tiled (the workers embed whole slices).
+    With ``client`` on tiled slices, the workers embed the tiles holding the prompts on every
+    slice; tiles an object runs into beyond them are embedded here when needed.
 
     Following an object is sequential through z, but most of its cost is the image encoder. With
     ``client`` (a ``dask.distributed.Client``) the embeddings of every slice in ``z_range`` are
@@ -317,10 +321,11 @@ def propagate_stack(
                  inputs=_input_paths(image, metadata)) as output, folder as tmp:
         predictor = _make_predictor(
             model, checkpoint, device, backend, precision, source, cache_bytes, disk_dir=tmp,
-            tile=None if client is not None else tile, halo=halo,
+            tile=tile, halo=halo,
         )
-        if client is not None:
-            embed_on_cluster(client, spec, predictor, zr, progress)
+        if client is not None:  # tiled: the tiles holding the prompts, on every slice
+            tiles = prompt_tiles(predictor, objects) if hasattr(predictor, "grid") else None
+            embed_on_cluster(client, spec, predictor, zr, progress, tiles=tiles)
         labels = run_propagation(predictor, objects, zr, progress, propagate_options, propagate)
         for z in range(shape[0]):
             output.put(z, labels[z].astype(dtype, copy=False))
@@ -411,7 +416,8 @@ def segment_stack_auto(
                                      "without --dask-workers/--scheduler")
                 spec = spec_for_client(model, checkpoint, device, backend, precision)
                 jobs = ((z, source.rgb(z), None) for z in zs)
-                for z, local in map_on_cluster(client, worker_segment_auto, spec, params, jobs):
+                steps = SliceSteps(tile=tile, halo=halo, params=params)
+                for z, local in map_on_cluster(client, worker_segment_auto, spec, steps, jobs):
                     output.put(z, stitcher.add(local))
                     update()
             else:

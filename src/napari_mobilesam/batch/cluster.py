@@ -7,13 +7,17 @@
 - :func:`preload_model_on_workers` loads the model on every worker ahead of time.
 
 Workers build their engine objects through :class:`~napari_mobilesam.core.session.Session`, like
-the widget and the batch API. Slices travel as (H, W, 3) uint8 RGB; labels come back (H, W).
+the widget and the batch API, and run the same per-slice steps as the local batch path: a slice
+larger than the tile (:class:`SliceSteps`: ``tile``/``halo`` as ``Session`` takes them) is cut into
+overlapping tiles seen at full resolution. Slices travel as (H, W, 3) uint8 RGB (tiles, for
+:func:`embed_on_cluster` on tiled slices); labels come back (H, W).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +28,31 @@ from ..volume.automatic import AutoParams, segment_slice
 from .slices import progress_callback, segment_objects_on_slice
 
 __all__ = ["preload_model_on_workers", "spec_for_client", "map_on_cluster", "embed_on_cluster",
-           "worker_segment_prompts", "worker_segment_auto", "WORKER_LOAD_COUNT"]
+           "worker_segment_prompts", "worker_segment_auto", "WORKER_LOAD_COUNT", "SliceSteps",
+           "prompt_tiles"]
+
+
+@dataclass(frozen=True)
+class SliceSteps:
+    """How a worker treats one slice, besides the model (sent along with every job).
+
+    Attributes
+    ----------
+    tile, halo
+        Tiling, as :class:`~napari_mobilesam.core.session.Session` takes it (``"auto"``: tiles of
+        1024 pixels for slices whose longest side exceeds 1536; None: never).
+    params : AutoParams or None
+        Automatic-mode parameters (``worker_segment_auto``).
+    """
+
+    tile: Any = "auto"
+    halo: int | None = None
+    params: AutoParams | None = None
+
+
+def _steps(options: Any) -> SliceSteps:
+    """A ``SliceSteps`` from what a job carries (an ``AutoParams`` or None: untiled defaults)."""
+    return options if isinstance(options, SliceSteps) else SliceSteps(params=options)
 
 
 def spec_for_client(model, checkpoint, device, backend, precision) -> ModelChoice:
@@ -75,13 +103,15 @@ def preload_model_on_workers(
     return client.run(_preload, spec)
 
 
-def _one_slice_session(spec: ModelChoice, rgb: np.ndarray):
-    """A Session over one (H, W, 3) uint8 RGB slice with the worker's model (memory cache only)."""
+def _one_slice_session(spec: ModelChoice, rgb: np.ndarray, steps: SliceSteps | None = None):
+    """A Session over one (H, W, 3) uint8 RGB slice with the worker's model (memory cache only),
+    tiled as ``steps`` says."""
     from ..core.session import Session
     from ..core.source import SliceSource
 
+    steps = steps or SliceSteps()
     source = SliceSource(np.asarray(rgb)[None], rgb=True, normalize="none")
-    return Session(_worker_model(spec), source, cache_dir=None)
+    return Session(_worker_model(spec), source, cache_dir=None, tile=steps.tile, halo=steps.halo)
 
 
 def worker_embed(z: int, rgb: np.ndarray, _unused, spec: ModelChoice, _params):
@@ -94,26 +124,61 @@ def worker_embed(z: int, rgb: np.ndarray, _unused, spec: ModelChoice, _params):
     return z, emb.features.detach().to("cpu", torch.float16).numpy()
 
 
-def worker_segment_auto(z: int, rgb: np.ndarray, _unused, spec: ModelChoice, params: AutoParams):
-    """On a worker: ``(z, (H, W) labels)`` of automatic segmentation of one RGB slice."""
-    return z, segment_slice(_one_slice_session(spec, rgb).predictor, 0, params).labels
+def worker_segment_auto(z: int, rgb: np.ndarray, _unused, spec: ModelChoice, steps: Any):
+    """On a worker: ``(z, (H, W) labels)`` of automatic segmentation of one RGB slice (tile by
+    tile when it is larger than ``steps.tile``; ``steps`` may be a bare ``AutoParams``)."""
+    steps = _steps(steps)
+    session = _one_slice_session(spec, rgb, steps)
+    if session.tiled:  # as the local batch path: each object kept by the tile holding its centre
+        from ..volume.tiled import segment_slice_tiled
+
+        return z, segment_slice_tiled(session.predictor, 0, steps.params)
+    return z, segment_slice(session.predictor, 0, steps.params).labels
 
 
-def worker_segment_prompts(z: int, rgb: np.ndarray, objects, spec: ModelChoice, _params):
-    """On a worker: ``(z, (H, W) labels)`` of the prompted ``objects`` on one RGB slice."""
-    return z, segment_objects_on_slice(_one_slice_session(spec, rgb).predictor, 0, objects)
+def worker_segment_prompts(z: int, rgb: np.ndarray, objects, spec: ModelChoice, steps: Any):
+    """On a worker: ``(z, (H, W) labels)`` of the prompted ``objects`` on one RGB slice (each
+    prompt answered in its tile when the slice is larger than ``steps.tile``)."""
+    return z, segment_objects_on_slice(_one_slice_session(spec, rgb, _steps(steps)).predictor, 0, objects)
 
 
-def embed_on_cluster(client, spec: ModelChoice, session, zr: range, progress) -> None:
-    """Fill ``session.cache`` with the embeddings of slices ``zr``, computed on the workers."""
-    source, cache = session.source, session.cache
-    todo = [z for z in zr if not cache.is_cached(source, z)]
+def prompt_tiles(predictor, objects: dict) -> list[int]:
+    """Indices of the tiles holding the prompts of ``objects`` (``{object_id: {z: prompt}}``, as
+    ``propagate`` takes them) on a ``TiledPredictor``: where the objects are followed through z."""
+    from ..core.predictor import as_prompt
+    from ..core.tiles import _prompt_center
+
+    found: set[int] = set()
+    for per_z in objects.values():
+        for prompt in per_z.values():
+            try:
+                found.add(predictor.grid.tile_at(*_prompt_center(as_prompt(prompt))).index)
+            except ValueError:  # no point and no box (InputError): nothing to place
+                continue
+    return sorted(found)
+
+
+def embed_on_cluster(client, spec: ModelChoice, session, zr: range, progress, tiles=None) -> None:
+    """Fill ``session.cache`` with the embeddings of slices ``zr``, computed on the workers.
+
+    ``session`` is anything with ``source`` and ``cache`` (a ``Session`` or a predictor). For a
+    ``TiledPredictor`` the tiles ``tiles`` (indices, e.g. :func:`prompt_tiles`; default: every
+    tile) of each slice are embedded, each sent as its own (tile, tile, 3) RGB window.
+    """
+    cache = session.cache
+    if hasattr(session, "grid"):  # tiled: one job per (slice, tile)
+        indices = range(len(session.grid)) if tiles is None else tiles
+        views = [session.tile_predictor(i).source for i in indices]
+    else:
+        views = [session.source]
+    todo = [(z, k) for z in zr for k, view in enumerate(views) if not cache.is_cached(view, z)]
     # a bar when asked for one; a callable hears from the propagation only (one done/total scale)
     update, close = progress_callback(progress is True, len(todo), "embed (cluster)")
     try:
-        jobs = ((z, source.rgb(z), None) for z in todo)
-        for z, feats in map_on_cluster(client, worker_embed, spec, None, jobs):
-            cache.put(source, z, feats)
+        jobs = ((n, views[k].rgb(z), None) for n, (z, k) in enumerate(todo))
+        for n, feats in map_on_cluster(client, worker_embed, spec, None, jobs):
+            z, k = todo[n]
+            cache.put(views[k], z, feats)
             update()
     finally:
         close()

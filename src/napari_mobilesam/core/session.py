@@ -49,12 +49,16 @@ class ObjectPrediction:
         The decoder's predicted IoU of the chosen mask.
     low_res : (256, 256) float32 or None
         The chosen mask's low-resolution logits (can seed the next prediction).
+    missing_tiles : tuple of Tile
+        With ``predict(..., embedded_only=True)`` on tiled slices: tiles the object runs into
+        that are not embedded yet (not used; embed them and predict again). Empty otherwise.
     """
 
     z: int
     mask: np.ndarray
     score: float
     low_res: np.ndarray | None = None
+    missing_tiles: tuple = ()
 
 
 def normalization_for(sam) -> str:
@@ -220,18 +224,29 @@ class Session:
             self.cache.close()
 
     # -- prompts ---------------------------------------------------------------------------------
-    def predict(self, z: int, points, labels, box=None, mask_input=None) -> ObjectPrediction:
+    def predict(self, z: int, points, labels, box=None, mask_input=None, *,
+                embedded_only: bool = False) -> ObjectPrediction:
         """The best mask for the prompts of slice ``z``.
 
         ``points`` (N, 2) ``(row, col)``, ``labels`` (N,) 1/0, ``box`` ``(row0, col0, row1, col1)``
         or None. One lone point is ambiguous, so SAM's three candidates are asked for and the one
         with the highest predicted IoU is kept; with more prompts, the single-mask output is used.
+        ``embedded_only`` (tiled slices): never run the encoder; tiles not embedded yet are left
+        out and listed in ``missing_tiles`` (the mask is then empty if the prompt's own tile is).
         """
         p = Prompt.from_clicks(points, labels, box)
         self.set_focus(points, labels, box)
-        pred = self.predictor.predict(
-            z, points=p.points, labels=p.labels, box=p.box, mask_input=mask_input, multimask=p.multimask
-        )
+        missing: list = []
+        if embedded_only and self.tiled:
+            pred, missing = self.predictor.predict_embedded(
+                z, Prompt(p.points, p.labels, p.box, mask_input, p.multimask))
+            if pred is None:
+                return ObjectPrediction(z=z, mask=np.zeros(self.source.slice_shape, bool), score=0.0,
+                                        missing_tiles=tuple(missing))
+        else:
+            pred = self.predictor.predict(
+                z, points=p.points, labels=p.labels, box=p.box, mask_input=mask_input, multimask=p.multimask
+            )
         iou = np.asarray(pred.iou, dtype=float).reshape(-1)
         best = int(np.argmax(iou))
         low_res = getattr(pred, "low_res", None)
@@ -240,6 +255,7 @@ class Session:
             mask=np.asarray(pred.masks[best], dtype=bool),
             score=float(iou[best]),
             low_res=None if low_res is None else np.asarray(low_res[best], dtype=np.float32),
+            missing_tiles=tuple(missing),
         )
 
     # -- automatic segmentation -------------------------------------------------------------------

@@ -264,6 +264,22 @@ class TiledPredictor:
         """The ``SlicePredictor`` of one tile (its coordinates are the tile's)."""
         return self._predictors[tile if isinstance(tile, int) else tile.index]
 
+    # -- embeddings ---------------------------------------------------------------------------------
+    def is_tile_embedded(self, z: int, tile: Tile | int) -> bool:
+        """Whether ``tile`` of slice ``z`` is in the cache (memory or disk), so a prediction in it
+        runs the decoder only. Always True without a cache (e.g. oracle tiles in tests)."""
+        tile_pred = self.tile_predictor(tile)
+        cache = getattr(tile_pred, "cache", None)
+        return cache is None or cache.is_cached(tile_pred.source, z)
+
+    def embed_tiles(self, z: int, tiles: Sequence[Tile | int]) -> None:
+        """Compute (or load) the embeddings of ``tiles`` on slice ``z``. Slow: call it in a worker."""
+        for tile in tiles:
+            tile_pred = self.tile_predictor(tile)
+            cache = getattr(tile_pred, "cache", None)
+            if cache is not None:
+                cache.get(tile_pred.source, z)
+
     def prefetch(self, zs: Sequence[int]) -> None:
         """Embed, in the background, the tile last worked on, on slices ``zs``."""
         tile_pred = self._predictors[self._last_tile]
@@ -294,6 +310,18 @@ class TiledPredictor:
             raise InputError("full-resolution logits are not available on tiled slices: use return_logits=False")
         return [self._predict_one(z, as_prompt(p)) for p in prompts]
 
+    def predict_embedded(self, z: int, prompt: Prompt | dict) -> tuple[Prediction | None, list[Tile]]:
+        """Like ``predict_many(z, [prompt])[0]``, but using only tiles already embedded: never
+        runs the encoder (the widget calls it on the GUI thread).
+
+        Returns ``(prediction, missing)``: ``missing`` lists the tiles the object runs into whose
+        embedding is not cached yet (they were not followed; embed them with :meth:`embed_tiles`
+        and ask again: once none is missing, the prediction is the one ``predict`` gives).
+        ``prediction`` is None when the tile holding the prompt itself is missing.
+        """
+        missing: list[Tile] = []
+        return self._predict_one(z, as_prompt(prompt), missing), missing
+
     def _frame_of(self, mask_input: Any) -> int | None:
         """The tile whose frame ``mask_input`` (or the array it is a view of) is in, if ours."""
         a = mask_input
@@ -309,9 +337,14 @@ class TiledPredictor:
         self._frames[key] = (weakref.ref(low_res), tile.index)
         weakref.finalize(low_res, self._frames.pop, key, None)
 
-    def _predict_one(self, z: int, p: Prompt) -> Prediction:
+    def _predict_one(self, z: int, p: Prompt, missing: list[Tile] | None = None) -> Prediction | None:
+        """The prediction for ``p`` in whole-slice coordinates. With a ``missing`` list, tiles
+        not embedded yet are not used but appended to it (None returned if it is the first)."""
         tile = self.grid.tile_at(*_prompt_center(p))
         self._last_tile = tile.index
+        if missing is not None and not self.is_tile_embedded(z, tile):
+            missing.append(tile)
+            return None
         if p.mask_input is not None:
             frame = self._frame_of(p.mask_input)
             if frame is not None and frame != tile.index:  # logits of another tile: not usable here
@@ -323,14 +356,15 @@ class TiledPredictor:
         rows, cols = tile.region
         masks[:, rows, cols] = pred.masks
         best = pred.best
-        masks[best] = self._continue(z, masks[best], tile)
+        masks[best] = self._continue(z, masks[best], tile, missing)
         low_res = pred.low_res
         self._remember(low_res, tile)
         return Prediction(masks=masks, iou=pred.iou, stability=pred.stability, low_res=low_res, logits=None)
 
     # -- objects crossing tiles --------------------------------------------------------------------
-    def _continue(self, z: int, mask: np.ndarray, first: Tile) -> np.ndarray:
-        """``mask`` (whole slice) extended through the neighbouring tiles it runs into."""
+    def _continue(self, z: int, mask: np.ndarray, first: Tile, missing: list[Tile] | None = None) -> np.ndarray:
+        """``mask`` (whole slice) extended through the neighbouring tiles it runs into (with a
+        ``missing`` list: only through embedded ones, the others appended to it)."""
         done = {first.index}
         todo = self._entered(mask, first, done)
         while todo and len(done) < _MAX_TILES_PER_OBJECT:
@@ -338,6 +372,9 @@ class TiledPredictor:
             if tile.index in done:
                 continue
             done.add(tile.index)
+            if missing is not None and not self.is_tile_embedded(z, tile):
+                missing.append(tile)
+                continue
             piece = self._piece_in(z, mask, tile)
             if piece is None:
                 continue
