@@ -1,7 +1,11 @@
 """Benchmark: batch labelling throughput and memory against stack depth, and automatic mode speed.
 
-Prints two tables:
+Prints three tables:
 
+0. Memory for many prompts on one slice: ``segment_stack`` on one 512 x 512 slice with 10, 100 and
+   250 one-point prompts (``--prompt-counts``), each in a fresh process: peak resident memory above
+   the level after a warm-up run with one prompt (flat: the masks are painted into the
+   output slice as they are decoded, one bounded decoder chunk at a time).
 1. Batch labelling from prompts (``segment_stack``): a lazily read TIFF stack of 512 x 512 slices
    (synthetic nuclei), a few point prompts on every slice, labels streamed to a compressed TIFF.
    Slices per second and peak memory (resident set of the whole process tree: client and dask
@@ -20,6 +24,7 @@ Usage::
 
     python benchmarks/batch.py            # depths 50, 100, 200; auto on 10 slices
     python benchmarks/batch.py --quick    # depths 8, 16; auto on 3 slices; 16 x 16 dense grid
+    python benchmarks/batch.py --skip-depth --skip-auto   # only the many-prompts memory table
 
 Medians over ``--repeats`` runs where a configuration is repeated (the auto timing); the depth sweep
 runs each configuration once (each is already a mean over many slices).
@@ -103,6 +108,8 @@ def child(cfg: dict) -> dict:
     from napari_mobilesam.volume.automatic import AutoParams
 
     model = dict(model="vit_t", checkpoint=str(WEIGHTS), backend=cfg.get("backend", "auto"))
+    if cfg["kind"] == "prompts":
+        return prompts_child(cfg, model)
     data, meta = batch.open_stack(cfg["stack"], lazy=True)
     if cfg["kind"] == "segment":
         client = cluster = None
@@ -173,6 +180,35 @@ def child(cfg: dict) -> dict:
     return out
 
 
+def prompts_child(cfg: dict, model: dict) -> dict:
+    """``segment_stack`` on one 512 x 512 slice with ``cfg["n"]`` one-point prompts; peak resident
+    memory above the level after a warm-up run (model and runtime loaded; the measured run embeds
+    the slice again, the same for every ``n``)."""
+    import resource
+
+    from napari_mobilesam import batch
+    from napari_mobilesam.data import synthetic_nuclei
+    from napari_mobilesam.models.registry import load_model
+
+    def rss() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    img = synthetic_nuclei((12, 512, 512), n_nuclei=80, seed=0).image[6:7]
+    sam = load_model(model["model"], model["checkpoint"], backend=model["backend"])
+    n = int(cfg["n"])
+    batch.segment_stack(img, np.array([[0, 256.0, 256.0]]), model=sam, cache_bytes=0)  # warm-up
+    base = rss()
+    pts = np.random.default_rng(1).uniform(10, 500, (n, 2))
+    t = time.perf_counter()  # (N, 3) (z, row, col) points: one object each
+    batch.segment_stack(img, np.column_stack([np.zeros(n), pts]), model=sam, cache_bytes=0)
+    dt = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"peak_above_mb": (peak - base) / 2**20, "seconds": dt}
+
+
 def run_child(cfg: dict) -> tuple[dict, float]:
     """Run ``child(cfg)`` in a fresh process; return (its result, peak RSS of its process tree)."""
     import psutil
@@ -225,7 +261,11 @@ def main(argv=None) -> int:
     ap.add_argument("--auto-slices", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None, help="repeats of the automatic timing")
     ap.add_argument("--cache-mb", type=int, default=64, help="embedding cache budget (MiB)")
-    ap.add_argument("--skip-depth", action="store_true", help="only the automatic-mode table")
+    ap.add_argument("--skip-depth", action="store_true", help="no depth table")
+    ap.add_argument("--skip-auto", action="store_true", help="no automatic-mode table")
+    ap.add_argument("--prompt-counts", type=int, nargs="*", default=[10, 100, 250],
+                    help="prompts on one slice for the memory table (none: skip it)")
+    ap.add_argument("--prompt-backend", default="auto", help="backend of the memory table's runs")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -242,6 +282,16 @@ def main(argv=None) -> int:
     print(f"# machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="mobilesam-bench-") as tmp:
         tmp = Path(tmp)
+        if args.prompt_counts:
+            print("\n## many prompts on one 512 x 512 slice (segment_stack), peak memory above the level "
+                  f"after a one-prompt warm-up run, backend {args.prompt_backend}\n")
+            print("| prompts | peak above MiB | s |")
+            print("| ---: | ---: | ---: |")
+            for n in args.prompt_counts:
+                res, _ = run_child({"kind": "prompts", "n": n, "backend": args.prompt_backend})
+                print(f"| {n} | {res['peak_above_mb']:.0f} | {res['seconds']:.1f} |", flush=True)
+        if args.skip_depth and args.skip_auto:
+            return 0
         t = time.perf_counter()
         stack = make_stack(tmp / "stack.tif", max(max(depths), n_auto + 8))
         print(f"# synthetic stack {max(max(depths), n_auto + 8)} x 512 x 512 written in "
@@ -266,6 +316,8 @@ def main(argv=None) -> int:
                     run = "1 process" if not workers else f"{workers} dask workers"
                     print(f"| {depth} | {run} | {res['seconds']:.1f} | {rate:.2f} | "
                           f"{rate / base:.2f} | {peak:.0f} |", flush=True)
+        if args.skip_auto:
+            return 0
         print(f"\n## automatic segmentation, 512 x 512 slices with 50-75 nuclei (median of {n_auto} slices"
               f"{'' if repeats == 1 else f' x {repeats} runs'})\n")
         runs = []

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.predictor import Prompt
+from ..core.predictor import Prompt, iter_predictions
 from ..errors import InputError, PromptError
 from ..io.prompts import Prompts
 from ..io.stacks import LabelsTiffWriter, check_output_path, is_zarr_path
@@ -47,25 +47,24 @@ def prompt_dict(item: dict) -> Prompt:
     return Prompt.from_clicks(item["points"], item["labels"], item["box"])
 
 
-# objects decoded per predictor call on one slice: bounds the candidate masks held at once
-_OBJECTS_PER_CALL = 64
-
-
 def segment_objects_on_slice(predictor, z: int, objects: list[tuple[int, dict]]) -> np.ndarray:
     """(H, W) labels (int32, int64 for ids of 2**31 and more): each object's best mask on slice
-    ``z``, the higher predicted IoU winning shared pixels. ``objects``: ``[(object_id, item)]``."""
+    ``z``, the higher predicted IoU winning shared pixels (the earlier object on a tie).
+    ``objects``: ``[(object_id, item)]``.
+
+    Each prediction is painted into the slice as it comes and dropped (`iter_predictions` with
+    ``keep="best"``), so memory does not grow with the number of objects: one decoder chunk plus a
+    score and an owner map of the slice."""
     h, w = predictor.source.slice_shape
-    masks, scores = [], []
-    for start in range(0, len(objects), _OBJECTS_PER_CALL):  # only the chosen masks are kept
-        chunk = objects[start : start + _OBJECTS_PER_CALL]
-        for pred in predictor.predict_many(z, [prompt_dict(item) for _, item in chunk]):
-            iou = np.asarray(pred.iou, float).reshape(-1)
-            k = int(np.argmax(iou))  # the best of SAM's candidates (its only mask with several prompts)
-            masks.append(np.asarray(pred.masks[k], bool))
-            scores.append(iou[k])
     out = np.zeros((h, w), labels_dtype(max((oid for oid, _ in objects), default=0)))
-    for i in np.argsort(-np.asarray(scores), kind="stable"):
-        out[masks[i] & (out == 0)] = objects[i][0]
+    score = np.full((h, w), -np.inf)
+    owner = np.full((h, w), len(objects), np.int64)
+    prompts = [prompt_dict(item) for _, item in objects]
+    for i, pred in iter_predictions(predictor, z, prompts, keep="best"):
+        s = float(pred.iou[0])  # the best of SAM's candidates (its only mask with several prompts)
+        m = np.asarray(pred.masks[0], bool)
+        win = m & ((s > score) | ((s == score) & (i < owner)))
+        out[win], score[win], owner[win] = objects[i][0], s, i
     return out
 
 

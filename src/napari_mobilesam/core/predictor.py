@@ -14,7 +14,7 @@ weighted gathers, rows then columns), and only over the rows/columns where a mas
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from .embeddings import EmbeddingCache
 from .preprocess import encoder_size, input_size_for
 from .source import SliceSource
 
-__all__ = ["Prompt", "Prediction", "SlicePredictor", "PromptError", "as_prompt"]
+__all__ = ["Prompt", "Prediction", "SlicePredictor", "PromptError", "as_prompt", "iter_predictions", "best_only"]
 
 LOW_RES = 256
 
@@ -157,10 +157,11 @@ class SlicePredictor:
     cache : EmbeddingCache, optional
         Shared embedding cache; default: a new in-memory one for ``sam``.
     max_batch : int
-        Most prompts decoded in one decoder call (the decoder needs tens of MB per prompt).
+        Most prompts decoded in one decoder call (default 8: the decoder's working memory is about
+        24 MiB per prompt of a call, so 8 keep it near 190 MiB however many prompts a slice has).
     """
 
-    max_batch = 16
+    max_batch = 8
 
     def __init__(self, sam: Any, source: SliceSource | Any, cache: EmbeddingCache | None = None,
                  *, max_batch: int | None = None) -> None:
@@ -317,8 +318,9 @@ class SlicePredictor:
         stab = torch.where(lo > 0, hi / lo.clamp(min=1), torch.zeros_like(lo)).numpy().astype(np.float32)
         return masks, stab, (logits.numpy() if full else None)
 
-    def _decode_chunk(self, emb, checked, idx, sig, original, resized, return_logits, out) -> None:
-        """Decode prompts ``idx`` (one structure ``sig``) in one decoder call into ``out``."""
+    def _decode_chunk(self, emb, checked, idx, sig, original, resized, return_logits, keep) -> list[Prediction]:
+        """Decode prompts ``idx`` (one structure ``sig``) in one decoder call: one `Prediction` each
+        (only the best candidate, up-scaled alone, for ``keep="best"``)."""
         n_pts, has_box, has_mask, multi = sig
         dev = self.device
         pts_arg = boxes_arg = masks_arg = None
@@ -340,10 +342,17 @@ class SlicePredictor:
         )
         low = low.float().cpu()
         iou = iou.float().cpu()
-        for j, i in enumerate(idx):
-            masks, stab, logits = self._upscale(low[j], original, resized, return_logits)
-            out[i] = Prediction(masks=masks, iou=iou[j].numpy().copy(), stability=stab,
-                                low_res=low[j].numpy().copy(), logits=logits)
+        del sparse, dense
+        out = []
+        for j in range(len(idx)):
+            lo, sc = low[j], iou[j]
+            if keep == "best":
+                k = int(torch.argmax(sc))
+                lo, sc = lo[k : k + 1], sc[k : k + 1]
+            masks, stab, logits = self._upscale(lo, original, resized, return_logits)
+            out.append(Prediction(masks=masks, iou=sc.numpy().copy(), stability=stab,
+                                  low_res=lo.numpy().copy(), logits=logits))
+        return out
 
     # -- prediction -------------------------------------------------------------------------------
     def predict(
@@ -363,20 +372,41 @@ class SlicePredictor:
         )[0]
 
     def predict_many(
-        self, z: int, prompts: Sequence[Prompt | dict], *, return_logits: bool = False
+        self, z: int, prompts: Sequence[Prompt | dict], *, return_logits: bool = False, keep: str = "all"
     ) -> list[Prediction]:
         """Masks for several objects on slice ``z``, one `Prediction` per prompt, in order.
 
         Prompts with the same structure (number of points, box or not, mask or not, multimask) share
         batched decoder calls of at most ``max_batch`` prompts each (full batches, then decreasing
         powers of two: few shapes for compiled decoders), so the decoder's memory stays flat
-        whatever the number of prompts; results equal one-by-one calls.
+        whatever the number of prompts; results equal one-by-one calls. The returned list holds
+        every prediction at once (1.5 MiB per prompt on a 512 x 512 slice with three candidates):
+        for many prompts use ``keep="best"`` (each `Prediction` holds only its best candidate,
+        ``K = 1``: a third of that) or `iter_predict`, which lets each chunk go once used.
         """
+        out: list[Prediction | None] = [None] * len(prompts)
+        for i, pred in self.iter_predict(z, prompts, return_logits=return_logits, keep=keep):
+            out[i] = pred
+        return out  # type: ignore[return-value]
+
+    def iter_predict(
+        self, z: int, prompts: Sequence[Prompt | dict], *, return_logits: bool = False, keep: str = "all"
+    ) -> Iterator[tuple[int, Prediction]]:
+        """``(index into prompts, Prediction)`` for every prompt, one decoder chunk at a time.
+
+        Same predictions as `predict_many` (same batching), yielded as each chunk of at most
+        ``max_batch`` prompts is decoded, grouped by prompt structure (so not always in the order
+        of ``prompts``): a caller that keeps only what it needs of each (the chosen mask, or pixels
+        written into an output slice) holds at most one chunk's predictions, whatever the number
+        of prompts. Every prompt is checked before the first decoder call. ``keep="best"``: only
+        the candidate with the highest predicted IoU (masks ``(1, H, W)``).
+        """
+        if keep not in ("all", "best"):
+            raise ValueError(f"keep must be 'all' or 'best', got {keep!r}")
         prompts = [as_prompt(p) for p in prompts]
         if not prompts:
-            return []
+            return
         original = self.source.slice_shape
-
         resized = input_size_for(original, encoder_size(self.sam))
         checked = [self._check(p, original, resized) for p in prompts]  # before any heavy work
         emb = self.cache.get(self.source, z)
@@ -384,9 +414,39 @@ class SlicePredictor:
         for i, (coords, _lab, box, mask, multi) in enumerate(checked):
             sig = (0 if coords is None else len(coords), box is not None, mask is not None, multi)
             groups.setdefault(sig, []).append(i)
-        out: list[Prediction | None] = [None] * len(prompts)
-        with torch.inference_mode():
-            for sig, idx in groups.items():
-                for start, stop in batch_bounds(len(idx), self.max_batch):
-                    self._decode_chunk(emb, checked, idx[start:stop], sig, original, resized, return_logits, out)
-        return out  # type: ignore[return-value]
+        for sig, idx in groups.items():
+            for start, stop in batch_bounds(len(idx), self.max_batch):
+                chunk = idx[start:stop]
+                with torch.inference_mode():
+                    preds = self._decode_chunk(emb, checked, chunk, sig, original, resized, return_logits, keep)
+                for i, pred in zip(chunk, preds):
+                    yield i, pred
+                del preds
+
+
+def iter_predictions(predictor: Any, z: int, prompts: Sequence[Prompt | dict], *,
+                     keep: str = "all") -> Iterator[tuple[int, Prediction]]:
+    """``(index, prediction)`` for every prompt on slice ``z`` from any predictor: its
+    ``iter_predict`` when it has one (`SlicePredictor`), else ``predict_many`` on chunks of
+    ``max_batch`` (default 16) prompts, so at most one chunk's predictions are alive at a time
+    when the caller keeps only what it needs. ``keep="best"``: each prediction reduced to its best
+    candidate (masks ``(1, H, W)``, ``iou``, ``stability``, ``low_res`` of that candidate)."""
+    it = getattr(predictor, "iter_predict", None)
+    if it is not None:
+        yield from it(z, prompts, keep=keep)
+        return
+    size = int(getattr(predictor, "max_batch", 16))
+    for start in range(0, len(prompts), size):
+        preds = predictor.predict_many(z, list(prompts[start : start + size]))
+        for j, pred in enumerate(preds):
+            yield start + j, (best_only(pred) if keep == "best" else pred)
+        del preds
+
+
+def best_only(pred: Any) -> Prediction:
+    """``pred`` reduced to its best candidate (``K = 1``; copies, so the rest can be freed)."""
+    k = int(np.argmax(np.asarray(pred.iou)))
+    low = getattr(pred, "low_res", None)
+    return Prediction(masks=np.array(pred.masks[k : k + 1], bool), iou=np.array(pred.iou[k : k + 1], np.float32),
+                      stability=np.array(pred.stability[k : k + 1], np.float32),
+                      low_res=None if low is None else np.array(low[k : k + 1], np.float32))

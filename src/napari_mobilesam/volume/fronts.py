@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from .objects import prompts_from_mask
 
@@ -38,6 +39,10 @@ __all__ = [
 SHIFT_WEIGHT = 3.0
 #: Slices the area extrapolation (`Front.expected_area`) is fitted to.
 AREA_WINDOW = 5
+#: Retry clicks spread along the free side of a neighbour's edge (`Front.retry_prompts`).
+RING_CLICKS = 32
+#: About one retry click per this many pixels of that edge (a tip a few pixels wide is hit).
+RING_SPACING = 2
 
 from .results import (  # noqa: F401  (the codes, re-exported)
     AREA_CHANGE,
@@ -124,6 +129,15 @@ class Front:
         self.areas = [*self.areas[-(AREA_WINDOW - 1):], area]
         self.center = centroid(mask)
 
+    def back(self, z: int, mask: np.ndarray) -> None:
+        """Return to slice ``z`` (the one before the last) with the mask written there, active
+        again: its last step was taken back (`volume.propagation` ``retract``). The logits of that
+        slice are not kept, so the next prompt goes without ``mask_input``."""
+        self.z, self.mask, self.area, self.low_res = z, mask, int(mask.sum()), None
+        self.areas = self.areas[:-1] or [self.area]
+        self.peak, self.record, self.active = max(self.areas), None, True
+        self.center = centroid(mask)
+
     def expected_area(self) -> float | None:
         """The next slice's area extrapolated from the last (up to ``AREA_WINDOW``) slices by a
         least-squares parabola (a round object's area is a parabola in z; the fit evens out ±1 px
@@ -160,6 +174,52 @@ class Front:
                 pts = prompts_from_mask(free, n_points=rules.n_points, box_margin=rules.box_margin)[1]
         low = self.low_res if (rules.use_mask_input and self.low_res is not None) else None
         return Prompt(points=pts, labels=np.ones(len(pts), int), box=box, mask_input=low, multimask=True)
+
+
+    def retry_prompts(self, rules: Rules, avoid: np.ndarray) -> list[Prompt]:
+        """Prompts for a second try on the next slice when the first candidate was another object
+        or jumped away: clicks on the part of the previous mask that ``avoid`` ((H, W) bool: that
+        candidate and other objects' pixels) does not cover, as a user would click again. An
+        object's last slices often lie under a neighbour's, so its tip is a small patch beside it:
+        one click on the free part's deepest pixel (far from the neighbour and the mask's edge) and
+        one on the free pixel nearest the previous mask's centroid (where the tip of a round object
+        is) and clicks spread along the free pixels touching ``avoid`` (a tip pressed
+        against the neighbour; one per ``RING_SPACING`` pixels of that edge, at most ``RING_CLICKS``),
+        each with the box of the free part.
+        Empty when nothing of the previous mask is free."""
+        from ..core.predictor import Prompt
+
+        free = self.mask & ~avoid
+        if not free.any():
+            return []
+        box, pts = prompts_from_mask(free, n_points=1, box_margin=rules.box_margin)
+        clicks = [pts[0]]
+        rows, cols = np.nonzero(free)
+        clicks.append(np.array([rows, cols], float)[:, np.argmin((rows - self.center[0]) ** 2
+                                                                  + (cols - self.center[1]) ** 2)])
+        ring = free & ndi.binary_dilation(avoid)  # the free pixels touching the neighbour
+        ring_pts = np.argwhere(ring).astype(float)
+        clicks.extend(spread_points(ring_pts, min(RING_CLICKS, max(4, len(ring_pts) // RING_SPACING))))
+        kept: list[np.ndarray] = []
+        for c in clicks:
+            if all(np.abs(c - k).sum() > 1.5 for k in kept):
+                kept.append(c)
+        low = self.low_res if (rules.use_mask_input and self.low_res is not None) else None
+        return [Prompt(points=np.asarray([c]), labels=np.ones(1, int), box=box, mask_input=low, multimask=True)
+                for c in kept]
+
+
+def spread_points(pts: np.ndarray, n: int) -> list[np.ndarray]:
+    """Up to ``n`` of the (N, 2) points ``pts``, spread out (farthest-point order from the first)."""
+    if not len(pts):
+        return []
+    out = [pts[0]]
+    d = ((pts - pts[0]) ** 2).sum(1)
+    while len(out) < n and d.max() > 0:
+        k = int(np.argmax(d))
+        out.append(pts[k])
+        d = np.minimum(d, ((pts - pts[k]) ** 2).sum(1))
+    return out
 
 
 def centroid(mask: np.ndarray) -> np.ndarray:

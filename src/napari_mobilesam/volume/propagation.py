@@ -29,7 +29,7 @@ Coordinates: (z, row, col); no napari or Qt here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -139,9 +139,12 @@ class _Run:
         for z in sorted(by_z):
             if self.is_cancelled():
                 break
-            preds = self.predictor.predict_many(z, [p for _, p in by_z[z]])
-            for (label, _), pred in zip(by_z[z], preds):
-                k = pred.best
+            found = {}
+            for t, pred in iter_predictions(self.predictor, z, [p for _, p in by_z[z]], keep="best"):
+                found[t] = pred  # one candidate each: ``keep="best"`` holds a third of the masks
+            for t, (label, _) in enumerate(by_z[z]):
+                pred = found.pop(t)
+                k = int(np.argmax(np.asarray(pred.iou))) if len(pred.masks) > 1 else 0
                 self._seed(seeds, label, z, pred.masks[k], pred.low_res[k], float(pred.iou[k]),
                            float(pred.stability[k]), k)
         return seeds
@@ -199,14 +202,14 @@ class _Run:
             ahead = order[1:] + sorted({f.z + 2 * f.direction for fs in due.values() for f in fs})
             self.predictor.prefetch([z for z in ahead if self.lo_z <= z < self.hi_z])
         for z in sorted(due):
-            group = [f for f in due[z] if f.active]  # a take-over may have stopped one
+            # a take-over may have stopped one, or sent it back a slice (it is due there next round)
+            group = [f for f in due[z] if f.active and f.next_z == z]
             if not group:
                 continue
             if self.is_cancelled():
                 return False
             prompts = [f.prompt(self.rules, self.taken(z, f.label)) for f in group]
-            preds: list[Prediction] = self.predictor.predict_many(z, prompts)
-            self.resolve(z, group, preds)
+            self.resolve(z, group, iter_predictions(self.predictor, z, prompts))
             if self.progress is not None:
                 self.progress(self.n_done, self.n_done + self.remaining())
         return True
@@ -216,16 +219,28 @@ class _Run:
         held = np.isin(self.labels[z], self.run_ids[self.run_ids != label])
         return held if held.any() else None
 
-    def resolve(self, z: int, group: list[Front], preds: list[Prediction]) -> None:
+    def resolve(self, z: int, group: list[Front], preds: Iterable[tuple[int, Prediction]]) -> None:
         """Decide the fronts due on slice ``z``: choose each one's candidate, apply the stop rules,
-        then let them claim pixels in order of their claim (see the module docstring)."""
-        decided = []
-        for f, pred in zip(group, preds):
+        then let them claim pixels in order of their claim (see the module docstring).
+
+        ``preds``: ``(index into group, Prediction)`` as decoded; only the chosen mask and its
+        logits are kept of each, so memory does not grow with the number of fronts."""
+        decided: list = [None] * len(group)
+        for i, pred in preds:
+            f = group[i]
             c = self.choose(z, f, pred)
-            decided.append((f, pred, c, stop_reason(c, f, self.rules)))
-        decided = self.retry(z, decided)
-        decided.sort(key=lambda t: (t[3] is not None, -t[2].claim))
-        for f, pred, c, reason in decided:
+            decided[i] = (f, pred.low_res[c.k], _own(c), stop_reason(c, f, self.rules))
+        lost = self.claim(z, self.retry(z, decided), defer=True)
+        if lost:  # candidates that lost their pixels to a front decided first: one more try
+            self.claim(z, self.retry(z, lost), defer=False)
+
+    def claim(self, z: int, decided: list, defer: bool) -> list:
+        """Write the decided fronts on slice ``z`` in order of their claim; a front losing most of
+        its mask to fronts before it stops with ``"neighbour"``, or, with ``defer``, is returned
+        (nothing recorded) for a retry once the others are written."""
+        deferred = []
+        decided = sorted(decided, key=lambda t: (t[3] is not None, -t[2].claim))
+        for f, low, c, reason in decided:
             if z in self.done_z[f.label]:  # the other side of the same object got here first
                 self.stop(f, z, MET)
                 continue
@@ -237,6 +252,9 @@ class _Run:
                     reason = NEIGHBOUR
                 elif int(written.sum()) < self.rules.min_area:
                     reason = NEIGHBOUR if lost else EMPTY
+                if reason == NEIGHBOUR and defer:
+                    deferred.append((f, low, c, reason))
+                    continue
             area = int(written.sum()) if reason is None else c.area
             self.records.append(
                 SliceRecord(f.label, z, f.direction, f.z, reason is None, area, c.score, c.stability,
@@ -247,32 +265,31 @@ class _Run:
                 self.stop(f, z, reason)
                 continue
             self.write(f.label, z, written)
-            f.accept(z, written, area, pred.low_res[c.k], len(self.records) - 1, c.claim)
+            f.accept(z, written, area, low, len(self.records) - 1, c.claim)
+        return deferred
 
     def retry(self, z: int, decided: list) -> list:
         """Second chance for fronts whose candidate was another object (``"neighbour"``) or
-        jumped away (``"low_overlap"``): the click is moved to the part of the previous mask that
-        candidate (and other objects) do not cover, as a user would click again; all retries of
-        the slice in one decoder call. Returns ``decided`` with the retried entries replaced when
-        the new candidate passes the stop rules."""
+        jumped away (``"low_overlap"``): clicks on the part of the previous mask that candidate (and
+        other objects) do not cover (`Front.retry_prompts`), all retries of the slice in one
+        decoder call. Returns ``decided`` with each retried entry replaced by its retry candidate
+        that passes the stop rules with the best claim, if any."""
         todo = []
-        for j, (f, _pred, c, reason) in enumerate(decided):
+        for j, (f, _low, c, reason) in enumerate(decided):
             if reason not in (NEIGHBOUR, LOW_OVERLAP) or c.area == 0:
                 continue
             held = self.taken(z, f.label)
             avoid = c.mask if held is None else (c.mask | held)
-            if (f.mask & ~avoid).any():
-                todo.append((j, f.prompt(self.rules, avoid)))
+            todo.extend((j, p) for p in f.retry_prompts(self.rules, avoid))
         if not todo or self.is_cancelled():
             return decided
-        preds = self.predictor.predict_many(z, [p for _, p in todo])
         out = list(decided)
-        for (j, _), pred in zip(todo, preds):
+        for t, pred in iter_predictions(self.predictor, z, [p for _, p in todo]):
+            j = todo[t][0]
             f = decided[j][0]
             c = self.choose(z, f, pred)
-            reason = stop_reason(c, f, self.rules)
-            if reason is None:
-                out[j] = (f, pred, c, None)
+            if stop_reason(c, f, self.rules) is None and (out[j][3] is not None or c.claim > out[j][2].claim):
+                out[j] = (f, pred.low_res[c.k], _own(c), None)
         return out
 
     # -- neighbours --------------------------------------------------------------------------------
@@ -316,18 +333,16 @@ class _Run:
 
     def retract(self, g: Front, z: int) -> None:
         """Take slice ``z`` back from front ``g`` (its last one): erase what it wrote there, mark
-        the record rejected, and stop ``g`` there with ``"neighbour"``."""
+        the record rejected, and send ``g`` back to its previous slice to decide ``z`` again next
+        round, now with the taker's pixels in place (its first candidate there was the taker, whose
+        front had not arrived yet: an object's tip under a neighbour). Once per front."""
         sl = self.labels[z]
         sl[g.mask & (sl == g.label)] = 0
         self.done_z[g.label].discard(z)
         self.records[g.record] = replace(self.records[g.record], accepted=False, reason=NEIGHBOUR)
-        g.retracted, g.z = True, z - g.direction
-        if g.active:
-            self.stop(g, z, NEIGHBOUR)
-            return
-        for k, s in enumerate(self.stops):
-            if (s.label, s.seed_z, s.direction) == (g.label, g.seed_z, g.direction):
-                self.stops[k] = Stop(g.label, g.seed_z, g.direction, g.z, z, NEIGHBOUR)
+        g.retracted = True
+        self.stops = [s for s in self.stops if (s.label, s.seed_z, s.direction) != (g.label, g.seed_z, g.direction)]
+        g.back(z - g.direction, self.labels[z - g.direction] == g.label)
 
     def finish(self) -> PropagationResult:
         if self.progress is not None and not self.cancelled:
@@ -339,6 +354,18 @@ class _Run:
         if cache is not None and hasattr(cache, "cancel_prefetch"):
             cache.cancel_prefetch()
         return PropagationResult(self.labels, self.records, self.stops, self.cancelled)
+
+
+def iter_predictions(predictor: Any, z: int, prompts: list, keep: str = "all"):
+    """`core.predictor.iter_predictions` (imported when first needed: it loads torch)."""
+    from ..core.predictor import iter_predictions as it
+
+    return it(predictor, z, prompts, keep=keep)
+
+
+def _own(c: Choice) -> Choice:
+    """``c`` with its own copy of the mask (not a view keeping the prediction's masks alive)."""
+    return replace(c, mask=np.array(c.mask, bool))
 
 
 def _labels_volume(target: np.ndarray | None, inplace: bool, shape: tuple[int, ...], max_label: int) -> np.ndarray:

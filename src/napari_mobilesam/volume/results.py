@@ -22,6 +22,7 @@ NEGATIVE_PROMPT = "negative_prompt"
 MET = "met"
 CANCELLED = "cancelled"
 EMPTY_SEED = "empty_seed"
+PROTECTED = "protected"
 
 
 #: Plain-language meaning of every stop reason, next to the codes above.
@@ -38,6 +39,7 @@ STOP_REASONS = {
     MET: "met another part of the same object",
     CANCELLED: "stopped on request (Stop button)",
     EMPTY_SEED: "the seed prompts gave an empty mask",
+    PROTECTED: "a slice corrected by hand (kept)",
 }
 
 
