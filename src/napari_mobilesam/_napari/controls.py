@@ -40,7 +40,8 @@ def hint_text(axis: str = "z") -> str:
     return (
         "Click: positive point · Shift/Ctrl-click: negative point · N: swap the two\n"
         "Boxes layer: draw a rectangle (R) for a box prompt\n"
-        f"C: commit · Shift-C: clear · Shift-S: propagate through {axis}"
+        f"C: commit · Shift-C: clear · Shift-S: propagate through {axis}\n"
+        "Shift-R: re-propagate the selected label from this slice"
     )
 
 
@@ -94,6 +95,12 @@ class SegmentControls:
             "Correct the labels layer's selected label on this slice: its mask is the starting "
             "prompt, add clicks, C replaces it on this slice (undoable)"
         )
+        self.repropagate = PushButton(text="Re-propagate label from this slice [Shift-R]")
+        self.repropagate.tooltip = (
+            "After correcting the selected label on this slice: follow it again from here, up and "
+            "down, rewriting its slices until a slice you corrected by hand (kept); only this label "
+            "changes, one undo step"
+        )
         self.limit = CheckBox(text="limit propagation to z-range", value=False)
         self.limit.tooltip = "Propagate (and segment the stack automatically) only between the two slices below"
         self.z_from = SpinBox(label="z from", min=0, max=0)
@@ -145,6 +152,7 @@ class SegmentControls:
             self.keep_existing,
             row(self.commit, self.clear),
             self.refine,
+            self.repropagate,
             self.limit,
             row(self.z_from, self.z_to, labels=True),
             self.propagate,
@@ -167,14 +175,14 @@ class SegmentControls:
 
     def enable_stack(self, is_stack: bool) -> None:
         for w in (self.limit, self.z_from, self.z_to, self.propagate, self.propagate_labels, self.scope,
-                  self.ids, self.auto_stack):
+                  self.ids, self.auto_stack, self.repropagate):
             w.enabled = is_stack
 
     def all(self) -> list:
         """Every control (for tooltip checks)."""
         return [
             self.image, self.hint, self.target, self.keep_existing, self.commit, self.clear,
-            self.refine, self.limit, self.z_from, self.z_to, self.propagate, self.scope, self.ids,
+            self.refine, self.repropagate, self.limit, self.z_from, self.z_to, self.propagate, self.scope, self.ids,
             self.propagate_labels, self.auto, self.auto_stack, self.stop, self.cancel, self.status,
             *self.automatic.all(),
         ]

@@ -52,7 +52,8 @@ __all__ = ["SegmentWidget", "KEYS", "HINT"]
 log = logging.getLogger(__name__)
 
 #: Key -> action, bound on the viewer while the widget lives.
-KEYS: dict[str, str] = {"C": "commit", "Shift-C": "clear", "N": "toggle_sign", "Shift-S": "propagate"}
+KEYS: dict[str, str] = {"C": "commit", "Shift-C": "clear", "N": "toggle_sign", "Shift-S": "propagate",
+                        "Shift-R": "repropagate"}
 
 HINT = hint_text()
 _DEBOUNCE_MS = 120
@@ -113,6 +114,7 @@ class SegmentWidget(Container):
         c.image.changed.connect(self._on_image_changed)
         for button, action in (
             (c.commit, self.commit), (c.clear, self.clear_prompts), (c.refine, self.refine_selected_label),
+            (c.repropagate, self.repropagate_selected_label),
             (c.propagate, self.propagate), (c.propagate_labels, self.propagate_labels),
             (c.auto, self.segment_slice_automatically), (c.auto_stack, self.segment_stack_automatically),
             (c.cancel, self.cancel), (c.stop, self.stop),
@@ -342,6 +344,11 @@ class SegmentWidget(Container):
         """Correct the target layer's selected label on the slice in view (C replaces it there)."""
         return self._annotator.refine_selected_label()
 
+    def repropagate_selected_label(self) -> Task | None:
+        """Propagate the selected label again from the slice in view, keeping the slices corrected
+        by hand (see :mod:`.repropagate_action`)."""
+        return self._annotator.repropagate_selected_label()
+
     def target_layer(self, create: bool = True) -> Labels | None:
         """The Labels layer commits go into (created with the image's shape when asked for)."""
         return self._annotator.target_layer(create)
@@ -393,6 +400,7 @@ class SegmentWidget(Container):
             "clear": lambda viewer: self.clear_prompts(),
             "toggle_sign": lambda viewer: self.toggle_sign(),
             "propagate": lambda viewer: self.propagate(),
+            "repropagate": lambda viewer: self.repropagate_selected_label(),
         }
         self._key_funcs = {key: actions[action] for key, action in KEYS.items()}
         for key, func in self._key_funcs.items():
