@@ -40,8 +40,7 @@ def hint_text(axis: str = "z") -> str:
     return (
         "Click: positive point · Shift/Ctrl-click: negative point · N: swap the two\n"
         "Boxes layer: draw a rectangle (R) for a box prompt\n"
-        f"C: commit · Shift-C: clear · Shift-S: propagate through {axis}\n"
-        "Shift-R: re-propagate the selected label from this slice"
+        f"C: commit · Shift-C: clear · Shift-S: propagate through {axis}"
     )
 
 
