@@ -191,3 +191,21 @@ def test_repropagate_says_why_it_cannot_start(make_napari_viewer, qtbot, stack):
     widget.repropagate_selected_label()
     assert "this image is 2D" in widget.status
     assert not widget._c.repropagate.enabled
+
+
+def test_repropagate_stays_inside_the_limited_range(make_napari_viewer, qtbot, stack):
+    viewer, widget, image, _oracle, target, (z, r, c, gt) = _object_and_neighbour(make_napari_viewer, qtbot, stack)
+    _refine_with_clicks(viewer, qtbot, widget, image, target, z, r, c)
+    before = np.asarray(target.data).copy()
+    widget._limit_z.value = True
+    widget._z_from.value, widget._z_to.value = z - 1, z + 1
+    key(viewer, Qt.Key.Key_R, SHIFT)
+    wait_idle(qtbot, widget)
+    after = np.asarray(target.data)
+    for q in (z - 1, z, z + 1):
+        np.testing.assert_array_equal(after[q] == 1, stack.labels[q] == gt, err_msg=f"slice {q}")
+    outside = [q for q in range(len(after)) if not z - 1 <= q <= z + 1]
+    np.testing.assert_array_equal(after[outside], before[outside])
+    assert f"up: to z={z + 1}, stopped at z={z + 2}: end of the chosen z-range" in widget.status
+    assert f"down: to z={z - 1}, stopped at z={z - 2}: end of the chosen z-range" in widget.status
+    assert "corrected by hand" not in widget.status
