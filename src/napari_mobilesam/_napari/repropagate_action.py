@@ -149,6 +149,8 @@ class RepropagateActions:
             return None
         target = self._c.target.value
         if not isinstance(target, Labels):
+            target = self.target_layer(create=False)
+        if not isinstance(target, Labels):
             self._say.info("Pick the Labels layer in 'labels' and select the label to re-propagate "
                            "(picker, key L).")
             return None
