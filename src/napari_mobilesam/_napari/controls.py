@@ -94,9 +94,9 @@ class SegmentControls:
             "Correct the labels layer's selected label on this slice: its mask is the starting "
             "prompt, add clicks, C replaces it on this slice (undoable)"
         )
-        self.repropagate = PushButton(text="Re-propagate label from this slice [Shift-R]")
+        self.repropagate = PushButton(text="Re-propagate [Shift-R]")
         self.repropagate.tooltip = (
-            "After correcting the selected label on this slice: follow it again from here, up and "
+            "Re-propagate the selected label from this slice, after correcting it here: follow it again, up and "
             "down, rewriting its slices until a slice you corrected by hand (kept); only this label "
             "changes, one undo step"
         )
@@ -150,8 +150,7 @@ class SegmentControls:
             self.target,
             self.keep_existing,
             row(self.commit, self.clear),
-            self.refine,
-            self.repropagate,
+            row(self.refine, self.repropagate),
             self.limit,
             row(self.z_from, self.z_to, labels=True),
             self.propagate,

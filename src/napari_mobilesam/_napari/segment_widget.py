@@ -11,7 +11,7 @@ Workflow (see ``docs/usage.md``):
 4. ``C`` / Commit writes the object into the target Labels layer under the next free id (one undo
    step), and the prompts layer is ready for the next object; ``Shift-C`` / Clear drops the prompts
    of the slice; *Refine selected label* corrects a committed label on one slice, and
-   *Re-propagate label from this slice* (``Shift-R``) follows it again from there, keeping the
+   *Re-propagate* (``Shift-R``) follows it again from there, keeping the
    slices corrected by hand (:mod:`.repropagate_action`);
 5. ``Shift-S`` / Propagate follows the object through the stack in a worker (progress and cancel in
    the activity dock and in the widget; Stop ends it early and keeps the slices done) and writes the
