@@ -26,12 +26,13 @@ from .long_tasks import (
     label_run,
     write_propagation,
 )
+from .repropagate_action import HandEdits, RepropagateActions
 from .workers import Task
 
 __all__ = ["Annotator"]
 
 
-class Annotator(AutomaticActions):
+class Annotator(AutomaticActions, RepropagateActions):
     """Preview, commit, refinement and long tasks for the image being segmented.
 
     Parameters
@@ -63,6 +64,7 @@ class Annotator(AutomaticActions):
             on_live=self._on_progress, on_live_end=self._live_ended,
         )
         self._embedder = SliceEmbedder(self.current_z, lambda z: self.update_preview(), say.status, say.report)
+        self.hand_edits = HandEdits(viewer.layers, helpers.owns)  # slices corrected by hand
 
     @property
     def _points(self):
@@ -106,6 +108,7 @@ class Annotator(AutomaticActions):
         """Cancel background work; no callback reaches the layers afterwards."""
         self.closed = True
         self._runner.close()
+        self.hand_edits.close()
         self._embedder.close()
         if self.session is not None:
             self.session.close()
@@ -285,6 +288,7 @@ class Annotator(AutomaticActions):
         layer, label = self._refining
         pl.check_target_layer(layer, self.image)
         pl.replace_label_on_slice(layer, z, label, self._preview_labels > 0, keep_existing=self._c.keep_existing.value)
+        self.hand_edits.add(layer, label, z)
         return [label]
 
     def refine_selected_label(self) -> bool:

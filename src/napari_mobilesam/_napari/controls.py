@@ -94,6 +94,12 @@ class SegmentControls:
             "Correct the labels layer's selected label on this slice: its mask is the starting "
             "prompt, add clicks, C replaces it on this slice (undoable)"
         )
+        self.repropagate = PushButton(text="Re-propagate [Shift-R]")
+        self.repropagate.tooltip = (
+            "Re-propagate the selected label from this slice, after correcting it here: follow it again, up and "
+            "down, rewriting its slices until a slice you corrected by hand (kept); only this label "
+            "changes, one undo step"
+        )
         self.limit = CheckBox(text="limit propagation to z-range", value=False)
         self.limit.tooltip = "Propagate (and segment the stack automatically) only between the two slices below"
         self.z_from = SpinBox(label="z from", min=0, max=0)
@@ -144,7 +150,7 @@ class SegmentControls:
             self.target,
             self.keep_existing,
             row(self.commit, self.clear),
-            self.refine,
+            row(self.refine, self.repropagate),
             self.limit,
             row(self.z_from, self.z_to, labels=True),
             self.propagate,
@@ -167,14 +173,14 @@ class SegmentControls:
 
     def enable_stack(self, is_stack: bool) -> None:
         for w in (self.limit, self.z_from, self.z_to, self.propagate, self.propagate_labels, self.scope,
-                  self.ids, self.auto_stack):
+                  self.ids, self.auto_stack, self.repropagate):
             w.enabled = is_stack
 
     def all(self) -> list:
         """Every control (for tooltip checks)."""
         return [
             self.image, self.hint, self.target, self.keep_existing, self.commit, self.clear,
-            self.refine, self.limit, self.z_from, self.z_to, self.propagate, self.scope, self.ids,
+            self.refine, self.repropagate, self.limit, self.z_from, self.z_to, self.propagate, self.scope, self.ids,
             self.propagate_labels, self.auto, self.auto_stack, self.stop, self.cancel, self.status,
             *self.automatic.all(),
         ]

@@ -10,7 +10,9 @@ Workflow (see ``docs/usage.md``):
    embedding is computed in a background worker first, and the slice's neighbours are prefetched;
 4. ``C`` / Commit writes the object into the target Labels layer under the next free id (one undo
    step), and the prompts layer is ready for the next object; ``Shift-C`` / Clear drops the prompts
-   of the slice; *Refine selected label* corrects a committed label on one slice;
+   of the slice; *Refine selected label* corrects a committed label on one slice, and
+   *Re-propagate* (``Shift-R``) follows it again from there, keeping the
+   slices corrected by hand (:mod:`.repropagate_action`);
 5. ``Shift-S`` / Propagate follows the object through the stack in a worker (progress and cancel in
    the activity dock and in the widget; Stop ends it early and keeps the slices done) and writes the
    result as one undo step. Without prompts it propagates every object committed on the slice;
@@ -52,7 +54,8 @@ __all__ = ["SegmentWidget", "KEYS", "HINT"]
 log = logging.getLogger(__name__)
 
 #: Key -> action, bound on the viewer while the widget lives.
-KEYS: dict[str, str] = {"C": "commit", "Shift-C": "clear", "N": "toggle_sign", "Shift-S": "propagate"}
+KEYS: dict[str, str] = {"C": "commit", "Shift-C": "clear", "N": "toggle_sign", "Shift-S": "propagate",
+                        "Shift-R": "repropagate"}
 
 HINT = hint_text()
 _DEBOUNCE_MS = 120
@@ -113,6 +116,7 @@ class SegmentWidget(Container):
         c.image.changed.connect(self._on_image_changed)
         for button, action in (
             (c.commit, self.commit), (c.clear, self.clear_prompts), (c.refine, self.refine_selected_label),
+            (c.repropagate, self.repropagate_selected_label),
             (c.propagate, self.propagate), (c.propagate_labels, self.propagate_labels),
             (c.auto, self.segment_slice_automatically), (c.auto_stack, self.segment_stack_automatically),
             (c.cancel, self.cancel), (c.stop, self.stop),
@@ -342,6 +346,11 @@ class SegmentWidget(Container):
         """Correct the target layer's selected label on the slice in view (C replaces it there)."""
         return self._annotator.refine_selected_label()
 
+    def repropagate_selected_label(self) -> Task | None:
+        """Propagate the selected label again from the slice in view, keeping the slices corrected
+        by hand (see :mod:`.repropagate_action`)."""
+        return self._annotator.repropagate_selected_label()
+
     def target_layer(self, create: bool = True) -> Labels | None:
         """The Labels layer commits go into (created with the image's shape when asked for)."""
         return self._annotator.target_layer(create)
@@ -393,6 +402,7 @@ class SegmentWidget(Container):
             "clear": lambda viewer: self.clear_prompts(),
             "toggle_sign": lambda viewer: self.toggle_sign(),
             "propagate": lambda viewer: self.propagate(),
+            "repropagate": lambda viewer: self.repropagate_selected_label(),
         }
         self._key_funcs = {key: actions[action] for key, action in KEYS.items()}
         for key, func in self._key_funcs.items():
