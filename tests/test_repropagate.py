@@ -120,3 +120,29 @@ def test_a_tip_taken_before_its_neighbour_arrived_is_decided_again():
     taken_back = [r for r in res.records if r.label == 1 and r.z == 2 and not r.accepted]
     assert [r.reason for r in taken_back] == ["neighbour"]  # the first decision, taken back
     assert res.extent(1) == (2, 6) and res.extent(2) == (0, 2)
+
+
+def test_a_stopped_repropagation_keeps_the_object_where_it_did_not_reach():
+    gt, img = _two_objects()
+    oracle = GroundTruthOracle(gt, img)
+    labels = gt.copy()
+    labels[labels == 1] = 0
+    labels[np.roll(gt == 1, 3, axis=2) & (gt == 0)] = 1  # object 1 shifted on every slice
+    labels[6][labels[6] == 1] = 0
+    labels[6][gt[6] == 1] = 1  # corrected on slice 6
+    before = labels.copy()
+    calls = []
+
+    def stop_after_one():  # the Stop button pressed once a slice is done
+        calls.append(1)
+        return len(calls) > 1
+
+    res = repropagate(oracle, labels, 1, 6, cancel=stop_after_one)
+    assert res.cancelled
+    decided = {r.z for r in res.records if r.label == 1}
+    out = res.labels
+    np.testing.assert_array_equal(out == 2, gt == 2)
+    for z in range(gt.shape[0]):
+        if z not in decided:  # never reached: exactly as before, not erased
+            np.testing.assert_array_equal(out[z], before[z], err_msg=f"slice {z}")
+    assert len(decided) < gt.shape[0]

@@ -4,7 +4,8 @@ After a user corrects object ``label`` on slice ``z`` (its pixels there are alre
 mask), `repropagate` follows it again from ``z`` only, up and down, and rewrites its slices beyond
 ``z`` in each direction until a slice the user corrected by hand (``protected``: those are kept, as
 is everything past them). Inside that span the object's old pixels are erased first, so the result
-there is exactly the new propagation (also where it now stops earlier). Other objects are never
+there is exactly the new propagation (also where it now stops earlier); a run stopped early
+(``cancel``) gives the object back its former pixels on the slices it did not reach. Other objects are never
 touched: their pixels are existing labels the new masks may not cover.
 
 Coordinates: labels (Z, H, W), slices ``z``; no napari or Qt here.
@@ -92,12 +93,19 @@ def repropagate(
         raise InputError(f"object {label} is not on slice {z}: correct it there first, then re-propagate")
     out = lab if inplace else np.array(lab, copy=True)
     lo, hi = repropagation_span(z, n, prot)
+    old: dict[int, np.ndarray] = {}  # the object's former pixels, put back where a Stop left them
     for q in range(lo, hi):  # the old propagation of this object inside the span goes
         if q != z:
             sl = out[q]
-            sl[sl == label] = 0
+            old[q] = sl == label
+            sl[old[q]] = 0
     res = propagate(predictor, [ObjectPrompts(label, masks={z: seed})], z_range=(lo, hi), target=out,
                     inplace=True, **options)
+    if res.cancelled:  # slices the run never decided keep the object as it was
+        decided = {r.z for r in res.records if r.label == label}
+        for q, mask in old.items():
+            if q not in decided:
+                out[q][mask & (out[q] == 0)] = label
     res.stops = [replace(s, reason=PROTECTED) if s.reason == Z_RANGE and s.at_z in prot else s
                  for s in res.stops]
     return res
