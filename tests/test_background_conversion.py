@@ -6,14 +6,11 @@ The conversion runs in another process; the tests synchronise with it through it
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-
 import numpy as np
 import pytest
 
 from napari_mobilesam.core.session import Session
-from napari_mobilesam.models.backends.background import lock_path
+from napari_mobilesam.models.backends.background import _exclusive, lock_path
 from napari_mobilesam.models.choice import ModelChoice
 from napari_mobilesam.models.registry import build_sam, model_identity
 
@@ -36,16 +33,9 @@ def fresh_cache(tmp_path, monkeypatch):
     return folder
 
 
-@contextlib.contextmanager
 def held(path):
-    """Hold the conversion's lock: a conversion process waits until the block ends."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Hold the conversion's lock (the engine's own lock): a conversion process waits until the block ends."""
+    return _exclusive(path)
 
 
 def _image():
