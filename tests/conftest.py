@@ -23,6 +23,15 @@ def reference_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def msdir(reference_dir) -> Path:
+    """Folder of the micro-sam fixtures (random weights in micro-sam's layouts, expected outputs)."""
+    d = reference_dir / "microsam"
+    if not (d / "vit_t.pt").exists():
+        pytest.fail(f"micro-sam fixture missing: expected it at {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
 def nuclei_stack():
     """The default synthetic nuclei stack (40×256×256 uint16) with its ground truth."""
     from napari_mobilesam.data import synthetic_nuclei

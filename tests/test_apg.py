@@ -30,11 +30,8 @@ MAPS = ("foreground", "center_distances", "boundary_distances")
 
 
 @pytest.fixture(scope="module")
-def expected(reference_dir):
-    d = reference_dir / "microsam"
-    if not (d / "vit_t.pt").exists():
-        pytest.fail(f"micro-sam fixture missing: expected it at {d}")
-    return dict(np.load(d / "microsam_expected.npz"))
+def expected(msdir):
+    return dict(np.load(msdir / "microsam_expected.npz"))
 
 
 @pytest.fixture(scope="module")
@@ -269,12 +266,11 @@ class ReplayDecoder:
 
 
 @pytest.fixture(scope="module")
-def lm_sam(reference_dir):
+def lm_sam(msdir):
     from napari_mobilesam.models.registry import load_model
 
-    d = reference_dir / "microsam"
-    return load_model("vit_t_lm", d / "vit_t.pt", "cpu", backend="torch", precision="fp32",
-                      decoder=d / "vit_t_decoder.pt")
+    return load_model("vit_t_lm", msdir / "vit_t.pt", "cpu", backend="torch", precision="fp32",
+                      decoder=msdir / "vit_t_decoder.pt")
 
 
 REAL = APGParams(multimask=True)  # the random weights' single-mask output is empty for points

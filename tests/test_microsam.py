@@ -18,14 +18,6 @@ MAPS = ("foreground", "center_distances", "boundary_distances")
 
 
 @pytest.fixture(scope="module")
-def msdir(reference_dir):
-    d = reference_dir / "microsam"
-    if not (d / "vit_t.pt").exists():
-        pytest.fail(f"micro-sam fixture missing: expected it at {d}")
-    return d
-
-
-@pytest.fixture(scope="module")
 def expected(msdir):
     return dict(np.load(msdir / "microsam_expected.npz"))
 
