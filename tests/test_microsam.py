@@ -427,12 +427,14 @@ def test_ais_needs_a_decoder(engine_sam_test):
         segment_slice_ais(engine_sam_test, np.zeros((64, 64), np.uint16))
 
 
-def test_tiled_ais_matches(lm_models, expected):
+def test_tiled_ais_matches(lm_openvino, expected):
     """micro-sam's tiled AIS (tile 512, halo 64): stitched maps within 5e-3, whole-image labels
-    against ``tiled/ais_global``, and micro-sam's own block-wise result within its limit."""
+    against ``tiled/ais_global``, and micro-sam's own block-wise result within its limit. Through
+    the float32 OpenVINO path (what a CPU user runs; about 2.6x faster than eager torch on these
+    six tiles)."""
     from napari_mobilesam.volume.instance import instances_from_maps, tiled_decoder_maps
 
-    maps = tiled_decoder_maps(lm_models["microsam"], expected["tiled/image"])
+    maps = tiled_decoder_maps(lm_openvino, expected["tiled/image"])
     for i, name in enumerate(MAPS):
         want = expected[f"tiled/{name}_u16"].astype(np.float32) / 65535
         assert np.abs(maps[i] - want).max() < 5e-3, name
