@@ -13,10 +13,17 @@ Prints, from one run, seconds per slice (median of ``--runs`` timed runs after o
 * ``prompt-based (segment_slice)``: our automatic mode for models without a decoder (candidate
   points → batched mask decoder → filters → NMS), encoder included, same backend.
 
-micro-sam's own path (eager torch, the same weights) is not run here: it needs micro-sam in a
-separate environment (it pins napari and pulls torch-em, tensorboard, bioimageio). To compare,
-install ``micro_sam`` there and time ``automatic_instance_segmentation(predictor, segmenter, image,
-ndim=2)`` on the same image and weights (``shared/reference/microsam``).
+* ``micro-sam <version> AIS`` (with ``--microsam-python PATH``): micro-sam's own
+  ``automatic_instance_segmentation`` (eager torch, float32) on the same images and weights, run by
+  ``benchmarks/microsam_side.py`` under the Python of a separate environment that has micro-sam
+  (it pins napari and pulls torch-em, bioimageio, trackastra: never install it beside
+  napari-mobilesam), with the agreement of its labels with ours (the fixture README's measure).
+  One way to make that environment without a second copy of torch::
+
+      python -m venv /opt/msvenv
+      echo "$PWD/.venv/lib/python3.11/site-packages" > /opt/msvenv/lib/python3.11/site-packages/zz.pth
+      /opt/msvenv/bin/pip install micro_sam==1.8.14 mobilesam-mirror==1.0.0
+      python benchmarks/automatic.py --microsam-python /opt/msvenv/bin/python
 
 The weights are the micro-sam parity fixture's random weights in micro-sam's ``vit_t_lm`` layout
 (same architecture, same cost as the published model); the images are tiles of the fixture's
@@ -137,6 +144,10 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--torch-decoder", action="store_true", help="also time the torch decoder")
     ap.add_argument("--sizes", default="512x512,1024x1024")
+    ap.add_argument("--microsam-python", default=None,
+                    help="Python of a separate environment with micro-sam: time its AIS too")
+    ap.add_argument("--stack", type=int, default=0,
+                    help="with --microsam-python: also time micro-sam's first mask on a stack this deep")
     args = ap.parse_args(argv)
 
     from napari_mobilesam.models.registry import ais_decoder, load_model
@@ -173,6 +184,7 @@ def main(argv=None) -> int:
         pname = "prompt-based (segment_slice)"
         rows.append((size, pname, prompt_mode(sam, image, args.runs, (size, pname)),
                      "encoder + candidates + mask decoder + filters"))
+    extra = microsam_rows(args, sam, rows) if args.microsam_python else []
     base = {}
     import os
 
@@ -183,7 +195,66 @@ def main(argv=None) -> int:
         print(f"{size:<10} {name:<48} {total:8.2f} {total / base[size]:6.2f}x {cpu:7.2f}  {note}")
     print(f"\nCPU s: process CPU time per slice, all threads; on an idle machine the wall time is "
           f"at least CPU s / {os.cpu_count()} cores. Load average now: {os.getloadavg()[0]:.1f}.")
+    for line in extra:
+        print(line)
     return 0
+
+
+def same_assignment(result: np.ndarray, expected: np.ndarray) -> float:
+    """The fixture README's agreement: each result instance mapped to the expected label it
+    overlaps most; the fraction of pixels whose mapped value equals the expected label."""
+    _, r_inv = np.unique(result.astype(np.int64).ravel(), return_inverse=True)
+    e_ids, e_inv = np.unique(expected.astype(np.int64).ravel(), return_inverse=True)
+    table = np.zeros((r_inv.max() + 1, e_inv.max() + 1), np.int64)
+    np.add.at(table, (r_inv, e_inv), 1)
+    return float(np.mean(e_ids[table.argmax(axis=1)][r_inv] == e_ids[e_inv]))
+
+
+def our_first_mask_s(sam, wanted, depth: int) -> float:
+    """Seconds from a fresh Session on the stack micro-sam times to the first point mask."""
+    from napari_mobilesam.core.session import Session
+
+    image = next(iter(wanted.values()))
+    volume = np.stack([np.roll(image, 7 * k, axis=1) for k in range(depth)])
+    t0 = time.perf_counter()
+    Session(sam, volume, cache_dir=None).predict(depth // 2, points=[(image.shape[0] // 2,
+                                                                     image.shape[1] // 2)], labels=[1])
+    return time.perf_counter() - t0
+
+
+def microsam_rows(args, sam, rows) -> list[str]:
+    """micro-sam's own AIS on the same images and weights, in its own environment; appends its rows
+    to ``rows`` and returns notes (agreement of the labels, first mask on a stack)."""
+    import json
+    import subprocess
+    import tempfile
+
+    from napari_mobilesam.volume.instance import segment_slice_ais
+
+    wanted = {k: v for k, v in images().items() if k in args.sizes.split(",")}
+    notes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "images.npz", **wanted)
+        cmd = [args.microsam_python, str(Path(__file__).with_name("microsam_side.py")),
+               str(REFERENCE / "microsam"), str(Path(tmp) / "images.npz"), str(Path(tmp) / "out.npz"),
+               "--runs", str(args.runs), "--stack", str(args.stack)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            return [f"micro-sam side failed:\n{out.stderr[-3000:]}"]
+        res = json.loads([x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1][7:])
+        theirs = dict(np.load(Path(tmp) / "out.npz"))
+    for size, t in res["images"].items():
+        ours = segment_slice_ais(sam, wanted[size])
+        agree = same_assignment(ours, theirs[size])
+        n_ours, n_theirs = len(np.unique(ours)) - 1, len(np.unique(theirs[size])) - 1
+        rows.append((size, f"micro-sam {res['micro_sam']} AIS (eager torch fp32)", t,
+                     f"instances {n_theirs} (ours {n_ours}), same assignment {agree:.4f}"))
+    notes.append(f"micro-sam: {res['torch_threads']} torch threads, model load {res['load_s']:.1f} s")
+    if "stack_first_mask_s" in res:
+        notes.append(f"first mask on a {res['stack_slices']}-slice 512 x 512 stack: micro-sam "
+                     f"{res['stack_first_mask_s']:.1f} s (the whole volume embedded first), ours "
+                     f"{our_first_mask_s(sam, wanted, args.stack):.1f} s (the clicked slice only)")
+    return notes
 
 
 if __name__ == "__main__":
