@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,11 +44,15 @@ from .fronts import (
     LOW_OVERLAP,
     MET,
     NEIGHBOUR,
+    SMALL_AREA,
     Choice,
     Front,
     Neighbours,
     Rules,
+    _into_neighbour,
+    candidate_choices,
     choose_candidate,
+    consensus,
     front_limit,
     stop_reason,
 )
@@ -82,6 +87,11 @@ __all__ = [
     "STOP_REASONS",
     "describe_stops",
 ]
+
+#: The stop reasons that get a retry (`_Run.retry`). (Retrying ``"area_change"`` too let an
+#: object ending beside a neighbour take that neighbour's slice on the crowded benchmark stack.)
+RETRIED = (NEIGHBOUR, LOW_OVERLAP)
+
 
 # -- one run ----------------------------------------------------------------------------------------
 class _Run:
@@ -228,13 +238,17 @@ class _Run:
         ``preds``: ``(index into group, Prediction)`` as decoded; only the chosen mask and its
         logits are kept of each, so memory does not grow with the number of fronts."""
         decided: list = [None] * len(group)
+        small: dict[int, Prediction] = {}
         for i, pred in preds:
             f = group[i]
             c = self.choose(z, f, pred)
             decided[i] = (f, pred.low_res[c.k], _own(c), stop_reason(c, f, self.rules))
-        lost = self.claim(z, self.retry(z, decided), defer=True)
+            if decided[i][3] is None and c.area < SMALL_AREA:
+                small[i] = _kept(pred, c.k)
+        decided = self.second_opinion(z, self.retry(z, decided, small), small)
+        lost = self.claim(z, decided, defer=True)
         if lost:  # candidates that lost their pixels to a front decided first: one more try
-            self.claim(z, self.retry(z, lost), defer=False)
+            self.claim(z, self.retry(z, lost, None), defer=False)
 
     def claim(self, z: int, decided: list, defer: bool) -> list:
         """Write the decided fronts on slice ``z`` in order of their claim; a front losing most of
@@ -270,15 +284,16 @@ class _Run:
             f.accept(z, written, area, low, len(self.records) - 1, c.claim)
         return deferred
 
-    def retry(self, z: int, decided: list) -> list:
-        """Second chance for fronts whose candidate was another object (``"neighbour"``) or
-        jumped away (``"low_overlap"``): clicks on the part of the previous mask that candidate (and
-        other objects) do not cover (`Front.retry_prompts`), all retries of the slice in one
-        decoder call. Returns ``decided`` with each retried entry replaced by its retry candidate
-        that passes the stop rules with the best claim, if any."""
+    def retry(self, z: int, decided: list, small: dict | None) -> list:
+        """Second chance for fronts whose candidate was another object (``"neighbour"``) or jumped
+        away (``"low_overlap"``): clicks on the part of the previous mask that candidate (and other objects)
+        do not cover (`Front.retry_prompts`), all retries of the slice in one decoder call.
+        Returns ``decided`` with each retried entry replaced by its retry candidate that passes the
+        stop rules with the best claim, if any; a small one's prediction goes into ``small`` (for
+        `second_opinion`)."""
         todo = []
         for j, (f, _low, c, reason) in enumerate(decided):
-            if reason not in (NEIGHBOUR, LOW_OVERLAP) or c.area == 0:
+            if reason not in RETRIED:
                 continue
             held = self.taken(z, f.label)
             avoid = c.mask if held is None else (c.mask | held)
@@ -292,7 +307,42 @@ class _Run:
             c = self.choose(z, f, pred)
             if stop_reason(c, f, self.rules) is None and (out[j][3] is not None or c.claim > out[j][2].claim):
                 out[j] = (f, pred.low_res[c.k], _own(c), None)
+                if small is not None and c.area < SMALL_AREA:
+                    small[j] = _kept(pred, c.k)
+                elif small is not None:
+                    small.pop(j, None)
         return out
+
+    def second_opinion(self, z: int, decided: list, small: dict[int, Prediction]) -> list:
+        """A second opinion on small masks (tips, where one pixel of error is most of the mask):
+        more clicks on the first prediction's candidates (`Front.second_prompts`), all fronts' in
+        one decoder call, and the candidate these predictions agree on (`fronts.consensus`).
+        ``small``: {index into ``decided``: the first prediction, its chosen candidate first}."""
+        todo, oks = [], {}
+        for i, pred in small.items():
+            f = decided[i][0]
+            oks[i] = self._allowed(z, f)
+            masks = [c.mask for c in candidate_choices(pred, f) if c.area and oks[i](c)]
+            todo.extend((i, p) for p in f.second_prompts(self.rules, masks, self.taken(z, f.label)))
+        if not todo or self.is_cancelled():
+            return decided
+        preds: dict[int, list[Prediction]] = {i: [p] for i, p in small.items()}
+        for t, pred in iter_predictions(self.predictor, z, [p for _, p in todo]):
+            preds[todo[t][0]].append(_kept(pred, int(np.argmax(np.asarray(pred.iou)))))
+        out = list(decided)
+        for i, ps in preds.items():
+            f = decided[i][0]
+            won = consensus([candidate_choices(p, f) for p in ps], oks[i])
+            if won is not None:
+                j, c = won
+                out[i] = (f, ps[j].low_res[c.k], _own(c), None)
+        return out
+
+    def _allowed(self, z: int, f: Front) -> Callable[[Choice], bool]:
+        """Whether a candidate may be taken by ``f`` on ``z``: it passes the stop rules and does not
+        run into another object of the run."""
+        others = self.neighbours(z, f.label)
+        return lambda c: not _into_neighbour(c.mask, c.area, others, self.rules) and stop_reason(c, f, self.rules) is None
 
     # -- neighbours --------------------------------------------------------------------------------
     def choose(self, z: int, f: Front, pred: Prediction) -> Choice:
@@ -363,6 +413,14 @@ def iter_predictions(predictor: Any, z: int, prompts: list, keep: str = "all"):
     from ..core.predictor import iter_predictions as it
 
     return it(predictor, z, prompts, keep=keep)
+
+
+def _kept(pred: Prediction, first: int = 0) -> SimpleNamespace:
+    """A copy of ``pred``'s masks, scores and logits (not views into a batch), candidate ``first``
+    moved to the front."""
+    order = [first] + [k for k in range(len(pred.masks)) if k != first]
+    return SimpleNamespace(masks=np.array(pred.masks, bool)[order], iou=np.asarray(pred.iou)[order],
+                           stability=np.asarray(pred.stability)[order], low_res=np.array(pred.low_res)[order])
 
 
 def _own(c: Choice) -> Choice:
