@@ -3,7 +3,8 @@
 The 3D logic is judged with `napari_mobilesam.testing.GroundTruthOracle`, a stand-in for the model
 that answers every prompt with the true object under it (NOT a model), exactly or with errors:
 ``exact``, ``eroded`` / ``dilated`` (the answer shrunk / grown by one pixel) and ``jitter`` (one of
-the three at random for every answer, ±1 px). Every oracle offers three candidates (the answer,
+the three drawn at random per prompt, ±1 px; the same prompt always gets the same answer, as from a
+real model). Every oracle offers three candidates (the answer,
 it dilated and it eroded by one pixel; the answer scored best), so a candidate choice that drifts
 to the largest mask shows. Stacks: the sample (``synthetic_nuclei()``) and its crowded variant
 (``synthetic_nuclei(crowded=True, n_nuclei=50)``: nuclei touching in x, y and z, low contrast).
@@ -24,6 +25,7 @@ object has its own stitched id on most of its voxels, no id shared), and the tim
 candidate points on a large slice (``--large N``: an N x N tiling of the crowded sample).
 
     python benchmarks/propagation_quality.py            # about two minutes on 2 cores
+    python benchmarks/propagation_quality.py --stacks crowded --seeds 4 5 6 --no-stitch   # unseen seeds
     python benchmarks/propagation_quality.py --large 5000
     python benchmarks/propagation_quality.py --baseline f3277ff   # also the propagate() of a git revision
 
@@ -208,8 +210,9 @@ def main() -> None:
                 label = (err if err != "jitter" else f"±1 px (seed {seed})") + tag
                 print(f"| {name} | {s['n']} | {label} | {100 * s['full']:.0f}% | {100 * s['full_big']:.0f}% | "
                       f"{s['iou']:.3f} | {s['over']} | {s['jumps']} | {s['bad']} | {dt:.1f} |")
-    print("\n| stack | true objects | stitcher | kept | stitched ids |")
-    print("|---|---|---|---|---|")
+    if not args.no_stitch:
+        print("\n| stack | true objects | stitcher | kept | stitched ids |")
+        print("|---|---|---|---|---|")
     for name, st in stacks.items() if not args.no_stitch else ():
         for regrow, what in ((1.3, "size-change rule on (default)"), (0.0, "size-change rule off")):
             n, kept, ids = stitch_truth(st.labels, regrow)

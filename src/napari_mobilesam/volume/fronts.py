@@ -10,6 +10,9 @@ stack's end). Each step:
    ``iou_prev + score_weight * predicted_iou + stability_weight * stability``; candidates that run
    into another object of the same run (overlap above ``max_neighbour`` of the smaller area) are
    left out;
+   a chosen mask under ``SMALL_AREA`` pixels (an object's tip, where one pixel of error is most of
+   the mask) gets a second opinion: more clicks on its candidates (`Front.second_prompts`) and the
+   answer those predictions agree on (`consensus`);
 3. `stop_reason` — the plain stop rules (empty, low score, low overlap/IoU, area change, and
    regrowth: an object that shrank towards its end does not grow again, see `regrows`);
 4. neighbours — resolved by `volume.propagation` (all fronts due on one slice at once).
@@ -31,7 +34,8 @@ if TYPE_CHECKING:  # core.predictor imports torch: not needed to import this mod
     from ..core.predictor import Prediction, Prompt
 
 __all__ = [
-    "Rules", "Front", "Choice", "Neighbours", "front_limit", "choose_candidate", "stop_reason", "regrows", "overlap",
+    "Rules", "Front", "Choice", "Neighbours", "front_limit", "choose_candidate", "candidate_choices", "consensus",
+    "stop_reason", "regrows", "overlap",
 ]
 
 #: Weight of the centroid shift in `Choice.claim` (tuned on ±1 px oracles: centroids are the

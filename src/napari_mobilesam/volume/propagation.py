@@ -4,8 +4,9 @@ An object is given by prompts on one or more slices (points, boxes) and/or by ex
 label taken from a napari Labels layer, see `objects_from_labels`). From every annotated ("seed")
 slice the object is followed up and down, one slice at a time, by a *front* (`volume.fronts`):
 the next slice's prompt comes from the current mask, the best of SAM's three candidates is chosen
-(predicted IoU and stability first, agreement with the previous slice second) and the stop rules
-are applied (see ``STOP_REASONS`` for every reason a direction ends).
+(predicted IoU and stability first, agreement with the previous slice second; a small mask, an
+object's tip, is asked again with more clicks and the answer they agree on is kept) and the stop
+rules are applied (see ``STOP_REASONS`` for every reason a direction ends).
 
 Objects know their neighbours. All fronts advance together, one slice per round; fronts due on the
 same slice share one embedding and one batched decoder call. A candidate that mostly covers another
