@@ -318,7 +318,8 @@ class _Run:
         """A second opinion on small masks (tips, where one pixel of error is most of the mask):
         more clicks on the first prediction's candidates (`Front.second_prompts`), all fronts' in
         one decoder call, and the candidate these predictions agree on (`fronts.consensus`).
-        ``small``: {index into ``decided``: the first prediction, its chosen candidate first}."""
+        ``small``: {index into ``decided``: the first prediction (`_kept`, its answer the chosen
+        candidate)}."""
         todo, oks = [], {}
         for i, pred in small.items():
             f = decided[i][0]
@@ -333,7 +334,7 @@ class _Run:
         out = list(decided)
         for i, ps in preds.items():
             f = decided[i][0]
-            won = consensus([candidate_choices(p, f) for p in ps], oks[i])
+            won = consensus([_answer_first(p, f) for p in ps], oks[i])
             if won is not None:
                 j, c = won
                 out[i] = (f, ps[j].low_res[c.k], _own(c), None)
@@ -416,12 +417,18 @@ def iter_predictions(predictor: Any, z: int, prompts: list, keep: str = "all"):
     return it(predictor, z, prompts, keep=keep)
 
 
-def _kept(pred: Prediction, first: int = 0) -> SimpleNamespace:
-    """A copy of ``pred``'s masks, scores and logits (not views into a batch), candidate ``first``
-    moved to the front."""
-    order = [first] + [k for k in range(len(pred.masks)) if k != first]
-    return SimpleNamespace(masks=np.array(pred.masks, bool)[order], iou=np.asarray(pred.iou)[order],
-                           stability=np.asarray(pred.stability)[order], low_res=np.array(pred.low_res)[order])
+def _kept(pred: Prediction, first: int) -> SimpleNamespace:
+    """What `second_opinion` keeps of ``pred``: a copy of its masks (not views into a batch), its
+    scores, its logits as they are (a tiled predictor knows their tile by the array) and
+    ``first``, the index of its answer."""
+    return SimpleNamespace(masks=np.array(pred.masks, bool), iou=np.asarray(pred.iou),
+                           stability=np.asarray(pred.stability), low_res=pred.low_res, first=int(first))
+
+
+def _answer_first(p: SimpleNamespace, f: Front) -> list[Choice]:
+    """``p``'s candidates for ``f`` (`candidate_choices`), its answer ``p.first`` first."""
+    cs = candidate_choices(p, f)
+    return [cs[p.first], *(c for c in cs if c.k != p.first)]
 
 
 def _own(c: Choice) -> Choice:
