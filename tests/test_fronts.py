@@ -12,7 +12,7 @@ from scipy import ndimage as ndi
 from test_neighbours import balls, click, extent
 
 from napari_mobilesam.testing import GroundTruthOracle
-from napari_mobilesam.volume import propagation
+from napari_mobilesam.volume import fronts
 from napari_mobilesam.volume.fronts import (
     SECOND_CLICKS,
     Choice,
@@ -79,7 +79,7 @@ def test_tips_of_a_few_pixels_are_found_with_a_noisy_oracle(monkeypatch):
     gt = balls((17, 48, 72), [(8, 24, 20), (8, 24, 50)], [(7.03, 14, 14), (7.03, 14, 13)])  # tips of 5 px
     objs = [ObjectPrompts(i, prompts={(extent(gt, i)[0] + extent(gt, i)[1]) // 2:
                                       click(gt, i, (extent(gt, i)[0] + extent(gt, i)[1]) // 2)}) for i in (1, 2)]
-    tips = [(i, z) for i in (1, 2) for z in extent(gt, i) if (gt[z] == i).sum() < propagation.SMALL_AREA]
+    tips = [(i, z) for i in (1, 2) for z in extent(gt, i) if (gt[z] == i).sum() < fronts.SMALL_AREA]
     assert len(tips) == 4 and all((gt[z] == i).sum() == 5 for i, z in tips)
 
     def right_tips(seeds):
@@ -93,6 +93,6 @@ def test_tips_of_a_few_pixels_are_found_with_a_noisy_oracle(monkeypatch):
 
     seeds = range(1, 9)
     with_opinion = right_tips(seeds)
-    monkeypatch.setattr(propagation, "SMALL_AREA", 0)  # no second opinion: the first answer is kept
+    monkeypatch.setattr(fronts, "SMALL_AREA", 0)  # no second opinion: the first answer is kept
     without = right_tips(seeds)
     assert with_opinion >= 0.85 * 4 * len(seeds) and with_opinion > without + 4, (with_opinion, without)

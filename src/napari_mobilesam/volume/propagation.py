@@ -32,28 +32,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import InputError
+from . import fronts
 from .fronts import (
     CANCELLED,
     EMPTY,
     EMPTY_SEED,
-    LOW_OVERLAP,
     MET,
     NEIGHBOUR,
-    SMALL_AREA,
     Choice,
     Front,
     Neighbours,
     Rules,
-    _into_neighbour,
-    candidate_choices,
     choose_candidate,
-    consensus,
     front_limit,
     stop_reason,
 )
@@ -73,6 +68,7 @@ from .results import (
     labels_volume,
     z_bounds,
 )
+from .second_tries import SecondTries, _kept, _own, iter_predictions
 
 if TYPE_CHECKING:
     from ..core.predictor import Prediction
@@ -89,13 +85,8 @@ __all__ = [
     "describe_stops",
 ]
 
-#: The stop reasons that get a retry (`_Run.retry`). (Retrying ``"area_change"`` too let an
-#: object ending beside a neighbour take that neighbour's slice on the crowded benchmark stack.)
-RETRIED = (NEIGHBOUR, LOW_OVERLAP)
-
-
 # -- one run ----------------------------------------------------------------------------------------
-class _Run:
+class _Run(SecondTries):
     """The state of one propagation: the labels volume, records, stops and fronts."""
 
     def __init__(self, predictor: Any, objs: list[ObjectPrompts], rules: Rules, labels: np.ndarray,
@@ -244,7 +235,7 @@ class _Run:
             f = group[i]
             c = self.choose(z, f, pred)
             decided[i] = (f, pred.low_res[c.k], _own(c), stop_reason(c, f, self.rules))
-            if decided[i][3] is None and c.area < SMALL_AREA:
+            if decided[i][3] is None and c.area < fronts.SMALL_AREA:
                 small[i] = _kept(pred, c.k)
         decided = self.second_opinion(z, self.retry(z, decided, small), small)
         lost = self.claim(z, decided, defer=True)
@@ -284,67 +275,6 @@ class _Run:
             self.write(f.label, z, written)
             f.accept(z, written, area, low, len(self.records) - 1, c.claim)
         return deferred
-
-    def retry(self, z: int, decided: list, small: dict | None) -> list:
-        """Second chance for fronts whose candidate was another object (``"neighbour"``) or jumped
-        away (``"low_overlap"``): clicks on the part of the previous mask that candidate (and other objects)
-        do not cover (`Front.retry_prompts`), all retries of the slice in one decoder call.
-        Returns ``decided`` with each retried entry replaced by its retry candidate that passes the
-        stop rules with the best claim, if any; a small one's prediction goes into ``small`` (for
-        `second_opinion`)."""
-        todo = []
-        for j, (f, _low, c, reason) in enumerate(decided):
-            if reason not in RETRIED:
-                continue
-            held = self.taken(z, f.label)
-            avoid = c.mask if held is None else (c.mask | held)
-            todo.extend((j, p) for p in f.retry_prompts(self.rules, avoid))
-        if not todo or self.is_cancelled():
-            return decided
-        out = list(decided)
-        for t, pred in iter_predictions(self.predictor, z, [p for _, p in todo]):
-            j = todo[t][0]
-            f = decided[j][0]
-            c = self.choose(z, f, pred)
-            if stop_reason(c, f, self.rules) is None and (out[j][3] is not None or c.claim > out[j][2].claim):
-                out[j] = (f, pred.low_res[c.k], _own(c), None)
-                if small is not None and c.area < SMALL_AREA:
-                    small[j] = _kept(pred, c.k)
-                elif small is not None:
-                    small.pop(j, None)
-        return out
-
-    def second_opinion(self, z: int, decided: list, small: dict[int, Prediction]) -> list:
-        """A second opinion on small masks (tips, where one pixel of error is most of the mask):
-        more clicks on the first prediction's candidates (`Front.second_prompts`), all fronts' in
-        one decoder call, and the candidate these predictions agree on (`fronts.consensus`).
-        ``small``: {index into ``decided``: the first prediction (`_kept`, its answer the chosen
-        candidate)}."""
-        todo, oks = [], {}
-        for i, pred in small.items():
-            f = decided[i][0]
-            oks[i] = self._allowed(z, f)
-            masks = [c.mask for c in candidate_choices(pred, f) if c.area and oks[i](c)]
-            todo.extend((i, p) for p in f.second_prompts(self.rules, masks, self.taken(z, f.label)))
-        if not todo or self.is_cancelled():
-            return decided
-        preds: dict[int, list[Prediction]] = {i: [p] for i, p in small.items()}
-        for t, pred in iter_predictions(self.predictor, z, [p for _, p in todo]):
-            preds[todo[t][0]].append(_kept(pred, int(np.argmax(np.asarray(pred.iou)))))
-        out = list(decided)
-        for i, ps in preds.items():
-            f = decided[i][0]
-            won = consensus([_answer_first(p, f) for p in ps], oks[i])
-            if won is not None:
-                j, c = won
-                out[i] = (f, ps[j].low_res[c.k], _own(c), None)
-        return out
-
-    def _allowed(self, z: int, f: Front) -> Callable[[Choice], bool]:
-        """Whether a candidate may be taken by ``f`` on ``z``: it passes the stop rules and does not
-        run into another object of the run."""
-        others = self.neighbours(z, f.label)
-        return lambda c: not _into_neighbour(c.mask, c.area, others, self.rules) and stop_reason(c, f, self.rules) is None
 
     # -- neighbours --------------------------------------------------------------------------------
     def choose(self, z: int, f: Front, pred: Prediction) -> Choice:
@@ -408,32 +338,6 @@ class _Run:
         if cache is not None and hasattr(cache, "cancel_prefetch"):
             cache.cancel_prefetch()
         return PropagationResult(self.labels, self.records, self.stops, self.cancelled)
-
-
-def iter_predictions(predictor: Any, z: int, prompts: list, keep: str = "all"):
-    """`core.predictor.iter_predictions` (imported when first needed: it loads torch)."""
-    from ..core.predictor import iter_predictions as it
-
-    return it(predictor, z, prompts, keep=keep)
-
-
-def _kept(pred: Prediction, first: int) -> SimpleNamespace:
-    """What `second_opinion` keeps of ``pred``: a copy of its masks (not views into a batch), its
-    scores, its logits as they are (a tiled predictor knows their tile by the array) and
-    ``first``, the index of its answer."""
-    return SimpleNamespace(masks=np.array(pred.masks, bool), iou=np.asarray(pred.iou),
-                           stability=np.asarray(pred.stability), low_res=pred.low_res, first=int(first))
-
-
-def _answer_first(p: SimpleNamespace, f: Front) -> list[Choice]:
-    """``p``'s candidates for ``f`` (`candidate_choices`), its answer ``p.first`` first."""
-    cs = candidate_choices(p, f)
-    return [cs[p.first], *(c for c in cs if c.k != p.first)]
-
-
-def _own(c: Choice) -> Choice:
-    """``c`` with its own copy of the mask (not a view keeping the prediction's masks alive)."""
-    return replace(c, mask=np.array(c.mask, bool))
 
 
 def propagate(
