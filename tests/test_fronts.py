@@ -96,3 +96,17 @@ def test_tips_of_a_few_pixels_are_found_with_a_noisy_oracle(monkeypatch):
     monkeypatch.setattr(fronts, "SMALL_AREA", 0)  # no second opinion: the first answer is kept
     without = right_tips(seeds)
     assert with_opinion >= 0.85 * 4 * len(seeds) and with_opinion > without + 4, (with_opinion, without)
+
+
+def test_second_opinion_keeps_predictions_bit_packed():
+    """The first predictions of small masks wait bit-packed (1/8 of the bytes), masks unchanged."""
+    from types import SimpleNamespace
+
+    from napari_mobilesam.volume.second_tries import _Kept
+
+    masks = np.stack([disc(3, (61, 67)), disc(4, (61, 67)), disc(2, (61, 67))])
+    pred = SimpleNamespace(masks=masks, iou=np.array([0.9, 0.8, 0.7]), stability=np.ones(3),
+                           low_res=np.zeros((3, 256, 256), np.float32))
+    kept = _Kept(pred, 1)
+    assert np.array_equal(kept.masks, masks) and kept.first == 1 and kept.low_res is pred.low_res
+    assert kept.bits.nbytes * 7 < masks.nbytes

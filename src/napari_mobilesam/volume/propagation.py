@@ -68,7 +68,7 @@ from .results import (
     labels_volume,
     z_bounds,
 )
-from .second_tries import SecondTries, _kept, _own, iter_predictions
+from .second_tries import SecondTries, _Kept, _own, iter_predictions
 
 if TYPE_CHECKING:
     from ..core.predictor import Prediction
@@ -230,13 +230,13 @@ class _Run(SecondTries):
         ``preds``: ``(index into group, Prediction)`` as decoded; only the chosen mask and its
         logits are kept of each, so memory does not grow with the number of fronts."""
         decided: list = [None] * len(group)
-        small: dict[int, Prediction] = {}
+        small: dict[int, _Kept] = {}
         for i, pred in preds:
             f = group[i]
             c = self.choose(z, f, pred)
             decided[i] = (f, pred.low_res[c.k], _own(c), stop_reason(c, f, self.rules))
             if decided[i][3] is None and c.area < fronts.SMALL_AREA:
-                small[i] = _kept(pred, c.k)
+                small[i] = _Kept(pred, c.k)
         decided = self.second_opinion(z, self.retry(z, decided, small), small)
         lost = self.claim(z, decided, defer=True)
         if lost:  # candidates that lost their pixels to a front decided first: one more try

@@ -6,7 +6,8 @@
   where one pixel of error is most of the mask) is asked again with more clicks on its candidates,
   and the answer those predictions agree on is kept (`fronts.consensus`).
 
-Both decode all their prompts of the slice in one batched call. Decisions are tuples
+The retry decodes all its prompts of the slice in one batched call, the second opinion front by
+front. Decisions are tuples
 ``(front, low-res logits, Choice, stop reason or None)``. Coordinates (row, col), masks (H, W) bool.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,32 +69,32 @@ class SecondTries:
             if stop_reason(c, f, self.rules) is None and (out[j][3] is not None or c.claim > out[j][2].claim):
                 out[j] = (f, pred.low_res[c.k], _own(c), None)
                 if small is not None and c.area < fronts.SMALL_AREA:
-                    small[j] = _kept(pred, c.k)
+                    small[j] = _Kept(pred, c.k)
                 elif small is not None:
                     small.pop(j, None)
         return out
 
-    def second_opinion(self, z: int, decided: list, small: dict[int, Prediction]) -> list:
+    def second_opinion(self, z: int, decided: list, small: dict[int, _Kept]) -> list:
         """A second opinion on small masks (tips, where one pixel of error is most of the mask):
-        more clicks on the first prediction's candidates (`Front.second_prompts`), all fronts' in
-        one decoder call, and the candidate these predictions agree on (`fronts.consensus`).
-        ``small``: {index into ``decided``: the first prediction (`_kept`, its answer the chosen
+        more clicks on the first prediction's candidates (`Front.second_prompts`), decoded front
+        by front, and the candidate these predictions agree on (`fronts.consensus`). Memory: the
+        first predictions are kept bit-packed; one front's extra predictions at a time.
+        ``small``: {index into ``decided``: the first prediction (`_Kept`, its answer the chosen
         candidate)}."""
-        todo, oks = [], {}
-        for i, pred in small.items():
-            f = decided[i][0]
-            oks[i] = self._allowed(z, f)
-            masks = [c.mask for c in candidate_choices(pred, f) if c.area and oks[i](c)]
-            todo.extend((i, p) for p in f.second_prompts(self.rules, masks, self.taken(z, f.label)))
-        if not todo or self.is_cancelled():
-            return decided
-        preds: dict[int, list[Prediction]] = {i: [p] for i, p in small.items()}
-        for t, pred in iter_predictions(self.predictor, z, [p for _, p in todo]):
-            preds[todo[t][0]].append(_kept(pred, int(np.argmax(np.asarray(pred.iou)))))
         out = list(decided)
-        for i, ps in preds.items():
+        for i, first in small.items():
+            if self.is_cancelled():
+                break
             f = decided[i][0]
-            won = consensus([_answer_first(p, f) for p in ps], oks[i])
+            ok = self._allowed(z, f)
+            masks = [c.mask for c in candidate_choices(first, f) if c.area and ok(c)]
+            prompts = f.second_prompts(self.rules, masks, self.taken(z, f.label))
+            if not prompts:
+                continue
+            ps = [first]
+            for _, pred in iter_predictions(self.predictor, z, prompts):
+                ps.append(_Kept(pred, int(np.argmax(np.asarray(pred.iou)))))
+            won = consensus([_answer_first(p, f) for p in ps], ok)
             if won is not None:
                 j, c = won
                 out[i] = (f, ps[j].low_res[c.k], _own(c), None)
@@ -114,15 +114,25 @@ def iter_predictions(predictor: Any, z: int, prompts: list, keep: str = "all"):
     return it(predictor, z, prompts, keep=keep)
 
 
-def _kept(pred: Prediction, first: int) -> SimpleNamespace:
-    """What `second_opinion` keeps of ``pred``: a copy of its masks (not views into a batch), its
-    scores, its logits as they are (a tiled predictor knows their tile by the array) and
-    ``first``, the index of its answer."""
-    return SimpleNamespace(masks=np.array(pred.masks, bool), iou=np.asarray(pred.iou),
-                           stability=np.asarray(pred.stability), low_res=pred.low_res, first=int(first))
+class _Kept:
+    """What `second_opinion` keeps of a prediction: its masks bit-packed (a copy, not views into a
+    batch: 1/8 of the bytes), its scores, its logits as they are (a tiled predictor knows their tile
+    by the array) and ``first``, the index of its answer. ``masks`` unpacks them, (K, H, W) bool."""
+
+    def __init__(self, pred: Prediction, first: int) -> None:
+        masks = np.asarray(pred.masks, bool)
+        self.shape = masks.shape
+        self.bits = np.packbits(masks.reshape(len(masks), -1), axis=1)
+        self.iou, self.stability = np.asarray(pred.iou), np.asarray(pred.stability)
+        self.low_res, self.first = pred.low_res, int(first)
+
+    @property
+    def masks(self) -> np.ndarray:
+        n = int(np.prod(self.shape[1:]))
+        return np.unpackbits(self.bits, axis=1, count=n).astype(bool).reshape(self.shape)
 
 
-def _answer_first(p: SimpleNamespace, f: Front) -> list[Choice]:
+def _answer_first(p: _Kept, f: Front) -> list[Choice]:
     """``p``'s candidates for ``f`` (`candidate_choices`), its answer ``p.first`` first."""
     cs = candidate_choices(p, f)
     return [cs[p.first], *(c for c in cs if c.k != p.first)]
