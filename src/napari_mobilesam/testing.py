@@ -9,13 +9,18 @@ Coordinates: (z, row, col).
 
 Perturbed oracles stand in for a model that is slightly wrong: ``error="eroded"`` / ``"dilated"``
 answer with the object shrunk / grown by one pixel, ``error="jitter"`` with one of the three at
-random for every answer (±1 px). ``candidates="spread"`` returns three different candidates
+random (±1 px). Like a real model, the jittered oracle answers the same prompt the same way every
+time: the random choice is a function of the oracle's ``seed``, the slice and the prompt (its points
+and labels, rounded to whole pixels, its box, rounded, and ``multimask``; not ``mask_input``, which
+the oracle ignores), so asking the same prompt again cannot draw another answer; a different prompt
+(another click, another box) draws anew. ``candidates="spread"`` returns three different candidates
 (the answer, it grown by one pixel, it shrunk by one pixel), the answer scored best, to check that
 a candidate choice does not drift to the largest mask.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from types import SimpleNamespace
 
@@ -44,7 +49,8 @@ class GroundTruthOracle:
         Three copies of the answer (default), or the answer, it dilated and it eroded by one pixel
         with predicted IoUs 0.95, 0.88, 0.88 and stabilities 0.95, 0.9, 0.9.
     seed : int
-        Seed of the random errors of ``"jitter"``.
+        Seed of the random errors of ``"jitter"`` (each answer's error is drawn from this seed and
+        the prompt, see the module docstring).
 
     Rules: the object is the ground-truth label under the first positive point; without one, the
     label covering most of the box. A negative point on that object cancels it (empty mask).
@@ -61,7 +67,7 @@ class GroundTruthOracle:
         if candidates not in ("same", "spread"):
             raise ValueError(f"candidates must be 'same' or 'spread', got {candidates!r}")
         self.error, self.candidates = error, candidates
-        self.rng = np.random.default_rng(seed)
+        self.seed = int(seed)
 
         labels = np.asarray(labels)
         self.gt = labels if labels.ndim == 3 else labels[None]
@@ -94,7 +100,7 @@ class GroundTruthOracle:
             time.sleep(self.delay)
         obj = self._object(int(z), points, labels, box)
         mask = (self.gt[z] == obj) if obj else np.zeros(self.gt.shape[1:], bool)
-        mask = self._perturb(mask)
+        mask = self._perturb(mask, self._draw(int(z), points, labels, box, multimask))
         score = 0.95 if mask.any() else 0.0
         if self.candidates == "spread" and multimask:
             masks = np.stack([mask, ndi.binary_dilation(mask), ndi.binary_erosion(mask)])
@@ -108,10 +114,19 @@ class GroundTruthOracle:
             low_res=np.zeros((len(masks), 256, 256), np.float32), best=int(np.argmax(iou)),
         )
 
-    def _perturb(self, mask: np.ndarray) -> np.ndarray:
+    def _draw(self, z: int, points, labels, box, multimask) -> int:
+        """0, 1 or 2 (eroded, exact, dilated): a deterministic function of the seed, the slice and
+        the prompt (points, labels and box rounded to whole pixels; ``multimask``)."""
+        parts = [self.seed, z, bool(multimask)]
+        for a in (points, labels, box):
+            parts.append(None if a is None else np.round(np.asarray(a, float)).astype(np.int64).ravel().tolist())
+        digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+        return int(np.random.default_rng(int.from_bytes(digest, "little")).integers(3))
+
+    def _perturb(self, mask: np.ndarray, draw: int) -> np.ndarray:
         mode = self.error
         if mode == "jitter":
-            mode = ("eroded", "exact", "dilated")[int(self.rng.integers(3))]
+            mode = ("eroded", "exact", "dilated")[draw]
         if mode == "eroded":
             return ndi.binary_erosion(mask)
         if mode == "dilated":

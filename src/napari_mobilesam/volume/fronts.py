@@ -10,6 +10,9 @@ stack's end). Each step:
    ``iou_prev + score_weight * predicted_iou + stability_weight * stability``; candidates that run
    into another object of the same run (overlap above ``max_neighbour`` of the smaller area) are
    left out;
+   a chosen mask under ``SMALL_AREA`` pixels (an object's tip, where one pixel of error is most of
+   the mask) gets a second opinion: more clicks on its candidates (`Front.second_prompts`) and the
+   answer those predictions agree on (`consensus`);
 3. `stop_reason` — the plain stop rules (empty, low score, low overlap/IoU, area change, and
    regrowth: an object that shrank towards its end does not grow again, see `regrows`);
 4. neighbours — resolved by `volume.propagation` (all fronts due on one slice at once).
@@ -19,7 +22,7 @@ Everything is (row, col) on (H, W) bool masks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,7 +34,8 @@ if TYPE_CHECKING:  # core.predictor imports torch: not needed to import this mod
     from ..core.predictor import Prediction, Prompt
 
 __all__ = [
-    "Rules", "Front", "Choice", "Neighbours", "front_limit", "choose_candidate", "stop_reason", "regrows", "overlap",
+    "Rules", "Front", "Choice", "Neighbours", "front_limit", "choose_candidate", "candidate_choices", "consensus",
+    "stop_reason", "regrows", "overlap",
 ]
 
 #: Weight of the centroid shift in `Choice.claim` (tuned on ±1 px oracles: centroids are the
@@ -43,6 +47,11 @@ AREA_WINDOW = 5
 RING_CLICKS = 32
 #: About one retry click per this many pixels of that edge (a tip a few pixels wide is hit).
 RING_SPACING = 2
+#: A chosen mask smaller than this (pixels) gets a second opinion (`consensus`): on a tip of a few
+#: pixels an error of one pixel is most of the mask.
+SMALL_AREA = 64
+#: Extra clicks of that second opinion (`Front.second_prompts`).
+SECOND_CLICKS = 12
 
 from .results import (  # noqa: F401  (the codes, re-exported)
     AREA_CHANGE,
@@ -209,6 +218,32 @@ class Front:
                 for c in kept]
 
 
+    def second_prompts(self, rules: Rules, masks: list[np.ndarray], taken: np.ndarray | None) -> list[Prompt]:
+        """Prompts for a second opinion on a small mask: one click each on up to ``SECOND_CLICKS``
+        pixels of the candidates ``masks`` ((H, W) bool each: the first prediction's candidates
+        that may be taken) minus ``taken`` (other objects' pixels), spread over the smallest
+        candidate first (the core they share), then over the rest; each with the box of all of
+        them, as a user would click again on the spots of a doubtful answer. Empty when no pixel
+        is left."""
+        from ..core.predictor import Prompt
+
+        masks = [m & ~taken if taken is not None else m for m in masks]
+        masks = sorted((m for m in masks if m.any()), key=np.count_nonzero)
+        if not masks:
+            return []
+        region = np.any(masks, axis=0)
+        box, pts = prompts_from_mask(region, n_points=1, box_margin=rules.box_margin)
+        clicks: list[np.ndarray] = []
+        for tier in (masks[0], region & ~masks[0]):
+            coords = np.argwhere(tier).astype(float)
+            if not len(coords) or len(clicks) >= SECOND_CLICKS:
+                continue
+            start = int(np.argmin(((coords - pts[0]) ** 2).sum(1)))
+            coords[[0, start]] = coords[[start, 0]]
+            clicks.extend(spread_points(coords, SECOND_CLICKS - len(clicks)))
+        return [Prompt(points=np.asarray([c]), labels=np.ones(1, int), box=box, multimask=True) for c in clicks]
+
+
 def spread_points(pts: np.ndarray, n: int) -> list[np.ndarray]:
     """Up to ``n`` of the (N, 2) points ``pts``, spread out (farthest-point order from the first)."""
     if not len(pts):
@@ -320,36 +355,71 @@ class Neighbours:
         return cls(lab, {int(a): int(b) for a, b in zip(u, c)}, held)
 
 
-def choose_candidate(pred: Prediction, front: Front, rules: Rules, others: Neighbours | None) -> Choice:
-    """The best of ``pred``'s candidates for ``front`` (see the module docstring).
-
-    ``others``: the run's other objects already on this slice, or None.
-    """
+def candidate_choices(pred: Prediction, front: Front) -> list[Choice]:
+    """Every candidate of ``pred`` compared with ``front``'s previous mask (see `Choice`)."""
     masks = np.asarray(pred.masks, bool)
     areas = masks.reshape(len(masks), -1).sum(1)
-    best: Choice | None = None
     expected = front.expected_area()
-    best_value = fallback_value = -np.inf
-    fallback: Choice | None = None
+    out = []
     for k in range(len(masks)):
         iou, ov, contain = overlap(masks[k], front.mask, int(areas[k]), front.area)
         fit = 0.0 if expected is None else abs(areas[k] - expected) / max(areas[k], expected, 1.0)
         shift = 0.0
         if areas[k] and front.area:
             shift = float(np.hypot(*(centroid(masks[k]) - front.center))) / max(np.sqrt(areas[k] / np.pi), 1.0)
-        c = Choice(k, masks[k], int(areas[k]), float(pred.iou[k]), float(pred.stability[k]), iou, ov, contain,
-                   float(fit), shift)
-        value = iou + rules.score_weight * c.score + rules.stability_weight * c.stability
+        out.append(Choice(k, masks[k], int(areas[k]), float(pred.iou[k]), float(pred.stability[k]), iou, ov,
+                          contain, float(fit), shift))
+    return out
+
+
+def choose_candidate(pred: Prediction, front: Front, rules: Rules, others: Neighbours | None) -> Choice:
+    """The best of ``pred``'s candidates for ``front`` (see the module docstring).
+
+    ``others``: the run's other objects already on this slice, or None.
+    """
+    best = fallback = None
+    best_value = fallback_value = -np.inf
+    for c in candidate_choices(pred, front):
+        value = c.iou + rules.score_weight * c.score + rules.stability_weight * c.stability
         if value > fallback_value:
             fallback, fallback_value = c, value
-        if areas[k] > 0 and _into_neighbour(masks[k], int(areas[k]), others, rules):
+        if c.area > 0 and _into_neighbour(c.mask, c.area, others, rules):
             continue
         if value > best_value:
             best, best_value = c, value
     if best is None:  # every candidate walks into a neighbour
-        f = fallback
-        return Choice(f.k, f.mask, f.area, f.score, f.stability, f.iou, f.overlap, f.contain, f.area_fit, f.shift,
-                      True)
+        return replace(fallback, blocked=True)
+    return best
+
+
+def consensus(options: list[list[Choice]], ok) -> tuple[int, Choice] | None:
+    """The answer several predictions of the same slice agree on most (a second opinion on a
+    small mask, where one pixel of error is most of the mask).
+
+    ``options[j]``: the candidates of prediction ``j``, its answer first (prediction 0: the
+    front's own prompt, its chosen candidate first); ``ok(choice)``: whether a candidate may be
+    taken (stop rules, neighbours). Each prediction's answer is its first allowed candidate.
+    Every prediction with an allowed candidate votes for each answer with the IoU of its own
+    allowed candidate most like it; the answer with the most votes wins. Ties go to the smaller
+    answer (equally agreed on, the smaller one is what the answers contain: on an object's last
+    slices the area falls), then to the earlier. Returns ``(j, choice)`` or None when nothing is
+    allowed. All masks (H, W) bool, compared inside the bounding box of them all.
+    """
+    allowed = [[c for c in cs if c.area > 0 and ok(c)] for cs in options]
+    answers = [(j, cs[0]) for j, cs in enumerate(allowed) if cs]
+    if not answers:
+        return None
+    union = np.any([c.mask for cs in allowed for c in cs], axis=0)
+    rows, cols = np.nonzero(union)
+    win = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    flat = [[c.mask[win].ravel() for c in cs] for cs in allowed if cs]
+    best, best_key = None, None
+    for j, h in answers:
+        m = h.mask[win].ravel()
+        votes = sum(max(np.count_nonzero(m & x) / max(np.count_nonzero(m | x), 1) for x in ms) for ms in flat)
+        key = (round(votes, 6), -h.area)
+        if best_key is None or key > best_key:
+            best, best_key = (j, h), key
     return best
 
 

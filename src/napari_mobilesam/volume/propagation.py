@@ -4,8 +4,9 @@ An object is given by prompts on one or more slices (points, boxes) and/or by ex
 label taken from a napari Labels layer, see `objects_from_labels`). From every annotated ("seed")
 slice the object is followed up and down, one slice at a time, by a *front* (`volume.fronts`):
 the next slice's prompt comes from the current mask, the best of SAM's three candidates is chosen
-(predicted IoU and stability first, agreement with the previous slice second) and the stop rules
-are applied (see ``STOP_REASONS`` for every reason a direction ends).
+(predicted IoU and stability first, agreement with the previous slice second; a small mask, an
+object's tip, is asked again with more clicks and the answer they agree on is kept) and the stop
+rules are applied (see ``STOP_REASONS`` for every reason a direction ends).
 
 Objects know their neighbours. All fronts advance together, one slice per round; fronts due on the
 same slice share one embedding and one batched decoder call. A candidate that mostly covers another
@@ -36,11 +37,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
+from . import fronts
 from .fronts import (
     CANCELLED,
     EMPTY,
     EMPTY_SEED,
-    LOW_OVERLAP,
     MET,
     NEIGHBOUR,
     Choice,
@@ -67,6 +68,7 @@ from .results import (
     labels_volume,
     z_bounds,
 )
+from .second_tries import SecondTries, _Kept, _own, iter_predictions
 
 if TYPE_CHECKING:
     from ..core.predictor import Prediction
@@ -84,7 +86,7 @@ __all__ = [
 ]
 
 # -- one run ----------------------------------------------------------------------------------------
-class _Run:
+class _Run(SecondTries):
     """The state of one propagation: the labels volume, records, stops and fronts."""
 
     def __init__(self, predictor: Any, objs: list[ObjectPrompts], rules: Rules, labels: np.ndarray,
@@ -228,13 +230,17 @@ class _Run:
         ``preds``: ``(index into group, Prediction)`` as decoded; only the chosen mask and its
         logits are kept of each, so memory does not grow with the number of fronts."""
         decided: list = [None] * len(group)
+        small: dict[int, _Kept] = {}
         for i, pred in preds:
             f = group[i]
             c = self.choose(z, f, pred)
             decided[i] = (f, pred.low_res[c.k], _own(c), stop_reason(c, f, self.rules))
-        lost = self.claim(z, self.retry(z, decided), defer=True)
+            if decided[i][3] is None and c.area < fronts.SMALL_AREA:
+                small[i] = _Kept(pred, c.k)
+        decided = self.second_opinion(z, self.retry(z, decided, small), small)
+        lost = self.claim(z, decided, defer=True)
         if lost:  # candidates that lost their pixels to a front decided first: one more try
-            self.claim(z, self.retry(z, lost), defer=False)
+            self.claim(z, self.retry(z, lost, None), defer=False)
 
     def claim(self, z: int, decided: list, defer: bool) -> list:
         """Write the decided fronts on slice ``z`` in order of their claim; a front losing most of
@@ -269,30 +275,6 @@ class _Run:
             self.write(f.label, z, written)
             f.accept(z, written, area, low, len(self.records) - 1, c.claim)
         return deferred
-
-    def retry(self, z: int, decided: list) -> list:
-        """Second chance for fronts whose candidate was another object (``"neighbour"``) or
-        jumped away (``"low_overlap"``): clicks on the part of the previous mask that candidate (and
-        other objects) do not cover (`Front.retry_prompts`), all retries of the slice in one
-        decoder call. Returns ``decided`` with each retried entry replaced by its retry candidate
-        that passes the stop rules with the best claim, if any."""
-        todo = []
-        for j, (f, _low, c, reason) in enumerate(decided):
-            if reason not in (NEIGHBOUR, LOW_OVERLAP) or c.area == 0:
-                continue
-            held = self.taken(z, f.label)
-            avoid = c.mask if held is None else (c.mask | held)
-            todo.extend((j, p) for p in f.retry_prompts(self.rules, avoid))
-        if not todo or self.is_cancelled():
-            return decided
-        out = list(decided)
-        for t, pred in iter_predictions(self.predictor, z, [p for _, p in todo]):
-            j = todo[t][0]
-            f = decided[j][0]
-            c = self.choose(z, f, pred)
-            if stop_reason(c, f, self.rules) is None and (out[j][3] is not None or c.claim > out[j][2].claim):
-                out[j] = (f, pred.low_res[c.k], _own(c), None)
-        return out
 
     # -- neighbours --------------------------------------------------------------------------------
     def choose(self, z: int, f: Front, pred: Prediction) -> Choice:
@@ -356,18 +338,6 @@ class _Run:
         if cache is not None and hasattr(cache, "cancel_prefetch"):
             cache.cancel_prefetch()
         return PropagationResult(self.labels, self.records, self.stops, self.cancelled)
-
-
-def iter_predictions(predictor: Any, z: int, prompts: list, keep: str = "all"):
-    """`core.predictor.iter_predictions` (imported when first needed: it loads torch)."""
-    from ..core.predictor import iter_predictions as it
-
-    return it(predictor, z, prompts, keep=keep)
-
-
-def _own(c: Choice) -> Choice:
-    """``c`` with its own copy of the mask (not a view keeping the prediction's masks alive)."""
-    return replace(c, mask=np.array(c.mask, bool))
 
 
 def propagate(
