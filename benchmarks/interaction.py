@@ -5,14 +5,15 @@ widget and the real MobileSAM architecture (``vit_t``; the parity fixture's rand
 for ``mobile_sam.pt``, which has the same shapes and therefore the same cost):
 
 1. **click -> preview**: a point is added to the prompt layer exactly as napari's add-mode click
-   does (``Points.add`` on mouse release); timed until the preview layer holds the new mask, and
-   until the canvas has been repainted. One click per nucleus, each followed by Clear, median of
+   does (``Points.add`` on mouse release); timed until the preview layer holds the new mask (the
+   decoder answers in the widget's preview thread, the event loop spinning meanwhile), and until
+   the canvas has been repainted. One click per nucleus, each followed by Clear, median of
    ``--clicks`` (default 20) clicks on a slice whose embedding is cached;
 2. **engine only**: ``SlicePredictor.predict`` for the same points (what the widget calls);
 3. **baseline**: ``segment_anything.SamPredictor.predict`` for the same points, with the image
    already set (the per-click cost of the official predictor: same decoder, full-size upscaling);
 4. **uncached slice**: a click on a slice that is not embedded yet: time until the preview shows
-   (the encoder runs in a worker, then the decoder on the GUI thread), and the longest GUI-thread
+   (the encoder runs in a worker, then the decoder in the preview thread), and the longest GUI-thread
    stall while the encoder runs (the largest gap of a 5 ms timer on the GUI thread).
 
 5. **GUI stalls** (``--stalls``): the longest gap of a 10 ms heartbeat timer on the GUI thread and
@@ -142,9 +143,9 @@ def main(argv=None) -> int:
         widget.clear_prompts()
         app.processEvents()
         t0 = time.perf_counter()
-        widget.points_layer.add([z, r, c])
+        widget.points_layer.add([z, r, c])  # the decoder answers in its own thread
+        spin_until(lambda: not widget._annotator.decoding and widget._prediction is not None, timeout=30)
         t1 = time.perf_counter()
-        assert widget.preview_layer.data.any() or widget._prediction is not None, widget.status
         canvas.repaint()
         app.processEvents()
         t2 = time.perf_counter()

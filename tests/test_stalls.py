@@ -82,3 +82,177 @@ def test_live_preview_repaints_only_when_the_slice_in_view_changes(make_napari_v
     assert len(live) < len(steps)
     target = widget.target_layer(create=False)
     assert target is not None and (target.data > 0).sum() > 0
+
+
+# --------------------------------------------------------------------------- the preview's decoder
+def _recording_threads(monkeypatch, obj, name):
+    """Wrap ``obj.name`` (a model call) so that every call records whether it ran on the GUI thread."""
+    import threading
+
+    calls = []
+    real = getattr(obj, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append(threading.current_thread() is threading.main_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, wrapped)
+    return calls
+
+
+def _two_nuclei_on_a_slice(stack):
+    """(z, (row, col, id), (row, col, id)): the deepest interior pixels of two objects of one slice."""
+    import numpy as np
+    from scipy import ndimage as ndi
+
+    for z in range(stack.labels.shape[0]):
+        ids = [i for i in np.unique(stack.labels[z]) if i]
+        if len(ids) < 2:
+            continue
+        found = []
+        for i in ids:
+            depth = ndi.distance_transform_edt(stack.labels[z] == i)
+            if depth.max() >= 4:
+                r, c = np.unravel_index(int(depth.argmax()), depth.shape)
+                found.append((int(r), int(c), int(i)))
+        if len(found) >= 2:
+            return z, found[0], found[1]
+    raise AssertionError("no slice with two nuclei in the test stack")
+
+
+@pytest.mark.gui
+def test_a_click_during_a_propagation_gets_its_preview_and_the_gui_thread_never_calls_the_model(
+    make_napari_viewer, qtbot, stack, monkeypatch
+):
+    """Shift-S runs; the user clicks another nucleus on another slice: its preview appears while
+    the propagation still runs, and no model call (preview or propagation) ran on the GUI thread.
+    (The predictor here is the GroundTruthOracle, a stand-in; the real decoder is checked below.)"""
+    import numpy as np
+    from qtpy.QtCore import Qt
+    from test_user_flow import (
+        SHIFT,
+        click,
+        go_to,
+        key,
+        nucleus,
+        open_session,
+        wait_idle,
+        wait_preview,
+    )
+
+    viewer, _dock, widget, image, oracle = open_session(make_napari_viewer, qtbot, stack)
+    on_gui = _recording_threads(monkeypatch, oracle, "predict")
+    z, r, c, gt = nucleus(stack, 0)
+    click(viewer, image, (z, r, c), qtbot=qtbot)
+    wait_preview(qtbot, widget)
+    oracle.delay = 0.1  # a propagation of a second or more
+    key(viewer, Qt.Key.Key_S, SHIFT)
+    assert widget._annotator._runner.running
+    z2 = next(q for q in range(stack.labels.shape[0]) if abs(q - z) > 2 and stack.labels[q].any())
+    ids2 = [i for i in np.unique(stack.labels[z2]) if i]
+    r2, c2 = np.argwhere(stack.labels[z2] == ids2[0])[len(np.argwhere(stack.labels[z2] == ids2[0])) // 2]
+    go_to(viewer, image, z2)
+    click(viewer, image, (z2, r2, c2), qtbot=qtbot)
+    seen = {}
+
+    def previewed():
+        if widget._preview_z == z2 and widget._preview_kind == "object":
+            seen.setdefault("during", widget._annotator._runner.running)
+            return True
+        return False
+
+    qtbot.waitUntil(previewed, timeout=20_000)
+    assert seen["during"], "the click's preview waited for the propagation to end"
+    np.testing.assert_array_equal(widget.preview_layer.data[0] > 0, stack.labels[z2] == ids2[0])
+    wait_idle(qtbot, widget)
+    assert len(on_gui) >= 5 and not any(on_gui), f"{sum(on_gui)} of {len(on_gui)} model calls on the GUI thread"
+    target = widget.target_layer(create=False)
+    assert target is not None and (target.data == 1).sum() > 0
+
+
+@pytest.mark.gui
+def test_stale_preview_answers_are_dropped_and_requests_coalesce(make_napari_viewer, qtbot, stack, monkeypatch):
+    """Answers for an older prompt set or another slice never reach the preview; while one
+    decoding runs, newer requests replace each other (the newest is decoded next)."""
+    import numpy as np
+    from test_user_flow import click, go_to, nucleus, open_session, wait_idle
+
+    from napari_mobilesam._napari import prompt_layers as pl
+
+    viewer, _dock, widget, image, oracle = open_session(make_napari_viewer, qtbot, stack, delay=0.4)
+    shown = []
+    real_show = pl.show_preview
+    monkeypatch.setattr(pl, "show_preview", lambda *a, **k: (shown.append((a[2], a[3])), real_show(*a, **k)))
+    za, ra, ca, gt_a = nucleus(stack, 0)
+    zb = next(q for q in range(stack.labels.shape[0]) if abs(q - za) > 2 and stack.labels[q].any())
+    gt_b = int(next(i for i in np.unique(stack.labels[zb]) if i))
+    rb, cb = np.argwhere(stack.labels[zb] == gt_b)[len(np.argwhere(stack.labels[zb] == gt_b)) // 2]
+    calls0, submits = oracle.calls, []
+    decoder = widget._annotator._decoder
+    real_submit = decoder.submit
+    monkeypatch.setattr(decoder, "submit", lambda request: (submits.append(request), real_submit(request)))
+    click(viewer, image, (za, ra, ca), qtbot=qtbot)  # decoded in 0.4 s
+    go_to(viewer, image, zb)  # before it answers: another slice, another object
+    click(viewer, image, (zb, rb, cb), qtbot=qtbot)
+    for _ in range(4):  # more requests while the first is decoded: they replace each other
+        widget.update_preview()
+    qtbot.waitUntil(lambda: widget._preview_z == zb and widget.preview_layer.data.any(), timeout=10_000)
+    wait_idle(qtbot, widget)
+    # the 4 requests made while B's (or A's) decoding ran replaced each other: one decoding for them
+    assert len(submits) >= 6 and oracle.calls - calls0 <= len(submits) - 3, (oracle.calls - calls0, len(submits))
+    previews = [(z, labels) for z, labels in shown if labels is not None]
+    assert previews and all(z == zb for z, _ in previews), "an answer for an older slice was shown"
+    np.testing.assert_array_equal(widget.preview_layer.data[0] > 0, stack.labels[zb] == gt_b)
+
+
+@pytest.mark.gui
+def test_c_right_after_a_click_commits_the_newest_prompts(make_napari_viewer, qtbot, stack):
+    """The preview still shows object A when the prompts become object B and C is pressed at
+    once: B (the newest prompts) is committed when its mask arrives, not A."""
+    import numpy as np
+    from qtpy.QtCore import Qt
+    from test_user_flow import click, go_to, key, open_session, wait_idle, wait_preview
+
+    viewer, _dock, widget, image, oracle = open_session(make_napari_viewer, qtbot, stack)
+    z, (ra, ca, gt_a), (rb, cb, gt_b) = _two_nuclei_on_a_slice(stack)
+    go_to(viewer, image, z)
+    click(viewer, image, (z, ra, ca), qtbot=qtbot)
+    wait_preview(qtbot, widget)
+    np.testing.assert_array_equal(widget.preview_layer.data[0] > 0, stack.labels[z] == gt_a)
+    oracle.delay = 0.4
+    points = widget.points_layer
+    points.data = np.array([[z, rb, cb]], float)  # the prompts are now object B only
+    key(viewer, Qt.Key.Key_C)  # at once: the preview still shows A
+    assert widget._annotator.decoding
+    wait_idle(qtbot, widget)
+    qtbot.waitUntil(lambda: widget.target_layer(create=False) is not None, timeout=5000)
+    target = widget.target_layer(create=False)
+    qtbot.waitUntil(lambda: target.data[z].any(), timeout=5000)
+    np.testing.assert_array_equal(target.data[z] > 0, stack.labels[z] == gt_b)
+    assert "Committed" in widget.status
+
+
+@pytest.mark.gui
+def test_the_real_decoder_never_runs_on_the_gui_thread(make_napari_viewer, qtbot, stack, engine_sam_test, monkeypatch):
+    """vit_t_test through the real session: a click's preview and a propagation call the mask
+    decoder only from background threads."""
+    from test_user_flow import go_to, wait_idle
+
+    from napari_mobilesam._napari import segment_widget as sw
+    from napari_mobilesam.models.choice import ModelChoice
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(stack.image, name="nuclei")
+    widget = sw.SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    on_gui = _recording_threads(monkeypatch, engine_sam_test.mask_decoder, "forward")
+    widget.set_model(engine_sam_test, ModelChoice("vit_t_test", "", "cpu"))
+    z = 6
+    go_to(viewer, image, z)
+    qtbot.waitUntil(lambda: widget.session.is_embedded(z), timeout=60_000)
+    widget.points_layer.add([z, 64, 64])
+    qtbot.waitUntil(lambda: widget._prediction is not None and widget._preview_z == z, timeout=60_000)
+    assert widget.propagate() is not None
+    wait_idle(qtbot, widget, timeout=120_000)
+    assert widget.last_propagation is not None or "nothing" in widget.status.lower()
+    assert on_gui and not any(on_gui), f"{sum(on_gui)} of {len(on_gui)} decoder calls on the GUI thread"
