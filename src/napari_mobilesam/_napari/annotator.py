@@ -55,6 +55,7 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
         self._prediction: ObjectPrediction | None = None
         self._gen = 0  # the preview's generation: bumped whenever what it should show changes
         self._awaiting: int | None = None  # the generation being decoded for the current prompts
+        self._asked_key = self._shown_key = None  # (session, image, prompt key) on its way / shown
         self._commit_on_answer = False  # C was pressed while the current prompts were decoded
         self._decoder = PreviewDecoder(self._on_answer)
         self.last_propagation = None  # the engine's PropagationResult of the last propagation
@@ -156,12 +157,16 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
         computed in the background: the preview is asked for again when it is ready). While a
         label is refined, its current mask on the slice is the mask prompt.
         """
-        self._new_generation()
         if self.closed or self.image is None or self._points is None:
+            self._new_generation()
             return False
         z = self.current_z()
         prompt = self._slice_prompt(z)
         base = self._refine_mask(z)
+        key = None if prompt is None else (id(self.session), id(self.image), prompt_key(z, prompt, base))
+        if key is not None and key in (self._shown_key, self._asked_key):
+            return True  # shown already, or on its way: no second decoding of the same prompts
+        self._new_generation()
         if prompt is None:
             if self._preview_kind == "object":
                 self._clear_preview_state()
@@ -179,15 +184,15 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
             return False
         mask_input = None if base is None or not base.any() else pl.label_mask_input(base)
         # decoder only: on tiled slices, tiles not embedded yet are embedded by the embedder
-        self._awaiting = self._gen
+        self._awaiting, self._asked_key = self._gen, key
         self._decoder.submit(DecodeRequest(self._gen, self.session, self.image, z, prompt, mask_input,
-                                           prompt_key(z, prompt, base)))
+                                           key[2]))
         return True
 
     def _new_generation(self) -> None:
         """What the preview should show changed: answers asked for before are dropped."""
         self._gen += 1
-        self._awaiting = None
+        self._awaiting = self._asked_key = self._shown_key = None
         self._decoder.discard_pending()
 
     @property
@@ -202,6 +207,7 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
                 or request.image is not self.image):
             return  # stale: another prompt set, slice, image or session since
         self._awaiting = None
+        asked, self._asked_key = self._asked_key, None
         z = request.z
         if answer.error is not None:
             self._commit_on_answer = False
@@ -212,6 +218,7 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
             self._embedder.follow(z, pred.missing_tiles, key=request.key)
         self._prediction = pred
         self._set_preview(z, answer.labels, "object")
+        self._shown_key = None if pred.missing_tiles else asked  # complete: asking again changes nothing
         next_step = "" if self._runner.running else (
             " C replaces the label here." if self._refining else " C commits, Shift-S propagates."
         )
