@@ -59,6 +59,7 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
         self._commit_on_answer = False  # C was pressed while the current prompts were decoded
         self._decoder = PreviewDecoder(self._on_answer)
         self.last_propagation = None  # the engine's PropagationResult of the last propagation
+        self._writing = False  # a large result is being written over several event-loop turns
         self._runner = LongTaskRunner(
             controls.cancel, controls.stop, on_status=say.status, on_error=say.report,
             on_live=self._on_progress, on_live_end=self._live_ended,
@@ -105,7 +106,9 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
 
     @property
     def busy(self) -> bool:
-        return self._decoder.busy or any(t is not None and not t.done for t in (self._embedder.task, self._runner.task))
+        if self._decoder.busy or self._writing:
+            return True
+        return any(t is not None and not t.done for t in (self._embedder.task, self._runner.task))
 
     def close(self) -> None:
         """Cancel background work; no callback reaches the layers afterwards."""

@@ -26,6 +26,8 @@ __all__ = [
     "LongTaskRunner",
     "PropagationRun",
     "write_propagation",
+    "prepare_write",
+    "write_in_steps",
     "WritePlan",
     "describe_propagation",
     "parse_ids",
@@ -226,12 +228,22 @@ def write_propagation(target, result, run: PropagationRun, keep_existing: bool,
     """
     from . import label_writes as lw
 
-    plan = plan if plan is not None else WritePlan.of(result.labels)
+    index, values, written = prepare_write(target, plan if plan is not None else WritePlan.of(result.labels),
+                                           run, keep_existing)
+    lw._write(target, index, values)
+    return written
+
+
+def prepare_write(target, plan: WritePlan, run: PropagationRun, keep_existing: bool):
+    """``(index, values, written)``: what :func:`write_propagation` writes into ``target`` (its
+    rules, against the layer as it is now), without writing it; O(voxels of the plan)."""
+    from . import label_writes as lw
+
     data = lw._level0(target.data)
     if tuple(plan.shape) != tuple(data.shape):
         raise ValueError(f"volume of shape {tuple(plan.shape)} does not fit labels of shape {tuple(data.shape)}")
     if not plan.values.size:
-        return {}
+        return plan.index, plan.values, {}
     current = np.asarray(data[plan.index]) if isinstance(data, np.ndarray) else _gather(data, plan.index)
     present = np.zeros(len(plan.labels), bool)
     if run.keep_ids:
@@ -250,8 +262,55 @@ def write_propagation(target, result, run: PropagationRun, keep_existing: bool,
         new_id[present] = ids
         values = new_id[plan.inverse[write]]
         written = dict(zip((int(v) for v in plan.labels), ids))
-    lw._write(target, tuple(i[write] for i in plan.index), values)
-    return written
+    return tuple(i[write] for i in plan.index), values, written
+
+
+#: Voxels written per event-loop turn by :func:`write_in_steps` (a few ms of ``data_setitem`` each).
+WRITE_STEP = 131_072
+
+
+def write_in_steps(target, index, values, done: Callable[[BaseException | None], None],
+                   step: int = WRITE_STEP) -> None:
+    """Write ``values`` at ``index`` into the Labels layer ``target`` as ONE undo step, ``step``
+    voxels per event-loop turn, so a large write never holds the GUI for long; then ``done(None)``
+    (or ``done(exc)`` after a failed step: the steps written so far stay one undo step).
+
+    A write of at most ``step`` voxels is done at once (``done`` is called before returning).
+    """
+    from qtpy.QtCore import QTimer
+
+    from . import label_writes as lw
+
+    n = len(index[0])
+    if n <= step:
+        try:
+            lw._write(target, index, values)
+        except Exception as exc:  # noqa: BLE001 - handed to done
+            done(exc)
+            return
+        done(None)
+        return
+    history = target.block_history()  # one undo step over the turns
+    history.__enter__()
+    starts = iter(range(0, n, step))
+
+    def next_step() -> None:
+        start = next(starts, None)
+        try:
+            if start is not None:
+                stop = start + step
+                target.data_setitem(tuple(i[start:stop] for i in index), values[start:stop])
+        except Exception as exc:  # noqa: BLE001 - handed to done
+            history.__exit__(None, None, None)
+            done(exc)
+            return
+        if start is None:
+            history.__exit__(None, None, None)
+            done(None)
+        else:
+            QTimer.singleShot(0, next_step)
+
+    next_step()
 
 
 def _gather(data, index) -> np.ndarray:

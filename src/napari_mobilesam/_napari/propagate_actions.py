@@ -18,7 +18,8 @@ from .long_tasks import (
     WritePlan,
     describe_propagation,
     label_run,
-    write_propagation,
+    prepare_write,
+    write_in_steps,
 )
 from .workers import Task
 
@@ -97,19 +98,31 @@ class PropagateActions:
         return run.start(self._runner, session, shape, done)
 
     def _write_propagation(self, result, plan: WritePlan, run: PropagationRun, target: Labels | None) -> None:
+        """Write a finished (or stopped) run: the voxels come from the worker's ``plan``; a large
+        write is spread over several event-loop turns (still one undo step)."""
         if result.cancelled and not any(r.accepted for r in result.records):
             self._say.status("Stopped before any slice was done: nothing was written.")
             return
         try:
             target = target if target is not None else self.target_layer(create=True)
-            ids = write_propagation(target, result, run, self._c.keep_existing.value, plan)
+            index, values, ids = prepare_write(target, plan, run, self._c.keep_existing.value)
         except Exception as exc:  # noqa: BLE001
             self._say.report(exc, f"writing the propagated {run.what}")
             return
-        for zs in run.clear_z:  # the seeds' prompts are used up (walls stay)
-            self._remove_prompts(zs)
-        if run.clear_z:
-            self._clear_preview_state()
-        self.last_propagation = result
-        self._say.status(describe_propagation(result, run, ids, target.name))
 
+        def written(exc: BaseException | None) -> None:
+            self._writing = False
+            if exc is not None:
+                self._say.report(exc, f"writing the propagated {run.what}")
+                return
+            if self.closed:
+                return
+            for zs in run.clear_z:  # the seeds' prompts are used up (walls stay)
+                self._remove_prompts(zs)
+            if run.clear_z:
+                self._clear_preview_state()
+            self.last_propagation = result
+            self._say.status(describe_propagation(result, run, ids, target.name))
+
+        self._writing = True
+        write_in_steps(target, index, values, written)
