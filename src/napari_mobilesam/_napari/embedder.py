@@ -17,6 +17,9 @@ from .workers import Task, start_task
 
 __all__ = ["SliceEmbedder", "prompt_key"]
 
+#: A slice's progress bar appears only if its embedding takes longer (a cached one takes ms).
+_PROGRESS_AFTER_MS = 300
+
 
 def prompt_key(z: int, prompt, mask=None) -> tuple:
     """A hashable name of one slice's prompt (points, labels, box and an optional (H, W) bool mask
@@ -91,6 +94,7 @@ class SliceEmbedder:
             description=f"MobileSAM: embedding slice {z}",
             on_result=lambda _r: self._embedded(session, z),
             on_error=lambda exc: self._failed(session, exc, z),
+            progress_after_ms=_PROGRESS_AFTER_MS,
         )
         self._on_status(f"Computing the embedding of slice {z}…")
         return False

@@ -266,7 +266,7 @@ def prepare_write(target, plan: WritePlan, run: PropagationRun, keep_existing: b
 
 
 #: Voxels written per event-loop turn by :func:`write_in_steps` (a few ms of ``data_setitem`` each).
-WRITE_STEP = 131_072
+WRITE_STEP = 32_768
 
 
 def write_in_steps(target, index, values, done: Callable[[BaseException | None], None],
