@@ -100,6 +100,23 @@ def _recording_threads(monkeypatch, obj, name):
     return calls
 
 
+def _gated(monkeypatch, oracle, *, hold_decoder: bool):
+    """Make the oracle's calls wait for the returned Event: the preview decoder's calls
+    (``hold_decoder``) or every other thread's (the propagation worker's): orders without timing."""
+    import threading
+
+    gate = threading.Event()
+    real = oracle.predict
+
+    def predict(*args, **kwargs):
+        if (threading.current_thread().name == "mobilesam-preview-decoder") == hold_decoder:
+            assert gate.wait(60), "the test never opened the gate"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(oracle, "predict", predict)
+    return gate
+
+
 def _two_nuclei_on_a_slice(stack):
     """(z, (row, col, id), (row, col, id)): the deepest interior pixels of two objects of one slice."""
     import numpy as np
@@ -145,7 +162,7 @@ def test_a_click_during_a_propagation_gets_its_preview_and_the_gui_thread_never_
     z, r, c, gt = nucleus(stack, 0)
     click(viewer, image, (z, r, c), qtbot=qtbot)
     wait_preview(qtbot, widget)
-    oracle.delay = 0.1  # a propagation of a second or more
+    gate = _gated(monkeypatch, oracle, hold_decoder=False)  # the propagation waits for the gate
     key(viewer, Qt.Key.Key_S, SHIFT)
     assert widget._annotator._runner.running
     z2 = next(q for q in range(stack.labels.shape[0]) if abs(q - z) > 2 and stack.labels[q].any())
@@ -162,6 +179,7 @@ def test_a_click_during_a_propagation_gets_its_preview_and_the_gui_thread_never_
         return False
 
     qtbot.waitUntil(previewed, timeout=20_000)
+    gate.set()
     assert seen["during"], "the click's preview waited for the propagation to end"
     np.testing.assert_array_equal(widget.preview_layer.data[0] > 0, stack.labels[z2] == ids2[0])
     wait_idle(qtbot, widget)
@@ -179,7 +197,8 @@ def test_stale_preview_answers_are_dropped_and_requests_coalesce(make_napari_vie
 
     from napari_mobilesam._napari import prompt_layers as pl
 
-    viewer, _dock, widget, image, oracle = open_session(make_napari_viewer, qtbot, stack, delay=0.4)
+    viewer, _dock, widget, image, oracle = open_session(make_napari_viewer, qtbot, stack)
+    gate = _gated(monkeypatch, oracle, hold_decoder=True)  # the first decoding waits for the gate
     shown = []
     real_show = pl.show_preview
     monkeypatch.setattr(pl, "show_preview", lambda *a, **k: (shown.append((a[2], a[3])), real_show(*a, **k)))
@@ -191,15 +210,16 @@ def test_stale_preview_answers_are_dropped_and_requests_coalesce(make_napari_vie
     decoder = widget._annotator._decoder
     real_submit = decoder.submit
     monkeypatch.setattr(decoder, "submit", lambda request: (submits.append(request), real_submit(request)))
-    click(viewer, image, (za, ra, ca), qtbot=qtbot)  # decoded in 0.4 s
+    click(viewer, image, (za, ra, ca), qtbot=qtbot)  # its decoding starts and waits
     go_to(viewer, image, zb)  # before it answers: another slice, another object
     click(viewer, image, (zb, rb, cb), qtbot=qtbot)
     for k in range(1, 4):  # more prompts while a decoding runs: their requests replace each other
         widget.points_layer.add([zb, rb, cb + (k % 2)])
+    gate.set()
     qtbot.waitUntil(lambda: widget._preview_z == zb and widget.preview_layer.data.any(), timeout=10_000)
     wait_idle(qtbot, widget)
-    # the 3 requests made while B's (or A's) decoding ran replaced each other: one decoding for them
-    assert len(submits) >= 5 and oracle.calls - calls0 <= len(submits) - 2, (oracle.calls - calls0, len(submits))
+    # A's decoding ran; every request made meanwhile replaced the previous one: one more decoding
+    assert len(submits) >= 5 and oracle.calls - calls0 == 2, (oracle.calls - calls0, len(submits))
     previews = [(z, labels) for z, labels in shown if labels is not None]
     assert previews and all(z == zb for z, _ in previews), "an answer for an older slice was shown"
     np.testing.assert_array_equal(widget.preview_layer.data[0] > 0, stack.labels[zb] == gt_b)
