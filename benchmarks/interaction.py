@@ -144,7 +144,8 @@ def main(argv=None) -> int:
         app.processEvents()
         t0 = time.perf_counter()
         widget.points_layer.add([z, r, c])  # the decoder answers in its own thread
-        spin_until(lambda: not widget._annotator.decoding and widget._prediction is not None, timeout=30)
+        spin_until(lambda: not getattr(widget._annotator, "decoding", False) and widget._prediction is not None,
+                   timeout=30)
         t1 = time.perf_counter()
         canvas.repaint()
         app.processEvents()
