@@ -553,7 +553,7 @@ def test_real_engine_dev_model_loads_in_worker_and_commit_matches_preview(
     _wait_idle(qtbot, widget, timeout=400_000)
     assert widget.session is not None and widget.session.cache is not None
     qtbot.waitUntil(lambda: widget.session.is_embedded(z), timeout=WAIT_MS)
-    assert widget.update_preview()  # decoded in the preview thread, shown when it answers
+    widget.update_preview()  # decoded in the preview thread (after the embedder has checked the slice)
     qtbot.waitUntil(lambda: not widget.busy and widget._prediction is not None, timeout=WAIT_MS)
     pred = widget._prediction
     assert pred.mask.shape == (128, 128)
@@ -577,7 +577,7 @@ def test_real_engine_slice_change_embeds_in_background(make_napari_viewer, qtbot
     # the slice shown when the model arrived: the middle one)
     qtbot.waitUntil(lambda: all(widget.session.is_embedded(z) for z in (6, 8, 9)), timeout=WAIT_MS)
     widget.points_layer.add([7, 64, 64])
-    assert widget.update_preview(), "a cached slice is decoded at once (in the preview thread)"
+    widget.update_preview()  # a cached slice: the worker finds it embedded, the preview thread decodes
     qtbot.waitUntil(lambda: widget._prediction is not None and widget._preview_z == 7, timeout=WAIT_MS)
 
 
