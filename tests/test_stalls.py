@@ -82,3 +82,240 @@ def test_live_preview_repaints_only_when_the_slice_in_view_changes(make_napari_v
     assert len(live) < len(steps)
     target = widget.target_layer(create=False)
     assert target is not None and (target.data > 0).sum() > 0
+
+
+# --------------------------------------------------------------------------- the preview's decoder
+def _recording_threads(monkeypatch, obj, name):
+    """Wrap ``obj.name`` (a model call) so that every call records whether it ran on the GUI thread."""
+    import threading
+
+    calls = []
+    real = getattr(obj, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append(threading.current_thread() is threading.main_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, wrapped)
+    return calls
+
+
+def _gated(monkeypatch, oracle, *, hold_decoder: bool):
+    """Make the oracle's calls wait for the returned Event: the preview decoder's calls
+    (``hold_decoder``) or every other thread's (the propagation worker's): orders without timing."""
+    import threading
+
+    gate = threading.Event()
+    real = oracle.predict
+
+    def predict(*args, **kwargs):
+        if (threading.current_thread().name == "mobilesam-preview-decoder") == hold_decoder:
+            assert gate.wait(60), "the test never opened the gate"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(oracle, "predict", predict)
+    return gate
+
+
+def _two_nuclei_on_a_slice(stack):
+    """(z, (row, col, id), (row, col, id)): the deepest interior pixels of two objects of one slice."""
+    import numpy as np
+    from scipy import ndimage as ndi
+
+    for z in range(stack.labels.shape[0]):
+        ids = [i for i in np.unique(stack.labels[z]) if i]
+        if len(ids) < 2:
+            continue
+        found = []
+        for i in ids:
+            depth = ndi.distance_transform_edt(stack.labels[z] == i)
+            if depth.max() >= 4:
+                r, c = np.unravel_index(int(depth.argmax()), depth.shape)
+                found.append((int(r), int(c), int(i)))
+        if len(found) >= 2:
+            return z, found[0], found[1]
+    raise AssertionError("no slice with two nuclei in the test stack")
+
+
+@pytest.mark.gui
+def test_a_click_during_a_propagation_gets_its_preview_and_the_gui_thread_never_calls_the_model(
+    make_napari_viewer, qtbot, stack, monkeypatch
+):
+    """Shift-S runs; the user clicks another nucleus on another slice: its preview appears while
+    the propagation still runs, and no model call (preview or propagation) ran on the GUI thread.
+    (The predictor here is the GroundTruthOracle, a stand-in; the real decoder is checked below.)"""
+    import numpy as np
+    from qtpy.QtCore import Qt
+    from test_user_flow import (
+        SHIFT,
+        click,
+        go_to,
+        key,
+        nucleus,
+        open_session,
+        wait_idle,
+        wait_preview,
+    )
+
+    viewer, _dock, widget, image, oracle = open_session(make_napari_viewer, qtbot, stack)
+    on_gui = _recording_threads(monkeypatch, oracle, "predict")
+    z, r, c, gt = nucleus(stack, 0)
+    click(viewer, image, (z, r, c), qtbot=qtbot)
+    wait_preview(qtbot, widget)
+    gate = _gated(monkeypatch, oracle, hold_decoder=False)  # the propagation waits for the gate
+    key(viewer, Qt.Key.Key_S, SHIFT)
+    assert widget._annotator._runner.running
+    z2 = next(q for q in range(stack.labels.shape[0]) if abs(q - z) > 2 and stack.labels[q].any())
+    ids2 = [i for i in np.unique(stack.labels[z2]) if i]
+    r2, c2 = np.argwhere(stack.labels[z2] == ids2[0])[len(np.argwhere(stack.labels[z2] == ids2[0])) // 2]
+    go_to(viewer, image, z2)
+    click(viewer, image, (z2, r2, c2), qtbot=qtbot)
+    seen = {}
+
+    def previewed():
+        if widget._preview_z == z2 and widget._preview_kind == "object":
+            seen.setdefault("during", widget._annotator._runner.running)
+            return True
+        return False
+
+    qtbot.waitUntil(previewed, timeout=20_000)
+    gate.set()
+    assert seen["during"], "the click's preview waited for the propagation to end"
+    np.testing.assert_array_equal(widget.preview_layer.data[0] > 0, stack.labels[z2] == ids2[0])
+    wait_idle(qtbot, widget)
+    assert len(on_gui) >= 5 and not any(on_gui), f"{sum(on_gui)} of {len(on_gui)} model calls on the GUI thread"
+    target = widget.target_layer(create=False)
+    assert target is not None and (target.data == 1).sum() > 0
+
+
+@pytest.mark.gui
+def test_stale_preview_answers_are_dropped_and_requests_coalesce(make_napari_viewer, qtbot, stack, monkeypatch):
+    """Answers for an older prompt set or another slice never reach the preview; while one
+    decoding runs, newer requests replace each other (the newest is decoded next)."""
+    import numpy as np
+    from test_user_flow import click, go_to, nucleus, open_session, wait_idle
+
+    from napari_mobilesam._napari import prompt_layers as pl
+
+    viewer, _dock, widget, image, oracle = open_session(make_napari_viewer, qtbot, stack)
+    gate = _gated(monkeypatch, oracle, hold_decoder=True)  # the first decoding waits for the gate
+    shown = []
+    real_show = pl.show_preview
+    monkeypatch.setattr(pl, "show_preview", lambda *a, **k: (shown.append((a[2], a[3])), real_show(*a, **k)))
+    za, ra, ca, gt_a = nucleus(stack, 0)
+    zb = next(q for q in range(stack.labels.shape[0]) if abs(q - za) > 2 and stack.labels[q].any())
+    gt_b = int(next(i for i in np.unique(stack.labels[zb]) if i))
+    rb, cb = np.argwhere(stack.labels[zb] == gt_b)[len(np.argwhere(stack.labels[zb] == gt_b)) // 2]
+    calls0, submits = oracle.calls, []
+    decoder = widget._annotator._decoder
+    real_submit = decoder.submit
+    monkeypatch.setattr(decoder, "submit", lambda request: (submits.append(request), real_submit(request)))
+    click(viewer, image, (za, ra, ca), qtbot=qtbot)  # its decoding starts and waits
+    go_to(viewer, image, zb)  # before it answers: another slice, another object
+    click(viewer, image, (zb, rb, cb), qtbot=qtbot)
+    for k in range(1, 4):  # more prompts while a decoding runs: their requests replace each other
+        widget.points_layer.add([zb, rb, cb + (k % 2)])
+    gate.set()
+    qtbot.waitUntil(lambda: widget._preview_z == zb and widget.preview_layer.data.any(), timeout=10_000)
+    wait_idle(qtbot, widget)
+    # A's decoding ran; every request made meanwhile replaced the previous one: one more decoding
+    assert len(submits) >= 5 and oracle.calls - calls0 == 2, (oracle.calls - calls0, len(submits))
+    previews = [(z, labels) for z, labels in shown if labels is not None]
+    assert previews and all(z == zb for z, _ in previews), "an answer for an older slice was shown"
+    np.testing.assert_array_equal(widget.preview_layer.data[0] > 0, stack.labels[zb] == gt_b)
+
+
+@pytest.mark.gui
+def test_c_right_after_a_click_commits_the_newest_prompts(make_napari_viewer, qtbot, stack):
+    """The preview still shows object A when the prompts become object B and C is pressed at
+    once: B (the newest prompts) is committed when its mask arrives, not A."""
+    import numpy as np
+    from qtpy.QtCore import Qt
+    from test_user_flow import click, go_to, key, open_session, wait_idle, wait_preview
+
+    viewer, _dock, widget, image, oracle = open_session(make_napari_viewer, qtbot, stack)
+    z, (ra, ca, gt_a), (rb, cb, gt_b) = _two_nuclei_on_a_slice(stack)
+    go_to(viewer, image, z)
+    click(viewer, image, (z, ra, ca), qtbot=qtbot)
+    wait_preview(qtbot, widget)
+    np.testing.assert_array_equal(widget.preview_layer.data[0] > 0, stack.labels[z] == gt_a)
+    oracle.delay = 0.4
+    points = widget.points_layer
+    points.data = np.array([[z, rb, cb]], float)  # the prompts are now object B only
+    key(viewer, Qt.Key.Key_C)  # at once: the preview still shows A
+    assert widget._annotator.decoding
+    wait_idle(qtbot, widget)
+    qtbot.waitUntil(lambda: widget.target_layer(create=False) is not None, timeout=5000)
+    target = widget.target_layer(create=False)
+    qtbot.waitUntil(lambda: target.data[z].any(), timeout=5000)
+    np.testing.assert_array_equal(target.data[z] > 0, stack.labels[z] == gt_b)
+    assert "Committed" in widget.status
+
+
+@pytest.mark.gui
+def test_the_real_decoder_never_runs_on_the_gui_thread(make_napari_viewer, qtbot, stack, engine_sam_test, monkeypatch):
+    """vit_t_test through the real session: a click's preview and a propagation call the mask
+    decoder only from background threads."""
+    from test_user_flow import go_to, wait_idle
+
+    from napari_mobilesam._napari import segment_widget as sw
+    from napari_mobilesam.models.choice import ModelChoice
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(stack.image, name="nuclei")
+    widget = sw.SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    on_gui = _recording_threads(monkeypatch, engine_sam_test.mask_decoder, "forward")
+    widget.set_model(engine_sam_test, ModelChoice("vit_t_test", "", "cpu"))
+    z = 6
+    go_to(viewer, image, z)
+    qtbot.waitUntil(lambda: widget.session.is_embedded(z), timeout=60_000)
+    widget.points_layer.add([z, 64, 64])
+    qtbot.waitUntil(lambda: widget._prediction is not None and widget._preview_z == z, timeout=60_000)
+    assert widget.propagate() is not None
+    wait_idle(qtbot, widget, timeout=120_000)
+    assert widget.last_propagation is not None or "nothing" in widget.status.lower()
+    assert on_gui and not any(on_gui), f"{sum(on_gui)} of {len(on_gui)} decoder calls on the GUI thread"
+
+
+@pytest.mark.gui
+def test_a_large_write_is_spread_over_event_loop_turns_as_one_undo_step(qtbot):
+    """write_in_steps: the same labels as one write, one undo step, written over several turns of
+    the event loop (a timer fires between steps)."""
+    import numpy as np
+    from napari.layers import Labels
+    from qtpy.QtCore import QTimer
+
+    from napari_mobilesam._napari import label_writes as lw
+    from napari_mobilesam._napari.long_tasks import (
+        PropagationRun,
+        WritePlan,
+        prepare_write,
+        write_in_steps,
+    )
+
+    existing = np.zeros((6, 64, 64), np.int32)
+    existing[2, :10, :10] = 4
+    volume = np.zeros((6, 64, 64), np.uint8)
+    volume[1:5, 5:40, 5:40] = 1
+    volume[3, 45:60, 45:60] = 2
+    ours, reference = Labels(existing.copy()), Labels(existing.copy())
+    index, values, written = prepare_write(ours, WritePlan.of(volume), PropagationRun([], "t", keep_ids=False), True)
+    ticks, finished = [], []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(len(finished)))
+    timer.start(0)
+    write_in_steps(ours, index, values, finished.append, step=500)
+    assert not finished, "a write of many steps returned before the event loop ran"
+    qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
+    timer.stop()
+    assert finished == [None] and len(ticks) >= 2
+    ids = lw.write_volume_labels(reference, volume, keep_existing=True)
+    assert written == dict(zip([1, 2], ids))
+    np.testing.assert_array_equal(ours.data, reference.data)
+    ours.undo()
+    np.testing.assert_array_equal(ours.data, existing)
+    small = []
+    write_in_steps(ours, index, values, small.append)  # one step: written at once
+    assert small == [None]
+    np.testing.assert_array_equal(ours.data, reference.data)

@@ -471,8 +471,10 @@ def test_widget_segments_an_ome_zarr_layer_and_labels_go_back_beside_it(
     assert widget.current_z() == z
     points = widget.points_layer
     points.add(points.world_to_data(image.data_to_world([z, 64, 64])))
-    pred = widget.update_preview()
-    assert pred is not None and pred.mask.shape == (128, 128)  # full resolution, not a level
+    widget.update_preview()  # decoded in the preview thread (after the embedder has checked the slice)
+    qtbot.waitUntil(lambda: not widget.busy and widget._prediction is not None, timeout=60_000)
+    pred = widget._prediction
+    assert pred.mask.shape == (128, 128)  # full resolution, not a level
     assert pred.mask.any(), "the seeded test model gave an empty mask: pick another point"
     widget.commit()
     target = widget.target_layer(create=False)

@@ -19,20 +19,15 @@ from ..core.session import ObjectPrediction
 from . import prompt_layers as pl
 from .auto_actions import AutomaticActions
 from .embedder import SliceEmbedder, prompt_key
-from .long_tasks import (
-    LongTaskRunner,
-    PropagationRun,
-    describe_propagation,
-    label_run,
-    write_propagation,
-)
+from .long_tasks import LongTaskRunner
+from .preview_decoder import DecodeAnswer, DecodeRequest, PreviewDecoder
+from .propagate_actions import PropagateActions
 from .repropagate_action import HandEdits, RepropagateActions
-from .workers import Task
 
 __all__ = ["Annotator"]
 
 
-class Annotator(AutomaticActions, RepropagateActions):
+class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
     """Preview, commit, refinement and long tasks for the image being segmented.
 
     Parameters
@@ -58,7 +53,13 @@ class Annotator(AutomaticActions, RepropagateActions):
         self._preview_labels = None  # (H, W) uint32 of what the preview shows
         self._preview_kind: str | None = None  # "object" | "auto" | "live"
         self._prediction: ObjectPrediction | None = None
+        self._gen = 0  # the preview's generation: bumped whenever what it should show changes
+        self._awaiting: int | None = None  # the generation being decoded for the current prompts
+        self._asked_key = self._shown_key = None  # (session, image, prompt key) on its way / shown
+        self._commit_on_answer = False  # C was pressed while the current prompts were decoded
+        self._decoder = PreviewDecoder(self._on_answer)
         self.last_propagation = None  # the engine's PropagationResult of the last propagation
+        self._writing = False  # a large result is being written over several event-loop turns
         self._runner = LongTaskRunner(
             controls.cancel, controls.stop, on_status=say.status, on_error=say.report,
             on_live=self._on_progress, on_live_end=self._live_ended,
@@ -87,6 +88,9 @@ class Annotator(AutomaticActions, RepropagateActions):
         if image is not self.image:
             self._clear_preview_state()
             self._refining = None
+        if image is not self.image or session is not self.session:
+            self._new_generation()
+            self._commit_on_answer = False
         if self.session is not None and self.session is not session:
             self.session.close()
         self.image, self.session = image, session
@@ -102,11 +106,14 @@ class Annotator(AutomaticActions, RepropagateActions):
 
     @property
     def busy(self) -> bool:
+        if self._decoder.busy or self._writing:
+            return True
         return any(t is not None and not t.done for t in (self._embedder.task, self._runner.task))
 
     def close(self) -> None:
         """Cancel background work; no callback reaches the layers afterwards."""
         self.closed = True
+        self._decoder.close()
         self._runner.close()
         self.hand_edits.close()
         self._embedder.close()
@@ -142,52 +149,88 @@ class Annotator(AutomaticActions, RepropagateActions):
         data = pl._level0(layer.data)
         return np.asarray(data[z] if data.ndim == 3 else data) == label
 
-    def update_preview(self) -> ObjectPrediction | None:
-        """Predict the object from the current slice's prompts and show it (GUI thread, fast path).
+    def update_preview(self) -> bool:
+        """Ask for the object of the current slice's prompts; the preview shows it when decoded.
 
-        Returns the prediction, or None when there is nothing to show yet (no prompts, no model,
-        or the slice's embedding is still being computed in the background). While a label is
-        refined, its current mask on the slice is the mask prompt.
+        The prompt is read from the layers here (GUI thread); the decoder runs in the
+        :class:`~.preview_decoder.PreviewDecoder` thread, newest request first, and the answer is
+        shown by :meth:`_on_answer` unless the prompts, the slice, the image or the session
+        changed meanwhile. Returns True when a decoding was asked for; False when there is
+        nothing to decode (no prompts, no model yet, or the slice's embedding is still being
+        computed in the background: the preview is asked for again when it is ready). While a
+        label is refined, its current mask on the slice is the mask prompt.
         """
         if self.closed or self.image is None or self._points is None:
-            return None
+            self._new_generation()
+            return False
         z = self.current_z()
         prompt = self._slice_prompt(z)
         base = self._refine_mask(z)
+        key = None if prompt is None else (id(self.session), id(self.image), prompt_key(z, prompt, base))
+        if key is not None and key in (self._shown_key, self._asked_key):
+            return True  # shown already, or on its way: no second decoding of the same prompts
+        self._new_generation()
         if prompt is None:
             if self._preview_kind == "object":
                 self._clear_preview_state()
-            return None
+            return False
         if not pl.has_positive(prompt) and (base is None or not base.any()):
             self._clear_preview_state()
             self._say.status("Add a positive point or a box: negative points alone select nothing.")
-            return None
+            return False
         if self.session is None:
             if self._model.sam is None:
                 self._model.load()
-            return None
+            return False
         self.session.set_focus(prompt.points, prompt.labels, prompt.box)  # the tile to embed (tiled slices)
         if not self._embedder.ready(z):
-            return None
+            return False
         mask_input = None if base is None or not base.any() else pl.label_mask_input(base)
-        try:
-            # decoder only: on tiled slices, tiles not embedded yet are embedded by the worker
-            pred = self.session.predict(z, prompt.points, prompt.labels, prompt.box, mask_input,
-                                        embedded_only=True)
-        except Exception as exc:  # noqa: BLE001
-            self._say.report(exc, f"predicting on slice {z}")
-            return None
+        # decoder only: on tiled slices, tiles not embedded yet are embedded by the embedder
+        self._awaiting, self._asked_key = self._gen, key
+        self._decoder.submit(DecodeRequest(self._gen, self.session, self.image, z, prompt, mask_input,
+                                           key[2]))
+        return True
+
+    def _new_generation(self) -> None:
+        """What the preview should show changed: answers asked for before are dropped."""
+        self._gen += 1
+        self._awaiting = self._asked_key = self._shown_key = None
+        self._decoder.discard_pending()
+
+    @property
+    def decoding(self) -> bool:
+        """True while the mask of the current prompts is being decoded (not shown yet)."""
+        return self._awaiting is not None
+
+    def _on_answer(self, answer: DecodeAnswer) -> None:
+        """A decoded preview (GUI thread): shown when it is still for the current prompts."""
+        request = answer.request
+        if (self.closed or request.gen != self._gen or request.session is not self.session
+                or request.image is not self.image):
+            return  # stale: another prompt set, slice, image or session since
+        self._awaiting = None
+        asked, self._asked_key = self._asked_key, None
+        z = request.z
+        if answer.error is not None:
+            self._commit_on_answer = False
+            self._say.report(answer.error, f"predicting on slice {z}")
+            return
+        pred = answer.prediction
         if pred.missing_tiles:
-            self._embedder.follow(z, pred.missing_tiles, key=prompt_key(z, prompt, base))
+            self._embedder.follow(z, pred.missing_tiles, key=request.key)
         self._prediction = pred
-        self._set_preview(z, pred.mask.astype(np.uint32), "object")
+        self._set_preview(z, answer.labels, "object")
+        self._shown_key = None if pred.missing_tiles else asked  # complete: asking again changes nothing
         next_step = "" if self._runner.running else (
             " C replaces the label here." if self._refining else " C commits, Shift-S propagates."
         )
         self._say.status(
-            f"Slice {z}: object of {int(pred.mask.sum())} px, predicted IoU {pred.score:.2f}.{next_step}"
+            f"Slice {z}: object of {answer.n_pixels} px, predicted IoU {pred.score:.2f}.{next_step}"
         )
-        return pred
+        if self._commit_on_answer:
+            self._commit_on_answer = False
+            self.commit()
 
     def _set_preview(self, z: int, labels: np.ndarray | None, kind: str | None) -> None:
         self._preview_z = None if labels is None else z
@@ -197,6 +240,7 @@ class Annotator(AutomaticActions, RepropagateActions):
             pl.show_preview(self._preview, self.image, z, labels, outlines=kind == "auto")
 
     def _clear_preview_state(self) -> None:
+        self._new_generation()
         self._prediction = None
         self._set_preview(self._preview_z or 0, None, None)
 
@@ -255,6 +299,10 @@ class Annotator(AutomaticActions, RepropagateActions):
         if self.image is None:
             self._say.warn("No image layer: open an image first.")
             return []
+        if self.decoding:  # the mask of the newest prompts is on its way: commit that one
+            self._commit_on_answer = True
+            self._say.status("Committing as soon as the mask of your last prompt is ready…")
+            return []
         if self._preview_kind == "live":
             self._say.info(f"Still {self._runner.doing or 'working'}: what you see is its progress. C "
                            "commits your own prompts; Stop ends it and writes the slices done.")
@@ -304,6 +352,7 @@ class Annotator(AutomaticActions, RepropagateActions):
             self._refining = None
             self._say.info(f"Label {label} is not on slice {z}: select a label of this slice (picker, key L).")
             return False
+        self._new_generation()
         self._set_preview(z, self._refine_mask(z).astype(np.uint32), "object")
         self._select_prompts()
         self._say.status(f"Refining label {label} on slice {z}: click to add (Shift-click to cut), "
@@ -317,6 +366,7 @@ class Annotator(AutomaticActions, RepropagateActions):
         self._remove_prompts(self.current_z())
         self._clear_preview_state()
         self._refining = None
+        self._commit_on_answer = False
         self._say.status("Prompts cleared.")
 
     def _remove_prompts(self, z: int) -> None:
@@ -355,89 +405,3 @@ class Annotator(AutomaticActions, RepropagateActions):
             return None
         lo, hi = sorted((int(self._c.z_from.value), int(self._c.z_to.value)))
         return lo, hi + 1
-
-    def propagate(self) -> Task | None:
-        """Follow the current object through the stack (worker; one undo step at the end).
-
-        Every slice holding a positive point or a box is a seed (all prompts in the layers
-        describe the object being made); slices with negative points only are walls it does not
-        cross. Without prompts on the slice in view, every object committed on it is propagated.
-        """
-        if not self._ready_for_engine():
-            return None
-        if not pl.image_geometry(self.image).is_stack:
-            self._say.info("Propagation needs a stack (z, row, col); this image is 2D.")
-            return None
-        z, z_range = self.current_z(), self._z_range()
-        if not pl.has_positive(self._slice_prompt(z)):
-            target = self.target_layer(create=False)
-            if target is not None and np.asarray(pl._level0(target.data)[z]).any():
-                return self.propagate_labels("labels on this slice")
-            self._say.info(f"Nothing to propagate on slice {z}: click on an object first.")
-            return None
-        if z_range is not None and not z_range[0] <= z < z_range[1]:
-            self._say.warn(f"Slice {z} lies outside the range {z_range[0]}–{z_range[1] - 1}: widen it.")
-            return None
-        obj = pl.object_prompts(pl.layer_prompts(self.image, self._points, self._boxes), 1, z_range)
-        seeds = pl.seed_slices(obj)
-        where = f"slice {z}" if len(seeds) == 1 else "slices " + ", ".join(map(str, seeds))
-        run = PropagationRun([obj], f"object from {where}", keep_ids=False, clear_z=seeds, z_range=z_range)
-        return self._start_propagation(run, None)
-
-    def propagate_selected_label(self) -> Task | None:
-        """Extend the target layer's selected label through z from every slice where it appears."""
-        return self.propagate_labels("selected label")
-
-    def propagate_labels(self, scope: str | None = None) -> Task | None:
-        """Extend labels of the target Labels layer through the stack in one pass (one undo step).
-
-        ``scope`` (default: the widget's choice): ``"selected label"``, ``"labels on this slice"``,
-        ``"all labels"`` or ``"these ids"`` (the ids field). Slices where a label already is are
-        kept as drawn; the report says where and why each label stopped.
-        """
-        if not self._ready_for_engine():
-            return None
-        target = self._c.target.value
-        if not isinstance(target, Labels):
-            target = self.target_layer(create=False)
-        if not isinstance(target, Labels):
-            self._say.info("Pick a Labels layer in 'labels' first (and select a label: picker, key L).")
-            return None
-        try:
-            pl.check_target_layer(target, self.image)
-            run = label_run(
-                pl._level0(target.data), scope or self._c.scope.value, selected=int(target.selected_label),
-                ids_text=self._c.ids.value, z=self.current_z(), z_range=self._z_range(),
-            )
-        except ValueError as exc:
-            self._say.report(exc, "propagating labels")
-            return None
-        return self._start_propagation(run, target)
-
-    def _start_propagation(self, run: PropagationRun, target: Labels | None) -> Task | None:
-        session = self.session
-        shape = pl.image_geometry(self.image).shape
-
-        def done(result):  # a finished or stopped run (a cancelled one never gets here)
-            if session is self.session:
-                self._write_propagation(result, run, target)
-
-        return run.start(self._runner, session, shape, done)
-
-    def _write_propagation(self, result, run: PropagationRun, target: Labels | None) -> None:
-        if result.cancelled and not any(r.accepted for r in result.records):
-            self._say.status("Stopped before any slice was done: nothing was written.")
-            return
-        try:
-            target = target if target is not None else self.target_layer(create=True)
-            ids = write_propagation(target, result, run, self._c.keep_existing.value)
-        except Exception as exc:  # noqa: BLE001
-            self._say.report(exc, f"writing the propagated {run.what}")
-            return
-        for zs in run.clear_z:  # the seeds' prompts are used up (walls stay)
-            self._remove_prompts(zs)
-        if run.clear_z:
-            self._clear_preview_state()
-        self.last_propagation = result
-        self._say.status(describe_propagation(result, run, ids, target.name))
-

@@ -17,6 +17,9 @@ from .workers import Task, start_task
 
 __all__ = ["SliceEmbedder", "prompt_key"]
 
+#: A slice's progress bar appears only if its embedding takes longer (a cached one takes ms).
+_PROGRESS_AFTER_MS = 300
+
 
 def prompt_key(z: int, prompt, mask=None) -> tuple:
     """A hashable name of one slice's prompt (points, labels, box and an optional (H, W) bool mask
@@ -54,11 +57,16 @@ class SliceEmbedder:
         self._tiles_wanted: tuple[int, tuple[int, ...]] | None = None
         self._follow_key = None
         self._followed: set[tuple[int, int]] = set()
+        # slices embedded for this session: asking the cache means naming the slice by its content
+        # (reading, normalising and hashing it: ms per slice, the stack's range once), which the
+        # GUI thread leaves to the worker; a slice evicted since is embedded again by the decoder
+        self._known: set[int] = set()
 
     def use(self, session) -> None:
         """Embed for ``session`` from now on (None: none); results for an older one are dropped."""
         self.session, self.wanted = session, None
         self._tiles_wanted, self._follow_key, self._followed = None, None, set()
+        self._known = set()
 
     @staticmethod
     def neighbours(z: int) -> list[int]:
@@ -69,12 +77,15 @@ class SliceEmbedder:
         session = self.session
         if session is None:
             return False
-        try:
-            if session.is_embedded(z):
-                return True
-        except Exception as exc:  # noqa: BLE001
-            self._on_error(exc, f"reading slice {z}")
-            return False
+        if z in self._known or getattr(session, "cache", True) is None:  # no cache: nothing to embed
+            return True
+        if getattr(session, "tiled", False):  # which tiles: the focus decides (set on this thread)
+            try:
+                if session.is_embedded(z):
+                    return True
+            except Exception as exc:  # noqa: BLE001
+                self._on_error(exc, f"reading slice {z}")
+                return False
         self.wanted = z
         if self.task is not None and not self.task.done:
             return False  # picked up when the running embedding finishes
@@ -83,6 +94,7 @@ class SliceEmbedder:
             description=f"MobileSAM: embedding slice {z}",
             on_result=lambda _r: self._embedded(session, z),
             on_error=lambda exc: self._failed(session, exc, z),
+            progress_after_ms=_PROGRESS_AFTER_MS,
         )
         self._on_status(f"Computing the embedding of slice {z}…")
         return False
@@ -141,6 +153,8 @@ class SliceEmbedder:
     def _embedded(self, session, z: int) -> None:
         if self.closed or session is not self.session:
             return  # another image or model since, or the widget is gone
+        if not getattr(session, "tiled", False):
+            self._known.add(z)
         self._on_status(f"Slice {z} ready.")
         self.task = None  # this one is over (its `finished` signal comes after this call)
         wanted = self._current_z()

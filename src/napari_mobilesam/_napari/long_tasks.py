@@ -26,6 +26,9 @@ __all__ = [
     "LongTaskRunner",
     "PropagationRun",
     "write_propagation",
+    "prepare_write",
+    "write_in_steps",
+    "WritePlan",
     "describe_propagation",
     "parse_ids",
     "label_run",
@@ -156,58 +159,164 @@ class PropagationRun:
     z_range: tuple[int, int] | None = None
 
     def start(self, runner: LongTaskRunner, session, shape: tuple[int, ...], on_result) -> Task | None:
-        """Run it through ``session``'s predictor in ``runner`` (filling a live volume)."""
+        """Run it through ``session``'s predictor in ``runner`` (filling a live volume);
+        ``on_result((PropagationResult, WritePlan))``."""
         from ..volume.propagation import propagate
 
         top = max(int(o.label) for o in self.objects)
         live = np.zeros(shape, np.min_scalar_type(max(top, 1)))
         objects, z_range = self.objects, self.z_range
 
-        def run(report, cancelled):
-            return propagate(
+        def run(report, cancelled):  # the write's voxel work is done here, not on the GUI thread
+            result = propagate(
                 session.predictor, objects, z_range=z_range, progress=report, cancel=cancelled,
                 target=live, inplace=True,
             )
+            return result, WritePlan.of(result.labels)
 
         return runner.start(run, f"propagating {self.what}", shape[0], on_result, stoppable=True, live=live)
 
 
-def write_propagation(target, result, run: PropagationRun, keep_existing: bool) -> dict[int, int]:
+@dataclass
+class WritePlan:
+    """Where a propagation result has labels, computed in the worker so that the GUI thread's
+    write is proportional to the voxels written, not to the volume.
+
+    Attributes
+    ----------
+    index : tuple of 3 int arrays
+        ``(z, row, col)`` of every non-zero voxel of the result (C order), full-volume coordinates.
+    values : (n,) int array
+        The result's label at each of them.
+    labels : (k,) int array
+        The distinct labels, sorted; ``inverse`` ``(n,)`` maps each voxel to its entry.
+    shape : (Z, H, W)
+    """
+
+    index: tuple
+    values: np.ndarray
+    labels: np.ndarray
+    inverse: np.ndarray
+    shape: tuple
+
+    @classmethod
+    def of(cls, volume) -> WritePlan:
+        """The plan of a ``(Z, H, W)`` labels volume (worker thread; reads only the touched slices)."""
+        volume = np.asarray(volume)
+        touched = np.flatnonzero(volume.reshape(volume.shape[0], -1).any(axis=1))
+        if not touched.size:
+            empty = np.zeros(0, np.intp)
+            return cls((empty, empty, empty), np.zeros(0, volume.dtype), np.zeros(0, volume.dtype), empty,
+                       volume.shape)
+        lo, hi = int(touched[0]), int(touched[-1]) + 1
+        index = np.nonzero(volume[lo:hi])
+        values = volume[lo:hi][index]
+        labels, inverse = np.unique(values, return_inverse=True)
+        return cls((index[0] + lo, *index[1:]), values, labels, inverse.reshape(-1), volume.shape)
+
+
+def write_propagation(target, result, run: PropagationRun, keep_existing: bool,
+                      plan: WritePlan | None = None) -> dict[int, int]:
     """Write ``result`` into the Labels layer ``target`` as one undo step (GUI thread).
 
     Same rules as :func:`~napari_mobilesam._napari.label_writes.write_objects` (``run.keep_ids``)
-    and :func:`~napari_mobilesam._napari.label_writes.write_volume_labels`, computed only on the
-    slices the result touches: a 40 × 512 × 512 volume is a few slices of work, not ten million
-    voxels of masks, ids and indices on the GUI thread. Returns ``{object label: id written}``
-    (objects with nothing new to write are left out).
+    and :func:`~napari_mobilesam._napari.label_writes.write_volume_labels`. ``plan`` (the result's
+    :class:`WritePlan`, computed in the worker; computed here when None) holds the voxels to
+    write, so the GUI thread only reads the layer at those voxels and writes them: a 40 × 512 ×
+    512 volume costs the objects' voxels, not ten million voxels of masks and indices. Returns
+    ``{object label: id written}`` (objects with nothing new to write are left out).
     """
     from . import label_writes as lw
 
-    volume = np.asarray(result.labels)
+    index, values, written = prepare_write(target, plan if plan is not None else WritePlan.of(result.labels),
+                                           run, keep_existing)
+    lw._write(target, index, values)
+    return written
+
+
+def prepare_write(target, plan: WritePlan, run: PropagationRun, keep_existing: bool):
+    """``(index, values, written)``: what :func:`write_propagation` writes into ``target`` (its
+    rules, against the layer as it is now), without writing it; O(voxels of the plan)."""
+    from . import label_writes as lw
+
     data = lw._level0(target.data)
-    if volume.shape != tuple(data.shape):
-        raise ValueError(f"volume of shape {volume.shape} does not fit labels of shape {tuple(data.shape)}")
-    touched = np.flatnonzero(volume.reshape(volume.shape[0], -1).any(axis=1))
-    if not touched.size:
-        return {}
-    lo, hi = int(touched[0]), int(touched[-1]) + 1
-    src, current = volume[lo:hi], np.asarray(data[lo:hi])
+    if tuple(plan.shape) != tuple(data.shape):
+        raise ValueError(f"volume of shape {tuple(plan.shape)} does not fit labels of shape {tuple(data.shape)}")
+    if not plan.values.size:
+        return plan.index, plan.values, {}
+    current = np.asarray(data[plan.index]) if isinstance(data, np.ndarray) else _gather(data, plan.index)
+    present = np.zeros(len(plan.labels), bool)
     if run.keep_ids:
-        write = (src != 0) & (current != src)
+        write = current != plan.values
         if keep_existing:
             write &= current == 0
-        index = np.nonzero(write)
-        values = src[index]
-        written = {int(v): int(v) for v in np.unique(values)}
+        values = plan.values[write]
+        present[plan.inverse[write]] = True
+        written = {int(v): int(v) for v in plan.labels[present]}
     else:
+        write = current == 0 if keep_existing else np.ones(len(current), bool)
+        present[plan.inverse[write]] = True
         first = lw.next_free_label(target)
-        ids, relabelled = lw._relabel(src, current, keep_existing, first)
-        index = np.nonzero(relabelled)
-        values = relabelled[index]
-        labels = [int(v) for v in np.unique(src) if v]
-        written = dict(zip(labels, ids))
-    lw._write(target, (index[0] + lo, *index[1:]), values)
-    return written
+        ids = list(range(first, first + int(present.sum())))
+        new_id = np.zeros(len(plan.labels), np.int64)
+        new_id[present] = ids
+        values = new_id[plan.inverse[write]]
+        written = dict(zip((int(v) for v in plan.labels), ids))
+    return tuple(i[write] for i in plan.index), values, written
+
+
+#: Voxels written per event-loop turn by :func:`write_in_steps` (a few ms of ``data_setitem`` each).
+WRITE_STEP = 32_768
+
+
+def write_in_steps(target, index, values, done: Callable[[BaseException | None], None],
+                   step: int = WRITE_STEP) -> None:
+    """Write ``values`` at ``index`` into the Labels layer ``target`` as ONE undo step, ``step``
+    voxels per event-loop turn, so a large write never holds the GUI for long; then ``done(None)``
+    (or ``done(exc)`` after a failed step: the steps written so far stay one undo step).
+
+    A write of at most ``step`` voxels is done at once (``done`` is called before returning).
+    """
+    from qtpy.QtCore import QTimer
+
+    from . import label_writes as lw
+
+    n = len(index[0])
+    if n <= step:
+        try:
+            lw._write(target, index, values)
+        except Exception as exc:  # noqa: BLE001 - handed to done
+            done(exc)
+            return
+        done(None)
+        return
+    history = target.block_history()  # one undo step over the turns
+    history.__enter__()
+    starts = iter(range(0, n, step))
+
+    def next_step() -> None:
+        start = next(starts, None)
+        try:
+            if start is not None:
+                stop = start + step
+                target.data_setitem(tuple(i[start:stop] for i in index), values[start:stop])
+        except Exception as exc:  # noqa: BLE001 - handed to done
+            history.__exit__(None, None, None)
+            done(exc)
+            return
+        if start is None:
+            history.__exit__(None, None, None)
+            done(None)
+        else:
+            QTimer.singleShot(0, next_step)
+
+    next_step()
+
+
+def _gather(data, index) -> np.ndarray:
+    """``data[index]`` for array-likes without NumPy's point indexing (read the touched slices)."""
+    lo, hi = int(index[0].min()), int(index[0].max()) + 1
+    return np.asarray(data[lo:hi])[(index[0] - lo, *index[1:])]
 
 
 def describe_propagation(result, run: PropagationRun, ids: dict[int, int], target_name: str) -> str:

@@ -5,9 +5,10 @@ Workflow (see ``docs/usage.md``):
 1. pick the image layer, the model and the device (remembered between napari sessions);
 2. click in the image: a plain click adds a positive point (green), Shift- or Ctrl-click a
    negative one (red); ``N`` swaps the two. Draw rectangles in the boxes layer for box prompts;
-3. the preview layer (one colour, magenta) shows the object after every prompt change. The decoder
-   runs on the GUI thread only when the slice's embedding is cached (tens of ms); otherwise the
-   embedding is computed in a background worker first, and the slice's neighbours are prefetched;
+3. the preview layer (one colour, magenta) shows the object after every prompt change. The model
+   never runs on the GUI thread: the decoder answers in its own thread, newest prompts first
+   (tens of ms once the slice is embedded); the embedding is computed in a background worker
+   first, and the slice's neighbours are prefetched;
 4. ``C`` / Commit writes the object into the target Labels layer under the next free id (one undo
    step), and the prompts layer is ready for the next object; ``Shift-C`` / Clear drops the prompts
    of the slice; *Refine selected label* corrects a committed label on one slice, and
@@ -330,8 +331,9 @@ class SegmentWidget(Container):
         if not self._closed:
             self._annotator.on_slice_settled()
 
-    def update_preview(self):
-        """Predict the object from the current slice's prompts and show it; see :class:`Annotator`."""
+    def update_preview(self) -> bool:
+        """Ask for the object of the current slice's prompts (shown when decoded, in the preview
+        thread); True when a decoding was asked for. See :meth:`Annotator.update_preview`."""
         return self._annotator.update_preview()
 
     def commit(self) -> list[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, QTimer, Signal
 
 __all__ = ["Task", "start_task"]
 
@@ -31,6 +31,8 @@ class Task:
         The underlying worker (signals ``returned``, ``errored``, ``finished``).
     description : str
         What the progress bar says.
+    pbar : napari progress or None
+        The bar in the activity dock (None until shown: see ``progress_after_ms``).
     """
 
     def __init__(self, worker, relay: _Relay, pbar, description: str):
@@ -68,6 +70,7 @@ def start_task(
     on_error: Callable[[BaseException], None] | None = None,
     on_finished: Callable[[], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    progress_after_ms: int = 0,
 ) -> Task:
     """Run ``fn(report, cancelled)`` in a napari thread worker and return the :class:`Task`.
 
@@ -87,14 +90,22 @@ def start_task(
         at the end in every case.
     on_progress
         Called on the GUI thread after each ``report(done, total)``.
+    progress_after_ms
+        Show the progress bar only if the task still runs after this long (0: at once). Adding a
+        bar to napari's activity dock costs the GUI thread tens of ms; a task that is usually
+        quick (embedding a slice that turns out to be cached) need not pay it.
     """
     from napari.qt.threading import create_worker
     from napari.utils import progress
 
     relay = _Relay()
-    pbar = progress(total=total, desc=description)
+    state = {"total": total, "n": 0}
 
     def show(done: int, new_total: int) -> None:
+        state["total"], state["n"] = new_total, done
+        pbar = task.pbar
+        if pbar is None:
+            return
         if new_total != pbar.total:
             pbar.total = new_total
         pbar.update(done - pbar.n)
@@ -111,13 +122,25 @@ def start_task(
     run.__name__ = run.__qualname__ = description
     worker = create_worker(run, _start_thread=False, _ignore_errors=on_error is not None)
     holder["worker"] = worker
-    task = Task(worker, relay, pbar, description)
+    task = Task(worker, relay, None, description)
     holder["task"] = task
+
+    def make_pbar() -> None:
+        if task.done or task.pbar is not None:
+            return
+        task.pbar = progress(total=state["total"], desc=description)
+        if state["n"]:
+            task.pbar.update(state["n"])
+        worker.finished.connect(task.pbar.close)
+
     if on_result is not None:
         worker.returned.connect(on_result)
     if on_error is not None:
         worker.errored.connect(on_error)
-    worker.finished.connect(pbar.close)
+    if progress_after_ms > 0:
+        QTimer.singleShot(int(progress_after_ms), make_pbar)
+    else:
+        make_pbar()
     if on_finished is not None:
         worker.finished.connect(on_finished)
     worker.start()
