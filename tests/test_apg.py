@@ -295,12 +295,17 @@ def real_run(lm_sam, expected):
 
 def test_real_path_one_embedding_for_both_decoders(real_run, expected):
     from napari_mobilesam.models.ais_decoder import maps_for_image
-    from napari_mobilesam.volume.apg import _INPUT_CACHES
+    from napari_mobilesam.volume.apg import _INPUT_CACHES, _input_cache
 
     session, dec, sizes, labels = real_run
-    stats = _INPUT_CACHES[session.cache].stats
+    assert session.cache.dtype == torch.float32  # a model with an AIS decoder: a float32 cache...
+    assert _input_cache(session.cache) is session.cache  # ...that APG uses itself
+    assert session.cache not in _INPUT_CACHES
+    stats = session.cache.stats
     assert stats.computed == 1  # the encoder ran once; SAM's decoder used the same embedding
     assert stats.hits >= 1
+    session.predict(0, points=[(141.0, 200.0)], labels=[1])  # a click on the slice APG embedded
+    assert session.cache.stats.computed == 1  # not embedded again
     assert dec.calls == 1
     with torch.inference_mode():
         maps = maps_for_image(dec.out, tuple(expected["input_size"]), tuple(expected["original_size"]))[0]
@@ -357,10 +362,12 @@ def test_batch_modes_are_checked(engine_sam_test):
         batch.segment_stack_auto(stack, model=engine_sam_test, mode="grid", apg_params={"x": 1})
 
 
-def test_batch_apg_refuses_a_dask_client(engine_sam_test):
+def test_batch_apg_with_a_dask_client_needs_a_model_by_name(engine_sam_test):
+    """APG runs on a dask cluster (tests/test_cluster_microsam.py); the workers load the model
+    themselves, so it must be a name or a ModelChoice, not a loaded model."""
     from napari_mobilesam import batch
 
-    with pytest.raises(InputError, match="runs locally"):
+    with pytest.raises(ModelError, match="by name"):
         batch.segment_stack_auto(np.zeros((1, 64, 64), np.uint16), model=engine_sam_test, mode="apg",
                                  client=object())
 

@@ -57,8 +57,10 @@ from .cluster import (
     SliceSteps,
     embed_on_cluster,
     map_on_cluster,
+    model_plan,
     preload_model_on_workers,
     prompt_tiles,
+    slice_jobs,
     spec_for_client,
     worker_segment_auto,
     worker_segment_prompts,
@@ -240,8 +242,9 @@ def segment_stack(
         try:
             if client is not None:
                 spec = spec_for_client(model, checkpoint, device, backend, precision)
-                jobs = ((z, source.rgb(z), by_slice[z]) for z in zs)
-                steps = SliceSteps(tile=tile, halo=halo)
+                source.resolve_normalize(model_plan(client, spec)[0])  # as a local Session does
+                norm, jobs = slice_jobs(source, zs, by_slice)
+                steps = SliceSteps(tile=tile, halo=halo, normalize=norm)
                 for z, sl in map_on_cluster(client, worker_segment_prompts, spec, steps, jobs):
                     output.put(z, sl)
                     update()
@@ -375,14 +378,16 @@ def segment_stack_auto(
       decoding, filtering, NMS (:mod:`napari_mobilesam.volume.automatic`; parameters ``params``);
     - ``"auto"`` (default): ``"ais"`` when the model has a decoder, else ``"grid"``.
 
-    "ais" and "apg" need a model with a decoder (a ``ModelError`` says how to get one) and run
-    locally; on a dask cluster ("auto" there means "grid") only "grid" runs. Labels are stitched
+    "ais" and "apg" need a model with a decoder (a ``ModelError`` says how to get one). Every
+    mode runs on a dask cluster too, giving the local labels: each worker loads the model with
+    its decoder and segments whole slices; the slices are stitched here. Labels are stitched
     slice to slice by optimal IoU matching. Slices outside ``z_range`` stay 0.
 
     Parameters are those of :func:`segment_stack` (without prompts), plus ``params``
     (:class:`~napari_mobilesam.volume.automatic.AutoParams`). With ``client`` (a
     ``dask.distributed.Client``) slices are segmented on the cluster's workers (each loads the
-    model once; ``model`` must be a name and ``checkpoint`` a path) and stitched here in z order,
+    model once, with its decoder; ``model`` must be a name or a ``ModelChoice``, with
+    ``checkpoint`` and decoder as paths) and stitched here in z order,
     with a bounded number of slices in flight.
 
     ``tile``/``halo``/``resume`` as in :func:`segment_stack`: large slices are segmented tile by
@@ -398,9 +403,6 @@ def segment_stack_auto(
 
     params, apg_params = auto_params(params), APGParams.of(apg_params)
     check_auto_mode(mode)
-    if client is not None and mode in ("ais", "apg"):
-        raise InputError(f"automatic mode {mode!r} runs locally: rerun without a dask client "
-                         "(--dask-workers/--scheduler), or use mode 'grid'")
     source = make_source(image, channel_axis, normalize)
     shape = (source.n_slices, *source.slice_shape)
     zs = list(parse_z_range(z_range, shape[0]))
@@ -415,8 +417,11 @@ def segment_stack_auto(
                     raise InputError("resuming an automatic run works without a dask client; rerun "
                                      "without --dask-workers/--scheduler")
                 spec = spec_for_client(model, checkpoint, device, backend, precision)
-                jobs = ((z, source.rgb(z), None) for z in zs)
-                steps = SliceSteps(tile=tile, halo=halo, params=params)
+                norm, mode = model_plan(client, spec, mode)
+                source.resolve_normalize(norm)  # as a local Session does
+                norm, jobs = slice_jobs(source, zs, raw=mode in ("ais", "apg"))
+                steps = SliceSteps(tile=tile, halo=halo, params=params, mode=mode, normalize=norm,
+                                   ais_params=ais_params, apg_params=apg_params)
                 for z, local in map_on_cluster(client, worker_segment_auto, spec, steps, jobs):
                     output.put(z, stitcher.add(local))
                     update()

@@ -10,7 +10,10 @@ Workers build their engine objects through :class:`~napari_mobilesam.core.sessio
 the widget and the batch API, and run the same per-slice steps as the local batch path: a slice
 larger than the tile (:class:`SliceSteps`: ``tile``/``halo`` as ``Session`` takes them) is cut into
 overlapping tiles seen at full resolution. Slices travel as (H, W, 3) uint8 RGB (tiles, for
-:func:`embed_on_cluster` on tiled slices); labels come back (H, W).
+:func:`embed_on_cluster` on tiled slices), or raw (:attr:`SliceSteps.normalize`) when the worker
+must normalise them itself: micro-sam's models (per slice, or per tile, minimum to maximum, as
+locally) and the AIS/APG automatic modes (which read the raw slice); labels come back (H, W).
+:func:`model_plan` asks a worker what the model needs before the jobs are made.
 """
 
 from __future__ import annotations
@@ -24,12 +27,17 @@ import numpy as np
 
 from ..errors import ModelError
 from ..models.choice import ModelChoice
-from ..volume.automatic import AutoParams, segment_slice
-from .slices import progress_callback, segment_objects_on_slice
+from ..volume.automatic import AutoParams
+from .slices import (
+    check_auto_mode,
+    progress_callback,
+    segment_objects_on_slice,
+    slice_segmenter,
+)
 
 __all__ = ["preload_model_on_workers", "spec_for_client", "map_on_cluster", "embed_on_cluster",
            "worker_segment_prompts", "worker_segment_auto", "WORKER_LOAD_COUNT", "SliceSteps",
-           "prompt_tiles"]
+           "prompt_tiles", "model_plan", "slice_jobs"]
 
 
 @dataclass(frozen=True)
@@ -42,12 +50,25 @@ class SliceSteps:
         Tiling, as :class:`~napari_mobilesam.core.session.Session` takes it (``"auto"``: tiles of
         1024 pixels for slices whose longest side exceeds 1536; None: never).
     params : AutoParams or None
-        Automatic-mode parameters (``worker_segment_auto``).
+        Automatic-mode parameters of the grid mode (``worker_segment_auto``).
+    mode : str
+        Automatic mode (``worker_segment_auto``): ``"grid"``, ``"ais"`` or ``"apg"`` (resolved
+        by :func:`model_plan`, never ``"auto"``).
+    ais_params, apg_params
+        Parameters of the AIS and APG modes (as ``segment_stack_auto`` takes them).
+    normalize : str
+        ``"none"``: jobs carry SAM's (H, W, 3) uint8 RGB. Otherwise jobs carry the raw slice
+        (``SliceSource.raw``: (H, W) or (H, W, C), C <= 3) and the worker normalises it this way
+        (``"microsam"``; ``"slice"`` where only the raw slice is read, in AIS/APG).
     """
 
     tile: Any = "auto"
     halo: int | None = None
     params: AutoParams | None = None
+    mode: str = "grid"
+    ais_params: Any = None
+    apg_params: Any = None
+    normalize: str = "none"
 
 
 def _steps(options: Any) -> SliceSteps:
@@ -103,14 +124,50 @@ def preload_model_on_workers(
     return client.run(_preload, spec)
 
 
-def _one_slice_session(spec: ModelChoice, rgb: np.ndarray, steps: SliceSteps | None = None):
-    """A Session over one (H, W, 3) uint8 RGB slice with the worker's model (memory cache only),
-    tiled as ``steps`` says."""
+def _worker_plan(spec: ModelChoice, mode: str) -> tuple[str, str]:
+    """On a worker: (the model's normalisation, ``mode`` resolved for the model), as
+    :func:`model_plan` returns them."""
+    from ..core.session import normalization_for
+
+    sam = _worker_model(spec)
+    return normalization_for(sam), check_auto_mode(mode, sam)
+
+
+def model_plan(client: Any, spec: ModelChoice, mode: str = "grid") -> tuple[str, str]:
+    """What the model ``spec`` needs, asked of one worker (which loads it, as it would for the
+    first job): ``(normalization, mode)``, the :class:`~napari_mobilesam.core.source.SliceSource`
+    ``normalize`` a Session of the model uses (:func:`~napari_mobilesam.core.session.normalization_for`:
+    ``"microsam"`` for micro-sam's models, else ``"stack"``) and the automatic ``mode`` resolved as
+    locally (``"auto"``: ``"ais"`` when the model has a decoder, else ``"grid"``; ``"ais"``/``"apg"``
+    without a decoder raise the local path's ModelError). The client has no model of its own."""
+    return client.submit(_worker_plan, spec, mode, pure=False).result()
+
+
+def slice_jobs(source: Any, zs, extras: Any = None, *, raw: bool = False):
+    """``(SliceSteps.normalize, jobs)`` for :func:`map_on_cluster` over slices ``zs`` of ``source``
+    (its ``normalize`` already resolved for the model): jobs carry the raw slice when the worker
+    must normalise it (micro-sam's per-slice, per-tile minimum to maximum) or ``raw`` is asked
+    (AIS/APG read the raw slice), else SAM's RGB as made here. ``extras``: ``{z: extra}``."""
+    microsam = source.normalize == "microsam" and source.contrast_limits is None
+    norm = "microsam" if microsam else ("slice" if raw else "none")
+    extra = (lambda z: None) if extras is None else extras.__getitem__
+    if norm == "none":
+        return norm, ((z, source.rgb(z), extra(z)) for z in zs)
+    return norm, ((z, source.raw(z), extra(z)) for z in zs)
+
+
+def _one_slice_session(spec: ModelChoice, data: np.ndarray, steps: SliceSteps | None = None):
+    """A Session over one slice with the worker's model (memory cache only), tiled as ``steps``
+    says: ``data`` is (H, W, 3) uint8 RGB, or the raw slice normalised as ``steps.normalize``."""
     from ..core.session import Session
     from ..core.source import SliceSource
 
     steps = steps or SliceSteps()
-    source = SliceSource(np.asarray(rgb)[None], rgb=True, normalize="none")
+    a = np.asarray(data)
+    if steps.normalize == "none":
+        source = SliceSource(a[None], rgb=True, normalize="none")
+    else:
+        source = SliceSource(a[None], channel_axis=-1 if a.ndim == 3 else None, normalize=steps.normalize)
     return Session(_worker_model(spec), source, cache_dir=None, tile=steps.tile, halo=steps.halo)
 
 
@@ -124,22 +181,24 @@ def worker_embed(z: int, rgb: np.ndarray, _unused, spec: ModelChoice, _params):
     return z, emb.features.detach().to("cpu", torch.float16).numpy()
 
 
-def worker_segment_auto(z: int, rgb: np.ndarray, _unused, spec: ModelChoice, steps: Any):
-    """On a worker: ``(z, (H, W) labels)`` of automatic segmentation of one RGB slice (tile by
-    tile when it is larger than ``steps.tile``; ``steps`` may be a bare ``AutoParams``)."""
+def worker_segment_auto(z: int, data: np.ndarray, _unused, spec: ModelChoice, steps: Any):
+    """On a worker: ``(z, (H, W) labels)`` of automatic segmentation of one slice in
+    ``steps.mode`` (grid, AIS or APG), by the local batch path's own per-slice step
+    (:func:`~napari_mobilesam.batch.slices.slice_segmenter`: tile by tile when the slice is larger
+    than ``steps.tile``). ``data`` as :func:`_one_slice_session` takes it; ``steps`` may be a bare
+    ``AutoParams`` (grid mode)."""
     steps = _steps(steps)
-    session = _one_slice_session(spec, rgb, steps)
-    if session.tiled:  # as the local batch path: each object kept by the tile holding its centre
-        from ..volume.tiled import segment_slice_tiled
-
-        return z, segment_slice_tiled(session.predictor, 0, steps.params)
-    return z, segment_slice(session.predictor, 0, steps.params).labels
+    session = _one_slice_session(spec, data, steps)
+    segment = slice_segmenter(session.predictor, session.source, steps.params, steps.ais_params,
+                              steps.mode, steps.apg_params)
+    return z, segment(0)
 
 
-def worker_segment_prompts(z: int, rgb: np.ndarray, objects, spec: ModelChoice, steps: Any):
-    """On a worker: ``(z, (H, W) labels)`` of the prompted ``objects`` on one RGB slice (each
-    prompt answered in its tile when the slice is larger than ``steps.tile``)."""
-    return z, segment_objects_on_slice(_one_slice_session(spec, rgb, _steps(steps)).predictor, 0, objects)
+def worker_segment_prompts(z: int, data: np.ndarray, objects, spec: ModelChoice, steps: Any):
+    """On a worker: ``(z, (H, W) labels)`` of the prompted ``objects`` on one slice (each prompt
+    answered in its tile when the slice is larger than ``steps.tile``); ``data`` as
+    :func:`_one_slice_session` takes it."""
+    return z, segment_objects_on_slice(_one_slice_session(spec, data, _steps(steps)).predictor, 0, objects)
 
 
 def prompt_tiles(predictor, objects: dict) -> list[int]:

@@ -166,6 +166,12 @@ class Session:
             options["max_bytes"] = int(cache_bytes)
         if not (isinstance(max_disk_bytes, str) and max_disk_bytes == "default"):
             options["max_disk_bytes"] = max_disk_bytes
+        from ..models.registry import ais_decoder
+
+        if sam is not None and ais_decoder(sam) is not None:
+            import torch  # float32: AIS/APG reuse the embedding (float16 moves the maps ~7e-3)
+
+            options["dtype"] = torch.float32
         return EmbeddingCache(sam, **options)
 
     @property

@@ -316,7 +316,8 @@ class MicroSAMInput:
 
     ``rgb(z)`` is :func:`~napari_mobilesam.core.preprocess.microsam_rgb` of the raw slice (per
     channel min/max to uint8, as micro-sam does, per tile for a tile view), ``slice_key(z)`` names
-    that content (so its embedding is cached apart from the source's own normalisation).
+    that content as :meth:`SliceSource.slice_key` does (a key per content: a source normalised
+    the same way, ``normalize="microsam"``, shares its cache entries).
     ``source``: a :class:`~napari_mobilesam.core.source.SliceSource` or a
     :class:`~napari_mobilesam.core.tiles.TileView` of one.
     """
@@ -342,7 +343,7 @@ class MicroSAMInput:
 
             rgb = microsam_rgb(self._raw(z))
             rgb.setflags(write=False)
-            h = hashlib.blake2b(b"microsam-input", digest_size=20)
+            h = hashlib.blake2b(digest_size=20)  # SliceSource.slice_key's: one key per content
             h.update(repr(rgb.shape).encode())
             h.update(rgb.tobytes())
             last = self._last = (z, rgb, h.hexdigest())
@@ -362,13 +363,17 @@ _EMBEDDING_BYTES = 256 * 64 * 64 * 4
 
 
 def _input_cache(cache: Any) -> Any:
-    """The float32 embedding cache of micro-sam's input that goes with ``cache`` (same model and
-    memory budget, memory only). float32: the AIS decoder amplifies an embedding's rounding about
+    """The float32 embedding cache of micro-sam's input that goes with ``cache``: ``cache`` itself
+    when it stores float32 (a Session's, for models with an AIS decoder: keys name the content, so
+    a slice the session embedded for clicks is not embedded again), else one of the same model and
+    memory budget, memory only. float32: the AIS decoder amplifies an embedding's rounding about
     20 times, and float16 storage would move its maps by ~7e-3."""
+    import torch
+
+    if getattr(cache, "dtype", None) == torch.float32:
+        return cache
     hit = _INPUT_CACHES.get(cache)
     if hit is None:
-        import torch
-
         from ..core.embeddings import EmbeddingCache
 
         hit = EmbeddingCache(cache.sam, max_bytes=max(int(cache.max_bytes), _EMBEDDING_BYTES),

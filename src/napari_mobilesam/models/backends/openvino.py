@@ -206,15 +206,31 @@ def convert_irs(encoder: nn.Module, decoder: nn.Module | None = None, embed_shap
     return converted
 
 
-def _compile(xml: Path, precision: str):
+def _compile(xml: Path, precision: str, shape=None):
+    """The IR at ``xml`` compiled for the CPU in ``precision`` (``"bf16"`` or float32).
+
+    ``shape``: the one input shape it will run, fixed before compiling (the IR from tracing has
+    dynamic sizes), so the kernels are chosen once, here, and never at run time from the shapes
+    seen before. Every setting that decides the arithmetic is given explicitly (none is left to
+    the process's state or a plugin default that another caller could change): the precision,
+    the execution mode, and the denormal handling (the plugin's threads clear flush-to-zero
+    themselves instead of keeping whatever the calling thread set). With this a compiled model
+    returns the same bits for the same input in any process, whatever ran there before (see
+    docs/reliability.md, "Same input, same embedding").
+    """
     import openvino as ov
 
     core = ov.Core()
+    model = core.read_model(xml)
+    if shape is not None:
+        model.reshape({model.inputs[0]: ov.PartialShape([int(d) for d in shape])})
     config = {
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        "EXECUTION_MODE_HINT": "PERFORMANCE",
+        "CPU_DENORMALS_OPTIMIZATION": False,
     }
-    return core.compile_model(core.read_model(xml), "CPU", config)
+    return core.compile_model(model, "CPU", config)
 
 
 class OpenVINOEncoder(nn.Module):
@@ -251,11 +267,14 @@ class OpenVINOEncoder(nn.Module):
         self.ir_paths, self._requests, self.converted = [], [], False
         example = torch.zeros(1, 3, s, s)
         precisions = _part_precisions(precision, len(parts))
+        shape = (1, 3, s, s)  # each part is compiled for the one shape it runs
         for i, ((kind, part), prec) in enumerate(zip(parts, precisions)):
             xml, converted = openvino_ir(part, kind, example, img_size=s)
             self.converted |= converted
             self.ir_paths.append(xml)
-            self._requests.append(_compile(xml, prec).create_infer_request())
+            compiled = _compile(xml, prec, shape)
+            shape = tuple(compiled.outputs[0].get_shape())
+            self._requests.append(compiled.create_infer_request())
             later_missing = any(
                 ir_damage(_ir_dir(k, state_dict_digest(p), s)) is not None for k, p in parts[i + 1 :]
             )
@@ -391,7 +410,7 @@ class OpenVINOAISDecoder(nn.Module):
         self.ir_path, self.converted = openvino_ir(
             src, f"ais-decoder-{self.batchnorm}", example, img_size=self.embed_shape[-1]
         )
-        self._request = _compile(self.ir_path, "fp32").create_infer_request()
+        self._request = _compile(self.ir_path, "fp32", (1, *self.embed_shape)).create_infer_request()
         self._lock = threading.Lock()
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,107 @@
+"""micro-sam models on a dask cluster: AIS, APG and prompts give the local path's labels.
+
+The model is the micro-sam fixture (random weights in micro-sam's file layout, with its AIS
+decoder), loaded as ``vit_t_lm`` by a worker PROCESS of a ``LocalCluster`` and by this process,
+with the exact eager float32 backend, so both compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mobilesam import batch
+from napari_mobilesam.errors import ModelError
+from napari_mobilesam.models.choice import ModelChoice
+from napari_mobilesam.volume.apg import APGParams
+
+APG = APGParams(multimask=True)  # the random weights' single-mask output is empty for points
+
+
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                       host="127.0.0.1", dashboard_address=None, silence_logs=40)
+    c = distributed.Client(cluster)
+    try:
+        yield c
+    finally:
+        c.close()
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def model(msdir):
+    return ModelChoice("vit_t_lm", str(msdir / "vit_t.pt"), "cpu", "eager",
+                       decoder=str(msdir / "vit_t_decoder.pt"))
+
+
+@pytest.fixture(scope="module")
+def image(msdir):
+    return np.load(msdir / "microsam_expected.npz")["image"]
+
+
+@pytest.fixture(scope="module")
+def stack(image):
+    """Two different slices (the fixture image and its mirror, scaled: other intensities)."""
+    return np.stack([image, (image[:, ::-1] // 2 + 7).astype(image.dtype)])
+
+
+def _positive(labels) -> int:
+    return int(np.count_nonzero(labels))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """This process computes with one thread, as the worker (``threads_per_worker=1``): torch's
+    batched matrix products round differently with other thread counts, which moves a few mask
+    pixels of SAM's decoder (APG, prompts)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_ais_and_auto_on_the_cluster_equal_local(client, model, stack):
+    """AIS on two slices (stitched here) and mode "auto" (AIS: the model has a decoder) on one:
+    the worker process's labels equal this process's."""
+    ais = batch.segment_stack_auto(stack, model=model, mode="ais")
+    assert ais.max() >= 2 and _positive(ais[1]) > 0  # objects on both slices
+    assert np.array_equal(ais, batch.segment_stack_auto(stack, model=model, mode="ais", client=client))
+    auto = batch.segment_stack_auto(stack[:1], model=model, mode="auto", client=client)
+    assert np.array_equal(auto[0], ais[0])
+
+
+@pytest.mark.slow
+def test_apg_on_the_cluster_equals_local(client, model, stack):
+    apg = batch.segment_stack_auto(stack[:1], model=model, mode="apg", apg_params=APG)
+    assert apg.max() >= 1
+    remote = batch.segment_stack_auto(stack[:1], model=model, mode="apg", apg_params=APG, client=client)
+    assert np.array_equal(apg, remote)
+
+
+# (z, row, col): a point on a fixture object and one elsewhere, both in the top-left 256² tile
+PROMPTS = np.array([[0, 141.0, 200.0], [0, 100.0, 120.0]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tile", [None, 256])
+def test_prompts_on_the_cluster_use_the_local_normalisation(client, model, stack, tile):
+    """micro-sam's models see each slice (or tile) normalised min-to-max on the cluster too, as
+    locally; the stack's percentiles (what the cluster used before) give other masks."""
+    local = batch.segment_stack(stack, PROMPTS, model=model, tile=tile, halo=32)
+    assert _positive(local) > 0
+    remote = batch.segment_stack(stack, PROMPTS, model=model, tile=tile, halo=32, client=client)
+    assert np.array_equal(local, remote)
+    if tile is None:  # the check can tell the two normalisations apart
+        other = batch.segment_stack(stack, PROMPTS, model=model, normalize="stack")
+        assert not np.array_equal(local, other)
+
+
+def test_ais_without_a_decoder_is_refused_on_the_cluster(client):
+    with pytest.raises(ModelError, match="vit_t_lm"):
+        batch.segment_stack_auto(np.zeros((1, 64, 64), np.uint16), model="vit_t_test", backend="eager",
+                                 mode="ais", client=client)
