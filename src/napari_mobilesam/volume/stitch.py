@@ -18,7 +18,7 @@ __all__ = ["Stitcher", "stitch_labels", "overlap_iou", "label_ids"]
 
 # Pixels handled at once: counting, matching and relabelling go through a slice in bands of rows of
 # about this many pixels, so their temporaries stay bounded whatever the slice size.
-_BAND_PIXELS = 1 << 22
+_BAND_PIXELS = 1 << 20
 # Above this many (reference x new) label pairs the assignment is solved per group of overlapping
 # labels instead of on one dense matrix (same optimum; a 10,000 x 10,000 slice has ~30,000 nuclei).
 _DENSE_PAIRS = 1 << 20
@@ -258,13 +258,13 @@ class Stitcher:
         labels : (H, W) integer array
             Slice-local ids (any values; 0 is background).
         inplace : bool
-            Write the stack-wide ids into ``labels`` itself (a writable int32 array) instead of a
-            new array, so a large slice is held once.
+            When ``labels`` is a writable int32 array, write the stack-wide ids into it instead
+            of a new array, so a large slice is held once (other arrays are never modified).
 
         Returns
         -------
         (H, W) int32
-            The slice with stack-wide ids (``labels`` itself with ``inplace``).
+            The slice with stack-wide ids (``labels`` itself when relabelled in place).
         """
         labels = np.asarray(labels)
         if labels.ndim != 2:
@@ -274,8 +274,6 @@ class Stitcher:
                 f"slice shape changed from {self._history[-1].shape} to {labels.shape} within one "
                 "stack"
             )
-        if inplace and (labels.dtype != np.int32 or not labels.flags.writeable):
-            raise ValueError(f"inplace stitching needs a writable int32 slice, got {labels.dtype}")
         ids_cur = label_ids(labels)
         ids_cur = ids_cur[ids_cur != 0]
         mapping: dict[int, int] = {}
@@ -294,6 +292,7 @@ class Stitcher:
             if int(lab) not in mapping:
                 self.n_objects += 1
                 mapping[int(lab)] = self.n_objects
+        inplace = inplace and labels.dtype == np.int32 and labels.flags.writeable
         out = labels if inplace else np.zeros(labels.shape, np.int32)
         _relabel(labels, mapping, out)
         self._history.append(out)
