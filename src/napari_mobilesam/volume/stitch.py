@@ -162,7 +162,7 @@ def _assign(rows: np.ndarray, cols: np.ndarray, weight: np.ndarray, n_rows: int,
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    graph = coo_matrix((np.ones(len(rows)), (rows, n_cols + cols)), shape=(n_rows + n_cols,) * 2)
+    graph = coo_matrix((np.ones(len(rows)), (rows, n_rows + cols)), shape=(n_rows + n_cols,) * 2)
     _, comp = connected_components(graph, directed=False)
     out = []
     order = np.argsort(comp[rows], kind="stable")
