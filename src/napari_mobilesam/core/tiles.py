@@ -413,13 +413,12 @@ class TiledPredictor:
         prompted with what is already known of it there (``mask``: whole slice)."""
         rows, cols = tile.region
         known = mask[rows, cols]
-        ys, xs = np.nonzero(known)
-        if len(ys) == 0:
+        flat = np.flatnonzero(known)  # in row-major order
+        if len(flat) == 0:
             return None
-        # positive points: up to 3 known pixels, spread over the known part; plus its box
-        order = np.argsort(ys * known.shape[1] + xs)
-        picks = order[np.linspace(0, len(order) - 1, min(3, len(order))).round().astype(int)]
-        pts = np.stack([ys[picks], xs[picks]], axis=1).astype(float)
+        # positive points: up to 3 known pixels, spread over the known part (row-major order)
+        picks = flat[np.linspace(0, len(flat) - 1, min(3, len(flat))).round().astype(int)]
+        pts = np.stack(np.divmod(picks, known.shape[1]), axis=1).astype(float)
         pred = self._predictors[tile.index].predict_many(z, [Prompt(pts, np.ones(len(pts)), None, None, True)])[0]
         # the smallest candidate covering most of what is known (SAM's multimask gives part,
         # object and a larger whole), else the one covering the most
