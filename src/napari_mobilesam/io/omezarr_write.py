@@ -169,7 +169,8 @@ class OmeZarrLabelsWriter:
                 f"an unfinished output from an interrupted run is at {self.partial}: pass resume=True "
                 "(--resume) to continue it, or overwrite=True (--overwrite) to start again"
             )
-        if self.path.exists() and not overwrite:
+        # resuming continues a run that was allowed to replace the output (it is replaced on close)
+        if self.path.exists() and not overwrite and not (resume and self.partial.exists()):
             raise OutputError(
                 f"output {self.path} already exists; pass overwrite=True (--overwrite) to replace it"
             )
