@@ -177,6 +177,9 @@ def _done_slices(labels: Path) -> int:
     return 0
 
 
+EXIT_INTERRUPTED = 130  # the command line's exit status after Ctrl-C (napari_mobilesam.cli)
+
+
 def run_stack_cli(store: Path, labels: Path, depth: int, max_points: int, resume: bool) -> dict:
     """``napari-mobilesam auto STORE -o LABELS`` in a child process (tiled automatic mode, labels
     streamed into an OME-Zarr label store, stitched through z): seconds per slice done in this run
@@ -184,7 +187,8 @@ def run_stack_cli(store: Path, labels: Path, depth: int, max_points: int, resume
     interrupted run's output; otherwise an existing output is replaced."""
     before = _done_slices(labels) if resume else 0
     if resume and before == depth and labels.exists():
-        return {"slices": depth, "done_before": before, "done_now": 0, "s_per_slice": None, "peak_mib": None}
+        return {"slices": depth, "done_before": before, "done_now": 0, "interrupted": False,
+                "s_per_slice": None, "peak_mib": None}
     cmd = [sys.executable, "-m", "napari_mobilesam.cli", "auto", str(store), "-o", str(labels),
            "--model", "vit_t", "--checkpoint", str(WEIGHTS), "--max-points", str(max_points),
            "--cache-mb", "64", "--no-progress", "--resume" if resume else "--overwrite"]
@@ -199,10 +203,12 @@ def run_stack_cli(store: Path, labels: Path, depth: int, max_points: int, resume
             raise
         child.returncode = os.waitstatus_to_exitcode(status)
     dt = time.perf_counter() - t0
-    if child.returncode != 0:
+    # Ctrl-C (the command line's own exit status) or killed by a signal: finished slices are kept
+    interrupted = child.returncode == EXIT_INTERRUPTED or child.returncode < 0
+    if child.returncode != 0 and not interrupted:
         raise RuntimeError(f"{' '.join(cmd)} failed ({child.returncode}):\n{log.read_text()[-3000:]}")
-    done_now = depth - before
-    return {"slices": depth, "done_before": before, "done_now": done_now,
+    done_now = (_done_slices(labels) if interrupted else depth) - before
+    return {"slices": depth, "done_before": before, "done_now": done_now, "interrupted": interrupted,
             "s_per_slice": dt / max(done_now, 1), "peak_mib": usage.ru_maxrss / 1024}
 
 
@@ -254,7 +260,11 @@ def main() -> None:
         if depth:
             store = stack_store(work, depth)
             r = run_stack_cli(store, work / f"labels{depth}.zarr", depth, max_points, args.resume)
-            if not r["done_now"]:
+            if r["interrupted"]:
+                print(f"\nOME-Zarr stack {depth} x 2048 x 2048: interrupted or killed with "
+                      f"{r['done_before'] + r['done_now']} "
+                      f"of {depth} slices done; continue with --workdir {work} --resume")
+            elif not r["done_now"]:
                 print(f"\nOME-Zarr stack {depth} x 2048 x 2048: all slices were done by earlier runs")
             else:
                 print(f"\nOME-Zarr stack {depth} x 2048 x 2048 through `napari-mobilesam auto` (tiled, "
