@@ -11,10 +11,15 @@ lazily and, untiled (the whole slice resized to the encoder's 1024 pixels, as SA
   only shows that the path runs, see below);
 * segments the slice automatically (``--auto-max`` sides only: tiled automatic mode decodes every
   tile);
-* reports the process's peak resident memory.
+* reports the process's peak resident memory before automatic mode and at the end.
 
-Then an OME-Zarr stack (``--depth`` slices of 2048 x 2048) goes through tiled automatic mode with
-labels streamed into an OME-Zarr labels store: seconds per slice and peak memory.
+Then an OME-Zarr stack (``--depth`` slices of 2048 x 2048; the issue's stack is ``--depth 100``)
+goes through the real command line, ``napari-mobilesam auto STACK.zarr -o LABELS.zarr
+--max-points N`` in a child process (tiled, stitched through z, labels streamed into an OME-Zarr
+label store): seconds per slice done in this run and the child's peak RSS (``os.wait4``). With
+``--workdir DIR`` the stack and its labels are kept in DIR, so a run interrupted with Ctrl-C (the
+command line keeps its finished slices) continues with ``--resume``; the time per slice is then
+that of the slices done in the resumed run.
 
 The model is MobileSAM's real architecture with the random weights of the parity fixture (real
 weights cannot be downloaded here): times are the real model's; masks are not meaningful. Peak
@@ -26,12 +31,16 @@ Usage::
     python benchmarks/bigimage.py               # 2048, 4096, 10000; auto up to 4096; depth 10
     python benchmarks/bigimage.py --quick       # 2048, 4096; auto 2048 with 32 prompts; depth 2
     python benchmarks/bigimage.py --sides 10000 --auto-max 0 --depth 0   # the 10 000² rows alone
+    python benchmarks/bigimage.py --sides 4096 10000 --modes tiled --auto-max 10000 --clicks 0 --depth 0
+    python benchmarks/bigimage.py --stack-only --depth 100 --max-points 32 --workdir big100
+    python benchmarks/bigimage.py --stack-only --depth 100 --max-points 32 --workdir big100 --resume
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -64,7 +73,11 @@ def make_slice_store(path: Path, side: int, depth: int = 1) -> Path:
     labels = np.block([[np.where(lab > 0, lab + n * (reps * i + j), 0) for j in range(reps)]
                        for i in range(reps)])[:side, :side]
     np.save(path.with_suffix(".npy"), labels)
-    stack = np.stack([np.roll(img, 37 * k, axis=1) for k in range(depth)])
+    import dask.array as da
+
+    # shifted copies of the slice, made lazily: a 100-slice stack is written chunk by chunk
+    base = da.from_array(np.ascontiguousarray(img), chunks=(1024, 1024))
+    stack = da.stack([da.roll(base, 37 * k, axis=1) for k in range(depth)]).rechunk((1, 1024, 1024))
     fmt = format_from_version("0.5")
     group = zarr.open_group(str(path), mode="w", zarr_format=fmt.zarr_format)
     write_image(stack, group, axes=["z", "y", "x"], fmt=fmt, scale_factors=[2, 4],
@@ -80,11 +93,28 @@ def auto_params(max_points: int):
     return AutoParams(max_points=int(max_points))
 
 
-def run_slice(store: str, tiled: bool, auto: bool, max_points: int = 256, clicks: int = 20) -> dict:
-    """In a fresh process: clicks (and automatic mode) on slice 0 of ``store``."""
-    import resource
-
+def _clicks(pred, store: str, clicks: int) -> dict:
+    """Click ``clicks`` nuclei spread over slice 0: times and how many masks are sized right."""
     from scipy import ndimage as ndi
+
+    labels = np.load(Path(store).with_suffix(".npy"))
+    ids = np.unique(labels)[1:]
+    pick = ids[np.linspace(0, len(ids) - 1, clicks).round().astype(int)]
+    centres = ndi.center_of_mass(np.ones_like(labels), labels, pick)
+    times, sized = [], 0
+    for (r, c), obj in zip(centres, pick):
+        t0 = time.perf_counter()
+        out = pred.predict(0, points=[(r, c)], labels=[1])
+        times.append(time.perf_counter() - t0)
+        area, true = out.masks[out.best].sum(), (labels == obj).sum()
+        sized += int(0.5 * true <= area <= 2 * true)
+    return {"first_click_s": times[0], "click_s": statistics.median(times[1:]), "sized": sized}
+
+
+def run_slice(store: str, tiled: bool, auto: bool, max_points: int = 256, clicks: int = 20) -> dict:
+    """In a fresh process: clicks (``clicks`` >= 2; 0: none) and automatic mode on slice 0 of
+    ``store``."""
+    import resource
 
     from napari_mobilesam.core.embeddings import EmbeddingCache
     from napari_mobilesam.core.predictor import SlicePredictor
@@ -100,53 +130,86 @@ def run_slice(store: str, tiled: bool, auto: bool, max_points: int = 256, clicks
     source = SliceSource(data)
     cache = EmbeddingCache(sam, max_bytes=64 * 2**20)
     pred = TiledPredictor(sam, source, cache) if tiled else SlicePredictor(sam, source, cache)
-    labels = np.load(Path(store).with_suffix(".npy"))
-    ids = np.unique(labels)[1:]
-    pick = ids[np.linspace(0, len(ids) - 1, clicks).round().astype(int)]
-    centres = ndi.center_of_mass(np.ones_like(labels), labels, pick)
-    times, sized = [], 0
-    for (r, c), obj in zip(centres, pick):
-        t0 = time.perf_counter()
-        out = pred.predict(0, points=[(r, c)], labels=[1])
-        times.append(time.perf_counter() - t0)
-        area, true = out.masks[out.best].sum(), (labels == obj).sum()
-        sized += int(0.5 * true <= area <= 2 * true)
-    res = {"first_click_s": times[0], "click_s": statistics.median(times[1:]), "sized": sized,
-           "tiles_embedded": cache.stats.computed,
-           "clicks_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    res = {"first_click_s": None, "click_s": None, "sized": 0, "tiles_embedded": 0, "clicks_peak_mib": None}
+    if clicks >= 2:
+        res.update(_clicks(pred, store, clicks))
+        res["tiles_embedded"] = cache.stats.computed
+        res["clicks_peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if auto:
         params = auto_params(max_points)
+        res["before_auto_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t0 = time.perf_counter()
         lab = segment_slice_tiled(pred, 0, params) if tiled else segment_slice(pred, 0, params).labels
         res["auto_s"] = time.perf_counter() - t0
-        res["auto_objects"] = int(len(np.unique(lab)) - 1)
+        res["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["output_mib"] = lab.nbytes / 2**20
+        res["auto_objects"] = int(lab.max())  # ids 1..N (no slice-sized unique before the peak is read)
     res["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
 
 
-def run_stack(store: str, out: str, max_points: int = 256) -> dict:
-    """In a fresh process: tiled automatic mode through an OME-Zarr stack into OME-Zarr labels."""
-    import resource
+def stack_store(workdir: Path, depth: int) -> Path:
+    """The ``depth`` x 2048 x 2048 OME-Zarr stack in ``workdir``, written once (kept for later
+    runs: a store is only used once its writing finished, marked by a ``.done`` file)."""
+    path = workdir / f"stack{depth}.zarr"
+    done = workdir / f"stack{depth}.done"
+    if not done.exists():
+        import shutil
 
-    from napari_mobilesam.core.embeddings import EmbeddingCache
-    from napari_mobilesam.core.source import SliceSource
-    from napari_mobilesam.core.tiles import TiledPredictor
-    from napari_mobilesam.io.omezarr import open_ome_zarr
-    from napari_mobilesam.io.omezarr_write import OmeZarrLabelsWriter
-    from napari_mobilesam.models.choice import ModelChoice
-    from napari_mobilesam.volume.tiled import segment_slice_tiled
+        shutil.rmtree(path, ignore_errors=True)
+        make_slice_store(path, 2048, depth)
+        done.write_text("complete\n")
+    return path
 
-    sam = ModelChoice("vit_t", str(WEIGHTS)).load()
-    data, meta = open_ome_zarr(store)
-    source = SliceSource(data)
-    pred = TiledPredictor(sam, source, EmbeddingCache(sam, max_bytes=64 * 2**20))
+
+def _done_slices(labels: Path) -> int:
+    """Slices of the labels output finished so far: all of a complete store, those recorded in
+    the progress file of an interrupted one (``<labels>.partial``), else 0."""
+    from napari_mobilesam.io.omezarr_write import PROGRESS_FILE, partial_path
+
+    record = partial_path(labels) / PROGRESS_FILE
+    if record.exists():
+        return sum(b - a for a, b in json.loads(record.read_text())["done"])
+    if labels.exists():
+        import zarr
+
+        return int(zarr.open_group(str(labels), mode="r")["s0"].shape[0])
+    return 0
+
+
+EXIT_INTERRUPTED = 130  # the command line's exit status after Ctrl-C (napari_mobilesam.cli)
+
+
+def run_stack_cli(store: Path, labels: Path, depth: int, max_points: int, resume: bool) -> dict:
+    """``napari-mobilesam auto STORE -o LABELS`` in a child process (tiled automatic mode, labels
+    streamed into an OME-Zarr label store, stitched through z): seconds per slice done in this run
+    (model loading included) and the child's peak RSS (``os.wait4``). ``resume`` continues an
+    interrupted run's output; otherwise an existing output is replaced."""
+    before = _done_slices(labels) if resume else 0
+    if resume and before == depth and labels.exists():
+        return {"slices": depth, "done_before": before, "done_now": 0, "interrupted": False,
+                "s_per_slice": None, "peak_mib": None}
+    cmd = [sys.executable, "-m", "napari_mobilesam.cli", "auto", str(store), "-o", str(labels),
+           "--model", "vit_t", "--checkpoint", str(WEIGHTS), "--max-points", str(max_points),
+           "--cache-mb", "64", "--no-progress", "--resume" if resume else "--overwrite"]
+    log = labels.with_suffix(".log")
     t0 = time.perf_counter()
-    with OmeZarrLabelsWriter(out, data.shape, metadata=meta) as writer:
-        for z in range(data.shape[0]):
-            writer.put(z, segment_slice_tiled(pred, z, auto_params(max_points)))
+    with open(log, "w") as out:
+        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except KeyboardInterrupt:  # the child got the Ctrl-C too and keeps its finished slices
+            child.wait()
+            raise
+        child.returncode = os.waitstatus_to_exitcode(status)
     dt = time.perf_counter() - t0
-    return {"s_per_slice": dt / data.shape[0], "slices": int(data.shape[0]),
-            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    # Ctrl-C (the command line's own exit status) or killed by a signal: finished slices are kept
+    interrupted = child.returncode == EXIT_INTERRUPTED or child.returncode < 0
+    if child.returncode != 0 and not interrupted:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({child.returncode}):\n{log.read_text()[-3000:]}")
+    done_now = (_done_slices(labels) if interrupted else depth) - before
+    return {"slices": depth, "done_before": before, "done_now": done_now, "interrupted": interrupted,
+            "s_per_slice": dt / max(done_now, 1), "peak_mib": usage.ru_maxrss / 1024}
 
 
 def _child(func: str, *args) -> dict:
@@ -163,36 +226,68 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sides", type=int, nargs="*", default=None)
+    ap.add_argument("--modes", nargs="*", default=["untiled", "tiled"], choices=("untiled", "tiled"),
+                    help="slice rows to run (default both)")
     ap.add_argument("--auto-max", type=int, default=None, help="largest side run in automatic mode")
-    ap.add_argument("--depth", type=int, default=None, help="slices of the 2048 x 2048 OME-Zarr stack (0: none)")
-    ap.add_argument("--clicks", type=int, default=20, help="nuclei clicked per slice (at least 2)")
+    ap.add_argument("--depth", type=int, default=None,
+                    help="slices of the 2048 x 2048 OME-Zarr stack run through the CLI (0: none; "
+                    "the issue's stack is 100)")
+    ap.add_argument("--clicks", type=int, default=20, help="nuclei clicked per slice (at least 2; 0: no clicks)")
     ap.add_argument("--max-points", type=int, default=None,
                     help="automatic mode: prompts per slice (untiled) or per tile (tiled)")
+    ap.add_argument("--stack-only", action="store_true", help="run only the stack row")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the stack and its labels here (default: a temporary folder), so an "
+                    "interrupted stack run can continue with --resume")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the stack's labels left unfinished in --workdir by an interrupted run")
     args = ap.parse_args()
+    if args.resume and args.workdir is None:
+        ap.error("--resume needs --workdir (where the interrupted run kept its stores)")
     sides = args.sides or ([2048, 4096] if args.quick else [2048, 4096, 10000])
     auto_max = args.auto_max if args.auto_max is not None else (2048 if args.quick else 4096)
     depth = args.depth if args.depth is not None else (2 if args.quick else 10)
     max_points = args.max_points or (32 if args.quick else 256)
+    clicks = 0 if args.clicks < 2 else args.clicks
     print(f"machine: {machine()}")
     print("model: MobileSAM architecture, parity-fixture random weights, default backend; "
           f"automatic mode with at most {max_points} prompts per slice or tile\n")
-    print("| slice | mode | first click (s) | click median (s) | clicked nuclei sized right | encoder runs "
-          f"({max(args.clicks, 2)} clicks) | peak RSS after clicks (MiB) | auto (s) | auto objects | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for side in sides:
-            store = make_slice_store(Path(tmp) / f"s{side}.zarr", side)
-            for tiled in (False, True):
-                r = _child("run_slice", str(store), tiled, side <= auto_max, max_points, max(args.clicks, 2))
-                auto = f"{r['auto_s']:.1f} | {r['auto_objects']}" if "auto_s" in r else "– | –"
-                print(f"| {side}² | {'tiled' if tiled else 'untiled'} | {r['first_click_s']:.2f} | "
-                      f"{r['click_s']:.3f} | {r['sized']}/{max(args.clicks, 2)} | {r['tiles_embedded']} | "
-                      f"{r['clicks_peak_mib']:.0f} | {auto} | {r['peak_mib']:.0f} |", flush=True)
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if not args.stack_only:
+            _slice_rows(work, sides, args.modes, auto_max, max_points, clicks)
         if depth:
-            stack = make_slice_store(Path(tmp) / "stack.zarr", 2048, depth)
-            r = _child("run_stack", str(stack), str(Path(tmp) / "labels.zarr"), max_points)
-            print(f"\nOME-Zarr stack {r['slices']} x 2048 x 2048 through tiled automatic mode into OME-Zarr "
-                  f"labels: {r['s_per_slice']:.1f} s per slice, peak RSS {r['peak_mib']:.0f} MiB")
+            store = stack_store(work, depth)
+            r = run_stack_cli(store, work / f"labels{depth}.zarr", depth, max_points, args.resume)
+            if r["interrupted"]:
+                print(f"\nOME-Zarr stack {depth} x 2048 x 2048: interrupted or killed with "
+                      f"{r['done_before'] + r['done_now']} "
+                      f"of {depth} slices done; continue with --workdir {work} --resume")
+            elif not r["done_now"]:
+                print(f"\nOME-Zarr stack {depth} x 2048 x 2048: all slices were done by earlier runs")
+            else:
+                print(f"\nOME-Zarr stack {depth} x 2048 x 2048 through `napari-mobilesam auto` (tiled, "
+                      f"stitched, OME-Zarr labels): {r['done_now']} slices in this run "
+                      f"({r['done_before']} done before), {r['s_per_slice']:.1f} s per slice "
+                      f"(model loading included), peak RSS of the CLI {r['peak_mib']:.0f} MiB")
+
+
+def _slice_rows(work: Path, sides, modes, auto_max: int, max_points: int, clicks: int) -> None:
+    print(f"| slice | mode | first click (s) | click median (s) | clicked nuclei sized right | encoder runs "
+          f"({clicks} clicks) | peak RSS after clicks (MiB) | auto (s) | auto objects | peak RSS before "
+          "auto (MiB) | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for side in sides:
+        store = make_slice_store(work / f"s{side}.zarr", side)
+        for mode in modes:
+            r = _child("run_slice", str(store), mode == "tiled", side <= auto_max, max_points, clicks)
+            click = ("– | – | – | – | –" if r["first_click_s"] is None else
+                     f"{r['first_click_s']:.2f} | {r['click_s']:.3f} | {r['sized']}/{clicks} | "
+                     f"{r['tiles_embedded']} | {r['clicks_peak_mib']:.0f}")
+            auto = (f"{r['auto_s']:.1f} | {r['auto_objects']} | {r['before_auto_mib']:.0f}"
+                    if "auto_s" in r else "– | – | –")
+            print(f"| {side}² | {mode} | {click} | {auto} | {r['peak_mib']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -412,7 +412,8 @@ def test_killed_write_keeps_old_output_and_resumes(tmp_path, existing):
     with pytest.raises(OutputError, match="started with shape"):
         OmeZarrLabelsWriter(out, (5, 64, 81), n_levels=2, resume=True, overwrite=True)
 
-    w = OmeZarrLabelsWriter(out, lab.shape, n_levels=2, resume=True, overwrite=True)
+    # resume alone continues the killed run (which was allowed to replace an older output)
+    w = OmeZarrLabelsWriter(out, lab.shape, n_levels=2, resume=True)
     assert w.done == {0, 1, 2} and w.pending() == [3, 4]
     for z in w.pending():
         w.put(z, lab[z])

@@ -435,7 +435,7 @@ def segment_stack_auto(
                     if done is not None:
                         stitcher.add_stitched(done)
                         continue
-                    output.put(z, stitcher.add(segment_one(z)))
+                    output.put(z, stitcher.add(segment_one(z), inplace=True))
                     update()
         finally:
             close()

@@ -47,6 +47,15 @@ def prompt_dict(item: dict) -> Prompt:
     return Prompt.from_clicks(item["points"], item["labels"], item["box"])
 
 
+def _box(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """The bounding box ``(rows, cols)`` of a 2D bool mask, or None when it is empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not len(rows):
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
 def segment_objects_on_slice(predictor, z: int, objects: list[tuple[int, dict]]) -> np.ndarray:
     """(H, W) labels (int32, int64 for ids of 2**31 and more): each object's best mask on slice
     ``z``, the higher predicted IoU winning shared pixels (the earlier object on a tie).
@@ -54,17 +63,22 @@ def segment_objects_on_slice(predictor, z: int, objects: list[tuple[int, dict]])
 
     Each prediction is painted into the slice as it comes and dropped (`iter_predictions` with
     ``keep="best"``), so memory does not grow with the number of objects: one decoder chunk plus a
-    score and an owner map of the slice."""
+    float32 score and an int32 owner map of the slice; each mask is painted within its bounding
+    box."""
     h, w = predictor.source.slice_shape
     out = np.zeros((h, w), labels_dtype(max((oid for oid, _ in objects), default=0)))
-    score = np.full((h, w), -np.inf)
-    owner = np.full((h, w), len(objects), np.int64)
+    score = np.full((h, w), -np.inf, np.float32)
+    owner = np.full((h, w), len(objects), np.int32)
     prompts = [prompt_dict(item) for _, item in objects]
     for i, pred in iter_predictions(predictor, z, prompts, keep="best"):
-        s = float(pred.iou[0])  # the best of SAM's candidates (its only mask with several prompts)
+        s = np.float32(pred.iou[0])  # the best of SAM's candidates (its only mask with several prompts)
         m = np.asarray(pred.masks[0], bool)
-        win = m & ((s > score) | ((s == score) & (i < owner)))
-        out[win], score[win], owner[win] = objects[i][0], s, i
+        box = _box(m)
+        if box is None:
+            continue
+        sc, ow = score[box], owner[box]
+        win = m[box] & ((s > sc) | ((s == sc) & (i < ow)))
+        out[box][win], sc[win], ow[win] = objects[i][0], s, i
     return out
 
 

@@ -355,18 +355,18 @@ class TiledPredictor:
         masks = np.zeros((len(pred.masks), H, W), dtype=bool)
         rows, cols = tile.region
         masks[:, rows, cols] = pred.masks
-        best = pred.best
-        masks[best] = self._continue(z, masks[best], tile, missing)
+        self._continue(z, masks[pred.best], tile, missing)  # in place
         low_res = pred.low_res
         self._remember(low_res, tile)
         return Prediction(masks=masks, iou=pred.iou, stability=pred.stability, low_res=low_res, logits=None)
 
     # -- objects crossing tiles --------------------------------------------------------------------
     def _continue(self, z: int, mask: np.ndarray, first: Tile, missing: list[Tile] | None = None) -> np.ndarray:
-        """``mask`` (whole slice) extended through the neighbouring tiles it runs into (with a
-        ``missing`` list: only through embedded ones, the others appended to it)."""
+        """``mask`` (whole slice, modified in place) extended through the neighbouring tiles it
+        runs into (with a ``missing`` list: only through embedded ones, the others appended to
+        it). Each tile's piece is merged in that tile's window: no slice-sized temporaries."""
         done = {first.index}
-        todo = self._entered(mask, first, done)
+        todo = self._entered(mask[first.region], first, done)
         while todo and len(done) < _MAX_TILES_PER_OBJECT:
             tile = todo.pop(0)
             if tile.index in done:
@@ -378,18 +378,25 @@ class TiledPredictor:
             piece = self._piece_in(z, mask, tile)
             if piece is None:
                 continue
-            mask |= piece
+            mask[tile.region] |= piece
             todo += [t for t in self._entered(piece, tile, done) if t not in todo]
         return mask
 
-    def _entered(self, mask: np.ndarray, tile: Tile, done: set[int]) -> list[Tile]:
-        """Neighbours of ``tile`` whose core the object reaches into, from ``tile``'s window.
+    def _entered(self, win: np.ndarray, tile: Tile, done: set[int]) -> list[Tile]:
+        """Neighbours of ``tile`` whose core the object reaches into, from ``win``: the object's
+        mask in ``tile``'s window (``tile.shape``).
 
         An object that touches an inner edge of ``tile``'s window may go on beyond it; the
         neighbour holding that edge is then worth a look.
         """
         H, W = self.slice_shape
         r0, r1, c0, c1 = tile.outer
+        touches = (
+            (r0 > 0 and win[0].any()) or (r1 < H and win[-1].any())
+            or (c0 > 0 and win[:, 0].any()) or (c1 < W and win[:, -1].any())
+        )
+        if not touches:
+            return []
         out = []
         for nb in self.grid.neighbours(tile):
             if nb.index in done:
@@ -397,27 +404,21 @@ class TiledPredictor:
             q0, q1, p0, p1 = nb.core
             # the part of the object inside the neighbour's core and inside our window
             a0, a1, b0, b1 = max(q0, r0), min(q1, r1), max(p0, c0), min(p1, c1)
-            if a0 >= a1 or b0 >= b1 or not mask[a0:a1, b0:b1].any():
-                continue
-            touches = (
-                (r0 > 0 and mask[r0, c0:c1].any()) or (r1 < H and mask[r1 - 1, c0:c1].any())
-                or (c0 > 0 and mask[r0:r1, c0].any()) or (c1 < W and mask[r0:r1, c1 - 1].any())
-            )
-            if touches:
+            if a0 < a1 and b0 < b1 and win[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0].any():
                 out.append(nb)
         return out
 
     def _piece_in(self, z: int, mask: np.ndarray, tile: Tile) -> np.ndarray | None:
-        """The object's mask in ``tile``'s window, prompted with what is already known of it there."""
+        """The object's mask in ``tile``'s window (``tile.shape`` bool, window coordinates),
+        prompted with what is already known of it there (``mask``: whole slice)."""
         rows, cols = tile.region
         known = mask[rows, cols]
-        ys, xs = np.nonzero(known)
-        if len(ys) == 0:
+        flat = np.flatnonzero(known)  # in row-major order
+        if len(flat) == 0:
             return None
-        # positive points: up to 3 known pixels, spread over the known part; plus its box
-        order = np.argsort(ys * known.shape[1] + xs)
-        picks = order[np.linspace(0, len(order) - 1, min(3, len(order))).round().astype(int)]
-        pts = np.stack([ys[picks], xs[picks]], axis=1).astype(float)
+        # positive points: up to 3 known pixels, spread over the known part (row-major order)
+        picks = flat[np.linspace(0, len(flat) - 1, min(3, len(flat))).round().astype(int)]
+        pts = np.stack(np.divmod(picks, known.shape[1]), axis=1).astype(float)
         pred = self._predictors[tile.index].predict_many(z, [Prompt(pts, np.ones(len(pts)), None, None, True)])[0]
         # the smallest candidate covering most of what is known (SAM's multimask gives part,
         # object and a larger whole), else the one covering the most
@@ -429,6 +430,4 @@ class TiledPredictor:
             piece = pred.masks[int(np.argmax(cover))]
         if not (piece & known).any():
             return None  # the model sees another object here: don't merge it
-        out = np.zeros_like(mask)
-        out[rows, cols] = piece
-        return out
+        return np.asarray(piece, bool)

@@ -169,7 +169,8 @@ class OmeZarrLabelsWriter:
                 f"an unfinished output from an interrupted run is at {self.partial}: pass resume=True "
                 "(--resume) to continue it, or overwrite=True (--overwrite) to start again"
             )
-        if self.path.exists() and not overwrite:
+        # resuming continues a run that was allowed to replace the output (it is replaced on close)
+        if self.path.exists() and not overwrite and not (resume and self.partial.exists()):
             raise OutputError(
                 f"output {self.path} already exists; pass overwrite=True (--overwrite) to replace it"
             )
@@ -280,22 +281,29 @@ class OmeZarrLabelsWriter:
             raise InputError(f"labels must be integers, got {a.dtype}")
         if a.size and (a.min() < 0 or int(a.max()) > np.iinfo(self.dtype).max):
             raise InputError(f"label ids must lie in 0..{np.iinfo(self.dtype).max} for {self.dtype} output")
-        a = a.astype(self.dtype, copy=False)
         try:
             for k in range(self.n_levels):
-                if k:
-                    h, w = a.shape[0] // 2, a.shape[1] // 2
-                    a = a[: 2 * h : 2, : 2 * w : 2]  # nearest neighbour: no new label values
-                arr = self._group[f"s{k}"]
-                if len(self.shape) == 3:
-                    arr[z] = a
-                else:
-                    arr[...] = a
+                self._put_level(k, z, a[:: 1 << k, :: 1 << k])
         except Exception as e:
             raise OutputError(f"writing slice {z} to {self.partial} failed: {e}") from e
         with self._lock:
             self.done.add(z)
             atomic_write_text(self.partial / PROGRESS_FILE, json.dumps(self._progress()))
+
+    def _put_level(self, k: int, z: int, a: np.ndarray) -> None:
+        """Write ``a`` (level 0 subsampled by ``2**k``: nearest neighbour, so no new label
+        values) as slice ``z`` of level ``k``, one row of chunks at a time: what is converted to
+        the output dtype at once is one chunk row, not the slice."""
+        arr = self._group[f"s{k}"]
+        h, w = arr.shape[-2:]
+        step = arr.chunks[-2]
+        for r0 in range(0, h, step):
+            r1 = min(r0 + step, h)
+            band = np.asarray(a[r0:r1, :w], dtype=self.dtype)
+            if len(self.shape) == 3:
+                arr[z, r0:r1] = band
+            else:
+                arr[r0:r1] = band
 
     def read(self, z: int) -> np.ndarray:
         """Slice ``z`` as written (full resolution), e.g. one an interrupted run finished."""
