@@ -42,3 +42,17 @@ def describe_machine() -> str:
     if hasattr(os, "getloadavg"):
         parts.append(f"load average {os.getloadavg()[0]:.2f} at start")
     return "; ".join(parts)
+
+
+def wall_times(fn, runs: int, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of ``runs`` calls of ``fn()``, after ``warmup`` untimed calls."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times

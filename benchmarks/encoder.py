@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _machine import describe_machine as machine  # noqa: E402 (benchmarks/ is on sys.path)
+from _machine import wall_times  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
@@ -45,13 +46,7 @@ def timed_ms(fn, runs: int, warmup: int = 2) -> tuple[float, float]:
     The minimum is printed beside the median: on a shared, loaded machine it is the better
     estimate of what the code costs when it has the cores to itself.
     """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    times = wall_times(fn, runs, warmup)
     return 1000 * statistics.median(times), 1000 * min(times)
 
 

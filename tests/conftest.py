@@ -5,6 +5,7 @@ GUI tests use napari's ``make_napari_viewer`` (pytest-qt) and run under Xvfb thr
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,19 @@ def stack():
     from napari_mobilesam.data import synthetic_nuclei
 
     return synthetic_nuclei(shape=(12, 128, 128), n_nuclei=8, radius_range=(9, 14), z_radius_range=(3, 5))
+
+
+@contextmanager
+def dask_client(n_workers: int, *, processes: bool):
+    """A ``dask.distributed`` client on a local cluster of ``n_workers`` one-thread workers
+    (worker processes, or threads of this process), closed afterwards; skips without distributed."""
+    distributed = pytest.importorskip("distributed")
+    where = {"host": "127.0.0.1"} if processes else {}  # in-process workers talk in memory
+    cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=processes,
+                                       dashboard_address=None, silence_logs=40, **where)
+    client = distributed.Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()

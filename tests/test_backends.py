@@ -429,30 +429,3 @@ def test_damaged_cached_ir_is_rebuilt_and_reported(test_sam, fresh_cache, caplog
     caplog.clear()
     third = OpenVINOEncoder(test_sam.image_encoder, "fp32")  # intact now: reused silently
     assert not third.converted and "damaged" not in caplog.text
-
-
-def test_mixed_embedding_does_not_depend_on_what_ran_before(test_sam, fresh_cache):
-    """#12 item 9 (partly): the OpenVINO mixed-precision embedding of one input is the same after
-    flush-to-zero was switched on and off, torch's thread count changed, the OpenVINO mask
-    decoder ran with other prompt shapes, and a second encoder was compiled in the process."""
-    from napari_mobilesam.models.backends import OpenVINOEncoder, OpenVINOMaskDecoder
-
-    enc = OpenVINOEncoder(test_sam.image_encoder, "mixed")
-    x = _x(7)
-    first = enc(x)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_flush_denormal(True)
-        assert torch.equal(enc(x), first)
-        torch.set_flush_denormal(False)
-        torch.set_num_threads(1)
-        assert torch.equal(enc(x), first)
-    finally:
-        torch.set_flush_denormal(False)
-        torch.set_num_threads(threads)
-    dec = OpenVINOMaskDecoder(test_sam.mask_decoder)
-    pe = test_sam.prompt_encoder.get_dense_pe()
-    for b, n in ((1, 2), (16, 3), (4, 5)):
-        dec(first, pe, torch.randn(b, n, 256), torch.randn(b, 256, 64, 64), True)
-    assert torch.equal(enc(x), first)
-    assert torch.equal(OpenVINOEncoder(test_sam.image_encoder, "mixed")(x), first)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import dask_client
 
 from napari_mobilesam.batch import propagate_stack, segment_stack, segment_stack_auto
 from napari_mobilesam.core import tiles
@@ -23,15 +24,8 @@ TILING = dict(tile=512, halo=64)  # a 1200 x 1200 slice is 3 x 3 tiles
 
 @pytest.fixture(scope="module")
 def client():
-    distributed = pytest.importorskip("distributed")
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                                       dashboard_address=None, silence_logs=40)
-    c = distributed.Client(cluster)
-    try:
+    with dask_client(2, processes=False) as c:
         yield c
-    finally:
-        c.close()
-        cluster.close()
 
 
 def _disks(shape, centres, radius):

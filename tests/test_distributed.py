@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
+from conftest import dask_client
 
 from napari_mobilesam import batch
 from napari_mobilesam.batch.api import (
@@ -24,17 +25,8 @@ PARAMS = AutoParams(min_iou=0.0, min_stability=0.0, max_area_fraction=0.6, grid=
 
 @pytest.fixture(scope="module")
 def client():
-    distributed = pytest.importorskip("distributed")
-    cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address=None, silence_logs=40,
-    )
-    c = distributed.Client(cluster)
-    try:
+    with dask_client(2, processes=True) as c:
         yield c
-    finally:
-        c.close()
-        cluster.close()
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from test_user_flow import (
+    SHIFT,
+    click,
+    go_to,
+    key,
+    nucleus,
+    open_session,
+    wait_idle,
+    wait_preview,
+)
 
 
 @pytest.mark.parametrize("keep_ids", [False, True])
@@ -48,16 +58,6 @@ def test_live_preview_repaints_only_when_the_slice_in_view_changes(make_napari_v
     repaint each time) is only refreshed when the slice in view got new labels."""
     import numpy as np
     from qtpy.QtCore import Qt
-    from test_user_flow import (
-        SHIFT,
-        click,
-        go_to,
-        key,
-        nucleus,
-        open_session,
-        wait_idle,
-        wait_preview,
-    )
 
     from napari_mobilesam._napari import prompt_layers as pl
 
@@ -146,16 +146,6 @@ def test_a_click_during_a_propagation_gets_its_preview_and_the_gui_thread_never_
     (The predictor here is the GroundTruthOracle, a stand-in; the real decoder is checked below.)"""
     import numpy as np
     from qtpy.QtCore import Qt
-    from test_user_flow import (
-        SHIFT,
-        click,
-        go_to,
-        key,
-        nucleus,
-        open_session,
-        wait_idle,
-        wait_preview,
-    )
 
     viewer, _dock, widget, image, oracle = open_session(make_napari_viewer, qtbot, stack)
     on_gui = _recording_threads(monkeypatch, oracle, "predict")
@@ -193,7 +183,6 @@ def test_stale_preview_answers_are_dropped_and_requests_coalesce(make_napari_vie
     """Answers for an older prompt set or another slice never reach the preview; while one
     decoding runs, newer requests replace each other (the newest is decoded next)."""
     import numpy as np
-    from test_user_flow import click, go_to, nucleus, open_session, wait_idle
 
     from napari_mobilesam._napari import prompt_layers as pl
 
@@ -231,7 +220,6 @@ def test_c_right_after_a_click_commits_the_newest_prompts(make_napari_viewer, qt
     once: B (the newest prompts) is committed when its mask arrives, not A."""
     import numpy as np
     from qtpy.QtCore import Qt
-    from test_user_flow import click, go_to, key, open_session, wait_idle, wait_preview
 
     viewer, _dock, widget, image, oracle = open_session(make_napari_viewer, qtbot, stack)
     z, (ra, ca, gt_a), (rb, cb, gt_b) = _two_nuclei_on_a_slice(stack)
@@ -256,7 +244,6 @@ def test_c_right_after_a_click_commits_the_newest_prompts(make_napari_viewer, qt
 def test_the_real_decoder_never_runs_on_the_gui_thread(make_napari_viewer, qtbot, stack, engine_sam_test, monkeypatch):
     """vit_t_test through the real session: a click's preview and a propagation call the mask
     decoder only from background threads."""
-    from test_user_flow import go_to, wait_idle
 
     from napari_mobilesam._napari import segment_widget as sw
     from napari_mobilesam.models.choice import ModelChoice

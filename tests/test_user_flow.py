@@ -131,9 +131,16 @@ def nucleus(stack, index):
 
 
 def wait_preview(qtbot, widget, timeout=5000):
-    """Wait until the preview shows something; on failure say what the widget and layers hold."""
+    """Wait until the preview shows the answer to the current prompts (something shown, and no
+    decoding of newer prompts on its way: a drag asks for the boxes it passes through too); on
+    failure say what the widget and layers hold."""
+    annotator = getattr(widget, "_annotator", None)
+
+    def shown() -> bool:
+        return widget.preview_layer.data.any() and not (annotator is not None and annotator.decoding)
+
     try:
-        qtbot.waitUntil(lambda: widget.preview_layer.data.any(), timeout=timeout)
+        qtbot.waitUntil(shown, timeout=timeout)
     except Exception as exc:
         viewer = widget._viewer
         raise AssertionError(
