@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import dask_client
+from test_tiles import _disks
 
 from napari_mobilesam.batch import propagate_stack, segment_stack, segment_stack_auto
 from napari_mobilesam.core import tiles
@@ -26,14 +27,6 @@ TILING = dict(tile=512, halo=64)  # a 1200 x 1200 slice is 3 x 3 tiles
 def client():
     with dask_client(2, processes=False) as c:
         yield c
-
-
-def _disks(shape, centres, radius):
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    labels = np.zeros(shape, np.int32)
-    for i, (r, c) in enumerate(centres, start=1):
-        labels[(yy - r) ** 2 + (xx - c) ** 2 <= radius**2] = i
-    return labels
 
 
 @pytest.fixture(scope="module")
