@@ -419,6 +419,56 @@ def test_ais_stack_is_stitched_through_z(lm_openvino, expected):
     assert same_assignment(out[0], expected["ais/default"]) >= 0.999
 
 
+def test_session_ais_reuses_the_clicked_embedding_and_the_decoded_maps(lm_openvino, expected, cases):
+    """In a session (the widget's engine) AIS uses the slice's embedding already computed for a
+    click, gives the labels of the stand-alone path, and AIS again with other thresholds or APG
+    afterwards only post-process: the decoder does not run again."""
+    from napari_mobilesam.core.session import Session
+    from napari_mobilesam.models.ais_decoder import MAPS_CACHE
+    from napari_mobilesam.volume.apg import APGParams
+    from napari_mobilesam.volume.instance import AISParams, decoder_maps, instances_from_maps
+
+    image = expected["image"]
+    MAPS_CACHE.clear()
+    session = Session(lm_openvino, image[None], cache_dir=None)
+    session.predict(0, points=[(141.0, 200.0)], labels=[1])
+    assert session.cache.stats.computed == 1
+    misses = MAPS_CACHE.misses
+    labels = session.segment_automatically(0, mode="ais")
+    assert session.cache.stats.computed == 1  # the click's embedding, not a second one
+    assert MAPS_CACHE.misses == misses + 1  # decoded once
+    assert same_assignment(labels, expected["ais/default"]) >= 0.999
+
+    custom = AISParams(**cases["ais_settings"]["custom"])
+    again = session.segment_automatically(0, mode="ais", ais_params=custom)
+    session.segment_automatically(0, mode="apg", apg_params=APGParams(multimask=True))
+    assert MAPS_CACHE.misses == misses + 1 and MAPS_CACHE.hits >= 2  # no decoding since
+    assert n_instances(again) != n_instances(labels)  # the thresholds did apply
+    assert np.array_equal(again, instances_from_maps(*decoder_maps(lm_openvino, image), custom))
+
+
+def test_maps_cache_keys_and_bounds():
+    from napari_mobilesam.models.ais_decoder import AISDecoder, MapsCache
+
+    dec = AISDecoder()
+    f = torch.zeros(1, 256, 64, 64)
+    key = MapsCache.key(dec, f, (10, 12), (20, 24))
+    assert key == MapsCache.key(dec, f.clone(), (10, 12), (20, 24))
+    assert key != MapsCache.key(dec, f + 1e-7, (10, 12), (20, 24))  # any bit of the embedding
+    assert key != MapsCache.key(dec, f, (10, 12), (20, 25))  # the output geometry
+    dec.batchnorm = "running"
+    assert key != MapsCache.key(dec, f, (10, 12), (20, 24))  # the BatchNorm mode
+    assert MapsCache.key(lambda e: e, f, (10, 12), (20, 24)) is None  # an unknown callable: never cached
+    cache = MapsCache(max_bytes=3 * 400)
+    for i in range(3):
+        cache.put(("k", i), np.zeros((1, 10, 10), np.float32))  # 400 bytes each
+    assert cache.get(("k", 0)) is not None  # now the most recently used
+    cache.put(("k", 3), np.zeros((1, 10, 10), np.float32))
+    assert cache.get(("k", 1)) is None and cache.get(("k", 0)) is not None  # least recent out
+    with pytest.raises(ValueError):
+        cache.get(("k", 0))[0, 0, 0] = 1  # shared maps are read-only
+
+
 def test_ais_needs_a_decoder(engine_sam_test):
     from napari_mobilesam.errors import ModelError
     from napari_mobilesam.volume.instance import segment_slice_ais

@@ -29,7 +29,8 @@ from torch import nn
 
 from ..errors import CheckpointError
 
-__all__ = ["AISDecoder", "decoder_variant", "load_ais_decoder", "maps_for_image", "BATCHNORM_MODES"]
+__all__ = ["AISDecoder", "decoder_variant", "load_ais_decoder", "maps_for_image", "decode_maps", "MapsCache",
+           "MAPS_CACHE", "BATCHNORM_MODES"]
 
 BATCHNORM_MODES = ("batch", "running")
 _EPS = 1e-5
@@ -249,3 +250,91 @@ def maps_for_image(
     if (h, w) != tuple(original_size):
         x = F.interpolate(x, size=tuple(original_size), mode="bilinear", align_corners=False)
     return x
+
+
+# --------------------------------------------------------------------------- decoded maps, cached
+
+
+class MapsCache:
+    """The last decoded maps, in memory, by what they are a function of.
+
+    Decoding costs seconds (the decoder works at 1024² whatever the slice) while post-processing
+    costs tens of milliseconds, so running AIS again with other thresholds, or APG after AIS on
+    the same slice, reuses the maps instead of decoding again. Key: the decoder's weights
+    (``weights_digest``, or the digest of its state dict), its class (backend), precision and
+    BatchNorm mode, the embedding's
+    shape and bytes (BLAKE2b) and the output geometry; so a hit is exactly what decoding would
+    return. Bounded by ``max_bytes`` (least recently used first out). Thread-safe.
+    """
+
+    def __init__(self, max_bytes: int = 192 * 2**20) -> None:
+        import threading
+        from collections import OrderedDict
+
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(decoder: Any, features: torch.Tensor, input_size, original_size) -> tuple | None:
+        """The cache key, or None for a decoder we cannot identify (nothing is cached then)."""
+        import hashlib
+
+        digest = getattr(decoder, "weights_digest", None)
+        if digest is None:
+            if not isinstance(decoder, nn.Module):
+                return None  # a plain callable (a test's recorder, say): not ours to identify
+            from .checkpoint import state_dict_digest
+
+            digest = state_dict_digest(decoder)
+        f = features.detach().to("cpu", torch.float32).contiguous()
+        h = hashlib.blake2b(f.numpy().tobytes(), digest_size=16).hexdigest()
+        how = (type(decoder).__qualname__, getattr(decoder, "precision", None), getattr(decoder, "batchnorm", None))
+        return (digest, how, tuple(f.shape), h,
+                tuple(int(v) for v in input_size), tuple(int(v) for v in original_size))
+
+    def get(self, key: tuple | None):
+        if key is None:
+            return None
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return hit
+
+    def put(self, key: tuple | None, maps) -> None:
+        if key is None or maps.nbytes > self.max_bytes:
+            return
+        maps.setflags(write=False)  # shared by every caller: nobody may change them
+        with self._lock:
+            self._items[key] = maps
+            self._items.move_to_end(key)
+            while sum(m.nbytes for m in self._items.values()) > self.max_bytes:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+#: The process's decoded maps (see :class:`MapsCache`).
+MAPS_CACHE = MapsCache()
+
+
+def decode_maps(decoder: Any, features: torch.Tensor, input_size: tuple[int, int],
+                original_size: tuple[int, int]):
+    """The decoder's ``(3, H, W)`` float32 maps (read-only numpy array) of one embedding
+    ``(1, 256, 64, 64)``, cropped and resized to the image (:func:`maps_for_image`); the same
+    maps decoded before in this process come from :data:`MAPS_CACHE`."""
+    key = MAPS_CACHE.key(decoder, features, input_size, original_size)
+    maps = MAPS_CACHE.get(key)
+    if maps is None:
+        with torch.inference_mode():
+            maps = maps_for_image(decoder(features), input_size, original_size)[0].float().cpu().numpy()
+        MAPS_CACHE.put(key, maps)
+    return maps

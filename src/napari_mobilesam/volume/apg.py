@@ -399,15 +399,12 @@ def _input_predictor(predictor: Any) -> Any:
 
 
 def _slice_maps(predictor: Any, z: int, decoder: Any) -> np.ndarray:
-    """The decoder's ``(3, H, W)`` maps of slice ``z`` from the predictor's cached embedding."""
-    import torch
-
-    from ..models.ais_decoder import maps_for_image
+    """The decoder's ``(3, H, W)`` maps (read-only) of slice ``z`` from the predictor's cached
+    embedding; maps decoded before from the same embedding come from the maps cache."""
+    from ..models.ais_decoder import decode_maps
 
     emb = predictor.cache.get(predictor.source, z)
-    with torch.inference_mode():
-        maps = maps_for_image(decoder(emb.features), emb.input_size, emb.original_size)
-    return maps[0].float().cpu().numpy()
+    return decode_maps(decoder, emb.features, emb.input_size, emb.original_size)
 
 
 def _segment_untiled(predictor: Any, z: int, p: APGParams, decoder: Any, maps: Any,

@@ -142,7 +142,9 @@ def _decoder_of(sam: Any, decoder: Any) -> Any:
 
 
 def decoder_maps(sam: Any, image: np.ndarray, decoder: Any = None) -> np.ndarray:
-    """The decoder's ``(3, H, W)`` float32 maps (foreground, centre, boundary distances) of one slice.
+    """The decoder's ``(3, H, W)`` float32 maps (foreground, centre, boundary distances) of one slice
+    (read-only: maps decoded before from the same embedding come from the process's maps cache,
+    :data:`~napari_mobilesam.models.ais_decoder.MAPS_CACHE`).
 
     ``image``: ``(H, W)`` or ``(H, W, C)`` array, any numeric dtype, preprocessed as micro-sam does
     (:func:`~napari_mobilesam.core.preprocess.microsam_rgb`). ``sam`` runs the encoder with its
@@ -151,15 +153,14 @@ def decoder_maps(sam: Any, image: np.ndarray, decoder: Any = None) -> np.ndarray
     import torch
 
     from ..core.preprocess import encoder_size, microsam_rgb, preprocess_rgb
-    from ..models.ais_decoder import maps_for_image
+    from ..models.ais_decoder import decode_maps
 
     dec = _decoder_of(sam, decoder)
     rgb = microsam_rgb(image)
     x, (h, w) = preprocess_rgb(rgb, encoder_size(sam), mean=sam.pixel_mean, std=sam.pixel_std)
     with torch.inference_mode():
         emb = sam.image_encoder(x[None].to(sam.pixel_mean.device))
-        maps = maps_for_image(dec(emb), (h, w), rgb.shape[:2])
-    return maps[0].float().cpu().numpy()
+    return decode_maps(dec, emb, (h, w), rgb.shape[:2])
 
 
 def tiled_decoder_maps(
