@@ -182,3 +182,53 @@ def test_sigterm_mid_run_cleans_up(inputs, tmp_path):
     assert proc.returncode == cli.EXIT_INTERRUPTED, err.decode()
     assert "interrupted" in err.decode() and "Traceback" not in err.decode()
     assert out.read_bytes() == OLD and _leftovers(tmp_path) == []
+
+
+def test_an_interruption_wrapped_by_python_is_still_an_interruption(monkeypatch, capsys):
+    """SIGTERM landing inside a class definition reaches the command as Python's RuntimeError
+    ("Error calling __set_name__"): still exit 130 and "interrupted", no traceback (seen when the
+    signal came during a run's first imports)."""
+
+    class Slow:
+        def __set_name__(self, owner, name):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises inside this call
+
+    def run(args):
+        type("Defined", (), {"field": Slow()})
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(cli, "_run", run)
+    assert cli.main(["segment", "x.tif", "--prompts", "p.csv", "-o", "o.tif"]) == cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+CHILD = """
+import ctypes, sys
+from napari_mobilesam import cli
+
+def run(args):
+    # an interruption inside code that a C extension runs through PyRun_String: CPython notes an
+    # unhandled KeyboardInterrupt for the whole process, then the interruption reaches us
+    ctypes.pythonapi.PyRun_SimpleString(b"raise KeyboardInterrupt")
+    raise KeyboardInterrupt
+
+cli._run = run
+sys.argv = ["napari-mobilesam", "segment", "x.tif", "--prompts", "p.csv", "-o", "o.tif"]
+try:
+    cli.console_main()
+except SystemExit:  # a plain sys.exit(code) comes back here and the interpreter ends normally:
+    pass            # with CPython's flag set, its exit status is then -SIGINT, not our code
+"""
+
+
+def test_the_command_exits_130_after_an_interruption_even_when_cpython_noted_it_unhandled(tmp_path):
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    plain = subprocess.run([sys.executable, "-c", "import ctypes; ctypes.pythonapi.PyRun_SimpleString("
+                            "b'raise KeyboardInterrupt')"], capture_output=True, cwd=tmp_path)
+    assert plain.returncode == -signal.SIGINT  # what CPython does at exit once the flag is set
+    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == cli.EXIT_INTERRUPTED, done.stderr.decode()
+    assert b"interrupted; no output was written" in done.stderr

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ EXIT_CODES = {
 
 PROG = "napari-mobilesam"
 
-__all__ = ["main", "build_parser", "EXIT_CODES"]
+__all__ = ["main", "console_main", "build_parser", "EXIT_CODES"]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -407,22 +408,40 @@ def _run(args) -> int:
     return code
 
 
+#: Set when a run received SIGTERM or SIGINT (see :func:`_interrupts_noted`).
+_INTERRUPTED = {"signal": None}
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM (``kill``, a job scheduler's stop) ends a run like Ctrl-C: partial outputs are removed,
-    locks released, exit 130."""
+    locks released, exit 130. Both signals are noted (:data:`_INTERRUPTED`): an interruption that
+    lands inside an import or a class definition reaches us as another exception (Python wraps a
+    ``KeyboardInterrupt`` raised in ``__set_name__`` into a ``RuntimeError``, say), and it is still
+    an interruption, not a bug to report."""
     def interrupt(signum, frame):
+        _INTERRUPTED["signal"] = signum
         raise KeyboardInterrupt
 
+    def sigint(signum, frame):
+        _INTERRUPTED["signal"] = signum
+        raise KeyboardInterrupt
+
+    _INTERRUPTED["signal"] = None
     try:
         before = signal.signal(signal.SIGTERM, interrupt)
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
+    before_int = signal.getsignal(signal.SIGINT)
+    if before_int is signal.default_int_handler:  # Ctrl-C as Python's default, but noted
+        signal.signal(signal.SIGINT, sigint)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+        if before_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, before_int)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -457,6 +476,8 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         return _error("interrupted; no output was written", EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - turned into an exit code and a message
+        if _INTERRUPTED["signal"] is not None:  # the interruption, wrapped by Python on its way up
+            return _error("interrupted; no output was written", EXIT_INTERRUPTED)
         code = _classify(exc)
         if code == EXIT_ERROR:
             import traceback
@@ -465,5 +486,30 @@ def _main(argv: list[str] | None) -> int:
         return _error(str(exc) or type(exc).__name__, code)
 
 
+def console_main() -> None:
+    """The ``napari-mobilesam`` command (and ``python -m napari_mobilesam.cli``): :func:`main`, then
+    exit with its code.
+
+    After an interruption the process leaves through ``os._exit`` (output streams flushed, atexit
+    handlers run first): CPython keeps one process-wide "unhandled KeyboardInterrupt" flag that an
+    interruption landing in code run by a C extension (``PyRun_String``) sets even though the
+    ``KeyboardInterrupt`` is caught later, and at exit it then kills the process with SIGINT instead
+    of returning our code (status -2 instead of 130: seen when SIGTERM came during the first
+    imports of a run).
+    """
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        import atexit
+
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()
