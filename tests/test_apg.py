@@ -396,10 +396,17 @@ def test_cli_auto_mode_apg_flags_reach_the_batch_api(tmp_path, monkeypatch):
     assert seen["apg_params"].min_size == 25 and seen["ais_params"].min_size == 0  # each mode's default
 
 
-def test_cli_apg_errors(tmp_path, capsys):
+def test_cli_apg_errors(tmp_path, capsys, monkeypatch):
     import tifffile
 
     from napari_mobilesam import cli
+    from napari_mobilesam.models import choice, registry
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model without a decoder is refused before it loads")
+
+    monkeypatch.setattr(registry, "load_model", never)
+    monkeypatch.setattr(choice.ModelChoice, "load", never)
 
     stack = tmp_path / "s.tif"
     tifffile.imwrite(stack, np.zeros((1, 64, 64), np.uint16))

@@ -371,11 +371,26 @@ def _check_numbers(args) -> None:
             raise InputError(f"--min-size must be at least 0 pixels, got {args.min_size}")
 
 
+def _check_mode(args) -> None:
+    """``--mode ais|apg`` with a registry model that has no decoder (and no --decoder or
+    --checkpoint that could bring one) is refused before the model loads or converts."""
+    from .models.registry import MODELS
+
+    mode = getattr(args, "mode", None)
+    spec = MODELS.get(getattr(args, "model", None))
+    if mode in ("ais", "apg") and spec is not None and spec.semantics != "microsam" \
+            and not args.decoder and not args.checkpoint:
+        from .batch.slices import no_decoder_error
+
+        raise no_decoder_error(mode)
+
+
 def _run(args) -> int:
     from . import batch
     from .models.choice import ModelChoice
 
     _check_numbers(args)
+    _check_mode(args)
     jobs = _jobs(args)  # before any heavy work: outputs that exist stop the run here
     if len(jobs) > 1:
         Path(args.output).mkdir(parents=True, exist_ok=True)

@@ -214,8 +214,6 @@ AUTO_MODES = ("auto", "ais", "apg", "grid")
 def check_auto_mode(mode: str, sam: Any = None) -> str:
     """``mode`` checked (InputError naming the choices); with ``sam``, "auto" resolved to "ais"
     or "grid", and "ais"/"apg" refused (ModelError naming the fix) when the model has no decoder."""
-    from ..errors import ModelError
-
     if mode not in AUTO_MODES:
         raise InputError(f"automatic mode must be one of {', '.join(AUTO_MODES)}, got {mode!r}")
     if sam is None:
@@ -226,12 +224,19 @@ def check_auto_mode(mode: str, sam: Any = None) -> str:
     if mode == "auto":
         return "ais" if has_decoder else "grid"
     if mode in ("ais", "apg") and not has_decoder:
-        raise ModelError(
-            f"automatic mode {mode!r} needs a model with an instance-segmentation decoder: choose a "
-            "micro-sam model (model='vit_t_lm' or 'vit_t_em_organelles'; CLI --model vit_t_lm), or "
-            "pass its decoder file (decoder=PATH; CLI --decoder PATH)"
-        )
+        raise no_decoder_error(mode)
     return mode
+
+
+def no_decoder_error(mode: str):
+    """The ModelError for automatic ``mode`` ("ais" or "apg") asked of a model without a decoder."""
+    from ..errors import ModelError
+
+    return ModelError(
+        f"automatic mode {mode!r} needs a model with an instance-segmentation decoder: choose a "
+        "micro-sam model (model='vit_t_lm' or 'vit_t_em_organelles'; CLI --model vit_t_lm), or "
+        "pass its decoder file (decoder=PATH; CLI --decoder PATH)"
+    )
 
 
 def slice_segmenter(predictor, source, params: Any, ais_params: Any, mode: str = "auto",
