@@ -397,7 +397,8 @@ class OpenVINOMaskDecoder(nn.Module):
 _AIS_HIGH_RES = ("deconv3.", "deconv4.", "decoder.samplers.2.", "decoder.blocks.2.", "deconv_out.",
                  "decoder_head.")
 _AIS_HIGH_RES_CONVS = 10
-AIS_PRECISIONS = ("fp32", "mixed", "bf16")
+#: what an AIS decoder precision may be (``"auto"``: the encoder's, see ``apply_decoder_backend``)
+AIS_PRECISIONS = ("auto", "fp32", "mixed", "bf16")
 
 
 def _module_path(friendly_name: str) -> str:
@@ -477,9 +478,9 @@ class OpenVINOAISDecoder(nn.Module):
         super().__init__()
         import openvino as ov
 
-        if precision not in AIS_PRECISIONS:
+        if precision not in AIS_PRECISIONS[1:]:
             raise ValueError(
-                f"AIS decoder precision must be one of {', '.join(AIS_PRECISIONS)}, not {precision!r}"
+                f"AIS decoder precision must be one of {', '.join(AIS_PRECISIONS[1:])}, not {precision!r}"
             )
         if precision != "fp32" and not _openvino_has_bf16(ov.Core()):
             log.warning("this CPU has no bf16 support in OpenVINO; the AIS decoder runs in float32")
