@@ -102,10 +102,21 @@ def ais_parts(sam, image, runs, key):
 
     return {
         "total": median_s(lambda: segment_slice_ais(sam, image), runs, key),
-        "encoder": median_s(enc, runs),
-        "decoder": median_s(decode, runs),
+        "encoder": median_s(enc, runs, (*key, "encoder")),
+        "decoder": median_s(decode, runs, (*key, "decoder")),
         "post-processing": median_s(lambda: instances_from_maps(*maps), runs),
     }, maps
+
+
+def parts_note(parts, key) -> str:
+    """``encoder 0.59 (CPU 1.1)  decoder ...``: wall seconds of each part, CPU seconds beside."""
+    out = []
+    for k, v in parts.items():
+        if k == "total":
+            continue
+        cpu = CPU.get((*key, k))
+        out.append(f"{k} {v:.2f}" + (f" (CPU {cpu:.2f})" if cpu is not None else ""))
+    return "  ".join(out)
 
 
 def prompt_mode(sam, image, runs, key) -> float:
@@ -206,8 +217,7 @@ def main(argv=None) -> int:
             parts, maps = ais_parts(model, image, args.runs, (size, name))
             err = "" if ref_maps is None else f"  max map diff vs first row {np.abs(maps - ref_maps).max():.1e}"
             ref_maps = maps if ref_maps is None else ref_maps
-            rows.append((size, name, parts["total"],
-                         "  ".join(f"{k} {v:.2f}" for k, v in parts.items() if k != "total") + err))
+            rows.append((size, name, parts["total"], parts_note(parts, (size, name)) + err))
         base_labels[size] = segment_slice_ais(sam, image)
         if args.ais_only:
             continue
@@ -226,8 +236,7 @@ def main(argv=None) -> int:
             labels = segment_slice_ais(model, image)
             n, n0 = len(np.unique(labels)) - 1, len(np.unique(base_labels[size])) - 1
             agree = same_assignment(labels, base_labels[size])
-            rows.append((size, name, parts["total"],
-                         "  ".join(f"{k} {v:.2f}" for k, v in parts.items() if k != "total")
+            rows.append((size, name, parts["total"], parts_note(parts, (size, name))
                          + f"; instances {n} (fp32 {n0}), same assignment vs fp32 {agree:.4f}"))
         del model
     extra = microsam_rows(args, sam, rows) if args.microsam_python else []
