@@ -9,10 +9,9 @@ Prints, from one run, seconds per slice (median of ``--runs`` timed runs after o
   (SciPy/scikit-image), each part timed too;
 * ``AIS precision <p>`` for each of ``--precisions`` (default ``mixed,bf16,fp32+mixed,fp32+bf16``):
   the same with ``load_model(precision=p)`` (encoder and AIS decoder in ``p``), or, written
-  ``enc+dec``, the encoder in ``enc`` and the AIS decoder in ``dec``
-  (``apply_decoder_backend(decoder, sam, dec)``); with its time against the float32 row of the
-  same run and its labels against the float32 labels (instances, the fixture README's same
-  assignment);
+  ``enc+dec``, ``load_model(precision=enc, ais_precision=dec)``; with its time against the
+  float32 row of the same run and its labels against the float32 labels (instances, the fixture
+  README's same assignment);
 * ``APG``: micro-sam's automatic prompt generation as we run it (:mod:`napari_mobilesam.volume.apg`:
   encoder, AIS decoder, one prompt per AIS instance through SAM's mask decoder, filters, NMS,
   painting), with its defaults and with three masks per prompt; the prompt part is timed alone too;
@@ -157,19 +156,14 @@ def apg_mode(sam, image, runs, key, params=None):
 
 
 def precision_model(spec: str):
-    """The fixture model in precision ``spec``: ``"p"`` (``load_model(precision=p)``) or
-    ``"enc+dec"`` (encoder in ``enc``, AIS decoder in ``dec``)."""
-    from napari_mobilesam.models.backends import apply_decoder_backend
-    from napari_mobilesam.models.registry import DECODER_ATTR, ais_decoder, load_model
+    """The fixture model in precision ``spec``: ``"p"`` (``load_model(precision=p)``: encoder and
+    AIS decoder) or ``"enc+dec"`` (``load_model(precision=enc, ais_precision=dec)``)."""
+    from napari_mobilesam.models.registry import load_model
 
     ms = REFERENCE / "microsam"
     enc_p, _, dec_p = spec.partition("+")
-    sam = load_model("vit_t_lm", ms / "vit_t.pt", "cpu", precision=enc_p, decoder=ms / "vit_t_decoder.pt")
-    dec = ais_decoder(sam)
-    if dec_p and getattr(dec, "precision", "fp32") != dec_p:
-        torch_decoder = getattr(dec, "torch_decoder", dec)
-        object.__setattr__(sam, DECODER_ATTR, apply_decoder_backend(torch_decoder, sam, dec_p))
-    return sam
+    return load_model("vit_t_lm", ms / "vit_t.pt", "cpu", precision=enc_p,
+                      ais_precision=dec_p or "auto", decoder=ms / "vit_t_decoder.pt")
 
 
 def main(argv=None) -> int:
