@@ -4,9 +4,14 @@ Prints, from one run, seconds per slice (median of ``--runs`` timed runs after o
 512×512 slice and a 1024×1024 image:
 
 * ``AIS <backend>``: micro-sam's AIS as we run it — image encoder (our default backend for the
-  CPU: OpenVINO, precision ``auto``), the AIS decoder (OpenVINO float32; torch float32 too with
-  ``--torch-decoder``, with its map difference), and the post-processing (SciPy/scikit-image),
-  each part timed too;
+  CPU: OpenVINO, precision ``auto``, float32 for these models), the AIS decoder (OpenVINO float32;
+  torch float32 too with ``--torch-decoder``, with its map difference), and the post-processing
+  (SciPy/scikit-image), each part timed too;
+* ``AIS precision <p>`` for each of ``--precisions`` (default ``mixed,bf16,fp32+mixed,fp32+bf16``):
+  the same with ``load_model(precision=p)`` (encoder and AIS decoder in ``p``), or, written
+  ``enc+dec``, ``load_model(precision=enc, ais_precision=dec)``; with its time against the
+  float32 row of the same run and its labels against the float32 labels (instances, the fixture
+  README's same assignment);
 * ``APG``: micro-sam's automatic prompt generation as we run it (:mod:`napari_mobilesam.volume.apg`:
   encoder, AIS decoder, one prompt per AIS instance through SAM's mask decoder, filters, NMS,
   painting), with its defaults and with three masks per prompt; the prompt part is timed alone too;
@@ -96,10 +101,21 @@ def ais_parts(sam, image, runs, key):
 
     return {
         "total": median_s(lambda: segment_slice_ais(sam, image), runs, key),
-        "encoder": median_s(enc, runs),
-        "decoder": median_s(decode, runs),
+        "encoder": median_s(enc, runs, (*key, "encoder")),
+        "decoder": median_s(decode, runs, (*key, "decoder")),
         "post-processing": median_s(lambda: instances_from_maps(*maps), runs),
     }, maps
+
+
+def parts_note(parts, key) -> str:
+    """``encoder 0.59 (CPU 1.1)  decoder ...``: wall seconds of each part, CPU seconds beside."""
+    out = []
+    for k, v in parts.items():
+        if k == "total":
+            continue
+        cpu = CPU.get((*key, k))
+        out.append(f"{k} {v:.2f}" + (f" (CPU {cpu:.2f})" if cpu is not None else ""))
+    return "  ".join(out)
 
 
 def prompt_mode(sam, image, runs, key) -> float:
@@ -139,11 +155,25 @@ def apg_mode(sam, image, runs, key, params=None):
     return total, f"prompts {len(prompts)}: decode+select {part:.2f}; {n} objects"
 
 
+def precision_model(spec: str):
+    """The fixture model in precision ``spec``: ``"p"`` (``load_model(precision=p)``: encoder and
+    AIS decoder) or ``"enc+dec"`` (``load_model(precision=enc, ais_precision=dec)``)."""
+    from napari_mobilesam.models.registry import load_model
+
+    ms = REFERENCE / "microsam"
+    enc_p, _, dec_p = spec.partition("+")
+    return load_model("vit_t_lm", ms / "vit_t.pt", "cpu", precision=enc_p,
+                      ais_precision=dec_p or "auto", decoder=ms / "vit_t_decoder.pt")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--torch-decoder", action="store_true", help="also time the torch decoder")
     ap.add_argument("--sizes", default="512x512,1024x1024")
+    ap.add_argument("--precisions", default="mixed,bf16,fp32+mixed,fp32+bf16",
+                    help="reduced-precision AIS rows: P (encoder and decoder) or ENC+DEC; '' for none")
+    ap.add_argument("--ais-only", action="store_true", help="skip the APG and prompt-based rows")
     ap.add_argument("--microsam-python", default=None,
                     help="Python of a separate environment with micro-sam: time its AIS too")
     ap.add_argument("--stack", type=int, default=0,
@@ -151,14 +181,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from napari_mobilesam.models.registry import ais_decoder, load_model
+    from napari_mobilesam.volume.instance import segment_slice_ais
 
     ms = REFERENCE / "microsam"
     print(machine())
     print(f"median of {args.runs} runs after one warm-up, seconds per slice\n")
     sam = load_model("vit_t_lm", ms / "vit_t.pt", "cpu", decoder=ms / "vit_t_decoder.pt")
     enc = sam.image_encoder
-    label = f"AIS {enc.backend_name} {enc.precision}, decoder {ais_decoder(sam).backend_name}"
-    variants = [(label, sam)]
+
+    def label_of(model):
+        e, d = model.image_encoder, ais_decoder(model)
+        return (f"AIS {e.backend_name} {e.precision}, decoder {d.backend_name} "
+                f"{getattr(d, 'precision', 'fp32')}")
+
+    variants = [(label_of(sam), sam)]
     if args.torch_decoder:
         from napari_mobilesam.models.registry import DECODER_ATTR
 
@@ -167,16 +203,18 @@ def main(argv=None) -> int:
         variants.append((f"AIS {enc.backend_name} {enc.precision}, decoder torch fp32", sam_t))
     rows = []
     wanted = args.sizes.split(",")
-    for size, image in images().items():
-        if size not in wanted:
-            continue
+    sized = {size: image for size, image in images().items() if size in wanted}
+    base_labels = {}
+    for size, image in sized.items():
         ref_maps = None
         for name, model in variants:
             parts, maps = ais_parts(model, image, args.runs, (size, name))
             err = "" if ref_maps is None else f"  max map diff vs first row {np.abs(maps - ref_maps).max():.1e}"
             ref_maps = maps if ref_maps is None else ref_maps
-            rows.append((size, name, parts["total"],
-                         "  ".join(f"{k} {v:.2f}" for k, v in parts.items() if k != "total") + err))
+            rows.append((size, name, parts["total"], parts_note(parts, (size, name)) + err))
+        base_labels[size] = segment_slice_ais(sam, image)
+        if args.ais_only:
+            continue
         for aname, aparams in (("APG (segment_slice_apg), defaults", None),
                                ("APG, multimask", {"multimask": True})):
             total, note = apg_mode(sam, image, args.runs, (size, aname), aparams)
@@ -184,15 +222,28 @@ def main(argv=None) -> int:
         pname = "prompt-based (segment_slice)"
         rows.append((size, pname, prompt_mode(sam, image, args.runs, (size, pname)),
                      "encoder + candidates + mask decoder + filters"))
+    for spec in [p for p in args.precisions.split(",") if p]:
+        model = precision_model(spec)  # one at a time: each compiled decoder holds its buffers
+        name = f"AIS precision {spec}: " + label_of(model)[4:]
+        for size, image in sized.items():
+            parts, _ = ais_parts(model, image, args.runs, (size, name))
+            labels = segment_slice_ais(model, image)
+            n, n0 = len(np.unique(labels)) - 1, len(np.unique(base_labels[size])) - 1
+            agree = same_assignment(labels, base_labels[size])
+            rows.append((size, name, parts["total"], parts_note(parts, (size, name))
+                         + f"; instances {n} (fp32 {n0}), same assignment vs fp32 {agree:.4f}"))
+        del model
     extra = microsam_rows(args, sam, rows) if args.microsam_python else []
     base = {}
     import os
 
-    print(f"{'image':<10} {'path':<48} {'s/slice':>8} {'vs AIS':>7} {'CPU s':>7}  parts (wall s)")
+    order = {size: i for i, size in enumerate(sized)}
+    rows.sort(key=lambda r: order[r[0]])  # stable: each size's rows in the order they ran
+    print(f"{'image':<10} {'path':<62} {'s/slice':>8} {'vs AIS':>7} {'CPU s':>7}  parts (wall s)")
     for size, name, total, note in rows:
         base.setdefault(size, total)
         cpu = CPU.get((size, name), float("nan"))
-        print(f"{size:<10} {name:<48} {total:8.2f} {total / base[size]:6.2f}x {cpu:7.2f}  {note}")
+        print(f"{size:<10} {name:<62} {total:8.2f} {total / base[size]:6.2f}x {cpu:7.2f}  {note}")
     print(f"\nCPU s: process CPU time per slice, all threads; on an idle machine the wall time is "
           f"at least CPU s / {os.cpu_count()} cores. Load average now: {os.getloadavg()[0]:.1f}.")
     for line in extra:

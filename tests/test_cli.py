@@ -159,3 +159,25 @@ def test_folder_of_stacks(tmp_path, stack_file, capsys):
     assert run("segment", src, "--prompts", tmp_path / "none.csv", "-o", tmp_path / "o2", *MODEL) \
         == cli.EXIT_INPUT
     assert "folder of" in capsys.readouterr().err
+
+
+def test_precision_flags_reach_the_model_choice(tmp_path, stack_file, monkeypatch):
+    """--precision and --ais-precision are what the model is loaded with (the choice's load is
+    replaced by a fake that records the choice and stops)."""
+    from napari_mobilesam.errors import ModelError
+    from napari_mobilesam.models.choice import ModelChoice
+
+    seen = []
+
+    def fake_load(self):
+        seen.append(self)
+        raise ModelError("fake load: stop here")
+
+    monkeypatch.setattr(ModelChoice, "load", fake_load)
+    for flags, want in ((["--ais-precision", "mixed"], ("auto", "mixed")),
+                        (["--precision", "bf16"], ("bf16", "auto")),
+                        (["--precision", "mixed", "--ais-precision", "bf16"], ("mixed", "bf16"))):
+        code = run("auto", stack_file, "-o", tmp_path / "out.tif", "--model", "vit_t_lm", *flags,
+                   "--no-progress")
+        assert code == cli.EXIT_MODEL
+        assert seen[-1].model == "vit_t_lm" and (seen[-1].precision, seen[-1].ais_precision) == want

@@ -82,8 +82,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--backend", default="auto", choices=("auto", "openvino", "torch", "eager"),
                    help="encoder backend (default: the fastest for the device)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="encoder precision (default: auto)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "mixed", "bf16"),
+                   help="encoder precision, also the AIS decoder's unless --ais-precision says "
+                        "otherwise (default: auto; float32 for micro-sam models)")
+    p.add_argument("--ais-precision", default="auto", choices=("auto", "fp32", "mixed", "bf16"),
+                   help="AIS decoder precision of a micro-sam model on the CPU (default: auto, "
+                        "the encoder's): mixed or bf16 run it faster where the CPU has bf16, at "
+                        "the cost of micro-sam's exact labels (see docs/models.md)")
     p.add_argument("--z-range", default=None, metavar="START:STOP",
                    help="only slices START..STOP-1 (either end may be left out; negative counts from the end)")
     p.add_argument("--channel-axis", type=int, default=None, metavar="AXIS",
@@ -284,11 +289,13 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
     from .io.images import open_image
 
     data, meta = open_image(stack, lazy=not args.eager_read, level=args.level)
-    if isinstance(model, str) and (args.decoder or args.semantics != "auto"):
+    if isinstance(model, str) and (args.decoder or args.semantics != "auto"
+                                   or args.ais_precision != "auto"):
         from .models.choice import ModelChoice
 
         model = ModelChoice.of(model, args.checkpoint, args.device, args.backend, args.precision,
-                               decoder=args.decoder, semantics=args.semantics)
+                               decoder=args.decoder, semantics=args.semantics,
+                               ais_precision=args.ais_precision)
     common = dict(
         model=model, checkpoint=args.checkpoint, device=args.device, backend=args.backend,
         precision=args.precision, z_range=args.z_range, channel_axis=args.channel_axis,
@@ -405,7 +412,8 @@ def _run(args) -> int:
                     batch.open_stack(stack)
                     model = ModelChoice.of(model, args.checkpoint, args.device, args.backend,
                                            args.precision, decoder=args.decoder,
-                                           semantics=args.semantics).load()
+                                           semantics=args.semantics,
+                                           ais_precision=args.ais_precision).load()
                 _run_one(args, stack, out, prompts_path, model, client)
             except Exception as exc:  # noqa: BLE001
                 if len(jobs) == 1:

@@ -46,6 +46,10 @@ class ModelChoice:
     semantics : str
         ``"auto"`` (the model's default), ``"standard"`` or ``"microsam"``
         (see :mod:`napari_mobilesam.models.registry`).
+    ais_precision : str
+        The AIS decoder's precision (models with one, OpenVINO backend): ``"auto"`` (the
+        encoder's; float32 unless ``precision`` asks for less), ``"fp32"``, ``"mixed"`` or
+        ``"bf16"``: a faster decoder at the cost of exact micro-sam labels (docs/models.md).
     """
 
     model: str = "vit_t"
@@ -55,11 +59,12 @@ class ModelChoice:
     precision: str = "auto"
     decoder: Any = ""
     semantics: str = "auto"
+    ais_precision: str = "auto"
 
     @classmethod
     def of(cls, model: Any = "vit_t", checkpoint: Any = None, device: Any = None,
            backend: str = "auto", precision: str = "auto", *, decoder: Any = None,
-           semantics: str = "auto") -> ModelChoice:
+           semantics: str = "auto", ais_precision: str = "auto") -> ModelChoice:
         """A choice from the batch API's loose arguments; ``model`` may already be a choice."""
         if isinstance(model, ModelChoice):
             return model
@@ -74,7 +79,7 @@ class ModelChoice:
             decoder = str(Path(decoder).expanduser())
         return cls(model, checkpoint if checkpoint is not None else "",
                    "auto" if device is None else str(device), backend, precision,
-                   decoder if decoder is not None else "", semantics)
+                   decoder if decoder is not None else "", semantics, ais_precision)
 
     @property
     def has_file(self) -> bool:
@@ -164,6 +169,9 @@ class ModelChoice:
             raise ModelError(f"unknown backend {self.backend!r}; choose auto, openvino, torch or eager")
         if self.precision not in ("auto", "fp32", "mixed", "bf16"):
             raise ModelError(f"unknown precision {self.precision!r}; choose auto, fp32, mixed or bf16")
+        if self.ais_precision not in ("auto", "fp32", "mixed", "bf16"):
+            raise ModelError(f"unknown AIS decoder precision {self.ais_precision!r}; "
+                             "choose auto, fp32, mixed or bf16")
         device = None if self.device in (None, "", "auto") else self.device
         try:
             model, checkpoint = self._weights()
@@ -175,9 +183,11 @@ class ModelChoice:
                 from .backends.background import start_with_torch
 
                 sam = build_sam(model, checkpoint, **extra)
-                return start_with_torch(sam, device, precision_for(sam, self.precision))
+                return start_with_torch(sam, device, precision_for(sam, self.precision),
+                                        self.ais_precision)
             return load_model(model, checkpoint, device, backend=self.backend,
-                              precision=self.precision, **extra), None
+                              precision=self.precision, ais_precision=self.ais_precision,
+                              **extra), None
         except ModelError:
             raise
         except (OSError, ConnectionError) as exc:

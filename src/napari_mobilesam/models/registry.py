@@ -350,6 +350,7 @@ def load_model(
     fast_decoder: bool = True,
     decoder=None,
     semantics: str = "auto",
+    ais_precision: str = "auto",
 ):
     """Build ``model`` (see :func:`build_sam`) and apply the fastest backend for ``device``.
 
@@ -364,8 +365,15 @@ def load_model(
     rearranged to be cheaper, through OpenVINO or torch: see :mod:`napari_mobilesam.models.backends`). Returns a ``Sam`` in eval mode that
     ``SamPredictor`` can drive; :func:`model_identity` tells what was applied. ``decoder`` and
     ``semantics``: see :func:`build_sam`; the AIS decoder runs with the same backend as the
-    encoder (float32).
+    encoder. ``ais_precision``: the AIS decoder's precision with OpenVINO, ``"auto"`` (the
+    encoder's: float32 unless ``precision`` asks for less), ``"fp32"`` (micro-sam's labels
+    exactly), ``"mixed"`` (its 512² and 1024² convolutions in bf16) or ``"bf16"``; see
+    docs/models.md for what each does to the labels and the time.
     """
+    from .backends import AIS_PRECISIONS
+
+    if ais_precision not in AIS_PRECISIONS:
+        raise ValueError(f"ais_precision must be one of {', '.join(AIS_PRECISIONS)}, not {ais_precision!r}")
     from .backends import apply_backend, apply_decoder_backend
     from .devices import choose_device
 
@@ -377,5 +385,5 @@ def load_model(
     )
     decoder_module = sam.__dict__.get(DECODER_ATTR)
     if decoder_module is not None:
-        object.__setattr__(sam, DECODER_ATTR, apply_decoder_backend(decoder_module, sam))
+        object.__setattr__(sam, DECODER_ATTR, apply_decoder_backend(decoder_module, sam, ais_precision))
     return sam

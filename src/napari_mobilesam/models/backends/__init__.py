@@ -18,7 +18,9 @@ use them transparently:
   layout is kept between prompts and the dense positional encoding is computed once
   (:func:`cache_dense_pe`): segment-anything's torch decoder takes about 42 ms per prompt on two
   cores, this path about 16. The torch backend on the CPU uses the same decoder function
-  (:class:`FastMaskDecoder`).
+  (:class:`FastMaskDecoder`). micro-sam's AIS decoder runs through OpenVINO too
+  (:class:`OpenVINOAISDecoder`, :func:`apply_decoder_backend`) in the encoder's precision:
+  float32 (exact), ``mixed`` (its 512² and 1024² convolutions in bf16) or ``bf16``.
 
 If OpenVINO is missing or fails, :func:`apply_backend` logs a warning and falls back to ``"torch"``.
 
@@ -38,6 +40,7 @@ import logging
 from ..devices import choose_device, cpu_has_amx, cpu_has_bf16
 from .decoder import FastMaskDecoder, cache_dense_pe, fast_predict_masks, tensor_version
 from .openvino import (
+    AIS_PRECISIONS,
     OpenVINOAISDecoder,
     OpenVINOEncoder,
     OpenVINOMaskDecoder,
@@ -60,6 +63,7 @@ __all__ = [
     "apply_backend",
     "apply_decoder_backend",
     "OpenVINOAISDecoder",
+    "AIS_PRECISIONS",
     "openvino_ir",
     "resolve_precision",
     "cpu_has_amx",
@@ -168,18 +172,32 @@ def apply_backend(
     return sam
 
 
-def apply_decoder_backend(decoder, sam):
+def apply_decoder_backend(decoder, sam, precision: str | None = None):
     """The AIS ``decoder`` (see ``registry.ais_decoder``) made to run like ``sam``'s encoder.
 
-    With the OpenVINO encoder the decoder is converted too (:class:`OpenVINOAISDecoder`, float32;
-    on failure a warning and the torch module); otherwise the torch module moves to the encoder's
-    device. ``None`` or an already converted decoder is returned as it is.
+    With the OpenVINO encoder the decoder is converted too (:class:`OpenVINOAISDecoder`; on
+    failure a warning and the torch module) in ``precision``: ``"fp32"`` (exact), ``"mixed"``
+    (the convolutions of its 512² and 1024² stages in bf16) or ``"bf16"``; None or ``"auto"``
+    (default) takes the encoder's precision, so a model's one ``precision`` reaches both
+    (``"auto"`` is float32 for a model with an AIS decoder, see ``registry.precision_for``).
+    Otherwise the torch module moves to the encoder's device and stays float32 (a warning when a
+    reduced ``precision`` was asked for). ``None`` or an already converted decoder is returned as
+    it is.
     """
+    if precision not in (None, *AIS_PRECISIONS):
+        raise ValueError(
+            f"AIS decoder precision must be one of auto, {', '.join(AIS_PRECISIONS[1:])}, not {precision!r}"
+        )
     if decoder is None or hasattr(decoder, "backend_name"):
         return decoder
+    if precision in (None, "auto"):
+        precision = getattr(sam.image_encoder, "precision", "fp32")
     if getattr(sam.image_encoder, "backend_name", "eager") == "openvino":
         try:
-            return OpenVINOAISDecoder(decoder)
+            return OpenVINOAISDecoder(decoder, precision=precision)
         except Exception as exc:  # noqa: BLE001 - any conversion failure: keep torch
             log.warning("OpenVINO AIS decoder unavailable (%s: %s); using torch", type(exc).__name__, exc)
+    elif precision != "fp32":
+        log.warning("the AIS decoder runs in reduced precision with the OpenVINO backend only; "
+                    "it runs in float32 here")
     return decoder.to(sam.pixel_mean.device)

@@ -197,14 +197,15 @@ class BackgroundConversion:
         cache_dense_pe(sam)
 
 
-def start_with_torch(sam, device=None, precision: str = "auto"):
+def start_with_torch(sam, device=None, precision: str = "auto", ais_precision: str = "auto"):
     """Apply a backend to ``sam`` (from ``build_sam``) without waiting for OpenVINO.
 
     When the OpenVINO IR of ``sam``'s weights is cached (or OpenVINO is not installed, or
     ``device`` is not the CPU) this is :func:`~napari_mobilesam.models.registry.apply_backend`'s
     ``"auto"`` choice (AIS decoder included) and the conversion is None. Otherwise ``sam`` gets the
     exact torch backend (float32) at once and a :class:`BackgroundConversion` is started. Returns
-    ``(sam, conversion or None)``.
+    ``(sam, conversion or None)``. ``ais_precision``: the AIS decoder's precision with OpenVINO
+    (see :func:`~napari_mobilesam.models.backends.apply_decoder_backend`).
     """
     from ..devices import choose_device
     from ..registry import DECODER_ATTR, INFO_ATTR
@@ -223,7 +224,8 @@ def start_with_torch(sam, device=None, precision: str = "auto"):
     sam = apply_backend(sam, device=dev, backend=backend, precision=precision)
     decoder_module = sam.__dict__.get(DECODER_ATTR)
     if decoder_module is not None:
-        object.__setattr__(sam, DECODER_ATTR, apply_decoder_backend(decoder_module, sam))
+        object.__setattr__(sam, DECODER_ATTR, apply_decoder_backend(
+            decoder_module, sam, None if conversion is not None else ais_precision))
     if conversion is not None:
         conversion.start()
     return sam, conversion

@@ -1,5 +1,5 @@
 """OpenVINO backend (CPU): IR conversion and on-disk cache, :class:`OpenVINOEncoder`,
-:class:`OpenVINOMaskDecoder`.
+:class:`OpenVINOMaskDecoder`, :class:`OpenVINOAISDecoder`.
 
 The IR is kept under ``<cache>/openvino/<kind>-<key>/`` (``key`` from the weights' SHA-256, the
 image size, the OpenVINO version and our export recipe); the precision is applied when compiling,
@@ -32,6 +32,7 @@ __all__ = [
     "OpenVINOEncoder",
     "OpenVINOMaskDecoder",
     "OpenVINOAISDecoder",
+    "AIS_PRECISIONS",
     "ir_ready",
     "convert_irs",
 ]
@@ -206,8 +207,11 @@ def convert_irs(encoder: nn.Module, decoder: nn.Module | None = None, embed_shap
     return converted
 
 
-def _compile(xml: Path, precision: str, shape=None):
+def _compile(xml: Path, precision: str, shape=None, edit=None):
     """The IR at ``xml`` compiled for the CPU in ``precision`` (``"bf16"`` or float32).
+
+    ``edit(model)``: called on the read (and reshaped) ``openvino.Model`` before compiling, to
+    change it in place (e.g. :func:`_bf16_convolutions`).
 
     ``shape``: the one input shape it will run, fixed before compiling (the IR from tracing has
     dynamic sizes), so the kernels are chosen once, here, and never at run time from the shapes
@@ -224,6 +228,8 @@ def _compile(xml: Path, precision: str, shape=None):
     model = core.read_model(xml)
     if shape is not None:
         model.reshape({model.inputs[0]: ov.PartialShape([int(d) for d in shape])})
+    if edit is not None:
+        edit(model)
     config = {
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
@@ -386,20 +392,100 @@ class OpenVINOMaskDecoder(nn.Module):
         return masks[:, sel], iou[:, sel]
 
 
+# The AIS decoder's stages at 512² and 1024² (of SAM's 1024² frame): 10 of its 23 convolutions and
+# 60 % of its 411 GMAC. ``"mixed"`` runs exactly these convolutions in bf16 (see OpenVINOAISDecoder).
+_AIS_HIGH_RES = ("deconv3.", "deconv4.", "decoder.samplers.2.", "decoder.blocks.2.", "deconv_out.",
+                 "decoder_head.")
+_AIS_HIGH_RES_CONVS = 10
+#: what an AIS decoder precision may be (``"auto"``: the encoder's, see ``apply_decoder_backend``)
+AIS_PRECISIONS = ("auto", "fp32", "mixed", "bf16")
+
+
+def _module_path(friendly_name: str) -> str:
+    """``"deconv4.block.1.block."`` from the IR name ``"__module.deconv4.block.1.block/aten::..."``
+    (the PyTorch frontend names every op after the module that made it)."""
+    head = friendly_name.split("/", 1)[0]
+    return head[len("__module."):] + "." if head.startswith("__module.") else ""
+
+
+def _bf16_convolutions(model, prefixes) -> int:
+    """Run the convolutions of ``model`` made by modules under ``prefixes`` in bf16, in place.
+
+    Each chosen convolution gets its input and weights converted to bf16 and its output converted
+    back to float32, so it runs bf16 kernels while everything around it (the norms, their
+    statistics, the activations) stays float32 in a float32-compiled model. Returns how many
+    convolutions were changed.
+    """
+    import openvino.opset13 as ops
+
+    changed = 0
+    for op in list(model.get_ordered_ops()):
+        if op.get_type_name() not in ("Convolution", "ConvolutionBackpropData"):
+            continue
+        if not _module_path(op.get_friendly_name()).startswith(tuple(prefixes)):
+            continue
+        consumers = list(op.output(0).get_target_inputs())
+        for i in (0, 1):  # data and weights (a constant: folded to bf16 when compiling)
+            op.input(i).replace_source_output(ops.convert(op.input_value(i), "bf16").output(0))
+        op.validate_and_infer_types()
+        back = ops.convert(op.output(0), "f32")
+        for target in consumers:
+            target.replace_source_output(back.output(0))
+        changed += 1
+    model.validate_nodes_and_infer_types()
+    return changed
+
+
+class _UnexpectedIR(RuntimeError):
+    pass
+
+
+def _mixed_ais(model) -> None:
+    """The AIS decoder's IR made ``"mixed"``: its high-resolution convolutions in bf16."""
+    changed = _bf16_convolutions(model, _AIS_HIGH_RES)
+    if changed != _AIS_HIGH_RES_CONVS:  # the IR's op names are not the ones we export
+        raise _UnexpectedIR(
+            f"expected {_AIS_HIGH_RES_CONVS} high-resolution convolutions in the AIS decoder's IR, "
+            f"found {changed}"
+        )
+
+
 class OpenVINOAISDecoder(nn.Module):
     """micro-sam's AIS decoder (:class:`~napari_mobilesam.models.ais_decoder.AISDecoder`) through
-    OpenVINO on the CPU, float32.
+    OpenVINO on the CPU.
 
     ``forward(embedding)``: ``(1, 256, 64, 64)`` float32 → ``(1, 3, 1024, 1024)`` float32 CPU
     tensor, the same function as the torch module (BatchNorm mode included: it is part of the IR
     key); other shapes and batches go to the torch module (``torch_decoder``, not registered).
+
+    ``precision`` (applied when compiling; every precision shares one IR):
+
+    * ``"fp32"`` (default): micro-sam's maps within about 3e-5, its labels exactly.
+    * ``"mixed"``: the convolutions of the 512² and 1024² stages (``deconv3``, ``deconv4``,
+      ``decoder.samplers.2``, ``decoder.blocks.2``, ``deconv_out``, ``decoder_head``: 60 % of
+      the work) in bf16, everything else (the lower stages, every norm and its statistics, the
+      output layer) in float32.
+    * ``"bf16"``: the whole decoder in bf16 (OpenVINO's bf16 inference precision).
+
+    On a CPU without bf16 support ``"mixed"`` and ``"bf16"`` fall back to ``"fp32"`` with a
+    warning (``precision`` then says ``"fp32"``). Label agreement and speed of each:
+    docs/benchmarks.md (micro-sam AIS section).
     """
 
     backend_name = "openvino"
-    precision = "fp32"
 
-    def __init__(self, decoder: nn.Module, embed_shape=(256, 64, 64)) -> None:
+    def __init__(self, decoder: nn.Module, embed_shape=(256, 64, 64), precision: str = "fp32") -> None:
         super().__init__()
+        import openvino as ov
+
+        if precision not in AIS_PRECISIONS[1:]:
+            raise ValueError(
+                f"AIS decoder precision must be one of {', '.join(AIS_PRECISIONS[1:])}, not {precision!r}"
+            )
+        if precision != "fp32" and not _openvino_has_bf16(ov.Core()):
+            log.warning("this CPU has no bf16 support in OpenVINO; the AIS decoder runs in float32")
+            precision = "fp32"
+        self.precision = precision
         self.weights_digest = state_dict_digest(decoder)
         object.__setattr__(self, "torch_decoder", decoder)
         self.embed_shape = tuple(embed_shape)
@@ -410,7 +496,17 @@ class OpenVINOAISDecoder(nn.Module):
         self.ir_path, self.converted = openvino_ir(
             src, f"ais-decoder-{self.batchnorm}", example, img_size=self.embed_shape[-1]
         )
-        self._request = _compile(self.ir_path, "fp32", (1, *self.embed_shape)).create_infer_request()
+        shape = (1, *self.embed_shape)
+        compiled = None
+        if precision == "mixed":
+            try:
+                compiled = _compile(self.ir_path, "fp32", shape, edit=_mixed_ais)
+            except _UnexpectedIR as exc:
+                log.warning("%s; the AIS decoder runs in float32", exc)
+                self.precision = precision = "fp32"
+        if compiled is None:
+            compiled = _compile(self.ir_path, precision, shape)
+        self._request = compiled.create_infer_request()
         self._lock = threading.Lock()
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
