@@ -412,3 +412,34 @@ def test_the_automatic_preview_shows_outlines_computed_off_the_gui_thread(make_n
     target = widget.target_layer(create=False)
     assert len(ids) == len(np.unique(labels)) - 1
     np.testing.assert_array_equal(target.data[z] > 0, labels > 0)  # whole objects, not outlines
+
+
+def test_closing_a_session_without_waiting_leaves_a_running_prefetch_to_finish(engine_sam_test, stack):
+    """The widget replaces its session (new model, new image) on the GUI thread: close(wait=False)
+    returns while a prefetch is still embedding (it used to wait for that encoder call); the
+    prefetch then finishes on its own thread, and prefetches still queued never run."""
+    import threading
+
+    from napari_mobilesam.core.session import Session
+
+    session = Session(engine_sam_test, stack.image, cache_dir=None)
+    cache = session.cache
+    gate, started, ran = threading.Event(), threading.Event(), []
+    real = cache._prefetch_one
+
+    def held(source, z):  # the first prefetch waits for the gate: a long encoder call
+        ran.append(z)
+        if len(ran) == 1:
+            started.set()
+            assert gate.wait(60), "the test never opened the gate"
+        return real(source, z)
+
+    cache._prefetch_one = held
+    futures = session.cache.prefetch(session.source, [3, 4, 5])
+    assert started.wait(30)
+    session.close(wait=False)  # returns although the prefetch of slice 3 is still running
+    assert not futures[0].done()
+    gate.set()
+    futures[0].result(timeout=60)
+    assert ran == [3] and all(f.cancelled() for f in futures[1:])
+    assert cache._pool is None

@@ -92,7 +92,7 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
             self._new_generation()
             self._commit_on_answer = False
         if self.session is not None and self.session is not session:
-            self.session.close()
+            self.session.close(wait=False)  # a running prefetch must not hold the GUI
         self.image, self.session = image, session
         self._embedder.use(session)
 
@@ -118,7 +118,7 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
         self.hand_edits.close()
         self._embedder.close()
         if self.session is not None:
-            self.session.close()
+            self.session.close(wait=False)  # a running prefetch must not hold the GUI
         self.session = None
 
     # ------------------------------------------------------------------ preview
