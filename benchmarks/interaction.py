@@ -277,6 +277,21 @@ class StallWatch:
         self._timer.setInterval(period_ms)
         self._timer.timeout.connect(self._beat)
         threading.Thread(target=self._sample, daemon=True, name="stall-sampler").start()
+        self.collections: list[tuple[float, float, int, str]] = []  # (start, ms, generation, thread)
+        self._gc_start = 0.0
+        import gc
+
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase, info):
+        """Python's cyclic garbage collections (they hold the GIL, whichever thread runs them)."""
+        import threading
+
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._on:
+            ms = (time.perf_counter() - self._gc_start) * 1e3
+            self.collections.append((self._gc_start, ms, info["generation"], threading.current_thread().name))
 
     def _beat(self):
         now = time.perf_counter()
@@ -322,6 +337,7 @@ class StallWatch:
         self.samples.clear()
         self.stalls.clear()
         self.trace.clear()
+        self.collections.clear()
         self._last = time.perf_counter()
         self._on = True
         self._timer.start()
@@ -357,8 +373,20 @@ class StallWatch:
                     continue  # a thread that sat still (waiting) during the whole stall
                 key, k = max(counts[name].items(), key=lambda kv: kv[1])
                 lines.append(f"{name} (moved {moved.get(name, 0)}/{len(inside)}): {key}")
+            for start, ms, gen, thread in self.collections:
+                if t0 <= start <= t1 and ms >= 5:
+                    lines.append(f"garbage collection: generation {gen}, {ms:.0f} ms, in thread {thread}")
             out.append((gap, held, lines))
         return out
+
+    def gc_summary(self) -> str:
+        """The row's cyclic collections: count and longest, per generation."""
+        parts = []
+        for gen in (0, 1, 2):
+            times = [ms for _s, ms, g, _t in self.collections if g == gen]
+            if times:
+                parts.append(f"gen {gen}: {len(times)} x, longest {max(times):.0f} ms")
+        return "; ".join(parts) or "none"
 
 
 class PySpy:
@@ -557,7 +585,7 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profi
                 print(f"  measuring: {name} ({label})", flush=True)
                 longest, p99 = watched(start, done, prepare)
                 results.append((f"{name} ({label})", longest, p99, watch.top(), watch.culprits(),
-                                spied[-1]))
+                                spied[-1], watch.gc_summary()))
                 spin_until(lambda: not widget.busy, timeout=1800)
         finally:
             for h in hogs:
@@ -565,8 +593,10 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profi
     session_note = "" if not loads else f"; model load in napari: {', '.join(f'{x:.1f}' for x in loads)} s"
     print(f"\nGUI stalls: 10 ms heartbeat gap minus the period, one run each{session_note}")
     print(f"{'what':58s} {'longest ms':>10s} {'p99 ms':>8s}")
-    for name, longest, p99, top, culprits, gil in results:
+    for name, longest, p99, top, culprits, gil, collections in results:
         print(f"{name:58s} {longest:10.1f} {p99:8.1f}")
+        if profile:
+            print(f"    garbage collections: {collections}")
         for stack_text, n in top if profile else ():
             print(f"    {n:4d} x  {stack_text}")
         for gap, held, lines in culprits if profile else ():

@@ -443,3 +443,33 @@ def test_closing_a_session_without_waiting_leaves_a_running_prefetch_to_finish(e
     futures[0].result(timeout=60)
     assert ran == [3] and all(f.cancelled() for f in futures[1:])
     assert cache._pool is None
+
+
+def test_the_widgets_model_load_computes_the_dense_positional_encoding_in_its_worker(monkeypatch, stack):
+    """What a new model's first session needs (the prompt encoder's dense positional encoding,
+    tens of ms) is computed by the widget's loading worker; the GUI thread's Session then reuses it."""
+    import threading
+
+    from segment_anything.modeling.prompt_encoder import PromptEncoder
+
+    from napari_mobilesam._napari.model_panel import load_for_widget
+    from napari_mobilesam.core.session import Session
+    from napari_mobilesam.models.choice import ModelChoice
+
+    calls = []
+    real = PromptEncoder.get_dense_pe
+
+    def recorded(self):
+        calls.append(threading.current_thread() is threading.main_thread())
+        return real(self)
+
+    monkeypatch.setattr(PromptEncoder, "get_dense_pe", recorded)
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("loaded", load_for_widget(
+        ModelChoice("vit_t_test", "", "cpu", backend="torch"))))
+    worker.start()
+    worker.join(300)
+    sam, conversion = out["loaded"]
+    assert conversion is None and calls == [False], calls
+    Session(sam, stack.image, cache_dir=None).close()  # the GUI thread's part
+    assert calls == [False], "the session computed the positional encoding again"
