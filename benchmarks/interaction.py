@@ -283,10 +283,8 @@ class StallWatch:
 
         gc.callbacks.append(self._gc)
 
-    def _gc(self, phase, info):
+    def _gc(self, phase, info, threading=__import__("threading")):  # no import at shutdown
         """Python's cyclic garbage collections (they hold the GIL, whichever thread runs them)."""
-        import threading
-
         if phase == "start":
             self._gc_start = time.perf_counter()
         elif self._on:

@@ -408,7 +408,7 @@ def _write_over_turns(target, chunks, done: Callable[[BaseException | None], Non
         except Exception as exc:  # noqa: BLE001 - handed to done
             finish(exc)
             return
-        QTimer.singleShot(0, turn)
+        QTimer.singleShot(1, turn)
 
     turn()
 
