@@ -21,7 +21,9 @@ for ``mobile_sam.pt``, which has the same shapes and therefore the same cost):
    click on a fresh slice, propagates one nucleus through the stack (``--slices``, default 40),
    segments a slice automatically and runs 3 distillation steps (``--no-distill`` leaves them
    out), once as the machine is and once with ``--hog`` (default 2) extra processes spinning on
-   the CPU (the "loaded" rows); ``--profile`` prints the GUI thread's stacks seen during stalls.
+   the CPU (the "loaded" rows); ``--profile`` prints the stacks seen during stalls (the GUI
+   thread's, and each other thread that ran meanwhile) and Python's garbage collections;
+   ``--pyspy EXE`` records each row with py-spy (GIL holders, native frames); ``--rows`` picks rows.
    Then the cached start-up of the same model in a plain Python process, for comparison with the
    widget's load.
 
