@@ -21,7 +21,9 @@ for ``mobile_sam.pt``, which has the same shapes and therefore the same cost):
    click on a fresh slice, propagates one nucleus through the stack (``--slices``, default 40),
    segments a slice automatically and runs 3 distillation steps (``--no-distill`` leaves them
    out), once as the machine is and once with ``--hog`` (default 2) extra processes spinning on
-   the CPU (the "loaded" rows); ``--profile`` prints the GUI thread's stacks seen during stalls.
+   the CPU (the "loaded" rows); ``--profile`` prints the stacks seen during stalls (the GUI
+   thread's, and each other thread that ran meanwhile) and Python's garbage collections;
+   ``--pyspy EXE`` records each row with py-spy (GIL holders, native frames); ``--rows`` picks rows.
    Then the cached start-up of the same model in a plain Python process, for comparison with the
    widget's load.
 
@@ -69,6 +71,11 @@ def main(argv=None) -> int:
     ap.add_argument("--hog", type=int, default=2, help="busy processes for the loaded rows (default 2)")
     ap.add_argument("--profile", action="store_true", help="print the GUI thread's stacks during stalls")
     ap.add_argument("--no-distill", action="store_true", help="leave out the distillation row")
+    ap.add_argument("--pyspy", default="", metavar="EXE",
+                    help="with --stalls: also record each row with this py-spy (--gil --native; "
+                         "it pauses the process to sample, so those figures are not the benchmark's)")
+    ap.add_argument("--rows", default="", help="with --stalls: only rows whose name holds one of "
+                    "these comma-separated words (e.g. propagation,distillation)")
     args = ap.parse_args(argv)
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY") and shutil.which("xvfb-run"):
         cmd = ["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", sys.executable, *sys.argv]
@@ -227,7 +234,7 @@ def main(argv=None) -> int:
               f"{statistics.median(stall_ms):10.1f} {max(stall_ms):8.1f} {len(stall_ms):4d}")
     if args.stalls:
         stall_rows(app, viewer, widget, stack, z, points[0], spin_until, args.hog, args.profile,
-                   args.checkpoint, not args.no_distill)
+                   args.checkpoint, not args.no_distill, args.pyspy, args.rows)
         script_s = script_load_seconds(args.checkpoint)
         print(f"cached start-up in a plain script (same model, same cache): load() {script_s[1]:.1f} s "
               f"(imports {script_s[0]:.1f} s)")
@@ -243,12 +250,16 @@ def _spin_forever():  # a CPU hog for the loaded rows
 
 
 class StallWatch:
-    """The GUI thread's heartbeat (a 10 ms QTimer) and, while it is late, what that thread runs.
+    """The GUI thread's heartbeat (a 10 ms QTimer) and, while it is late, what every thread runs.
 
     A sampling thread looks every 5 ms at how long ago the last beat was; past ``late_ms`` it
-    records the GUI thread's Python stack (``sys._current_frames``), so a stall names the code
-    that caused it (or shows the thread idle in Qt's event loop: then it waited for the CPU or the
-    GIL). ``gaps`` are the beat-to-beat intervals minus the period, in ms.
+    records the Python stack of every thread (``sys._current_frames``), so a stall names the code
+    that caused it: the GUI thread's own work, or the GUI thread idle in Qt's event loop while
+    another thread ran. The sampler needs the GIL too: when it wakes much later than asked
+    (``held``), a thread held the GIL (a C call that does not release it) or no core was free;
+    the threads whose stack moved across that wake are the ones that ran meanwhile.
+    ``gaps`` are the beat-to-beat intervals minus the period, in ms; ``stalls`` the gaps over
+    ``late_ms`` with the samples taken during each.
     """
 
     def __init__(self, period_ms: int = 10, late_ms: float = 50.0):
@@ -259,6 +270,8 @@ class StallWatch:
         self.period, self.late = period_ms, late_ms / 1e3
         self.gaps: list[float] = []
         self.samples: dict[str, int] = {}
+        self.stalls: list[tuple[float, float, float]] = []  # (gap ms, start, end)
+        self.trace: list[tuple] = []  # (time, sampler lateness s, {thread name: (stack, token)})
         self._last = time.perf_counter()
         self._main = threading.main_thread().ident
         self._on = False
@@ -266,29 +279,65 @@ class StallWatch:
         self._timer.setInterval(period_ms)
         self._timer.timeout.connect(self._beat)
         threading.Thread(target=self._sample, daemon=True, name="stall-sampler").start()
+        self.collections: list[tuple[float, float, int, str]] = []  # (start, ms, generation, thread)
+        self._gc_start = 0.0
+        import gc
+
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase, info, threading=__import__("threading")):  # no import at shutdown
+        """Python's cyclic garbage collections (they hold the GIL, whichever thread runs them)."""
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._on:
+            ms = (time.perf_counter() - self._gc_start) * 1e3
+            self.collections.append((self._gc_start, ms, info["generation"], threading.current_thread().name))
 
     def _beat(self):
         now = time.perf_counter()
-        self.gaps.append((now - self._last) * 1e3 - self.period)
+        gap = (now - self._last) * 1e3 - self.period
+        self.gaps.append(gap)
+        if gap >= self.late * 1e3:
+            self.stalls.append((gap, self._last, now))
         self._last = now
 
-    def _sample(self):
+    @staticmethod
+    def _key(frame, depth=6):
         import traceback
 
+        stack = traceback.extract_stack(frame)[-depth:]
+        return " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack))
+
+    def _sample(self):
+        import threading
+
+        me = threading.get_ident()
         while True:
+            asked = time.perf_counter()
             time.sleep(0.005)
-            if not self._on or time.perf_counter() - self._last < self.late:
+            woke = time.perf_counter()
+            if not self._on or woke - self._last < self.late:
                 continue
-            frame = sys._current_frames().get(self._main)
-            if frame is None:
-                continue
-            stack = traceback.extract_stack(frame)[-6:]
-            key = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(stack))
-            self.samples[key] = self.samples.get(key, 0) + 1
+            frames = sys._current_frames()
+            names = {t.ident: t.name for t in threading.enumerate()}
+            frame = frames.get(self._main)
+            if frame is not None:
+                key = self._key(frame)
+                self.samples[key] = self.samples.get(key, 0) + 1
+            seen = {}
+            for ident, f in frames.items():
+                if ident == me:
+                    continue
+                name = "GUI" if ident == self._main else names.get(ident, str(ident))
+                seen[name] = (self._key(f, 4), (id(f), f.f_lasti))
+            self.trace.append((woke, woke - asked - 0.005, seen))
 
     def start(self):
         self.gaps.clear()
         self.samples.clear()
+        self.stalls.clear()
+        self.trace.clear()
+        self.collections.clear()
         self._last = time.perf_counter()
         self._on = True
         self._timer.start()
@@ -300,6 +349,76 @@ class StallWatch:
 
     def top(self, n=3):
         return sorted(self.samples.items(), key=lambda kv: -kv[1])[:n]
+
+    def culprits(self, n=2):
+        """For the ``n`` longest stalls: (gap ms, longest sampler lateness ms, lines) where lines
+        name, per thread, its most frequent stack in the stall and whether it moved (ran Python)."""
+        out = []
+        for gap, t0, t1 in sorted(self.stalls, key=lambda s: -s[0])[:n]:
+            inside = [s for s in self.trace if t0 <= s[0] <= t1 + 0.006]
+            held = max((s[1] for s in inside), default=0.0) * 1e3
+            counts: dict[str, dict[str, int]] = {}
+            moved: dict[str, int] = {}
+            prev: dict[str, tuple] = {}
+            for _t, _late, seen in inside:
+                for name, (key, token) in seen.items():
+                    counts.setdefault(name, {})
+                    counts[name][key] = counts[name].get(key, 0) + 1
+                    if name in prev and prev[name] != token:
+                        moved[name] = moved.get(name, 0) + 1
+                    prev[name] = token
+            lines = []
+            for name in sorted(counts, key=lambda k: (k != "GUI", -moved.get(k, 0))):
+                if name != "GUI" and not moved.get(name):
+                    continue  # a thread that sat still (waiting) during the whole stall
+                key, k = max(counts[name].items(), key=lambda kv: kv[1])
+                lines.append(f"{name} (moved {moved.get(name, 0)}/{len(inside)}): {key}")
+            for start, ms, gen, thread in self.collections:
+                if t0 <= start <= t1 and ms >= 5:
+                    lines.append(f"garbage collection: generation {gen}, {ms:.0f} ms, in thread {thread}")
+            out.append((gap, held, lines))
+        return out
+
+    def gc_summary(self) -> str:
+        """The row's cyclic collections: count and longest, per generation."""
+        parts = []
+        for gen in (0, 1, 2):
+            times = [ms for _s, ms, g, _t in self.collections if g == gen]
+            if times:
+                parts.append(f"gen {gen}: {len(times)} x, longest {max(times):.0f} ms")
+        return "; ".join(parts) or "none"
+
+
+class PySpy:
+    """``py-spy record --gil --native`` on this process for one row (pauses the process to sample:
+    for finding culprits, not for the figures). Prints the GIL holders' innermost frames."""
+
+    def __init__(self, exe: str, folder: Path):
+        self.exe, self.folder, self.proc, self.n = exe, folder, None, 0
+
+    def start(self):
+        self.n += 1
+        self.out = self.folder / f"row{self.n}.txt"
+        self.proc = subprocess.Popen(
+            [self.exe, "record", "--pid", str(os.getpid()), "--gil", "--threads", "--native",
+             "--rate", "100", "--format", "raw", "--output", str(self.out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # py-spy attaches
+
+    def stop(self, n=8, depth=5):
+        import signal
+
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=60)
+        counts: dict[str, int] = {}
+        total = 0
+        for line in self.out.read_text().splitlines() if self.out.exists() else ():
+            stack, _, k = line.rpartition(" ")
+            frames = stack.split(";")
+            key = frames[0] + ": " + " <- ".join(reversed(frames[-depth:]))
+            counts[key] = counts.get(key, 0) + int(k)
+            total += int(k)
+        return total, sorted(counts.items(), key=lambda kv: -kv[1])[:n]
 
 
 class DistillRun:
@@ -356,7 +475,7 @@ def script_load_seconds(checkpoint: str) -> tuple[float, float]:
 
 
 def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profile: bool,
-               checkpoint: str, with_distill: bool) -> None:
+               checkpoint: str, with_distill: bool, pyspy: str = "", only: str = "") -> None:
     """Print the longest GUI-thread stall and the 99th percentile of the heartbeat gaps during a
     first click on a fresh slice, a propagation and an automatic segmentation, as the machine is
     and with ``hog`` busy processes; with ``profile`` the GUI thread's stacks seen during stalls."""
@@ -365,6 +484,8 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profi
     import numpy as np
 
     watch = StallWatch()
+    spy = PySpy(pyspy, Path(tempfile.mkdtemp(prefix="mobilesam-pyspy-"))) if pyspy else None
+    spied: list = []
 
     def watched(start, done=lambda: not widget.busy, prepare=None):
         """Run ``prepare()`` (the benchmark's own set-up: not measured), then ``start()`` (starts a
@@ -374,11 +495,15 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profi
             for _ in range(20):  # let napari redraw after the set-up before the heartbeat starts
                 app.processEvents()
                 time.sleep(0.005)
+        if spy is not None:
+            spy.start()
         watch.start()
         if start() is None:
             raise SystemExit(f"nothing started: {widget.status}")
         spin_until(done, timeout=1800)
-        return watch.stop()
+        out = watch.stop()
+        spied.append(spy.stop() if spy is not None else None)
+        return out
 
     viewer.dims.set_point(0, float(z))  # propagate from the annotated slice
     spin_until(lambda: widget.current_z() == z and not widget.busy)
@@ -453,10 +578,14 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profi
             ]
             if distill is not None:
                 rows.append((f"distillation, {distill.steps} steps", distill.start, distill.done, None))
+            words = [w for w in only.split(",") if w]
             for name, start, done, prepare in rows:
+                if words and not any(w in name for w in words):
+                    continue
                 print(f"  measuring: {name} ({label})", flush=True)
                 longest, p99 = watched(start, done, prepare)
-                results.append((f"{name} ({label})", longest, p99, watch.top()))
+                results.append((f"{name} ({label})", longest, p99, watch.top(), watch.culprits(),
+                                spied[-1], watch.gc_summary()))
                 spin_until(lambda: not widget.busy, timeout=1800)
         finally:
             for h in hogs:
@@ -464,10 +593,21 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profi
     session_note = "" if not loads else f"; model load in napari: {', '.join(f'{x:.1f}' for x in loads)} s"
     print(f"\nGUI stalls: 10 ms heartbeat gap minus the period, one run each{session_note}")
     print(f"{'what':58s} {'longest ms':>10s} {'p99 ms':>8s}")
-    for name, longest, p99, top in results:
+    for name, longest, p99, top, culprits, gil, collections in results:
         print(f"{name:58s} {longest:10.1f} {p99:8.1f}")
+        if profile:
+            print(f"    garbage collections: {collections}")
         for stack_text, n in top if profile else ():
             print(f"    {n:4d} x  {stack_text}")
+        for gap, held, lines in culprits if profile else ():
+            print(f"    stall {gap:.0f} ms (sampler held off up to {held:.0f} ms):")
+            for line in lines:
+                print(f"        {line}")
+        if gil is not None:
+            total, heavy = gil
+            print(f"    py-spy: {total} samples holding the GIL; the most frequent:")
+            for key, n in heavy:
+                print(f"      {n:5d}  {key}")
 
 
 if __name__ == "__main__":

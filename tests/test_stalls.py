@@ -292,7 +292,7 @@ def test_a_large_write_is_spread_over_event_loop_turns_as_one_undo_step(qtbot):
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(len(finished)))
     timer.start(0)
-    write_in_steps(ours, index, values, finished.append, step=500)
+    write_in_steps(ours, index, values, finished.append, step=500, turn_s=0.0)  # a turn per step
     assert not finished, "a write of many steps returned before the event loop ran"
     qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
     timer.stop()
@@ -306,3 +306,170 @@ def test_a_large_write_is_spread_over_event_loop_turns_as_one_undo_step(qtbot):
     write_in_steps(ours, index, values, small.append)  # one step: written at once
     assert small == [None]
     np.testing.assert_array_equal(ours.data, reference.data)
+
+
+@pytest.mark.gui
+@pytest.mark.parametrize("keep_ids", [False, True])
+@pytest.mark.parametrize("keep_existing", [False, True])
+def test_a_planned_write_reads_and_writes_over_turns_with_one_refresh(qtbot, keep_ids, keep_existing):
+    """write_plan_in_steps (the end of a propagation): the labels and ids of write_propagation,
+    one undo step, the layer read and written over several event-loop turns, and the layer
+    refreshed once at the end (no partial refresh per step: each one repainted the canvas and
+    the layer list's thumbnail)."""
+    import numpy as np
+    from napari.layers import Labels
+    from qtpy.QtCore import QTimer
+
+    from napari_mobilesam._napari.long_tasks import (
+        PropagationRun,
+        WritePlan,
+        write_plan_in_steps,
+        write_propagation,
+    )
+
+    existing = np.zeros((6, 64, 64), np.int32)
+    existing[2, :10, :10] = 4
+    existing[3, 50:58, 50:58] = 7
+    volume = np.zeros((6, 64, 64), np.uint8)
+    volume[1:5, 5:40, 5:40] = 1
+    volume[3, 45:60, 45:60] = 2
+    volume[0, 0:6, 0:6] = 4 if keep_ids else 3
+    run = PropagationRun([], "t", keep_ids=keep_ids)
+    ours, reference = Labels(existing.copy()), Labels(existing.copy())
+    expected = write_propagation(reference, type("R", (), {"labels": volume})(), run, keep_existing)
+    refreshes, partial = [], []
+    real_refresh = ours.refresh
+    ours.refresh = lambda *a, **k: (refreshes.append(1), real_refresh(*a, **k))
+    ours.events.labels_update.connect(lambda e: partial.append(1))
+    ticks, finished = [], []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(len(finished)))
+    timer.start(0)
+    write_plan_in_steps(ours, WritePlan.of(volume), run, keep_existing,
+                        lambda exc, ids: finished.append((exc, ids)), step=500, turn_s=0.0)
+    assert not finished, "a write of many steps returned before the event loop ran"
+    qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
+    timer.stop()
+    assert finished == [(None, expected)] and len(ticks) >= 2
+    np.testing.assert_array_equal(ours.data, reference.data)
+    assert len(refreshes) == 1 and not partial, (len(refreshes), len(partial))
+    ours.undo()
+    np.testing.assert_array_equal(ours.data, existing)
+    with pytest.raises(ValueError, match="does not fit"):
+        write_plan_in_steps(ours, WritePlan.of(volume[:3]), run, keep_existing, lambda *a: None)
+
+
+def test_outline_labels_keeps_each_objects_border_with_its_id():
+    """The automatic preview's outlines (computed in the worker): border pixels of each object,
+    with its id; the inside of large objects is empty; objects thinner than the outline stay whole."""
+    import numpy as np
+
+    from napari_mobilesam._napari.prompt_layers import outline_labels
+
+    labels = np.zeros((40, 40), np.uint32)
+    labels[5:25, 5:25] = 3
+    labels[5:25, 25:35] = 8  # touches 3: both keep a border along the contact
+    labels[30, 2:10] = 5  # one pixel thick: kept whole
+    out = outline_labels(labels, thickness=2)
+    assert out.dtype == labels.dtype and out.shape == labels.shape
+    assert set(np.unique(out)) == {0, 3, 5, 8}
+    assert ((out == 0) | (out == labels)).all(), "an outline pixel changed its id"
+    np.testing.assert_array_equal(out[30, 2:10], 5)
+    assert not out[9:21, 9:21].any(), "the inside of a large object was kept"
+    assert (out[5:25, 5] == 3).all() and (out[5, 5:25] == 3).all()  # its border
+    assert (out[10:20, 24] == 3).all() and (out[10:20, 25] == 8).all()  # the contact, both sides
+
+
+@pytest.mark.gui
+def test_the_automatic_preview_shows_outlines_computed_off_the_gui_thread(make_napari_viewer, qtbot, stack,
+                                                                         monkeypatch):
+    """An automatic segmentation's preview is drawn from outlines made in the worker: the preview
+    layer holds them as plain labels (napari's contour mode, which recomputes outlines on the GUI
+    thread at each refresh, stays off), and C commits the whole objects."""
+    import threading
+
+    import numpy as np
+
+    from napari_mobilesam._napari import prompt_layers as pl
+
+    viewer, _dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack)
+    z, _r, _c, _ = nucleus(stack, 0)
+    go_to(viewer, image, z)
+    on_gui = []
+    real = pl.outline_labels
+    monkeypatch.setattr(pl, "outline_labels",
+                        lambda *a, **k: (on_gui.append(threading.current_thread() is threading.main_thread()),
+                                         real(*a, **k))[1])
+    assert widget.segment_slice_automatically() is not None
+    wait_idle(qtbot, widget)
+    labels = widget._annotator._preview_labels
+    assert widget._preview_kind == "auto" and labels is not None and labels.any()
+    assert on_gui == [False], on_gui
+    preview = widget.preview_layer
+    assert preview.contour == 0
+    np.testing.assert_array_equal(np.asarray(preview.data)[0], real(labels))
+    ids = widget.commit()
+    target = widget.target_layer(create=False)
+    assert len(ids) == len(np.unique(labels)) - 1
+    np.testing.assert_array_equal(target.data[z] > 0, labels > 0)  # whole objects, not outlines
+
+
+def test_closing_a_session_without_waiting_leaves_a_running_prefetch_to_finish(engine_sam_test, stack):
+    """The widget replaces its session (new model, new image) on the GUI thread: close(wait=False)
+    returns while a prefetch is still embedding (it used to wait for that encoder call); the
+    prefetch then finishes on its own thread, and prefetches still queued never run."""
+    import threading
+
+    from napari_mobilesam.core.session import Session
+
+    session = Session(engine_sam_test, stack.image, cache_dir=None)
+    cache = session.cache
+    gate, started, ran = threading.Event(), threading.Event(), []
+    real = cache._prefetch_one
+
+    def held(source, z):  # the first prefetch waits for the gate: a long encoder call
+        ran.append(z)
+        if len(ran) == 1:
+            started.set()
+            assert gate.wait(60), "the test never opened the gate"
+        return real(source, z)
+
+    cache._prefetch_one = held
+    futures = session.cache.prefetch(session.source, [3, 4, 5])
+    assert started.wait(30)
+    session.close(wait=False)  # returns although the prefetch of slice 3 is still running
+    assert not futures[0].done()
+    gate.set()
+    futures[0].result(timeout=60)
+    assert ran == [3] and all(f.cancelled() for f in futures[1:])
+    assert cache._pool is None
+
+
+def test_the_widgets_model_load_computes_the_dense_positional_encoding_in_its_worker(monkeypatch, stack):
+    """What a new model's first session needs (the prompt encoder's dense positional encoding,
+    tens of ms) is computed by the widget's loading worker; the GUI thread's Session then reuses it."""
+    import threading
+
+    from segment_anything.modeling.prompt_encoder import PromptEncoder
+
+    from napari_mobilesam._napari.model_panel import load_for_widget
+    from napari_mobilesam.core.session import Session
+    from napari_mobilesam.models.choice import ModelChoice
+
+    calls = []
+    real = PromptEncoder.get_dense_pe
+
+    def recorded(self):
+        calls.append(threading.current_thread() is threading.main_thread())
+        return real(self)
+
+    monkeypatch.setattr(PromptEncoder, "get_dense_pe", recorded)
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("loaded", load_for_widget(
+        ModelChoice("vit_t_test", "", "cpu", backend="torch"))))
+    worker.start()
+    worker.join(300)
+    sam, conversion = out["loaded"]
+    assert conversion is None and calls == [False], calls
+    Session(sam, stack.image, cache_dir=None).close()  # the GUI thread's part
+    assert calls == [False], "the session computed the positional encoding again"

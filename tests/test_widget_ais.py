@@ -142,7 +142,7 @@ def test_ais_slice_button_previews_the_engine_labels_and_c_commits_all(make_napa
     qtbot.wait(300)
     _click(widget._auto_btn)
     wait_idle(qtbot, widget)
-    preview = np.asarray(widget.preview_layer.data[0]).copy()
+    preview = np.asarray(widget.preview_labels).copy()  # the layer draws their outlines
     expected = segment_slice_ais(fake_sam, stack.image[z], AISParams())
     np.testing.assert_array_equal(preview, expected)
     n = int(expected.max())
@@ -160,7 +160,7 @@ def test_ais_slice_button_previews_the_engine_labels_and_c_commits_all(make_napa
     wait_idle(qtbot, widget)
     params = AISParams(foreground_threshold=0.45, min_size=int(np.median(sizes)) + 1)
     smaller = segment_slice_ais(fake_sam, stack.image[z], params)
-    np.testing.assert_array_equal(widget.preview_layer.data[0], smaller)
+    np.testing.assert_array_equal(widget.preview_labels, smaller)
     assert 0 < smaller.max() < n
     # C commits every object, one undo step
     key(viewer, Qt.Key.Key_C)
@@ -199,7 +199,7 @@ def test_apg_mode_chosen_in_the_panel_previews_the_engine_labels(make_napari_vie
     _click(widget._auto_btn)
     wait_idle(qtbot, widget)
     expected = segment_slice_apg(widget.session.predictor, z, APGParams(min_size=7))
-    np.testing.assert_array_equal(widget.preview_layer.data[0], expected)
+    np.testing.assert_array_equal(widget.preview_labels, expected)
     assert "(APG)" in widget.status
     assert calls and calls[0].min_size == 7 and calls[0].foreground_threshold == panel.foreground.value
 
@@ -310,7 +310,7 @@ def test_real_microsam_file_through_the_menu_then_ais_matches_microsam(make_napa
     assert widget.session is not None and widget._auto_panel.mode.value == "ais", widget.status
     _click(widget._auto_btn)
     wait_idle(qtbot, widget, timeout=600_000)
-    labels = np.asarray(widget.preview_layer.data)
+    labels = np.asarray(widget.preview_labels)  # the objects (the layer draws their outlines)
     want = expected["ais/default"]
     agreement = same_assignment(labels, want)
     precision = model_info(widget.session.sam)["precision"]

@@ -92,7 +92,7 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
             self._new_generation()
             self._commit_on_answer = False
         if self.session is not None and self.session is not session:
-            self.session.close()
+            self.session.close(wait=False)  # a running prefetch must not hold the GUI
         self.image, self.session = image, session
         self._embedder.use(session)
 
@@ -118,7 +118,7 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
         self.hand_edits.close()
         self._embedder.close()
         if self.session is not None:
-            self.session.close()
+            self.session.close(wait=False)  # a running prefetch must not hold the GUI
         self.session = None
 
     # ------------------------------------------------------------------ preview
@@ -232,12 +232,15 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
             self._commit_on_answer = False
             self.commit()
 
-    def _set_preview(self, z: int, labels: np.ndarray | None, kind: str | None) -> None:
+    def _set_preview(self, z: int, labels: np.ndarray | None, kind: str | None,
+                     outlines: np.ndarray | None = None) -> None:
+        """Show ``labels`` on slice z (an automatic result as its ``outlines``, computed from
+        ``labels`` here when not given)."""
         self._preview_z = None if labels is None else z
         self._preview_labels = labels
         self._preview_kind = None if labels is None else kind
         if self._preview is not None and self.image is not None and self._preview in self._viewer.layers:
-            pl.show_preview(self._preview, self.image, z, labels, outlines=kind == "auto")
+            pl.show_preview(self._preview, self.image, z, labels, outlines=kind == "auto", shown=outlines)
 
     def _clear_preview_state(self) -> None:
         self._new_generation()

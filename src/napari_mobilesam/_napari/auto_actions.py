@@ -42,17 +42,17 @@ class AutomaticActions:
         def done(answer):
             if session is not self.session:
                 return
-            labels, n = answer
+            labels, n, outlines = answer
             self._new_generation()  # a click's preview still on its way is dropped
             self._prediction = None
-            self._set_preview(z, labels, "auto")
+            self._set_preview(z, labels, "auto", outlines)
             self._say.status(f"Slice {z}: {n} objects found ({how.name}). C commits them all, Shift-C discards.")
 
-        def run(report, cancelled):  # the labels' conversion and count here, not on the GUI thread
+        def run(report, cancelled):  # the labels' conversion, count and outlines here, not on the GUI thread
             labels = session.segment_automatically(z, how.params, mode=how.mode, ais_params=how.ais_params,
                                                    apg_params=how.apg_params)
             labels = np.asarray(labels, dtype=np.uint32)
-            return labels, len(np.unique(labels)) - 1
+            return labels, len(np.unique(labels)) - 1, pl.outline_labels(labels)
 
         return self._runner.start(run, f"segmenting slice {z} automatically ({how.name})", 0, done)
 

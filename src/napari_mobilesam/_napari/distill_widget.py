@@ -337,10 +337,10 @@ class DistillWidget(Container):
             if "damaged" in ev.message:
                 show_warning(ev.message)
         elif ev.kind == "cache":
-            self._progress.max, self._progress.value = max(ev.total, 1), ev.step
+            self._set_progress(ev.step, ev.total)
             self._status.value = f"teacher embeddings {ev.step}/{ev.total}"
         elif ev.kind == "step":
-            self._progress.max, self._progress.value = max(ev.total, 1), ev.step
+            self._set_progress(ev.step, ev.total)
             self.plot.total_steps = ev.total
             self._steps_per_epoch = ev.total // max(int(self._epochs.value), 1)
             self.plot.add_train(ev.step, ev.values["loss"])
@@ -350,6 +350,15 @@ class DistillWidget(Container):
             when = "before training" if ev.epoch == 0 else f"after epoch {ev.epoch}"
             self._status.value = (f"validation {when}: embedding MSE {ev.values['mse']:.4g}, "
                                   f"mask mIoU {ev.values['miou']:.3f}")
+
+    def _set_progress(self, step: int, total: int) -> None:
+        """Move the progress bar; its maximum only when it changes (setting it relays the bar out
+        and repaints the panel, on the GUI thread)."""
+        total = max(int(total), 1)
+        if self._progress.max != total:
+            self._progress.max = total
+        if self._progress.value != step:
+            self._progress.value = step
 
     def _on_done(self, result) -> None:
         self.result = result

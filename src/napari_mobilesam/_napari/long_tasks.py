@@ -28,6 +28,7 @@ __all__ = [
     "write_propagation",
     "prepare_write",
     "write_in_steps",
+    "write_plan_in_steps",
     "WritePlan",
     "describe_propagation",
     "parse_ids",
@@ -237,48 +238,96 @@ def write_propagation(target, result, run: PropagationRun, keep_existing: bool,
 def prepare_write(target, plan: WritePlan, run: PropagationRun, keep_existing: bool):
     """``(index, values, written)``: what :func:`write_propagation` writes into ``target`` (its
     rules, against the layer as it is now), without writing it; O(voxels of the plan)."""
-    from . import label_writes as lw
-
-    data = lw._level0(target.data)
-    if tuple(plan.shape) != tuple(data.shape):
-        raise ValueError(f"volume of shape {tuple(plan.shape)} does not fit labels of shape {tuple(data.shape)}")
-    if not plan.values.size:
-        return plan.index, plan.values, {}
-    current = np.asarray(data[plan.index]) if isinstance(data, np.ndarray) else _gather(data, plan.index)
-    present = np.zeros(len(plan.labels), bool)
-    if run.keep_ids:
-        write = current != plan.values
-        if keep_existing:
-            write &= current == 0
-        values = plan.values[write]
-        present[plan.inverse[write]] = True
-        written = {int(v): int(v) for v in plan.labels[present]}
-    else:
-        write = current == 0 if keep_existing else np.ones(len(current), bool)
-        present[plan.inverse[write]] = True
-        first = lw.next_free_label(target)
-        ids = list(range(first, first + int(present.sum())))
-        new_id = np.zeros(len(plan.labels), np.int64)
-        new_id[present] = ids
-        values = new_id[plan.inverse[write]]
-        written = dict(zip((int(v) for v in plan.labels), ids))
-    return tuple(i[write] for i in plan.index), values, written
+    steps = _write_steps(target, plan, run, keep_existing, len(plan.values) or 1)
+    chunks = [chunk for chunk in steps if chunk is not None]
+    if not chunks:
+        return tuple(i[:0] for i in plan.index), plan.values[:0], steps.written
+    index = tuple(np.concatenate([c[0][d] for c in chunks]) for d in range(len(plan.index)))
+    return index, np.concatenate([c[1] for c in chunks]), steps.written
 
 
-#: Voxels written per event-loop turn by :func:`write_in_steps` (a few ms of ``data_setitem`` each).
+class _write_steps:  # noqa: N801 - used like a generator function
+    """The work of writing a :class:`WritePlan` into ``target``, ``step`` voxels at a time.
+
+    Iterating yields None after each chunk of the first pass (reading the layer at the plan's
+    voxels, deciding which voxels are written under the id rules of :func:`write_propagation`)
+    and ``(index, values)`` for each chunk of the second pass (what to write). ``written``
+    (``{object label: id written}``) is known once the first pass is done. Each item is
+    O(``step``) work, so a caller can spread a write of millions of voxels over event-loop turns.
+    """
+
+    def __init__(self, target, plan: WritePlan, run: PropagationRun, keep_existing: bool, step: int):
+        from . import label_writes as lw
+
+        self.target, self.plan, self.run, self.keep_existing = target, plan, run, keep_existing
+        self.step = max(1, int(step))
+        self.written: dict[int, int] = {}
+        self.data = lw._level0(target.data)
+        if tuple(plan.shape) != tuple(self.data.shape):
+            raise ValueError(f"volume of shape {tuple(plan.shape)} does not fit labels of shape "
+                             f"{tuple(self.data.shape)}")
+
+    def __iter__(self):
+        from . import label_writes as lw
+
+        plan, data, step = self.plan, self.data, self.step
+        n = len(plan.values)
+        if not n:
+            return
+        write = np.empty(n, bool)
+        present = np.zeros(len(plan.labels), bool)
+        for start in range(0, n, step):  # pass 1: which voxels, against the layer as it is now
+            stop = min(n, start + step)
+            index = tuple(i[start:stop] for i in plan.index)
+            current = np.asarray(data[index]) if isinstance(data, np.ndarray) else _gather(data, index)
+            if self.run.keep_ids:
+                chunk = current != plan.values[start:stop]
+                if self.keep_existing:
+                    chunk &= current == 0
+            else:
+                chunk = current == 0 if self.keep_existing else np.ones(stop - start, bool)
+            write[start:stop] = chunk
+            present[plan.inverse[start:stop][chunk]] = True
+            yield None
+        if self.run.keep_ids:
+            self.written = {int(v): int(v) for v in plan.labels[present]}
+            new_id = None
+        else:
+            first = lw.next_free_label(self.target)
+            ids = list(range(first, first + int(present.sum())))
+            new_id = np.zeros(len(plan.labels), np.int64)
+            new_id[present] = ids
+            self.written = dict(zip((int(v) for v in plan.labels), ids))
+        for start in range(0, n, step):  # pass 2: the voxels to write, chunk by chunk
+            stop = min(n, start + step)
+            chunk = write[start:stop]
+            if not chunk.any():
+                continue
+            index = tuple(i[start:stop][chunk] for i in plan.index)
+            if new_id is None:
+                values = plan.values[start:stop][chunk]
+            else:
+                values = new_id[plan.inverse[start:stop][chunk]]
+            yield index, values
+
+
+#: Voxels handled per piece of work by :func:`write_in_steps` / :func:`write_plan_in_steps`.
 WRITE_STEP = 32_768
+#: GUI-thread time a stepped write may take per event-loop turn, in seconds.
+WRITE_TURN_S = 0.015
 
 
 def write_in_steps(target, index, values, done: Callable[[BaseException | None], None],
-                   step: int = WRITE_STEP) -> None:
+                   step: int = WRITE_STEP, turn_s: float = WRITE_TURN_S) -> None:
     """Write ``values`` at ``index`` into the Labels layer ``target`` as ONE undo step, ``step``
-    voxels per event-loop turn, so a large write never holds the GUI for long; then ``done(None)``
-    (or ``done(exc)`` after a failed step: the steps written so far stay one undo step).
+    voxels at a time over event-loop turns (about ``turn_s`` of work per turn), so a large write
+    never holds the GUI for long; then
+    ``done(None)`` (or ``done(exc)`` after a failed step: the steps written so far stay one undo
+    step). The layer is refreshed once, at the end (not after every step: each refresh uploads
+    the slice to the canvas and repaints the layer list's thumbnail).
 
     A write of at most ``step`` voxels is done at once (``done`` is called before returning).
     """
-    from qtpy.QtCore import QTimer
-
     from . import label_writes as lw
 
     n = len(index[0])
@@ -290,27 +339,78 @@ def write_in_steps(target, index, values, done: Callable[[BaseException | None],
             return
         done(None)
         return
+    chunks = ((tuple(i[s:s + step] for i in index), values[s:s + step]) for s in range(0, n, step))
+    _write_over_turns(target, chunks, done, turn_s)
+
+
+def write_plan_in_steps(target, plan: WritePlan, run: PropagationRun, keep_existing: bool,
+                        done: Callable[[BaseException | None, dict], None], step: int = WRITE_STEP,
+                        turn_s: float = WRITE_TURN_S) -> None:
+    """Write a propagation's ``plan`` into ``target`` under :func:`write_propagation`'s rules, as
+    ONE undo step, with about ``turn_s`` of GUI-thread work per event-loop turn
+    (reading the layer at the plan's voxels is spread too), one layer refresh at the end; then
+    ``done(None, written)`` (``written``: ``{object label: id written}``), or ``done(exc, {})``.
+
+    A plan of at most ``step`` voxels is written at once (``done`` is called before returning).
+    Raises ValueError at once when the plan does not fit the layer.
+    """
+    steps = _write_steps(target, plan, run, keep_existing, step)
+    if len(plan.values) <= step:
+        try:
+            chunks = [c for c in steps if c is not None]
+            if chunks:
+                from . import label_writes as lw
+
+                lw._write(target, *chunks[0])
+        except Exception as exc:  # noqa: BLE001 - handed to done
+            done(exc, {})
+            return
+        done(None, steps.written)
+        return
+    _write_over_turns(target, iter(steps), lambda exc: done(exc, {} if exc is not None else steps.written),
+                      turn_s)
+
+
+def _write_over_turns(target, chunks, done: Callable[[BaseException | None], None], turn_s: float) -> None:
+    """Apply ``chunks`` (``(index, values)`` to write, or None for work done elsewhere) to
+    ``target`` under one ``block_history`` spanning event-loop turns, each turn taking about
+    ``turn_s`` (0: one chunk per turn); ``data_setitem`` without refresh, then one refresh;
+    then ``done``."""
+    import time
+
+    from qtpy.QtCore import QTimer
+
     history = target.block_history()  # one undo step over the turns
     history.__enter__()
-    starts = iter(range(0, n, step))
+    state = {"wrote": False}
 
-    def next_step() -> None:
-        start = next(starts, None)
+    def finish(exc: BaseException | None) -> None:
         try:
-            if start is not None:
-                stop = start + step
-                target.data_setitem(tuple(i[start:stop] for i in index), values[start:stop])
-        except Exception as exc:  # noqa: BLE001 - handed to done
+            if state["wrote"]:
+                target.refresh()  # once: the canvas and the layer list's thumbnail
+        finally:
             history.__exit__(None, None, None)
-            done(exc)
-            return
-        if start is None:
-            history.__exit__(None, None, None)
-            done(None)
-        else:
-            QTimer.singleShot(0, next_step)
+        done(exc)
 
-    next_step()
+    def turn() -> None:
+        end = time.perf_counter() + turn_s
+        try:
+            while True:
+                chunk = next(chunks, StopIteration)
+                if chunk is StopIteration:
+                    finish(None)
+                    return
+                if chunk is not None:
+                    target.data_setitem(*chunk, refresh=False)
+                    state["wrote"] = True
+                if time.perf_counter() > end:
+                    break
+        except Exception as exc:  # noqa: BLE001 - handed to done
+            finish(exc)
+            return
+        QTimer.singleShot(1, turn)
+
+    turn()
 
 
 def _gather(data, index) -> np.ndarray:

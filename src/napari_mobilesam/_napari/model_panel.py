@@ -217,7 +217,7 @@ class ModelPanel:
         self.failed = None
         self.status.value = f"model: loading {request.describe()}…"
         self.task = start_task(
-            lambda report, cancelled: request.load_without_waiting(),
+            lambda report, cancelled: load_for_widget(request),
             description=f"MobileSAM: loading {request.describe()}",
             on_result=lambda loaded: self._loaded(*loaded, request),
             on_error=lambda exc: self._fail(request, model_error_message(exc, request), exc),
@@ -255,6 +255,23 @@ class ModelPanel:
         from ..models.registry import ais_decoder
 
         return ais_decoder(self.sam) is not None
+
+
+def load_for_widget(request: ModelChoice):
+    """``request.load_without_waiting()`` (worker thread), then what the widget's first session
+    of this model would otherwise compute on the GUI thread: the prompt encoder's dense positional
+    encoding (cached on the model, tens of ms), the weights' digests of the model's identity, and
+    the session modules' imports."""
+    import torch
+
+    from ..core import predictor, session, tiles  # noqa: F401 - imported here, not on the GUI thread
+    from ..models.registry import model_identity
+
+    sam, conversion = request.load_without_waiting()
+    with torch.no_grad():  # as SlicePredictor asks for it: the cached tensor is the one it gets
+        sam.prompt_encoder.get_dense_pe()
+    model_identity(sam)
+    return sam, conversion
 
 
 class ConversionFollower:

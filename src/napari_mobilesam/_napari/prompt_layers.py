@@ -47,6 +47,7 @@ __all__ = [
     "make_target_layer",
     "check_target_layer",
     "show_preview",
+    "outline_labels",
     "layer_prompts",
     "slice_prompt",
     "has_positive",
@@ -244,10 +245,33 @@ def check_target_layer(labels, image) -> None:
         raise ValueError(f"labels layer {labels.name!r} is multiscale: pick a single-scale layer")
 
 
-def show_preview(preview, image, z: int, slice_labels: np.ndarray | None, *, outlines: bool = False) -> None:
+def outline_labels(labels: np.ndarray, thickness: int = 2) -> np.ndarray:
+    """Each object's outline: the pixels of ``labels`` ((H, W) int) that lie at most
+    ``thickness`` - 1 steps (4-connected) inside their object's border; 0 elsewhere.
+
+    Computed with array shifts (call it in a worker for a large slice): the preview then shows
+    outlines as plain labels, where napari's own contour mode would compute them on the GUI
+    thread at every refresh.
+    """
+    labels = np.asarray(labels)
+    inner = labels != 0  # pixels whose whole neighbourhood so far holds their own label
+    for _ in range(max(1, int(thickness))):
+        same = inner.copy()
+        same[1:] &= inner[:-1] & (labels[1:] == labels[:-1])
+        same[:-1] &= inner[1:] & (labels[:-1] == labels[1:])
+        same[:, 1:] &= inner[:, :-1] & (labels[:, 1:] == labels[:, :-1])
+        same[:, :-1] &= inner[:, 1:] & (labels[:, :-1] == labels[:, 1:])
+        inner = same
+    return np.where(inner, 0, labels).astype(labels.dtype, copy=False)
+
+
+def show_preview(preview, image, z: int, slice_labels: np.ndarray | None, *, outlines: bool = False,
+                 shown: np.ndarray | None = None) -> None:
     """Put ``slice_labels`` ((H, W) int or bool; None clears) into ``preview`` at slice ``z``.
 
-    ``outlines``: draw each object's outline only (several objects of one colour stay apart).
+    ``outlines``: draw each object's outline only (several objects of one colour stay apart);
+    ``shown``: those outlines already computed (:func:`outline_labels`, e.g. in a worker), so
+    the GUI thread only copies them.
 
     For a stack the preview layer's translate is moved so that its single slice sits on the
     image's slice ``z`` in world coordinates (any image scale/translate/rotation respected).
@@ -259,12 +283,15 @@ def show_preview(preview, image, z: int, slice_labels: np.ndarray | None, *, out
         data = np.asarray(slice_labels)
         if data.shape != geom.slice_shape:
             raise ValueError(f"preview of shape {data.shape}, expected {geom.slice_shape}")
+        if outlines:
+            data = outline_labels(data) if shown is None else np.asarray(shown)
+            if data.shape != geom.slice_shape:
+                raise ValueError(f"preview outlines of shape {data.shape}, expected {geom.slice_shape}")
         data = data.astype(np.uint32, copy=False)
     if geom.is_stack:
         data = data[None]
-    contour = 2 if outlines else 0
-    if preview.contour != contour:
-        preview.contour = contour
+    if preview.contour != 0:  # outlines are drawn as labels: napari's contours cost the GUI thread
+        preview.contour = 0
     if geom.is_stack and slice_labels is not None:  # an empty preview can stay where it is
         origin = np.zeros(3)
         step = np.array([float(z), 0.0, 0.0])

@@ -18,8 +18,7 @@ from .long_tasks import (
     WritePlan,
     describe_propagation,
     label_run,
-    prepare_write,
-    write_in_steps,
+    write_plan_in_steps,
 )
 from .workers import Task
 
@@ -99,18 +98,18 @@ class PropagateActions:
 
     def _write_propagation(self, result, plan: WritePlan, run: PropagationRun, target: Labels | None) -> None:
         """Write a finished (or stopped) run: the voxels come from the worker's ``plan``; a large
-        write is spread over several event-loop turns (still one undo step)."""
+        write (reading the layer at those voxels, then writing them) is spread over several
+        event-loop turns, still one undo step, with one layer refresh at the end."""
         if result.cancelled and not any(r.accepted for r in result.records):
             self._say.status("Stopped before any slice was done: nothing was written.")
             return
         try:
             target = target if target is not None else self.target_layer(create=True)
-            index, values, ids = prepare_write(target, plan, run, self._c.keep_existing.value)
         except Exception as exc:  # noqa: BLE001
             self._say.report(exc, f"writing the propagated {run.what}")
             return
 
-        def written(exc: BaseException | None) -> None:
+        def written(exc: BaseException | None, ids: dict) -> None:
             self._writing = False
             if exc is not None:
                 self._say.report(exc, f"writing the propagated {run.what}")
@@ -125,4 +124,8 @@ class PropagateActions:
             self._say.status(describe_propagation(result, run, ids, target.name))
 
         self._writing = True
-        write_in_steps(target, index, values, written)
+        try:  # reading the layer and writing it, a bounded slice of GUI time per event-loop turn
+            write_plan_in_steps(target, plan, run, self._c.keep_existing.value, written)
+        except Exception as exc:  # noqa: BLE001 - the plan does not fit the layer
+            self._writing = False
+            self._say.report(exc, f"writing the propagated {run.what}")

@@ -397,6 +397,12 @@ class SegmentWidget(Container):
     _preview_z = property(lambda self: self._annotator._preview_z)
     _prediction = property(lambda self: self._annotator._prediction)
 
+    @property
+    def preview_labels(self):
+        """(H, W) uint32: the objects the preview holds (what C commits; None: nothing). The
+        preview layer draws an automatic result as these objects' outlines."""
+        return self._annotator._preview_labels
+
     # ------------------------------------------------------------------ keys and closing
     def _bind_keys(self) -> None:
         actions = {

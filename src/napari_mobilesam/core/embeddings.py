@@ -416,9 +416,15 @@ class EmbeddingCache:
             if not f.cancelled():
                 f.result(timeout=timeout)
 
-    def close(self) -> None:
-        """Cancel pending prefetches and stop the background thread."""
+    def close(self, wait: bool = True) -> None:
+        """Cancel pending prefetches and stop the background thread.
+
+        ``wait=False`` returns at once: a prefetch already running finishes in its thread (its
+        embedding lands in this cache, which is no longer used), then the thread ends. A GUI
+        thread replacing a session passes it: waiting would freeze it for one encoder call.
+        """
         self.cancel_prefetch()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=True)

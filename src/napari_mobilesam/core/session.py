@@ -224,10 +224,11 @@ class Session:
             for src, _ in self._embedding_sources() if zs else []:
                 self.cache.prefetch(src, zs)
 
-    def close(self) -> None:
-        """Stop background prefetching."""
+    def close(self, wait: bool = True) -> None:
+        """Stop background prefetching (``wait=False``: without waiting for a running one,
+        see :meth:`EmbeddingCache.close`)."""
         if self.cache is not None:
-            self.cache.close()
+            self.cache.close(wait=wait)
 
     # -- prompts ---------------------------------------------------------------------------------
     def predict(self, z: int, points, labels, box=None, mask_input=None, *,
