@@ -24,8 +24,9 @@ micro-sam's second automatic mode for models with an instance-segmentation decod
    survivors are painted largest first, each only where no larger one lies, every 4-connected
    piece becomes an object, pieces under ``min_size`` are removed and ids made consecutive.
 
-Measured against micro-sam 1.8.14 itself on the parity fixture (``benchmarks/automatic.py
---microsam-python``, ``tests/data/microsam_apg.npz``): the same labels. Extras of ours, off by
+Checked against micro-sam 1.8.14 itself (``tests/data/microsam_apg.npz``): the same points, in the
+same order, and the same selection labels, ids included. Kept on purpose: when the painted objects
+leave no background, micro-sam's relabelling turns its first object into background; ours keeps it. Extras of ours, off by
 default: smoothing the maps first, box prompts from the AIS watershed, ``min_iou`` /
 ``min_stability`` filters. Not offered: micro-sam's ``mask_threshold`` (masks are SAM's logits > 0,
 micro-sam's default) and custom ``prompt_function``.
