@@ -17,7 +17,9 @@ Prints, from one run, seconds per slice (median of ``--runs`` timed runs after o
   ``automatic_instance_segmentation`` (eager torch, float32) on the same images and weights, run by
   ``benchmarks/microsam_side.py`` under the Python of a separate environment that has micro-sam
   (it pins napari and pulls torch-em, bioimageio, trackastra: never install it beside
-  napari-mobilesam), with the agreement of its labels with ours (the fixture README's measure).
+  napari-mobilesam), with the agreement of its labels with ours (the fixture README's measure);
+  and micro-sam's APG (``segmentation_mode="apg"``, its defaults and ``multimasking=True``) against
+  our two APG rows: instance counts, same assignment, instances matched with IoU > 0.5.
   One way to make that environment without a second copy of torch::
 
       python -m venv /opt/msvenv
