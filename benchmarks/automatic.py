@@ -22,7 +22,9 @@ Prints, from one run, seconds per slice (median of ``--runs`` timed runs after o
   ``automatic_instance_segmentation`` (eager torch, float32) on the same images and weights, run by
   ``benchmarks/microsam_side.py`` under the Python of a separate environment that has micro-sam
   (it pins napari and pulls torch-em, bioimageio, trackastra: never install it beside
-  napari-mobilesam), with the agreement of its labels with ours (the fixture README's measure).
+  napari-mobilesam), with the agreement of its labels with ours (the fixture README's measure);
+  and micro-sam's APG (``segmentation_mode="apg"``, its defaults and ``multimasking=True``) against
+  our two APG rows: instance counts, same assignment, instances matched with IoU > 0.5.
   One way to make that environment without a second copy of torch::
 
       python -m venv /opt/msvenv
@@ -50,6 +52,11 @@ REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 
 CPU = {}  # name -> median process CPU seconds (all threads), filled by median_s
+OUR_APG = {}  # (image shape, APGParams) -> our APG labels, filled by apg_mode
+#: our APG settings timed (row name, APGParams settings) and micro-sam's matching ones
+#: (microsam_side.APG_SETTINGS)
+APG_ROWS = (("defaults", "APG (segment_slice_apg), defaults", None),
+            ("multimask", "APG, multimask", {"multimask": True}))
 
 
 def median_s(fn, runs: int, name: str | None = None) -> float:
@@ -151,8 +158,9 @@ def apg_mode(sam, image, runs, key, params=None):
         return apg.select_masks(apg.decode_prompts(pred, 0, prompts, p.batch_size), image.shape, p)
 
     part = median_s(decode, runs)
-    n = int(decode().max())
-    return total, f"prompts {len(prompts)}: decode+select {part:.2f}; {n} objects"
+    labels = decode()
+    OUR_APG[(image.shape, p)] = labels
+    return total, f"prompts {len(prompts)}: decode+select {part:.2f}; {int(labels.max())} objects"
 
 
 def precision_model(spec: str):
@@ -215,8 +223,7 @@ def main(argv=None) -> int:
         base_labels[size] = segment_slice_ais(sam, image)
         if args.ais_only:
             continue
-        for aname, aparams in (("APG (segment_slice_apg), defaults", None),
-                               ("APG, multimask", {"multimask": True})):
+        for _, aname, aparams in APG_ROWS:
             total, note = apg_mode(sam, image, args.runs, (size, aname), aparams)
             rows.append((size, aname, total, note))
         pname = "prompt-based (segment_slice)"
@@ -261,6 +268,17 @@ def same_assignment(result: np.ndarray, expected: np.ndarray) -> float:
     return float(np.mean(e_ids[table.argmax(axis=1)][r_inv] == e_ids[e_inv]))
 
 
+def matched_count(result: np.ndarray, expected: np.ndarray) -> int:
+    """How many result instances match an expected one with IoU > 0.5 (each pair at most once:
+    IoU > 0.5 makes the match unique)."""
+    r, e = result.astype(np.int64).ravel(), expected.astype(np.int64).ravel()
+    pairs, inter = np.unique(np.stack([r, e]), axis=1, return_counts=True)
+    r_size, e_size = np.bincount(r), np.bincount(e)
+    ok = (pairs[0] != 0) & (pairs[1] != 0)
+    a, b, n = pairs[0][ok], pairs[1][ok], inter[ok]
+    return int(np.count_nonzero(n / (r_size[a] + e_size[b] - n) > 0.5))
+
+
 def our_first_mask_s(sam, wanted, depth: int) -> float:
     """Seconds from a fresh Session on the stack micro-sam times to the first point mask."""
     from napari_mobilesam.core.session import Session
@@ -288,7 +306,7 @@ def microsam_rows(args, sam, rows) -> list[str]:
         np.savez(Path(tmp) / "images.npz", **wanted)
         cmd = [args.microsam_python, str(Path(__file__).with_name("microsam_side.py")),
                str(REFERENCE / "microsam"), str(Path(tmp) / "images.npz"), str(Path(tmp) / "out.npz"),
-               "--runs", str(args.runs), "--stack", str(args.stack)]
+               "--runs", str(args.runs), "--stack", str(args.stack), "--apg"]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             return [f"micro-sam side failed:\n{out.stderr[-3000:]}"]
@@ -300,6 +318,19 @@ def microsam_rows(args, sam, rows) -> list[str]:
         n_ours, n_theirs = len(np.unique(ours)) - 1, len(np.unique(theirs[size])) - 1
         rows.append((size, f"micro-sam {res['micro_sam']} AIS (eager torch fp32)", t,
                      f"instances {n_theirs} (ours {n_ours}), same assignment {agree:.4f}"))
+    from napari_mobilesam.volume.apg import APGParams
+
+    for setting, aname, aparams in APG_ROWS:
+        for size, t in res.get("apg", {}).get(setting, {}).items():
+            ours = OUR_APG.get((wanted[size].shape, APGParams.of(aparams)))
+            ref = theirs[f"apg/{setting}/{size}"]
+            n_theirs = len(np.unique(ref)) - 1
+            if ours is None:
+                note = f"instances {n_theirs}"
+            else:
+                note = (f"instances {n_theirs} (ours {len(np.unique(ours)) - 1}), same assignment "
+                        f"{same_assignment(ours, ref):.4f}, matched IoU>0.5 {matched_count(ours, ref)}")
+            rows.append((size, f"micro-sam {res['micro_sam']} APG {setting} (eager torch fp32)", t, note))
     notes.append(f"micro-sam: {res['torch_threads']} torch threads, model load {res['load_s']:.1f} s")
     if "stack_first_mask_s" in res:
         notes.append(f"first mask on a {res['stack_slices']}-slice 512 x 512 stack: micro-sam "

@@ -15,6 +15,12 @@ defaults (eager torch, float32, CPU). The labels go to ``OUT.npz`` so the caller
 with its own. With ``--stack N`` also the time micro-sam needs before the first mask of an
 ``N``-slice stack can be shown: ``precompute_image_embeddings`` of the whole volume (what its 3D
 annotator does when an image is opened), and then one point prompt.
+
+With ``--apg`` also micro-sam's automatic prompt generation, timed the same way:
+``get_predictor_and_segmenter(..., segmentation_mode="apg")`` and
+``automatic_instance_segmentation`` (embedding, decoder, point prompts from the maps, SAM's mask
+decoder, NMS), once with micro-sam's defaults and once with ``multimasking=True``; its labels go
+to ``OUT.npz`` as ``apg/<setting>/<image>``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from pathlib import Path
 import numpy as np
 from _machine import wall_times  # noqa: E402 (benchmarks/ is on sys.path)
 
+#: micro-sam APG settings timed with ``--apg``: name -> ``generate`` keyword arguments.
+APG_SETTINGS = {"defaults": {}, "multimask": {"multimasking": True}}
+
 
 def median_s(fn, runs: int) -> float:
     return statistics.median(wall_times(fn, runs))
@@ -42,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--stack", type=int, default=0, help="also time a stack of this many slices")
+    ap.add_argument("--apg", action="store_true", help="also time micro-sam's APG")
     args = ap.parse_args(argv)
 
     import micro_sam
@@ -62,6 +72,9 @@ def main(argv=None) -> int:
         predictor, segmenter = get_predictor_and_segmenter(
             "vit_t_lm", checkpoint=str(combined), device="cpu", segmentation_mode="ais", is_tiled=False)
         load_s = time.perf_counter() - t0
+        if args.apg:
+            apg_predictor, apg_segmenter = get_predictor_and_segmenter(
+                "vit_t_lm", checkpoint=str(combined), device="cpu", segmentation_mode="apg", is_tiled=False)
 
     result = {"micro_sam": micro_sam.__version__, "torch_threads": torch.get_num_threads(),
               "load_s": load_s, "images": {}}
@@ -72,6 +85,18 @@ def main(argv=None) -> int:
                                                            verbose=False)
         result["images"][name] = median_s(run, args.runs)
         labels[name] = np.asarray(labels[name])
+    if args.apg:
+        result["apg"] = {}
+        for setting, kwargs in APG_SETTINGS.items():
+            result["apg"][setting] = {}
+            for name, image in np.load(args.images).items():
+                key = f"apg/{setting}/{name}"
+
+                def run_apg():
+                    labels[key] = automatic_instance_segmentation(apg_predictor, apg_segmenter, image, ndim=2,
+                                                                  verbose=False, **kwargs)
+                result["apg"][setting][name] = median_s(run_apg, args.runs)
+                labels[key] = np.asarray(labels[key])
     if args.stack:
         image = next(iter(np.load(args.images).values()))
         volume = np.stack([np.roll(image, 7 * k, axis=1) for k in range(args.stack)])

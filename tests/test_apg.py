@@ -9,6 +9,8 @@ micro-sam's file layout (the fixture's random ``vit_t_lm`` weights and decoder) 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,10 @@ from napari_mobilesam.volume.apg import (
     APGParams,
     MaskCrop,
     apg_prompts,
+    apg_seeds,
     decode_prompts,
+    extended_box,
+    seed_centres,
     segment_slice_apg,
     segment_stack_apg,
     select_masks,
@@ -75,6 +80,7 @@ class CountingOracle(GroundTruthOracle):
     ({"batch_size": 0}, "batch_size"),
     ({"distance_smoothing": -1.0}, "distance_smoothing"),
     ({"multimask": "yes"}, "multimask"),
+    ({"refine_with_boxes": 1}, "refine_with_boxes"),
 ])
 def test_bad_params_are_refused_by_name(bad, match):
     with pytest.raises(InputError, match=match):
@@ -94,31 +100,61 @@ def test_params_from_dict_and_unknown_settings():
 # -- prompts from the maps ----------------------------------------------------------------------
 
 
+def test_seeds_are_micro_sams(pp_maps):
+    """4-connected regions of the unsmoothed maps: both distances below, foreground at least its
+    threshold (a pixel exactly at the foreground threshold is in)."""
+    from skimage.measure import label
+
+    seeds = apg_seeds(pp_maps)
+    fg, center, boundary = pp_maps
+    want = label((center < 0.5) & (boundary < 0.5) & (fg >= 0.5), connectivity=1)
+    assert np.array_equal(seeds, want) and seeds.max() >= 30
+    maps = np.ones((3, 5, 5), np.float32)
+    maps[0], maps[1:, 1:4, 1:4] = 0.5, 0.0
+    maps[1:, 2, 2] = 1.0  # a ring: its pixels touch diagonally at no place, so one 4-connected seed
+    maps[1:, 1, 1] = 1.0  # the corner cut off: still one seed through the ring's sides
+    assert apg_seeds(maps).max() == 1
+    maps[1:, 1:4, 2] = maps[1:, 2, 1:4] = 1.0  # three corners left, diagonal neighbours: 3 seeds
+    assert apg_seeds(maps).max() == 3
+
+
+def test_seed_centres_are_farthest_from_the_outline():
+    seeds = np.zeros((12, 14), np.int32)
+    seeds[2:9, 2:7] = 1  # 7 x 5: the middle column, rows 4..6 are 3 pixels from the outline
+    seeds[3:6, 9:14] = 2  # touches the right border: the border counts as outline
+    seeds[0, 0] = 3  # on the border: every distance is 0, micro-sam takes its box's first pixel
+    pts = seed_centres(seeds, 3)
+    assert pts.tolist() == [[4.0, 4.0], [4.0, 10.0], [0.0, 0.0]]  # the first maximum in row-major order
+
+
 @pytest.mark.parametrize("kind", ["point", "box", "point+box"])
-def test_one_prompt_from_every_ais_instance(pp_maps, kind):
-    p = APGParams(prompts=kind, box_extension=0.1 if kind == "box" else 0.0)
-    prompts, instances = apg_prompts(pp_maps, p)
-    want = instances_from_maps(*pp_maps, p.ais_params())
-    assert np.array_equal(instances, want)  # the AIS instances, seeds numbered alike
-    assert len(prompts) == int(want.max()) == 30
-    h, w = want.shape
+def test_one_prompt_per_seed(pp_maps, kind):
+    p = APGParams(prompts=kind, box_extension=0.1 if kind == "box" else 0.01)
+    prompts, seeds = apg_prompts(pp_maps, p)
+    assert np.array_equal(seeds, apg_seeds(pp_maps, p))
+    assert len(prompts) == int(seeds.max())
+    h, w = seeds.shape
     for i, pr in enumerate(prompts, start=1):
-        rows, cols = np.nonzero(want == i)
+        rows, cols = np.nonzero(seeds == i)
         assert pr.multimask is False
         if kind == "box":
             assert pr.points is None
         else:
-            r, c = np.round(pr.points[0]).astype(int)
-            assert want[r, c] == i  # the point lies in its own instance (at its seed)
+            r, c = pr.points[0]
+            assert seeds[int(r), int(c)] == i and r == int(r) and c == int(c)  # a pixel of its seed
             assert list(pr.labels) == [1]
         if kind == "point":
             assert pr.box is None
-        else:
+        else:  # the box of the watershed region grown from the seed holds the seed
             r0, c0, r1, c1 = pr.box
             assert r0 <= rows.min() and c0 <= cols.min() and r1 >= rows.max() and c1 >= cols.max()
             assert r0 >= -0.5 and c0 >= -0.5 and r1 <= h - 0.5 and c1 <= w - 0.5
-            if kind == "box":  # grown by 10 % of its size on each side (unless clipped)
-                assert r1 - r0 > rows.max() - rows.min()
+
+
+def test_extended_box_is_micro_sams():
+    assert extended_box(10, 20, 30, 60, 0.01, (100, 100)) == pytest.approx((9.8, 19.6, 30.2, 60.4))
+    assert extended_box(0, 0, 99, 5, 0.5, (100, 50)) == (-0.5, -0.5, 99.5, 7.5)  # clipped to the slice
+    assert extended_box(4, 4, 4, 9, 0.0, (10, 10)) == (3.5, 4, 4.5, 9)  # one row: half a pixel each way
 
 
 def test_no_foreground_gives_no_prompts():
@@ -128,6 +164,8 @@ def test_no_foreground_gives_no_prompts():
     assert prompts == [] and instances.shape == (40, 50) and instances.max() == 0
     with pytest.raises(InputError, match=r"\(3, H, W\)"):
         apg_prompts(maps[:2])
+    assert (segment_slice_apg(GroundTruthOracle(np.zeros((40, 50), int), np.zeros((40, 50))), 0, maps=maps)
+            == 0).all()
 
 
 # -- decoding, NMS and painting with the fake oracle ---------------------------------------------
@@ -149,28 +187,40 @@ def test_duplicate_prompts_give_each_object_once(expected, pp_maps):
     gt = expected["gt_labels"]
     oracle = CountingOracle(gt, expected["image"])
     prompts, _ = apg_prompts(pp_maps)
+    n = 2 * len(prompts)
     crops = decode_prompts(oracle, 0, prompts + prompts[::-1], batch_size=7)  # every object twice
-    assert len(crops) == 60 and oracle.batches == [7] * 8 + [4]
+    assert len(crops) == n and sum(oracle.batches) == n and oracle.batches[: n // 7] == [7] * (n // 7)
     labels = select_masks(crops, gt.shape)
     assert sorted(matched(labels, gt).values()) == sorted(int(v) for v in np.unique(gt)[1:])
 
 
 def test_nms_removes_a_near_duplicate():
     """A lower-scored, slightly larger copy of an object (IoU 100/110 = 0.91): NMS at 0.9 removes
-    it; without NMS it is painted first and a 10-pixel strip of it survives as a second object."""
+    it; without NMS the larger copy is painted first and the better-scored mask finds no free
+    pixel left (micro-sam's painting: largest first, each only where no larger one lies)."""
     better = _crop(0, 0, np.ones((10, 10), bool), iou=0.9)
     copy = _crop(0, 0, np.ones((11, 10), bool), iou=0.8)
     with_nms = select_masks([better, copy], (20, 20), APGParams(min_size=5))
     assert sorted(np.unique(with_nms)) == [0, 1] and (with_nms == 1).sum() == 100
     without = select_masks([better, copy], (20, 20), APGParams(min_size=5, nms_threshold=1.0))
-    assert sorted(np.unique(without)) == [0, 1, 2] and (without == 1).sum() == 10
+    assert sorted(np.unique(without)) == [0, 1] and (without == 1).sum() == 110
+
+
+def test_nms_order_is_iou_times_stability():
+    """micro-sam ranks masks by predicted IoU x stability: a slightly lower IoU with a much
+    better stability wins the pair."""
+    a = _crop(0, 0, np.ones((10, 10), bool), iou=0.9, stab=0.5)
+    b = _crop(0, 0, np.ones((10, 11), bool), iou=0.8, stab=0.9)
+    out = select_masks([a, b], (20, 20), APGParams(min_size=5))
+    assert (out == 1).sum() == 110
 
 
 def test_prompts_are_decoded_in_bounded_batches(expected, pp_maps):
     oracle = CountingOracle(expected["gt_labels"], expected["image"])
     segment_slice_apg(oracle, 0, {"batch_size": 8}, maps=pp_maps)
-    assert oracle.batches == [8, 8, 8, 4, 2]  # 30 prompts: full batches, then powers of two
-    assert oracle.calls == 30
+    n = int(apg_seeds(pp_maps).max())
+    assert oracle.calls == n and sum(oracle.batches) == n and max(oracle.batches) == 8
+    assert oracle.batches[: n // 8] == [8] * (n // 8)  # full batches first
 
 
 def test_tiled_slice_each_object_once(expected, pp_maps, monkeypatch):
@@ -205,27 +255,41 @@ def test_select_masks_filters_nms_and_painting_order():
     small = np.ones((4, 4), bool)
     crops = [
         _crop(0, 0, big, iou=0.8),            # large object
-        _crop(3, 3, small, iou=0.95),         # inside it: painted on top, survives IoU-NMS
+        _crop(3, 3, small, iou=0.95),         # inside it: survives IoU-NMS, but the larger is painted first
         _crop(0, 0, big, iou=0.7),            # duplicate of the large one (lower score): removed
-        _crop(20, 20, small, iou=0.2),        # low predicted IoU
-        _crop(30, 30, small, iou=0.9, stab=0.1),  # unstable
-        _crop(40, 0, np.ones((2, 2), bool)),  # too small
+        _crop(20, 20, small, iou=0.2),        # low predicted IoU (min_iou, ours)
+        _crop(30, 30, small, iou=0.9, stab=0.1),  # unstable (min_stability, ours)
+        _crop(40, 0, np.ones((2, 3), bool)),  # 6 pixels: not more than min_size
+        _crop(40, 10, np.ones((7, 1), bool)),  # 7 pixels: kept
         None,                                 # empty mask
     ]
-    p = APGParams(min_iou=0.5, min_stability=0.5, min_size=5)
+    p = APGParams(min_iou=0.5, min_stability=0.5, min_size=6)
     labels = select_masks(crops, (50, 50), p)
     assert sorted(np.unique(labels)) == [0, 1, 2]
-    assert (labels == 2).sum() == 16 and labels[3:7, 3:7].min() == 2  # smaller painted last
-    assert (labels == 1).sum() == 100 - 16
-    # intersection over the smaller mask suppresses the small one lying inside the better-scored...
-    crops[1] = _crop(3, 3, small, iou=0.75)
-    over_min = select_masks(crops, (50, 50), APGParams(min_iou=0.5, min_stability=0.5, min_size=5,
-                                                       intersection_over_min=True))
-    assert sorted(np.unique(over_min)) == [0, 1] and (over_min == 1).sum() == 100
-    # ...and a fragment left under min_size after painting is removed
-    frag = [_crop(0, 0, big, iou=0.8), _crop(0, 0, np.ones((10, 9), bool), iou=0.9)]
-    out = select_masks(frag, (12, 12), APGParams(min_size=20, nms_threshold=0.95))
-    assert sorted(np.unique(out)) == [0, 1] and (out == 1).sum() == 90
+    assert (labels == 1).sum() == 100 and (labels[40:47, 10] == 2).all()  # ids in row-major order
+    # a smaller mask keeps what the larger ones leave of it, each 4-connected piece an object,
+    # pieces under min_size removed
+    ring = np.ones((9, 9), bool)
+    ring[3:6, 3:6] = False
+    bar = np.zeros((9, 11), bool)
+    bar[4, :] = True  # crosses the ring and its hole, and goes on past the ring's right side
+    bar[3:6, 4] = True
+    out = select_masks([_crop(0, 0, ring), _crop(0, 0, bar)], (12, 12), APGParams(min_size=2))
+    assert sorted(np.unique(out)) == [0, 1, 2, 3]
+    assert (out == 2).sum() == 5 and (out == 3).sum() == 2  # the hole's plus, the right end
+    assert (out == 1).sum() == 72
+
+
+def test_boxes_sharing_one_row_are_apart():
+    """micro-sam compares masks only when their boxes overlap with an area: two masks sharing a
+    single row of pixels are never duplicates, whatever the threshold."""
+    a = _crop(0, 0, np.ones((10, 10), bool))
+    b = _crop(9, 0, np.ones((10, 10), bool), iou=0.8)
+    out = select_masks([a, b], (20, 10), APGParams(min_size=5, nms_threshold=0.0))
+    assert sorted(np.unique(out)) == [0, 1, 2]
+    c = _crop(8, 0, np.ones((10, 10), bool), iou=0.8)  # two rows: compared, and suppressed at 0
+    out = select_masks([a, c], (20, 10), APGParams(min_size=5, nms_threshold=0.0))
+    assert sorted(np.unique(out)) == [0, 1]
 
 
 def test_a_model_without_decoder_is_refused(engine_sam_test):
@@ -313,7 +377,8 @@ def test_real_path_one_embedding_for_both_decoders(real_run, expected):
         assert np.abs(maps[i].numpy() - expected[f"decoder/{name}"]).max() < 1e-3, name
     n_ais = int(instances_from_maps(*maps.numpy()).max())
     assert n_ais == 69
-    assert sum(sizes) == n_ais  # one prompt per AIS instance...
+    n_seeds = int(apg_seeds(maps.numpy(), REAL).max())
+    assert sum(sizes) == n_seeds  # one prompt per seed...
     assert max(sizes) <= session.predictor.max_batch  # ...in bounded decoder calls
     assert labels.dtype == np.uint32 and labels.shape == expected["image"].shape
     ids, counts = np.unique(labels, return_counts=True)
@@ -321,6 +386,47 @@ def test_real_path_one_embedding_for_both_decoders(real_run, expected):
     ids = ids[ids != 0]  # (the random weights' masks may cover the whole slice)
     assert list(ids) == list(range(1, len(ids) + 1)) and len(ids) >= 1
     assert counts.min() >= REAL.min_size
+
+
+# -- against micro-sam's own APG (tests/data/microsam_apg.npz, made with micro-sam 1.8.14) -------
+
+
+@pytest.fixture(scope="module")
+def microsam_apg():
+    return dict(np.load(Path(__file__).parent / "data" / "microsam_apg.npz"))
+
+
+def test_points_are_micro_sams(expected, microsam_apg):
+    """From micro-sam's maps of the fixture image, the same point prompts in the same order."""
+    maps = np.stack([expected["decoder/" + n] for n in MAPS])
+    prompts, seeds = apg_prompts(maps)
+    ours = np.array([p.points[0] for p in prompts])
+    assert len(ours) == seeds.max() == len(microsam_apg["points"])
+    assert np.array_equal(ours, microsam_apg["points"])
+
+
+def _reference_crops(ref) -> list[MaskCrop]:
+    bits = np.unpackbits(ref["mask_bits"]).astype(bool)
+    crops, at = [], 0
+    for (r0, c0, r1, c1), iou, stab in zip(ref["mask_boxes"], ref["iou"], ref["stability"]):
+        n = int((r1 - r0) * (c1 - c0))
+        crops.append(MaskCrop(int(r0), int(c0), bits[at : at + n].reshape(r1 - r0, c1 - c0), float(iou), float(stab)))
+        at += n
+    return crops
+
+
+@pytest.mark.parametrize("key, params", [
+    ("nms/iou", APGParams()),
+    ("nms/iomin", APGParams(intersection_over_min=True)),
+])
+def test_selection_is_micro_sams(expected, microsam_apg, key, params):
+    """162 masks made from the fixture's objects (grown, shrunk, shifted, joined, small, on the
+    border) with drawn scores: micro-sam's apply_nms labels exactly, ids included."""
+    crops = _reference_crops(microsam_apg)
+    labels = select_masks(crops, expected["gt_labels"].shape, params)
+    assert labels.max() >= 60
+    assert np.array_equal(labels, microsam_apg[key])
+    assert np.array_equal(select_masks(crops[::-1], labels.shape, params), labels)  # the order given does not matter
 
 
 @pytest.mark.slow
@@ -383,13 +489,13 @@ def test_cli_auto_mode_apg_flags_reach_the_batch_api(tmp_path, monkeypatch):
     monkeypatch.setattr(batch, "segment_stack_auto", lambda data, **kw: seen.update(kw))
     code = cli.main(["auto", str(stack), "-o", str(tmp_path / "l.tif"), "--mode", "apg",
                      "--apg-prompts", "point+box", "--nms-threshold", "0.7", "--apg-min-iou", "0.3",
-                     "--apg-min-stability", "0.2", "--apg-multimask", "--min-size", "9",
+                     "--apg-min-stability", "0.2", "--apg-multimask", "--apg-refine", "--min-size", "9",
                      "--center-distance-threshold", "0.4", "--no-progress"])
     assert code == 0
     assert seen["mode"] == "apg"
     assert seen["apg_params"] == APGParams(center_distance_threshold=0.4, prompts="point+box",
                                            nms_threshold=0.7, min_iou=0.3, min_stability=0.2,
-                                           multimask=True, min_size=9)
+                                           multimask=True, refine_with_boxes=True, min_size=9)
     assert seen["ais_params"].min_size == 9
     code = cli.main(["auto", str(stack), "-o", str(tmp_path / "m.tif"), "--no-progress"])
     assert code == 0 and seen["mode"] == "auto"

@@ -1,4 +1,5 @@
-"""micro-sam models on a dask cluster: AIS, APG and prompts give the local path's labels.
+"""micro-sam models on a dask cluster: AIS (whole and tiled slices), APG and prompts give the local
+path's labels.
 
 The model is the micro-sam fixture (random weights in micro-sam's file layout, with its AIS
 decoder), loaded as ``vit_t_lm`` by a worker PROCESS of a ``LocalCluster`` and by this process,
@@ -66,6 +67,23 @@ def test_ais_and_auto_on_the_cluster_equal_local(client, model, stack):
     ais = batch.segment_stack_auto(stack, model=model, mode="ais")
     assert ais.max() >= 2 and _positive(ais[1]) > 0  # objects on both slices
     assert np.array_equal(ais, batch.segment_stack_auto(stack, model=model, mode="auto", client=client))
+
+
+@pytest.mark.slow
+def test_tiled_ais_on_the_cluster_equals_local(client, model, msdir):
+    """A slice larger than the tile runs AIS tile by tile on the worker as here: each tile's own
+    micro-sam input and embedding, the maps stitched, one watershed. Tiles of 256 pixels with a
+    halo of 32 cut the 448 x 448 slice into 4 tiles."""
+    from napari_mobilesam.core.tiles import TileGrid
+
+    big = np.load(msdir / "microsam_expected.npz")["tiled/image"][:448, :448][None]
+    assert len(TileGrid(big.shape[1:], 256, 32).tiles) == 4
+    local = batch.segment_stack_auto(big, model=model, mode="ais", tile=256, halo=32)
+    assert local.max() >= 2
+    remote = batch.segment_stack_auto(big, model=model, mode="ais", tile=256, halo=32, client=client)
+    assert np.array_equal(local, remote)
+    whole = batch.segment_stack_auto(big, model=model, mode="ais", tile=None)
+    assert not np.array_equal(local, whole)  # the check can tell whether the tiles were used
 
 
 @pytest.mark.slow

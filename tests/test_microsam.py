@@ -517,7 +517,11 @@ def test_session_ais_reuses_the_clicked_embedding_and_the_decoded_maps(lm_openvi
     from napari_mobilesam.core.session import Session
     from napari_mobilesam.models.ais_decoder import MAPS_CACHE
     from napari_mobilesam.volume.apg import APGParams
-    from napari_mobilesam.volume.instance import AISParams, decoder_maps, instances_from_maps
+    from napari_mobilesam.volume.instance import (
+        AISParams,
+        decoder_maps,
+        instances_from_maps,
+    )
 
     image = expected["image"]
     MAPS_CACHE.clear()

@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="APG: masks overlapping a better one by more than this IoU are duplicates")
     auto.add_argument("--apg-multimask", action="store_true",
                       help="APG: ask SAM for three masks per prompt and keep the best-scored")
+    auto.add_argument("--apg-refine", action="store_true",
+                      help="APG: decode once more with each mask's box and keep those masks "
+                           "(micro-sam's refine_with_box_prompts)")
 
     dist = sub.add_parser(
         "distill",
@@ -342,7 +345,7 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
         ais = AISParams(**seeds, min_size=args.min_size or 0)
         apg = APGParams(**seeds, prompts=args.apg_prompts, min_iou=args.apg_min_iou,
                         min_stability=args.apg_min_stability, nms_threshold=args.nms_threshold,
-                        multimask=args.apg_multimask,
+                        multimask=args.apg_multimask, refine_with_boxes=args.apg_refine,
                         **({} if args.min_size is None else {"min_size": args.min_size}))
         batch.segment_stack_auto(data, params=params, client=client, ais_params=ais, resume=args.resume,
                                  mode=args.mode, apg_params=apg, **common)

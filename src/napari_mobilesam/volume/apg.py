@@ -8,18 +8,28 @@ micro-sam's second automatic mode for models with an instance-segmentation decod
    that goes with the predictor's (same model and memory budget);
 2. the AIS decoder turns it into foreground, centre-distance and boundary-distance maps
    (:mod:`napari_mobilesam.models.ais_decoder`);
-3. :func:`apg_prompts` — the AIS seeds (as :func:`~napari_mobilesam.volume.instance.instances_from_maps`
-   finds them: smoothed maps, both distances below their thresholds inside the foreground,
-   8-connected components) give one prompt per AIS instance: a positive point at the seed pixel
-   with the smallest centre distance and/or the box of the instance the seeded watershed grows;
+3. :func:`apg_prompts` — micro-sam's prompt derivation: seeds are the 4-connected regions where
+   both distance maps lie below their thresholds and the foreground map reaches its own (the maps
+   as the decoder gives them, not smoothed as AIS smooths them); each seed gives a positive point
+   at its centre, the seed pixel farthest from the seeds' outlines and the slice border
+   (:func:`seed_centres`);
 4. the prompts are decoded by SAM's prompt encoder and mask decoder on the SAME embedding (cache
    hit), ``batch_size`` prompts per predictor call (the predictor splits further into its own
-   bounded batches); only each mask's bounding-box crop is kept, so memory follows the objects;
-5. :func:`select_masks` — masks below ``min_iou`` / ``min_stability`` / ``min_size`` are dropped,
-   greedy non-maximum suppression on mask IoU (or intersection over the smaller mask) with
-   ``nms_threshold`` removes duplicates (highest predicted IoU first), and the survivors are
-   painted largest first, so smaller objects stay visible on top (micro-sam's order); fragments
-   left smaller than ``min_size`` are removed and ids made consecutive.
+   bounded batches); each prompt's mask (the best-scored of three with ``multimask``) is kept as
+   its bounding-box crop, so memory follows the objects; ``refine_with_boxes`` decodes the boxes
+   of those masks once more, as micro-sam's ``refine_with_box_prompts``;
+5. :func:`select_masks` — micro-sam's ``apply_nms``: masks of at most ``min_size`` pixels are
+   dropped, greedy non-maximum suppression on mask IoU (or intersection over the smaller mask)
+   with ``nms_threshold`` removes duplicates (highest predicted IoU x stability first), the
+   survivors are painted largest first, each only where no larger one lies, every 4-connected
+   piece becomes an object, pieces under ``min_size`` are removed and ids made consecutive.
+
+Checked against micro-sam 1.8.14 itself (``tests/data/microsam_apg.npz``): the same points, in the
+same order, and the same selection labels, ids included. Kept on purpose: when the painted objects
+leave no background, micro-sam's relabelling turns its first object into background; ours keeps it. Extras of ours, off by
+default: smoothing the maps first, box prompts from the AIS watershed, ``min_iou`` /
+``min_stability`` filters. Not offered: micro-sam's ``mask_threshold`` (masks are SAM's logits > 0,
+micro-sam's default) and custom ``prompt_function``.
 
 Tiled slices (a :class:`~napari_mobilesam.core.tiles.TiledPredictor`) run APG tile by tile and
 keep each object in the tile whose core holds its centre
@@ -52,7 +62,11 @@ __all__ = [
     "MicroSAMInput",
     "PROMPT_KINDS",
     "apg_prompts",
+    "apg_seeds",
+    "box_prompts",
     "decode_prompts",
+    "extended_box",
+    "seed_centres",
     "select_masks",
     "segment_slice_apg",
     "segment_stack_apg",
@@ -64,30 +78,42 @@ PROMPT_KINDS = ("point", "box", "point+box")
 
 @dataclass(frozen=True)
 class APGParams:
-    """Parameters of automatic prompt generation (defaults: micro-sam's APG).
+    """Parameters of automatic prompt generation (defaults: micro-sam 1.8.14's
+    ``AutomaticPromptGenerator.generate``; the settings marked *ours* are extras that micro-sam
+    does not have, off by default).
 
     Attributes
     ----------
     center_distance_threshold, boundary_distance_threshold, foreground_threshold : float
-        The AIS seed thresholds (0..1): a seed is a connected region where both smoothed distance
-        maps are below theirs inside the foreground (smoothed foreground above its threshold).
+        The seed thresholds (0..1): a seed is a 4-connected region where both distance maps are
+        below theirs and the foreground map is at least its threshold.
     foreground_smoothing, distance_smoothing : float
-        Gaussian sigmas (pixels) of the AIS post-processing; 0 skips the smoothing.
+        *Ours*: Gaussian sigmas (pixels) applied to the maps before the seeds are found, as AIS
+        does. micro-sam's APG reads the decoder's maps unsmoothed (0, the default).
     prompts : {"point", "box", "point+box"}
-        Each instance is prompted with a point at its seed, the box of its watershed region, or both.
+        ``"point"`` (micro-sam): a positive point at the centre of each seed (the seed pixel
+        farthest from the seed's outline and from the slice border). *Ours*: ``"box"`` or
+        ``"point+box"`` prompt each seed with the box of the region the seeded watershed grows
+        from it (extended by ``box_extension``).
+    refine_with_boxes : bool
+        micro-sam's ``refine_with_box_prompts``: decode once more with the box of each first mask
+        (extended by ``box_extension``) and keep those masks instead.
     box_extension : float
-        Boxes are grown by this fraction of their size on every side (clipped to the slice).
+        Boxes are grown by this fraction of their size on every side, clipped to the slice
+        (micro-sam's 0.01).
     multimask : bool
-        Ask SAM for three masks per prompt and keep the best-scored (default: the single mask).
+        micro-sam's ``multimasking``: ask SAM for three masks per prompt and keep the one with the
+        highest predicted IoU (default: the single mask).
     min_iou, min_stability : float
-        Masks with a lower predicted IoU / stability score are dropped (0: keep all).
+        *Ours*: masks with a lower predicted IoU / stability score are dropped (0: keep all).
     nms_threshold : float
-        A mask overlapping a better one by more than this is a duplicate (mask IoU, 0..1).
+        A mask overlapping a better one (higher predicted IoU x stability) by more than this is
+        a duplicate (mask IoU, 0..1).
     intersection_over_min : bool
-        Measure overlap as intersection over the smaller mask instead of IoU (suppresses masks
-        lying inside others).
+        Measure overlap as intersection over the smaller mask instead of IoU.
     min_size : int
-        Smallest object in pixels, before and after painting (0: keep all).
+        Masks of at most this many pixels are dropped before NMS, pieces of fewer pixels after
+        painting (0: keep all).
     batch_size : int
         Prompts per predictor call (the predictor decodes in its own bounded batches within).
     """
@@ -95,10 +121,11 @@ class APGParams:
     center_distance_threshold: float = 0.5
     boundary_distance_threshold: float = 0.5
     foreground_threshold: float = 0.5
-    foreground_smoothing: float = 1.0
-    distance_smoothing: float = 1.6
+    foreground_smoothing: float = 0.0
+    distance_smoothing: float = 0.0
     prompts: str = "point"
-    box_extension: float = 0.0
+    refine_with_boxes: bool = False
+    box_extension: float = 0.01
     multimask: bool = False
     min_iou: float = 0.0
     min_stability: float = 0.0
@@ -124,7 +151,7 @@ class APGParams:
         for name, low in (("min_size", 0), ("batch_size", 1)):
             if not (number(v := getattr(self, name), integer=True) and v >= low):
                 raise InputError(f"APG {name} must be a whole number >= {low}, got {v!r}")
-        for name in ("multimask", "intersection_over_min"):
+        for name in ("multimask", "intersection_over_min", "refine_with_boxes"):
             if not isinstance(v := getattr(self, name), (bool, np.bool_)):
                 raise InputError(f"APG {name} must be True or False, got {v!r}")
 
@@ -132,7 +159,7 @@ class APGParams:
         return asdict(self)
 
     def ais_params(self) -> AISParams:
-        """The AIS post-processing these seeds come from (no size filter: every seed is prompted)."""
+        """The AIS watershed the ``"box"`` prompts come from (no size filter: every seed is prompted)."""
         return AISParams(self.center_distance_threshold, self.boundary_distance_threshold,
                          self.foreground_threshold, self.foreground_smoothing, self.distance_smoothing, 0)
 
@@ -154,22 +181,55 @@ class APGParams:
 
 # --------------------------------------------------------------------------- prompts from maps
 
+#: micro-sam computes the seed centres' distance transform in blocks of this size, each with this
+#: halo (python-elf's parallel distance transform): distances farther than the halo past a block
+#: edge are cut short there, and the centres follow.
+EDT_BLOCK, EDT_HALO = 512, 16
 
-def apg_prompts(maps: np.ndarray, params: APGParams | None = None) -> tuple[list[Prompt], np.ndarray]:
-    """One prompt per AIS instance of the decoder's ``(3, H, W)`` maps (foreground, centre and
-    boundary distances).
 
-    Returns ``(prompts, instances)``: ``prompts[i]`` belongs to instance ``i + 1`` of
-    ``instances``, the ``(H, W)`` uint64 AIS labels without size filter (equal to
-    ``instances_from_maps(*maps, params.ais_params())``; seeds numbered in row-major order).
-    Points are ``(row, col)`` at the seed pixel with the smallest smoothed centre distance; boxes
-    ``(row0, col0, row1, col1)`` span the instance's pixels (inclusive), grown by
-    ``box_extension``, and at least one pixel wide.
-    """
+def _blockwise_edt(inside: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each True pixel to the nearest False one (float32), computed in
+    ``EDT_BLOCK`` blocks with an ``EDT_HALO`` halo as micro-sam does (exact for a slice of at most
+    one block)."""
+    h, w = inside.shape
+    if h <= EDT_BLOCK and w <= EDT_BLOCK:
+        return ndi.distance_transform_edt(inside).astype(np.float32)
+    out = np.empty((h, w), np.float32)
+    for r in range(0, h, EDT_BLOCK):
+        for c in range(0, w, EDT_BLOCK):
+            r0, c0 = max(r - EDT_HALO, 0), max(c - EDT_HALO, 0)
+            r1, c1 = min(r + EDT_BLOCK + EDT_HALO, h), min(c + EDT_BLOCK + EDT_HALO, w)
+            d = ndi.distance_transform_edt(inside[r0:r1, c0:c1])
+            rh, cw = min(EDT_BLOCK, h - r), min(EDT_BLOCK, w - c)
+            out[r : r + rh, c : c + cw] = d[r - r0 : r - r0 + rh, c - c0 : c - c0 + cw]
+    return out
+
+
+def seed_centres(seeds: np.ndarray, n: int) -> np.ndarray:
+    """``(n, 2)`` (row, col) centre of each seed 1..n, as micro-sam picks it: the pixel with the
+    largest distance to the seeds' outer outlines (and to the slice border), the first such in
+    row-major order."""
+    from skimage.segmentation import find_boundaries
+
+    inside = ~find_boundaries(seeds, mode="outer")
+    inside[0, :] = inside[-1, :] = False
+    inside[:, 0] = inside[:, -1] = False
+    dist = _blockwise_edt(inside)
+    points = np.zeros((n, 2))
+    for i, sl in enumerate(ndi.find_objects(seeds, max_label=n)):
+        if sl is None:
+            continue
+        d = np.where(seeds[sl] == i + 1, dist[sl], 0)
+        k = np.unravel_index(int(np.argmax(d)), d.shape)
+        points[i] = sl[0].start + k[0], sl[1].start + k[1]
+    return points
+
+
+def apg_seeds(maps: np.ndarray, params: APGParams | None = None) -> np.ndarray:
+    """The ``(H, W)`` int32 seeds (1..n, row-major order of first occurrence) of the decoder's
+    ``(3, H, W)`` maps: 4-connected regions where both distance maps lie below their thresholds
+    and the foreground map reaches its threshold (micro-sam's APG; smoothed first only when asked)."""
     from skimage.measure import label
-    from skimage.segmentation import watershed
-
-    from ..core.predictor import Prompt
 
     p = params or APGParams()
     maps = np.asarray(maps)
@@ -178,39 +238,61 @@ def apg_prompts(maps: np.ndarray, params: APGParams | None = None) -> tuple[list
     fg = smooth(maps[0], p.foreground_smoothing)
     center = smooth(maps[1], p.distance_smoothing)
     boundary = smooth(maps[2], p.distance_smoothing)
-    mask = fg > p.foreground_threshold
-    seeds = label((center < p.center_distance_threshold) & (boundary < p.boundary_distance_threshold) & mask,
-                  connectivity=2)
+    hit = (center < p.center_distance_threshold) & (boundary < p.boundary_distance_threshold)
+    hit &= fg >= p.foreground_threshold
+    return label(hit, connectivity=1).astype(np.int32)
+
+
+def apg_prompts(maps: np.ndarray, params: APGParams | None = None) -> tuple[list[Prompt], np.ndarray]:
+    """One prompt per seed of the decoder's ``(3, H, W)`` maps (foreground, centre and boundary
+    distances).
+
+    Returns ``(prompts, seeds)``: ``prompts[i]`` belongs to seed ``i + 1`` of ``seeds``
+    (:func:`apg_seeds`). Points are ``(row, col)`` at the seed's centre (:func:`seed_centres`);
+    boxes (``prompts="box"`` or ``"point+box"``) ``(row0, col0, row1, col1)`` span the region the
+    seeded watershed grows from the seed (:func:`~napari_mobilesam.volume.instance.instances_from_maps`'s
+    watershed on these seeds), grown by ``box_extension``.
+    """
+    from ..core.predictor import Prompt
+
+    p = params or APGParams()
+    seeds = apg_seeds(maps, p)
     n = int(seeds.max())
     if n == 0:
-        return [], np.zeros(seeds.shape, np.uint64)
-    instances = watershed(boundary, markers=seeds, mask=mask, connectivity=1).astype(np.uint64)
-    ids = np.arange(1, n + 1)
-    points = np.asarray(ndi.minimum_position(center, seeds, ids), float).reshape(n, 2)
-    boxes = _instance_boxes(instances, n, p.box_extension) if p.prompts != "point" else None
+        return [], seeds
+    points = seed_centres(seeds, n) if p.prompts != "box" else None
+    boxes = None
+    if p.prompts != "point":
+        from skimage.segmentation import watershed
+
+        fg = smooth(np.asarray(maps[0]), p.foreground_smoothing)
+        boundary = smooth(np.asarray(maps[2]), p.distance_smoothing)
+        grown = watershed(boundary, markers=seeds, mask=fg >= p.foreground_threshold, connectivity=1)
+        boxes = [None if sl is None else extended_box(sl[0].start, sl[1].start, sl[0].stop - 1,
+                                                      sl[1].stop - 1, p.box_extension, seeds.shape)
+                 for sl in ndi.find_objects(grown, max_label=n)]
     one = np.ones(1, int)
     prompts = []
     for i in range(n):
-        pt = None if p.prompts == "box" else points[i][None]
+        pt = None if points is None else points[i][None]
         prompts.append(Prompt(points=pt, labels=None if pt is None else one,
                               box=None if boxes is None else boxes[i], multimask=bool(p.multimask)))
-    return prompts, instances
+    return prompts, seeds
 
 
-def _instance_boxes(instances: np.ndarray, n: int, extension: float) -> np.ndarray:
-    """``(n, 4)`` (row0, col0, row1, col1) boxes of labels 1..n, grown and clipped to the slice."""
-    h, w = instances.shape
-    boxes = np.zeros((n, 4))
-    for i, sl in enumerate(ndi.find_objects(instances.astype(np.int64), max_label=n)):
-        r0, r1, c0, c1 = sl[0].start, sl[0].stop - 1, sl[1].start, sl[1].stop - 1
-        dr, dc = extension * (r1 - r0 + 1), extension * (c1 - c0 + 1)
-        r0, r1, c0, c1 = r0 - dr, r1 + dr, c0 - dc, c1 + dc
-        if r1 - r0 < 1:  # a box needs an area: widen a one-pixel-thin one by half a pixel
-            r0, r1 = r0 - 0.5, r1 + 0.5
-        if c1 - c0 < 1:
-            c0, c1 = c0 - 0.5, c1 + 0.5
-        boxes[i] = (max(r0, -0.5), max(c0, -0.5), min(r1, h - 0.5), min(c1, w - 0.5))
-    return boxes
+def extended_box(r0: int, c0: int, r1: int, c1: int, extension: float,
+                 shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The box of the pixels ``r0..r1`` x ``c0..c1`` (inclusive) grown by ``extension`` times its
+    extent on every side (micro-sam's box prompts: extent = last - first pixel), clipped to the
+    slice; a box one pixel thin is widened by half a pixel each way (SAM needs an area)."""
+    h, w = shape
+    dr, dc = extension * (r1 - r0), extension * (c1 - c0)
+    b0, b1, a0, a1 = r0 - dr, r1 + dr, c0 - dc, c1 + dc
+    if b1 - b0 < 1:
+        b0, b1 = b0 - 0.5, b1 + 0.5
+    if a1 - a0 < 1:
+        a0, a1 = a0 - 0.5, a1 + 0.5
+    return max(b0, -0.5), max(a0, -0.5), min(b1, h - 0.5), min(a1, w - 0.5)
 
 
 # --------------------------------------------------------------------------- decoding and selection
@@ -234,6 +316,11 @@ class MaskCrop:
     def box(self) -> tuple[int, int, int, int]:
         """(row0, col0, row1, col1), ends exclusive."""
         return self.row, self.col, self.row + self.mask.shape[0], self.col + self.mask.shape[1]
+
+    @property
+    def score(self) -> float:
+        """micro-sam's NMS score: predicted IoU x stability, in float32 as micro-sam computes it."""
+        return float(np.float32(self.iou) * np.float32(self.stability))
 
 
 def _crop(mask: np.ndarray, iou: float, stability: float) -> MaskCrop | None:
@@ -261,34 +348,59 @@ def decode_prompts(predictor: Any, z: int, prompts: list[Prompt], batch_size: in
     return out
 
 
+def box_prompts(crops: Iterable[MaskCrop | None], shape: tuple[int, int],
+                params: APGParams | None = None) -> list[Prompt | None]:
+    """micro-sam's refinement prompts: the box of each decoded mask grown by ``box_extension``
+    (None where the mask was empty)."""
+    from ..core.predictor import Prompt
+
+    p = params or APGParams()
+    out: list[Prompt | None] = []
+    for c in crops:
+        if c is None:
+            out.append(None)
+            continue
+        r0, c0, r1, c1 = c.box
+        out.append(Prompt(box=extended_box(r0, c0, r1 - 1, c1 - 1, p.box_extension, shape),
+                          multimask=bool(p.multimask)))
+    return out
+
+
 def _overlap(a: MaskCrop, b: MaskCrop, over_min: bool) -> float:
     ar0, ac0, ar1, ac1 = a.box
     br0, bc0, br1, bc1 = b.box
     r0, c0, r1, c1 = max(ar0, br0), max(ac0, bc0), min(ar1, br1), min(ac1, bc1)
-    if r0 >= r1 or c0 >= c1:
+    # micro-sam compares two masks only when their boxes (first to last pixel) overlap with an
+    # area: boxes sharing a single row or column count as apart
+    if r1 - r0 <= 1 or c1 - c0 <= 1:
         return 0.0
     inter = int(np.count_nonzero(a.mask[r0 - ar0 : r1 - ar0, c0 - ac0 : c1 - ac0]
                                  & b.mask[r0 - br0 : r1 - br0, c0 - bc0 : c1 - bc0]))
     if inter == 0:
         return 0.0
-    denom = min(a.area, b.area) if over_min else a.area + b.area - inter
-    return inter / denom
+    if over_min:
+        return inter / (min(a.area, b.area) + 1e-6)
+    return inter / (a.area + b.area - inter)
 
 
 def select_masks(crops: Iterable[MaskCrop | None], shape: tuple[int, int],
                  params: APGParams | None = None) -> np.ndarray:
-    """Filter, de-duplicate and paint decoded masks into ``(H, W)`` uint32 labels (ids 1..N).
+    """Filter, de-duplicate and paint decoded masks into ``(H, W)`` uint32 labels (ids 1..N), as
+    micro-sam's ``apply_nms`` does.
 
-    Masks below ``min_iou``, ``min_stability`` or ``min_size`` are dropped; greedy NMS keeps the
-    mask with the highest predicted IoU (then stability, then size) and removes every mask
-    overlapping a kept one by more than ``nms_threshold``; the kept masks are painted largest
-    first (smaller objects on top), fragments left under ``min_size`` pixels are removed and ids
-    numbered 1..N in painting order.
+    Masks of at most ``min_size`` pixels (and, ours, below ``min_iou`` or ``min_stability``) are
+    dropped; greedy NMS keeps the mask with the highest score (predicted IoU x stability) and
+    removes every mask overlapping a kept one by more than ``nms_threshold``; the kept masks are
+    painted largest first, each only where no larger one lies; every 4-connected piece of a
+    painted mask becomes its own object, pieces of fewer than ``min_size`` pixels are removed and
+    the ids numbered 1..N in row-major order of first occurrence.
     """
+    from skimage.measure import label
+
     p = params or APGParams()
     cands = [c for c in crops if c is not None and c.iou >= p.min_iou and c.stability >= p.min_stability
-             and c.area >= max(p.min_size, 1)]
-    cands.sort(key=lambda c: (-c.iou, -c.stability, -c.area))
+             and c.area > p.min_size]
+    cands.sort(key=lambda c: -c.score)
     kept: list[MaskCrop] = []
     for c in cands:
         if all(_overlap(c, k, p.intersection_over_min) <= p.nms_threshold for k in kept):
@@ -297,15 +409,17 @@ def select_masks(crops: Iterable[MaskCrop | None], shape: tuple[int, int],
     labels = np.zeros(shape, np.uint32)
     for i, c in enumerate(kept, start=1):
         r0, c0, r1, c1 = c.box
-        labels[r0:r1, c0:c1][c.mask] = i
+        view = labels[r0:r1, c0:c1]
+        view[c.mask & (view == 0)] = i
     if not kept:
         return labels
-    sizes = np.bincount(labels.ravel(), minlength=len(kept) + 1)
-    keep = sizes >= max(p.min_size, 1)
+    pieces = label(labels, background=0, connectivity=1)
+    sizes = np.bincount(pieces.ravel())
+    keep = sizes >= p.min_size
     keep[0] = True
-    new_ids = np.zeros(len(kept) + 1, np.uint32)
+    new_ids = np.zeros(len(sizes), np.uint32)
     new_ids[keep] = np.arange(int(keep.sum()), dtype=np.uint32)
-    return new_ids[labels]
+    return new_ids[pieces]
 
 
 # --------------------------------------------------------------------------- the model's input
@@ -418,7 +532,14 @@ def _segment_untiled(predictor: Any, z: int, p: APGParams, decoder: Any, maps: A
     if maps.shape[1:] != shape:
         raise InputError(f"APG maps are {maps.shape[1:]} but slice {z} is {shape}")
     prompts, _ = apg_prompts(maps, p)
-    return select_masks(decode_prompts(predictor, z, prompts, p.batch_size), shape, p)
+    crops = decode_prompts(predictor, z, prompts, p.batch_size)
+    if p.refine_with_boxes:
+        boxes = box_prompts(crops, shape, p)
+        todo = [i for i, b in enumerate(boxes) if b is not None]
+        crops = [None] * len(crops)
+        for i, crop in zip(todo, decode_prompts(predictor, z, [boxes[i] for i in todo], p.batch_size)):
+            crops[i] = crop
+    return select_masks(crops, shape, p)
 
 
 def segment_slice_apg(predictor: Any, z: int, params: APGParams | dict | None = None, decoder: Any = None,
