@@ -487,7 +487,7 @@ def test_cli_auto_mode_apg_flags_reach_the_batch_api(tmp_path, monkeypatch):
     tifffile.imwrite(stack, np.zeros((2, 32, 32), np.uint16))
     seen = {}
     monkeypatch.setattr(batch, "segment_stack_auto", lambda data, **kw: seen.update(kw))
-    code = cli.main(["auto", str(stack), "-o", str(tmp_path / "l.tif"), "--mode", "apg",
+    code = cli.main(["auto", str(stack), "-o", str(tmp_path / "l.tif"), "--mode", "apg", "--model", "vit_t_lm",
                      "--apg-prompts", "point+box", "--nms-threshold", "0.7", "--apg-min-iou", "0.3",
                      "--apg-min-stability", "0.2", "--apg-multimask", "--apg-refine", "--min-size", "9",
                      "--center-distance-threshold", "0.4", "--no-progress"])
