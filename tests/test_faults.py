@@ -184,25 +184,36 @@ def test_sigterm_mid_run_cleans_up(inputs, tmp_path):
     assert out.read_bytes() == OLD and _leftovers(tmp_path) == []
 
 
-def test_an_interruption_wrapped_by_python_is_still_an_interruption(monkeypatch, capsys):
+WRAPPED = """
+import os, signal, sys, time
+from napari_mobilesam import cli
+
+class Slow:
+    def __set_name__(self, owner, name):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises inside this call
+
+def run(args):
+    type("Defined", (), {"field": Slow()})
+    raise AssertionError("not reached")
+
+cli._run = run
+code = cli.main(["segment", "x.tif", "--prompts", "p.csv", "-o", "o.tif"])
+print("code", code, "handler restored", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+"""
+
+
+def test_an_interruption_wrapped_by_python_is_still_an_interruption(tmp_path):
     """SIGTERM landing inside a class definition reaches the command as Python's RuntimeError
     ("Error calling __set_name__"): still exit 130 and "interrupted", no traceback (seen when the
-    signal came during a run's first imports)."""
-
-    class Slow:
-        def __set_name__(self, owner, name):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the handler raises inside this call
-
-    def run(args):
-        type("Defined", (), {"field": Slow()})
-        raise AssertionError("not reached")
-
-    monkeypatch.setattr(cli, "_run", run)
-    assert cli.main(["segment", "x.tif", "--prompts", "p.csv", "-o", "o.tif"]) == cli.EXIT_INTERRUPTED
-    err = capsys.readouterr().err
-    assert "interrupted" in err and "Traceback" not in err
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    signal came during a run's first imports). In a child process: the signal handler needs a
+    main thread of its own."""
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", WRAPPED], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"code {cli.EXIT_INTERRUPTED} handler restored True" in done.stdout, done.stdout + done.stderr
+    assert "interrupted" in done.stderr and "Traceback" not in done.stderr
 
 
 CHILD = """
