@@ -40,11 +40,14 @@ def nuclei_stack():
     return synthetic_nuclei()
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Keep every test's weights/IR/embedding caches out of the user's home directory."""
-    cache = tmp_path_factory.getbasetemp() / "napari-mobilesam-cache"
-    monkeypatch.setenv("NAPARI_MOBILESAM_CACHE", str(cache))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep the weights/IR/embedding caches out of the user's home directory: one cache folder for
+    the session (per xdist worker), set before any fixture runs, so module-scoped models (and the
+    dask workers they start) convert into the same folder the tests read, once."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NAPARI_MOBILESAM_CACHE", str(tmp_path_factory.getbasetemp() / "napari-mobilesam-cache"))
+        yield
 
 
 @pytest.fixture(scope="session")
