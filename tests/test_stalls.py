@@ -266,49 +266,6 @@ def test_the_real_decoder_never_runs_on_the_gui_thread(make_napari_viewer, qtbot
 
 
 @pytest.mark.gui
-def test_a_large_write_is_spread_over_event_loop_turns_as_one_undo_step(qtbot):
-    """write_in_steps: the same labels as one write, one undo step, written over several turns of
-    the event loop (a timer fires between steps)."""
-    import numpy as np
-    from napari.layers import Labels
-    from qtpy.QtCore import QTimer
-
-    from napari_mobilesam._napari import label_writes as lw
-    from napari_mobilesam._napari.long_tasks import (
-        PropagationRun,
-        WritePlan,
-        prepare_write,
-        write_in_steps,
-    )
-
-    existing = np.zeros((6, 64, 64), np.int32)
-    existing[2, :10, :10] = 4
-    volume = np.zeros((6, 64, 64), np.uint8)
-    volume[1:5, 5:40, 5:40] = 1
-    volume[3, 45:60, 45:60] = 2
-    ours, reference = Labels(existing.copy()), Labels(existing.copy())
-    index, values, written = prepare_write(ours, WritePlan.of(volume), PropagationRun([], "t", keep_ids=False), True)
-    ticks, finished = [], []
-    timer = QTimer()
-    timer.timeout.connect(lambda: ticks.append(len(finished)))
-    timer.start(0)
-    write_in_steps(ours, index, values, finished.append, step=500, turn_s=0.0)  # a turn per step
-    assert not finished, "a write of many steps returned before the event loop ran"
-    qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
-    timer.stop()
-    assert finished == [None] and len(ticks) >= 2
-    ids = lw.write_volume_labels(reference, volume, keep_existing=True)
-    assert written == dict(zip([1, 2], ids))
-    np.testing.assert_array_equal(ours.data, reference.data)
-    ours.undo()
-    np.testing.assert_array_equal(ours.data, existing)
-    small = []
-    write_in_steps(ours, index, values, small.append)  # one step: written at once
-    assert small == [None]
-    np.testing.assert_array_equal(ours.data, reference.data)
-
-
-@pytest.mark.gui
 @pytest.mark.parametrize("keep_ids", [False, True])
 @pytest.mark.parametrize("keep_existing", [False, True])
 def test_a_planned_write_reads_and_writes_over_turns_with_one_refresh(qtbot, keep_ids, keep_existing):
@@ -355,6 +312,10 @@ def test_a_planned_write_reads_and_writes_over_turns_with_one_refresh(qtbot, kee
     assert len(refreshes) == 1 and not partial, (len(refreshes), len(partial))
     ours.undo()
     np.testing.assert_array_equal(ours.data, existing)
+    small = []  # a plan of one step is written at once, before the call returns
+    write_plan_in_steps(ours, WritePlan.of(volume), run, keep_existing, lambda exc, ids: small.append(exc))
+    assert small == [None]
+    np.testing.assert_array_equal(ours.data, reference.data)
     with pytest.raises(ValueError, match="does not fit"):
         write_plan_in_steps(ours, WritePlan.of(volume[:3]), run, keep_existing, lambda *a: None)
 

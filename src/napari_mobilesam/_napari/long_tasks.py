@@ -27,7 +27,6 @@ __all__ = [
     "PropagationRun",
     "write_propagation",
     "prepare_write",
-    "write_in_steps",
     "write_plan_in_steps",
     "WritePlan",
     "describe_propagation",
@@ -311,36 +310,10 @@ class _write_steps:  # noqa: N801 - used like a generator function
             yield index, values
 
 
-#: Voxels handled per piece of work by :func:`write_in_steps` / :func:`write_plan_in_steps`.
+#: Voxels handled per piece of work by :func:`write_plan_in_steps`.
 WRITE_STEP = 32_768
 #: GUI-thread time a stepped write may take per event-loop turn, in seconds.
 WRITE_TURN_S = 0.015
-
-
-def write_in_steps(target, index, values, done: Callable[[BaseException | None], None],
-                   step: int = WRITE_STEP, turn_s: float = WRITE_TURN_S) -> None:
-    """Write ``values`` at ``index`` into the Labels layer ``target`` as ONE undo step, ``step``
-    voxels at a time over event-loop turns (about ``turn_s`` of work per turn), so a large write
-    never holds the GUI for long; then
-    ``done(None)`` (or ``done(exc)`` after a failed step: the steps written so far stay one undo
-    step). The layer is refreshed once, at the end (not after every step: each refresh uploads
-    the slice to the canvas and repaints the layer list's thumbnail).
-
-    A write of at most ``step`` voxels is done at once (``done`` is called before returning).
-    """
-    from . import label_writes as lw
-
-    n = len(index[0])
-    if n <= step:
-        try:
-            lw._write(target, index, values)
-        except Exception as exc:  # noqa: BLE001 - handed to done
-            done(exc)
-            return
-        done(None)
-        return
-    chunks = ((tuple(i[s:s + step] for i in index), values[s:s + step]) for s in range(0, n, step))
-    _write_over_turns(target, chunks, done, turn_s)
 
 
 def write_plan_in_steps(target, plan: WritePlan, run: PropagationRun, keep_existing: bool,
