@@ -305,8 +305,8 @@ class Session:
         decoder maps of the session's tile grid, post-processed as one image). A further mode
         plugs in here and in ``AUTO_MODES``.
 
-        AIS and APG use the session's embedding of the slice (a slice clicked on is not embedded
-        again) and the process's decoded maps (:data:`~napari_mobilesam.models.ais_decoder.MAPS_CACHE`):
+        On untiled slices AIS and APG use the session's embedding of the slice (a slice clicked on
+        is not embedded again) and the process's decoded maps (:data:`~napari_mobilesam.models.ais_decoder.MAPS_CACHE`):
         AIS again with other ``ais_params``, or APG after AIS, only post-processes.
         """
         mode = self.automatic_mode(mode)
@@ -318,11 +318,10 @@ class Session:
             from ..volume.instance import segment_slice_ais
 
             if not self.tiled:  # the maps of the session's own (float32) embedding of micro-sam's input
-                from ..volume.apg import _input_predictor, _slice_maps
-                from ..volume.instance import _decoder_of, instances_from_maps
+                from ..volume.apg import microsam_maps
+                from ..volume.instance import instances_from_maps
 
-                maps = _slice_maps(_input_predictor(self.predictor), z, _decoder_of(self.sam, None))
-                return instances_from_maps(*maps, ais_params).astype(np.int32)
+                return instances_from_maps(*microsam_maps(self.predictor, z), ais_params).astype(np.int32)
             labels = segment_slice_ais(self.sam, self.source.raw(z), ais_params, grid=self.predictor.grid)
             return labels.astype(np.int32)
         if self.tiled:

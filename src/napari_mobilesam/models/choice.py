@@ -169,7 +169,9 @@ class ModelChoice:
             raise ModelError(f"unknown backend {self.backend!r}; choose auto, openvino, torch or eager")
         if self.precision not in ("auto", "fp32", "mixed", "bf16"):
             raise ModelError(f"unknown precision {self.precision!r}; choose auto, fp32, mixed or bf16")
-        if self.ais_precision not in ("auto", "fp32", "mixed", "bf16"):
+        from .backends import AIS_PRECISIONS
+
+        if self.ais_precision not in AIS_PRECISIONS:
             raise ModelError(f"unknown AIS decoder precision {self.ais_precision!r}; "
                              "choose auto, fp32, mixed or bf16")
         device = None if self.device in (None, "", "auto") else self.device

@@ -70,6 +70,7 @@ __all__ = [
     "select_masks",
     "segment_slice_apg",
     "segment_stack_apg",
+    "microsam_maps",
 ]
 
 #: What each AIS instance is prompted with.
@@ -519,6 +520,14 @@ def _slice_maps(predictor: Any, z: int, decoder: Any) -> np.ndarray:
 
     emb = predictor.cache.get(predictor.source, z)
     return decode_maps(decoder, emb.features, emb.input_size, emb.original_size)
+
+
+def microsam_maps(predictor: Any, z: int, decoder: Any = None) -> np.ndarray:
+    """The AIS decoder's ``(3, H, W)`` maps (read-only) of slice ``z`` of an untiled ``predictor``
+    (a ``Session``'s), from its cached float32 embedding of micro-sam's input: what
+    :func:`~napari_mobilesam.volume.instance.decoder_maps` computes for the raw slice, without
+    embedding a slice the predictor already embedded, and decoded once per embedding (maps cache)."""
+    return _slice_maps(_input_predictor(predictor), z, _decoder_of(predictor.sam, decoder))
 
 
 def _segment_untiled(predictor: Any, z: int, p: APGParams, decoder: Any, maps: Any,
