@@ -434,7 +434,7 @@ def _run(args) -> int:
     return code
 
 
-#: Set when a run received SIGTERM or SIGINT (see :func:`_interrupts_noted`).
+#: Set when a run received SIGTERM or SIGINT (see :func:`_sigterm_as_interrupt`).
 _INTERRUPTED = {"signal": None}
 
 
@@ -449,10 +449,6 @@ def _sigterm_as_interrupt():
         _INTERRUPTED["signal"] = signum
         raise KeyboardInterrupt
 
-    def sigint(signum, frame):
-        _INTERRUPTED["signal"] = signum
-        raise KeyboardInterrupt
-
     _INTERRUPTED["signal"] = None
     try:
         before = signal.signal(signal.SIGTERM, interrupt)
@@ -461,7 +457,7 @@ def _sigterm_as_interrupt():
         return
     before_int = signal.getsignal(signal.SIGINT)
     if before_int is signal.default_int_handler:  # Ctrl-C as Python's default, but noted
-        signal.signal(signal.SIGINT, sigint)
+        signal.signal(signal.SIGINT, interrupt)
     try:
         yield
     finally:
