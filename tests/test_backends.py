@@ -111,6 +111,41 @@ def test_openvino_encoder_ir_cached_and_keyed_by_weights(test_sam, fresh_cache):
     assert not list((fresh_cache / "openvino").glob(".*"))  # no temporary folders left
 
 
+def test_conversion_runs_the_module_once(fresh_cache):
+    """A conversion traces the module with ONE forward pass (torch's trace check would run it
+    twice more: for the AIS decoder at 1024², most of a first start's wait), and the IR computes
+    the module's function, for one input and for a tuple of inputs."""
+    import openvino as ov
+
+    from napari_mobilesam.models.backends.openvino import openvino_ir
+
+    calls = []  # outside the module: OpenVINO may trace a copy of it
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, a, b=None):
+            calls.append(1)
+            y = torch.relu(self.conv(a))
+            return y if b is None else y * b
+
+    torch.manual_seed(0)
+    x, w = torch.rand(1, 3, 16, 16), torch.rand(1, 4, 16, 16)
+    for kind, example in (("one", x), ("pair", (x, w))):
+        module = Two().eval()
+        calls.clear()
+        xml, converted = openvino_ir(module, kind, example, img_size=16)
+        assert converted and len(calls) == 1, kind
+        compiled = ov.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        inputs = example if isinstance(example, tuple) else (example,)
+        out = compiled([t.numpy() for t in inputs])[0]
+        with torch.no_grad():
+            want = module(*inputs).numpy()
+        assert np.abs(out - want).max() < 1e-5, kind
+
+
 def test_openvino_encoder_is_thread_safe(test_sam):
     from concurrent.futures import ThreadPoolExecutor
 
