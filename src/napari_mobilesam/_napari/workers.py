@@ -13,6 +13,8 @@ from typing import Any
 
 from qtpy.QtCore import QObject, QTimer, Signal
 
+from ..core.heap import release_freed_memory
+
 __all__ = ["Task", "start_task"]
 
 
@@ -117,7 +119,10 @@ def start_task(
 
     def run():
         worker, task = holder["worker"], holder["task"]
-        return fn(relay.progressed.emit, lambda: bool(worker.abort_requested) or task.stop_requested)
+        try:
+            return fn(relay.progressed.emit, lambda: bool(worker.abort_requested) or task.stop_requested)
+        finally:
+            release_freed_memory()  # in this thread (the call releases the GIL), not the GUI's
 
     run.__name__ = run.__qualname__ = description
     worker = create_worker(run, _start_thread=False, _ignore_errors=on_error is not None)

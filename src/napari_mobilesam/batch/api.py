@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.heap import release_freed_memory
 from ..errors import InputError
 from ..io.images import open_image
 
@@ -145,6 +146,7 @@ def _input_paths(image: Any, metadata: StackMetadata | None) -> list:
 
 
 def _finish(result, viewer, name, image, metadata):
+    release_freed_memory()  # the run's freed tensors back to the system (core.heap)
     if viewer is not None:
         add_labels_layer(viewer, result, name=name, image=image, metadata=metadata)
     return result

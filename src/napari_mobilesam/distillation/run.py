@@ -272,18 +272,23 @@ def distill(
     An exception raised by ``callback`` stops the run like a cancel (the training state is saved)
     and is then re-raised.
     """
+    from ..core.heap import release_freed_memory
+
     gen = iter_distill(config, cancel=cancel)
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if callback is not None:
+    try:
+        while True:
             try:
-                callback(event)
-            except BaseException:
-                gen.close()
-                raise
+                event = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if callback is not None:
+                try:
+                    callback(event)
+                except BaseException:
+                    gen.close()
+                    raise
+    finally:
+        release_freed_memory()  # the run's freed activations back to the system (core.heap)
 
 
 if __name__ == "__main__":  # the old spelling, ``python -m napari_mobilesam.distillation.run``

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.heap import reuse_freed_memory
 from . import DECODER_ATTR
 from .checkpoint import state_dict_digest
 
@@ -250,6 +251,7 @@ def build_sam(
 
     spec = _spec(model)
     resolve_semantics(model, semantics)  # checks the value early
+    reuse_freed_memory()  # eager layers reuse freed tensor memory from here on (core.heap)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sam = spec.builder()
