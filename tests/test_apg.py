@@ -306,16 +306,16 @@ def test_a_model_without_decoder_is_refused(engine_sam_test):
 # -- the real path: micro-sam's layout, one embedding for both decoders --------------------------
 
 
-class RecordingDecoder:
-    """Wraps the real AIS decoder: counts calls and keeps the last output."""
+class DecoderCalls:
+    """Counts the real AIS decoder's forward passes (a forward hook) and keeps the last output."""
 
     def __init__(self, dec):
-        self.dec, self.calls, self.out = dec, 0, None
+        self.calls, self.out = 0, None
+        dec.register_forward_hook(self._seen)
 
-    def __call__(self, emb):
+    def _seen(self, module, args, out):
         self.calls += 1
-        self.out = self.dec(emb)
-        return self.out
+        self.out = out
 
 
 class ReplayDecoder:
@@ -337,16 +337,22 @@ def lm_sam(msdir):
                       decoder=msdir / "vit_t_decoder.pt")
 
 
-REAL = APGParams(multimask=True)  # the random weights' single-mask output is empty for points
+# multimask: the random weights' single-mask output is empty for points; a low centre-distance
+# threshold: 25 seeds instead of micro-sam's default 288 on the fixture (every prompt is a pass
+# through SAM's decoder; the seed rules themselves are checked above against micro-sam's points)
+REAL = APGParams(multimask=True, center_distance_threshold=0.01)
 
 
 @pytest.fixture(scope="module")
 def real_run(lm_sam, expected):
     from napari_mobilesam.core.session import Session
+    from napari_mobilesam.models.ais_decoder import MAPS_CACHE
     from napari_mobilesam.models.registry import ais_decoder
 
+    MAPS_CACHE.clear()  # maps of this image decoded by another test would be reused
     session = Session(lm_sam, expected["image"], cache_dir=None)
-    dec = RecordingDecoder(ais_decoder(lm_sam))
+    dec = ais_decoder(lm_sam)
+    calls = DecoderCalls(dec)
     sizes = []
     hook = lm_sam.mask_decoder.register_forward_hook(lambda m, args, kw, out: sizes.append(len(out[0])),
                                                      with_kwargs=True)
@@ -354,7 +360,7 @@ def real_run(lm_sam, expected):
         labels = segment_slice_apg(session.predictor, 0, REAL, decoder=dec)
     finally:
         hook.remove()
-    return session, dec, sizes, labels
+    return session, calls, sizes, labels
 
 
 def test_real_path_one_embedding_for_both_decoders(real_run, expected):
@@ -432,7 +438,8 @@ def test_selection_is_micro_sams(expected, microsam_apg, key, params):
 @pytest.mark.slow
 def test_stack_is_stitched_and_batch_api_runs_apg(real_run, lm_sam, expected):
     """Two identical slices keep their ids through z (decoder maps replayed by a FAKE decoder, so
-    only the prompts are decoded again); the batch API's mode="apg" gives the same labels."""
+    only the prompts are decoded again); the batch API's mode="apg" gives the same labels, from the
+    maps the first run decoded."""
     from napari_mobilesam import batch
     from napari_mobilesam.core.session import Session
 
@@ -447,8 +454,10 @@ def test_stack_is_stitched_and_batch_api_runs_apg(real_run, lm_sam, expected):
     assert np.array_equal(out[0], out[1])
     assert len(matched(out[0], first)) == first.max()  # the same objects as one slice alone
 
+    decoded = dec.calls
     res = batch.segment_stack_auto(stack[:1], model=lm_sam, mode="apg", apg_params=REAL.as_dict())
     assert res.shape == (1, *image.shape)
+    assert dec.calls == decoded  # the same slice's maps: from the maps cache, not decoded again
     assert len(matched(res[0], first)) == first.max()
 
 
