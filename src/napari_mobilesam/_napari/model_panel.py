@@ -81,8 +81,8 @@ _PRECISION_TIP = (
     "the decoder amplifies rounding about 20 times, float32 keeps micro-sam's labels), otherwise "
     "mixed where the CPU has bf16. float32: exact. mixed: bf16 except the encoder's last stage "
     "(about 1.4x faster than float32 with OpenVINO; masks IoU 0.998 on the test fixture). bf16: "
-    "the fastest, masks move most (IoU 0.95). With a micro-sam model, mixed or bf16 changes about "
-    "14 % of the AIS labels on the test fixture"
+    "the fastest, masks move most (IoU 0.95). With a micro-sam model, mixed or bf16 puts 12-15 % "
+    "of the pixels in other AIS objects on the test fixture"
 )
 _SEMANTICS_TIP = (
     "How the weights are run. as in micro-sam: TinyViT's attention biases at zero and the AIS "
