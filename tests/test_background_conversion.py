@@ -162,3 +162,24 @@ def test_closing_the_widget_stops_the_conversion(make_napari_viewer, qtbot, stac
         widget.close_widget()
         assert conversion.finished.wait(30) and conversion.state == "cancelled"
         assert conversion._proc.poll() is not None
+
+
+def test_the_switch_brings_the_ais_decoder_in_its_chosen_precision(fresh_cache, msdir):
+    """A model with micro-sam's AIS decoder: torch float32 until the switch, then the OpenVINO
+    decoder in ``ais_precision`` (before, the decoder stayed torch float32 after a first start)."""
+    import openvino as ov
+
+    from napari_mobilesam.models.backends.openvino import _openvino_has_bf16
+    from napari_mobilesam.models.registry import ais_decoder
+
+    choice = ModelChoice("vit_t_test", device="cpu", decoder=str(msdir / "vit_t_decoder.pt"),
+                         ais_precision="mixed")
+    sam, conversion = choice.load_without_waiting()
+    assert conversion is not None
+    assert not hasattr(ais_decoder(sam), "backend_name")  # the torch module meanwhile
+    assert conversion.wait(timeout=600), conversion.error
+    conversion.switch(sam, conversion.build())
+    decoder = ais_decoder(sam)
+    assert decoder.backend_name == "openvino" and decoder.batchnorm == "batch"
+    assert decoder.precision == ("mixed" if _openvino_has_bf16(ov.Core()) else "fp32")
+    assert model_identity(sam).split(":")[2] == "openvino"

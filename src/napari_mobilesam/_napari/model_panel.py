@@ -3,7 +3,10 @@
 The menu offers MobileSAM, micro-sam's models (downloaded on first use, with their AIS decoder),
 and files: a MobileSAM checkpoint, a micro-sam model file (a model fine-tuned in micro-sam, its
 decoder inside the file or in the separate *decoder* field, shown only for that choice) and a
-distilled model.
+distilled model. The *advanced* box beside the device shows the engine's other model options
+(:class:`~napari_mobilesam.models.choice.ModelChoice`'s backend, precision, semantics and, for
+models with micro-sam's AIS decoder, the decoder's precision); they apply whether shown or not and
+are remembered with the other choices.
 
 :class:`ModelPanel` owns its controls and its state (the loaded model, the load in progress, the
 last failed choice). A failed load is not retried by itself: every click on the image would
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from magicgui.widgets import ComboBox, FileEdit, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
 
 from ..errors import WeightsError
 from ..models.choice import FILE_MODELS, ModelChoice
@@ -33,12 +36,75 @@ from .settings import (
 )
 from .workers import Task, start_task
 
-__all__ = ["ModelPanel", "model_error_message", "MICROSAM_MODELS"]
+__all__ = ["ModelPanel", "model_error_message", "options_note", "MICROSAM_MODELS"]
 
 #: Registry names of micro-sam's published models (two files each: the model and its AIS decoder).
 MICROSAM_MODELS = ("vit_t_lm", "vit_t_em_organelles", "vit_b_lm", "vit_b_em_organelles")
 #: Widget keys whose weights come from the file in 'checkpoint'.
 _FILE_KEYS = (*FILE_MODELS, MICROSAM_FILE)
+#: Widget keys of models with micro-sam's AIS decoder: the AIS decoder precision applies to them.
+_DECODER_KEYS = (*MICROSAM_MODELS, MICROSAM_FILE)
+
+#: The advanced options: ModelChoice's value -> the label shown (short: the dock keeps its width).
+BACKENDS = {
+    "auto": "auto (fastest here)",
+    "openvino": "OpenVINO (CPU)",
+    "torch": "torch",
+    "eager": "eager (as built)",
+}
+PRECISIONS = {
+    "auto": "auto (per model)",
+    "fp32": "float32 (exact)",
+    "mixed": "mixed (bf16 front)",
+    "bf16": "bf16 (fastest)",
+}
+SEMANTICS = {
+    "auto": "auto (per model)",
+    "microsam": "as in micro-sam",
+    "standard": "standard (as trained)",
+}
+AIS_PRECISIONS = {
+    "auto": "auto (the encoder's)",
+    "fp32": "float32 (exact)",
+    "mixed": "mixed (faster)",
+    "bf16": "bf16 (fastest)",
+}
+
+_BACKEND_TIP = (
+    "How the image encoder runs. auto: OpenVINO on a CPU, optimised torch on a GPU. "
+    "OpenVINO: CPUs only (converted once per model, then cached). torch: BatchNorm folded, "
+    "channels-last (GPUs, or CPUs without OpenVINO). eager: the model exactly as built, "
+    "float32 only, the slowest (for checks)"
+)
+_PRECISION_TIP = (
+    "The image encoder's number format. auto: float32 for models with an AIS decoder (micro-sam's: "
+    "the decoder amplifies rounding about 20 times, float32 keeps micro-sam's labels), otherwise "
+    "mixed where the CPU has bf16. float32: exact. mixed: bf16 except the encoder's last stage "
+    "(about 1.4x faster than float32 with OpenVINO; masks IoU 0.998 on the test fixture). bf16: "
+    "the fastest, masks move most (IoU 0.95). With a micro-sam model, mixed or bf16 puts 12-15 % "
+    "of the pixels in other AIS objects on the test fixture"
+)
+_SEMANTICS_TIP = (
+    "How the weights are run. as in micro-sam: TinyViT's attention biases at zero and the AIS "
+    "decoder's BatchNorm on each call's statistics, which is what micro-sam computes and how its "
+    "published accuracy was measured. standard: the weights as trained (biases on, BatchNorm "
+    "running statistics), as MobileSAM's and SAM's published results. auto: as in micro-sam for "
+    "micro-sam's models and files with a decoder, standard for MobileSAM and SAM"
+)
+_AIS_PRECISION_TIP = (
+    "The AIS decoder's number format (most of an AIS slice's time; OpenVINO on a CPU with bf16, "
+    "elsewhere it stays float32). auto: the encoder's precision. float32: micro-sam's labels "
+    "exactly. mixed: its high-resolution convolutions in bf16, 0.67-0.79x the decoder time, "
+    "99.5-99.8 % of pixels in the same objects on the test fixture. bf16: the whole decoder, "
+    "0.41-0.48x the time, 97-98.5 % the same"
+)
+
+
+def _advanced_combo(label: str, choices: dict[str, str], tooltip: str) -> ComboBox:
+    combo = ComboBox(label=label, choices=[(text, key) for key, text in choices.items()], value="auto")
+    combo.tooltip = tooltip
+    _narrow(combo, 12)
+    return combo
 
 
 def _microsam_offline_message(model: str) -> str:
@@ -126,18 +192,37 @@ class ModelPanel:
         self.decoder.choose_btn.tooltip = "Browse for the decoder file"
         self.device = ComboBox(label="device", choices=device_choices())
         self.device.tooltip = "Where the model runs: auto picks a GPU when there is one"
+        self.advanced = CheckBox(text="advanced", value=False)
+        self.advanced.tooltip = (
+            "Show the advanced model options (encoder backend and precision, semantics, AIS decoder "
+            "precision); they apply whether shown or not"
+        )
+        self.device_row = Container(widgets=[self.device, self.advanced], layout="horizontal",
+                                    labels=False, label="device")
+        self.device_row.margins = (0, 0, 0, 0)
+        self.backend = _advanced_combo("backend", BACKENDS, _BACKEND_TIP)
+        self.precision = _advanced_combo("precision", PRECISIONS, _PRECISION_TIP)
+        self.semantics = _advanced_combo("semantics", SEMANTICS, _SEMANTICS_TIP)
+        self.ais_precision = _advanced_combo("AIS decoder", AIS_PRECISIONS, _AIS_PRECISION_TIP)
         self.load_btn = PushButton(text="Load model")
         self.load_btn.tooltip = "Load (or reload) the chosen model; the first start takes longest"
         self.status = Label(value="model: not loaded")
         self.status.tooltip = "The model in use"
         self._restore(saved)
-        for control in (self.combo, self.checkpoint, self.decoder, self.device):
+        for control in (self.combo, self.checkpoint, self.decoder, self.device, *self.options):
             control.changed.connect(self._on_choice_changed)
+        self.advanced.changed.connect(self._on_advanced_toggled)
         self.load_btn.changed.connect(lambda: self.load(retry=True))
 
     @property
     def widgets(self) -> list:
-        return [self.combo, self.checkpoint, self.decoder, self.device, self.load_btn, self.status]
+        return [self.combo, self.checkpoint, self.decoder, self.device_row, *self.options,
+                self.load_btn, self.status]
+
+    @property
+    def options(self) -> tuple[ComboBox, ...]:
+        """The advanced option controls (backend, precision, semantics, AIS decoder precision)."""
+        return (self.backend, self.precision, self.semantics, self.ais_precision)
 
     def _choices(self, _widget=None) -> list[tuple[str, str]]:
         return [(label, key) for key, label in {**model_choices(), **self.extra}.items()]
@@ -150,11 +235,23 @@ class ModelPanel:
             self.decoder.value = saved.decoder
         if saved.device in self.device.choices:
             self.device.value = saved.device
+        for combo, value in zip(self.options, (saved.backend, saved.precision, saved.semantics,
+                                               saved.ais_precision)):
+            combo.value = value if value in combo.choices else "auto"  # an unknown value: the default
+        self.advanced.value = saved.advanced
         self._update_visibility()
 
     def _update_visibility(self) -> None:
         self.checkpoint.visible = self.combo.value in _FILE_KEYS
         self.decoder.visible = self.combo.value == MICROSAM_FILE
+        shown = bool(self.advanced.value)
+        for combo in self.options[:3]:
+            combo.visible = shown
+        self.ais_precision.visible = shown and self._has_decoder_choice()
+
+    def _has_decoder_choice(self) -> bool:
+        """Whether the chosen model comes with micro-sam's AIS decoder (its precision applies)."""
+        return self.combo.value in _DECODER_KEYS
 
     @staticmethod
     def _path(edit: FileEdit) -> str:
@@ -162,22 +259,42 @@ class ModelPanel:
         return "" if text in (".", "") else text
 
     def choice(self) -> ModelChoice:
-        """The model, checkpoint, decoder and device currently chosen (a micro-sam model file
-        loads as ``ModelChoice("checkpoint", file, decoder=decoder file)``)."""
+        """The model, checkpoint, decoder, device and advanced options currently chosen (a
+        micro-sam model file loads as ``ModelChoice("checkpoint", file, decoder=decoder file)``;
+        the AIS decoder precision only for models with micro-sam's decoder, else ``"auto"``)."""
         key = self.combo.value
         checkpoint = self._path(self.checkpoint) if key in _FILE_KEYS else ""
+        options = {
+            "backend": self.backend.value,
+            "precision": self.precision.value,
+            "semantics": self.semantics.value,
+            "ais_precision": self.ais_precision.value if self._has_decoder_choice() else "auto",
+        }
         if key == MICROSAM_FILE:
-            return ModelChoice("checkpoint", checkpoint, self.device.value, decoder=self._path(self.decoder))
-        return ModelChoice(key, checkpoint, self.device.value)
+            return ModelChoice("checkpoint", checkpoint, self.device.value, decoder=self._path(self.decoder),
+                               **options)
+        return ModelChoice(key, checkpoint, self.device.value, **options)
+
+    def _save(self) -> None:
+        key = self.combo.value
+        if key not in model_choices():  # dev-only test models are not persisted
+            return
+        save_settings(WidgetSettings(
+            key, self._path(self.checkpoint) if key in _FILE_KEYS else "", self.device.value,
+            self._path(self.decoder) if key == MICROSAM_FILE else "",
+            self.backend.value, self.precision.value, self.semantics.value, self.ais_precision.value,
+            bool(self.advanced.value),
+        ))
+
+    def _on_advanced_toggled(self, _value=None) -> None:
+        self._update_visibility()
+        self._save()
 
     def _on_choice_changed(self, _value=None) -> None:
         self._update_visibility()
         request = self.choice()
         self.failed = None
-        key = self.combo.value
-        if key in model_choices():  # dev-only test models are not persisted otherwise
-            decoder = self._path(self.decoder) if key == MICROSAM_FILE else ""
-            save_settings(WidgetSettings(key, request.checkpoint, request.device, decoder))
+        self._save()
         if self.request is not None and request != self.request:
             self.status.value = f"model: {self.request.describe()} (choice changed: Load model to switch)"
 
@@ -245,7 +362,7 @@ class ModelPanel:
             self.conversion.cancel()  # another model now: its conversion is of no use
         self.sam, self.request, self.failed = sam, request, None
         extra = " (with AIS decoder)" if self.has_decoder else ""
-        self.status.value = f"model: {request.describe()}{extra} ✓"
+        self.status.value = f"model: {request.describe()}{extra} ✓{options_note(sam, request)}"
 
     @property
     def has_decoder(self) -> bool:
@@ -255,6 +372,27 @@ class ModelPanel:
         from ..models.registry import ais_decoder
 
         return ais_decoder(self.sam) is not None
+
+
+def options_note(sam, request: ModelChoice) -> str:
+    """Status lines (each starting with a newline; short: a long line would widen the dock) naming
+    the advanced options that are not "auto", which apply even while their rows are hidden, and
+    a reduced AIS decoder precision the loaded model does not run."""
+    chosen = [request.backend, request.precision, request.semantics]
+    chosen = [value for value in chosen if value != "auto"]
+    if request.ais_precision != "auto":
+        chosen.append(f"AIS {request.ais_precision}")
+    note = f"\noptions: {', '.join(chosen)}" if chosen else ""
+    if request.ais_precision in ("mixed", "bf16") and sam is not None:
+        from ..models.registry import ais_decoder
+
+        decoder = ais_decoder(sam)
+        if decoder is not None and getattr(decoder, "precision", "fp32") != request.ais_precision:
+            why = ("CPU without bf16" if getattr(decoder, "backend_name", "") == "openvino"
+                   else "needs OpenVINO")
+            got = {"fp32": "float32"}.get(getattr(decoder, "precision", "fp32"), "float32")
+            note += f"\nAIS decoder in {got} ({why})"
+    return note
 
 
 def load_for_widget(request: ModelChoice):
@@ -319,7 +457,8 @@ class ConversionFollower:
             return
         conversion.switch(sam, parts)
         self.running = None
-        self._panel.status.value = f"model: {request.describe()} ✓ (fast OpenVINO encoder)"
+        self._panel.status.value = (f"model: {request.describe()} ✓ (fast OpenVINO encoder)"
+                                    f"{options_note(sam, request)}")
 
     def _failed(self, conversion, request: ModelChoice, exc: BaseException) -> None:
         if not self._current(conversion):

@@ -1,9 +1,11 @@
-"""Persisted choices of the segmentation widget (model, checkpoint, decoder file, device).
+"""Persisted choices of the segmentation widget (model, checkpoint, decoder file, device, and the
+advanced model options: backend, precision, semantics, AIS decoder precision).
 
 The choices are kept in a small JSON file so that they survive a napari restart:
 ``$NAPARI_MOBILESAM_CONFIG/segment_widget.json`` when that variable is set, otherwise in the
 per-user configuration directory (``platformdirs.user_config_dir("napari-mobilesam")``).
-A missing or unreadable file gives the defaults; it is never an error.
+A missing or unreadable file gives the defaults; it is never an error. Files written by an older
+version (without the advanced options) load with those options at their defaults.
 """
 
 from __future__ import annotations
@@ -92,12 +94,22 @@ class WidgetSettings:
     decoder : str
         Path of a separate micro-sam AIS decoder file (``*_decoder.pt``) for ``"microsam_file"``
         ("" when the decoder is inside the model file).
+    backend, precision, semantics, ais_precision : str
+        The advanced model options, as :class:`~napari_mobilesam.models.choice.ModelChoice`
+        names them (``"auto"``: the engine's choice for the model and device).
+    advanced : bool
+        Whether the advanced model options are shown.
     """
 
     model: str = "vit_t"
     checkpoint: str = ""
     device: str = "auto"
     decoder: str = ""
+    backend: str = "auto"
+    precision: str = "auto"
+    semantics: str = "auto"
+    ais_precision: str = "auto"
+    advanced: bool = False
 
 
 def settings_path() -> Path:
@@ -111,7 +123,8 @@ def settings_path() -> Path:
 
 
 def load_settings() -> WidgetSettings:
-    """Read the saved settings; unknown keys are ignored, bad values fall back to defaults."""
+    """Read the saved settings; unknown keys are ignored, values of the wrong type fall back to
+    the defaults (the widget also checks each value against its choices)."""
     path = settings_path()
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -122,8 +135,8 @@ def load_settings() -> WidgetSettings:
         return WidgetSettings()
     if not isinstance(raw, dict):
         return WidgetSettings()
-    known = {f.name for f in fields(WidgetSettings)}
-    values = {k: v for k, v in raw.items() if k in known and isinstance(v, str)}
+    kinds = {f.name: type(f.default) for f in fields(WidgetSettings)}
+    values = {k: v for k, v in raw.items() if k in kinds and type(v) is kinds[k]}
     return WidgetSettings(**values)
 
 

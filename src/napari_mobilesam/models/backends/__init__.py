@@ -62,6 +62,7 @@ __all__ = [
     "cache_dense_pe",
     "apply_backend",
     "apply_decoder_backend",
+    "ais_decoder_for",
     "OpenVINOAISDecoder",
     "AIS_PRECISIONS",
     "openvino_ir",
@@ -190,9 +191,16 @@ def apply_decoder_backend(decoder, sam, precision: str | None = None):
         )
     if decoder is None or hasattr(decoder, "backend_name"):
         return decoder
+    return ais_decoder_for(decoder, sam.image_encoder, sam.pixel_mean.device, precision)
+
+
+def ais_decoder_for(decoder, encoder, device, precision: str | None = None):
+    """The torch AIS ``decoder`` made to run like ``encoder`` (an encoder backend's module) on
+    ``device``: :func:`apply_decoder_backend` for an encoder not yet in a ``Sam`` (the background
+    conversion builds the OpenVINO encoder first, then the decoder that goes with it)."""
     if precision in (None, "auto"):
-        precision = getattr(sam.image_encoder, "precision", "fp32")
-    if getattr(sam.image_encoder, "backend_name", "eager") == "openvino":
+        precision = getattr(encoder, "precision", "fp32")
+    if getattr(encoder, "backend_name", "eager") == "openvino":
         try:
             return OpenVINOAISDecoder(decoder, precision=precision)
         except Exception as exc:  # noqa: BLE001 - any conversion failure: keep torch
@@ -200,4 +208,4 @@ def apply_decoder_backend(decoder, sam, precision: str | None = None):
     elif precision != "fp32":
         log.warning("the AIS decoder runs in reduced precision with the OpenVINO backend only; "
                     "it runs in float32 here")
-    return decoder.to(sam.pixel_mean.device)
+    return decoder.to(device)

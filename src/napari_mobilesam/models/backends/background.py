@@ -70,6 +70,11 @@ class BackgroundConversion:
     precision : str
         The OpenVINO precision to compile with at the end (``"auto"``, ``"fp32"``, ``"mixed"``,
         ``"bf16"``).
+    ais_decoder : torch module or None
+        The model's AIS decoder (micro-sam's models), converted by :meth:`build` with the encoder
+        (in this process: it has no conversion of its own in the background).
+    ais_precision : str
+        Its precision (``"auto"``: the encoder's; see ``backends.apply_decoder_backend``).
 
     Attributes
     ----------
@@ -88,8 +93,10 @@ class BackgroundConversion:
 
     nice: int = 19
 
-    def __init__(self, encoder, decoder, arch: str, precision: str = "auto") -> None:
+    def __init__(self, encoder, decoder, arch: str, precision: str = "auto", *,
+                 ais_decoder=None, ais_precision: str = "auto") -> None:
         self.encoder, self.decoder, self.arch, self.precision = encoder, decoder, arch, precision
+        self.ais_decoder, self.ais_precision = ais_decoder, ais_precision
         self.state = "idle"
         self.error = ""
         self.output = ""
@@ -176,24 +183,35 @@ class BackgroundConversion:
 
     # -- switching ---------------------------------------------------------------------------
     def build(self):
-        """The OpenVINO ``(encoder, mask decoder)`` from the cached IR (compiling: seconds; call
-        it off the GUI thread, after the conversion succeeded)."""
+        """The OpenVINO ``(encoder, mask decoder, AIS decoder or None)`` from the cached IR
+        (compiling, and converting the AIS decoder in its ``ais_precision``: seconds; call it off
+        the GUI thread, after the conversion succeeded)."""
+        import torch
+
         from ..devices import choose_device
-        from . import resolve_precision
+        from . import ais_decoder_for, resolve_precision
         from .openvino import OpenVINOEncoder, OpenVINOMaskDecoder
 
         if self.state != "done":
             raise RuntimeError(f"the conversion has not succeeded ({self.state}): {self.error}")
         prec = resolve_precision("openvino", choose_device("cpu"), self.precision, self.encoder)
-        return OpenVINOEncoder(self.encoder, prec), OpenVINOMaskDecoder(self.decoder)
+        encoder = OpenVINOEncoder(self.encoder, prec)
+        ais = None
+        if self.ais_decoder is not None:
+            ais = ais_decoder_for(self.ais_decoder, encoder, torch.device("cpu"), self.ais_precision)
+        return encoder, OpenVINOMaskDecoder(self.decoder), ais
 
     @staticmethod
     def switch(sam, parts) -> None:
         """Put ``parts`` (from :meth:`build`) into ``sam`` in place: its identity changes, so
-        embedding caches recompute slices lazily with the new encoder."""
+        embedding caches recompute slices lazily with the new encoder; the AIS decoder (when the
+        model has one) runs with the new encoder's backend from then on."""
+        from ..registry import DECODER_ATTR
         from .decoder import cache_dense_pe
 
-        sam.image_encoder, sam.mask_decoder = parts
+        sam.image_encoder, sam.mask_decoder = parts[:2]
+        if len(parts) > 2 and parts[2] is not None:
+            object.__setattr__(sam, DECODER_ATTR, parts[2])
         cache_dense_pe(sam)
 
 
@@ -205,7 +223,8 @@ def start_with_torch(sam, device=None, precision: str = "auto", ais_precision: s
     ``"auto"`` choice (AIS decoder included) and the conversion is None. Otherwise ``sam`` gets the
     exact torch backend (float32) at once and a :class:`BackgroundConversion` is started. Returns
     ``(sam, conversion or None)``. ``ais_precision``: the AIS decoder's precision with OpenVINO
-    (see :func:`~napari_mobilesam.models.backends.apply_decoder_backend`).
+    (see :func:`~napari_mobilesam.models.backends.apply_decoder_backend`); with a conversion the
+    AIS decoder runs in torch float32 until the switch, which brings its OpenVINO version.
     """
     from ..devices import choose_device
     from ..registry import DECODER_ATTR, INFO_ATTR
@@ -219,7 +238,9 @@ def start_with_torch(sam, device=None, precision: str = "auto", ais_precision: s
 
         if not ir_ready(sam.image_encoder, sam.mask_decoder):
             arch = getattr(sam, INFO_ATTR, {}).get("model", "vit_t")
-            conversion = BackgroundConversion(sam.image_encoder, sam.mask_decoder, arch, precision)
+            conversion = BackgroundConversion(sam.image_encoder, sam.mask_decoder, arch, precision,
+                                              ais_decoder=sam.__dict__.get(DECODER_ATTR),
+                                              ais_precision=ais_precision)
             backend, precision = "torch", "fp32"
     sam = apply_backend(sam, device=dev, backend=backend, precision=precision)
     decoder_module = sam.__dict__.get(DECODER_ATTR)
