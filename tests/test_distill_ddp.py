@@ -1,5 +1,5 @@
 """Distillation in separate processes: DDP under torchrun (gloo, 2 CPU processes on 127.0.0.1) and
-kill -9 at five points of a ``distill`` run, each then resumed from its last training state (#12
+kill -9 at five points of one ``distill`` run in turn, each run resuming from the last training state (#12
 fault tests).
 
 The DDP run uses ``torchrun -m napari_mobilesam.distillation`` (the package's ``__main__``), the
@@ -124,8 +124,10 @@ KILL_POINTS = {
 
 @pytest.mark.slow
 def test_kill_9_at_five_points_then_rerun_finishes_with_the_uninterrupted_result(tmp_path, inputs):
-    """kill -9 a ``distill`` command at five points; the same command again resumes and finishes, the
-    files that were there before are byte-identical, and the weights equal an uninterrupted run's."""
+    """One ``distill`` command killed with SIGKILL at five points in turn: each run after a kill
+    resumes from what the killed one left (the next kill lands further on), the last one finishes;
+    the files that were there before are byte-identical, and the weights equal an uninterrupted
+    run's. The chain starts with an empty cache (the first kill lands in the teacher cache)."""
     from napari_mobilesam.models.checkpoint import read_state_dict
 
     teacher, stack = inputs
@@ -139,27 +141,29 @@ def test_kill_9_at_five_points_then_rerun_finishes_with_the_uninterrupted_result
     expected = read_state_dict(reference)
     before = {p: p.read_bytes() for p in (teacher, stack, reference)}
 
+    out = tmp_path / "chain" / "student.pt"
+    out.parent.mkdir()
+    keep = out.with_name("keep.pt")
+    keep.write_bytes(b"a file the user had there")
+    run_env = dict(env, NAPARI_MOBILESAM_CACHE=str(tmp_path / "chain" / "cache"))
+    cmd = [*cli, *_args(teacher, stack, out, *extra)]
+    previous = None
     for name, pattern in KILL_POINTS.items():
-        out = tmp_path / name / "student.pt"
-        out.parent.mkdir()
-        keep = out.with_name("keep.pt")
-        keep.write_bytes(b"a file the user had there")
-        run_env = dict(env, NAPARI_MOBILESAM_CACHE=str(tmp_path / name / "cache")) if name == "teacher-cache" else env
-        cmd = [*cli, *_args(teacher, stack, out, *extra)]
-        _run_until(cmd, run_env, pattern)
+        err = _run_until(cmd, run_env, pattern)
         assert not out.exists(), name
-        again = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=300)
-        assert again.returncode == 0, (name, again.stderr)
-        assert not list(out.parent.glob("student.pt.distill/*/.*.tmp"))  # no partial file under a state name
-        if name != "teacher-cache":
-            assert "resuming from" in again.stderr, (name, again.stderr)
-            assert "teacher embeddings" not in again.stderr  # the cache survived the kill
-        if name.startswith("epoch2"):
-            assert "step 1/" not in again.stderr  # epoch 1 was not trained again
-        got = read_state_dict(out)
-        assert got.keys() == expected.keys()
-        for k in got:
-            torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{name} {k}: {m}")
-        assert keep.read_bytes() == b"a file the user had there"
-        assert not list(out.parent.glob("student.pt.distill/*/*.damaged"))
+        assert not list(out.parent.glob("student.pt.distill/*/.*.tmp")), name  # no partial file under a state name
+        if previous not in (None, "teacher-cache"):  # a training state was saved before this run
+            assert "resuming from" in err, (name, err)
+            assert "teacher embeddings" not in err, (name, err)  # the cache survived the kill
+        previous = name
+    again = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr and "teacher embeddings" not in again.stderr
+    assert "step 1/" not in again.stderr  # killed in epoch 2: epoch 1 was not trained again
+    got = read_state_dict(out)
+    assert got.keys() == expected.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert keep.read_bytes() == b"a file the user had there"
+    assert not list(out.parent.glob("student.pt.distill/*/*.damaged"))
     assert {p: p.read_bytes() for p in before} == before
