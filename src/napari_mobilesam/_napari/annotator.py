@@ -16,6 +16,7 @@ import numpy as np
 from napari.layers import Labels
 
 from ..core.session import ObjectPrediction
+from . import gc_freeze
 from . import prompt_layers as pl
 from .auto_actions import AutomaticActions
 from .embedder import SliceEmbedder, prompt_key
@@ -93,6 +94,7 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
             self._commit_on_answer = False
         if self.session is not None and self.session is not session:
             self.session.close(wait=False)  # a running prefetch must not hold the GUI
+            gc_freeze.collect_when_gone(self.session)  # its embeddings must not stay frozen
         self.image, self.session = image, session
         self._embedder.use(session)
 
