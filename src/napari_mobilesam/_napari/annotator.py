@@ -94,7 +94,7 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
             self._commit_on_answer = False
         if self.session is not None and self.session is not session:
             self.session.close(wait=False)  # a running prefetch must not hold the GUI
-            gc_freeze.collect_when_gone(self.session)  # its embeddings must not stay frozen
+            gc_freeze.collect_when_gone(self.session, after_ms=1000)  # its embeddings must not stay frozen
         self.image, self.session = image, session
         self._embedder.use(session)
 

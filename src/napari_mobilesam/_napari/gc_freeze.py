@@ -20,9 +20,10 @@ The cost, and its bound: cyclic garbage among frozen objects is never collected 
 e.g. a napari layer alive at the freeze and deleted later, or a replaced model with its session
 and embedding cache. So at the moments that create such garbage the freeze is undone, one full
 collection runs and the survivors are frozen again (:func:`collect_when_gone`): a layer removed
-from the viewer, a model replaced, a session replaced; this happens one event-loop turn later,
-only if what was released is still alive then (not already freed by reference counting), and
-several releases in one turn cost one collection. The last :func:`release` (the dock closed, the
+from the viewer (one event-loop turn later), a model or a session replaced (one second later:
+a running prefetch or embedding call may still hold it for that long); only if what was released
+is still alive then (not freed by reference counting), and releases that fall due together cost
+one collection. The last :func:`release` (the dock closed, the
 distillation finished) undoes the freeze. When something else in the process had frozen objects
 before us, nothing here freezes or unfreezes anything (``gc.unfreeze`` cannot tell theirs from ours).
 """
@@ -39,7 +40,7 @@ __all__ = ["hold", "release", "freeze", "collect_when_gone", "held", "collection
 log = logging.getLogger(__name__)
 
 _holders: dict[int, str] = {}  # id(holder) -> what it is (for logs)
-_state = {"outside": False, "collections": 0, "scheduled": False}
+_state: dict[str, Any] = {"outside": False, "collections": 0, "timer": None}
 _released: list[weakref.ref] = []
 
 
@@ -80,10 +81,11 @@ def release(holder: Any) -> None:
     _state["outside"] = False
 
 
-def collect_when_gone(*objects: Any) -> None:
-    """``objects`` were just released (a removed layer, a replaced model or session). One event
-    loop turn later, if any of them is still alive (cyclic garbage, perhaps frozen), undo the
-    freeze, collect everything and freeze again."""
+def collect_when_gone(*objects: Any, after_ms: int = 0) -> None:
+    """``objects`` were just released (a removed layer, a replaced model or session). ``after_ms``
+    later (at least one event-loop turn), if any of them is still alive (cyclic garbage, perhaps
+    frozen), undo the freeze, collect everything and freeze again. Releases that fall due
+    together cost one collection."""
     if not held():
         return
     for obj in objects:
@@ -93,16 +95,22 @@ def collect_when_gone(*objects: Any) -> None:
             _released.append(weakref.ref(obj))
         except TypeError:  # not weakly referenceable: judge by the others
             continue
-    if _released and not _state["scheduled"]:
+    if not _released:
+        return
+    timer = _state.get("timer")
+    if timer is None:
         from qtpy.QtCore import QTimer
 
-        _state["scheduled"] = True
-        QTimer.singleShot(0, _collect_if_alive)
+        timer = _state["timer"] = QTimer()
+        timer.setSingleShot(True)
+        timer.timeout.connect(_collect_if_alive)
+    if timer.isActive():
+        after_ms = min(timer.remainingTime(), after_ms)  # the earliest one due decides
+    timer.start(max(int(after_ms), 0))
 
 
 def _collect_if_alive() -> None:
-    _state["scheduled"] = False
-    alive = [r for r in _released if r() is not None]
+    alive = [ref for ref in _released if ref() is not None]
     _released.clear()
     if not alive or not held():
         return

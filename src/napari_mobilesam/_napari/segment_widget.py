@@ -214,7 +214,7 @@ class SegmentWidget(Container):
         # the heavy imports and the model are in: full collections skip them from now on
         gc_freeze.hold(self)
         if old is not None and old is not sam:
-            gc_freeze.collect_when_gone(old)  # a replaced model must not stay frozen
+            gc_freeze.collect_when_gone(old, after_ms=1000)  # a replaced model must not stay frozen
         gc_freeze.freeze()
 
     def set_session(self, session: Session, description: str = "custom session") -> None:
