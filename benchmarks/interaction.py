@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     # the annotated slice: the one holding the most nucleus centres
     z = int(np.bincount(np.clip(np.round(stack.centers[:, 0]).astype(int), 0, n_z - 1)).argmax())
     viewer.dims.set_point(0, float(z))
-    spin_until(lambda: session.is_embedded(z) and not widget.busy)
+    spin_until(lambda: widget.session.is_embedded(z) and not widget.busy)
     session.cache.wait_prefetch(timeout=300)
     canvas = viewer.window._qt_viewer.canvas.native
 
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         ticker.start()
         t0 = time.perf_counter()
         widget.points_layer.add([zu, rr, cc])
-        spin_until(lambda: session.is_embedded(zu))
+        spin_until(lambda: widget.session.is_embedded(zu))
         stall_ms.append(max(gaps) if gaps else float("nan"))  # while the encoder ran
         spin_until(lambda: widget._prediction is not None and widget._preview_z == zu)
         uncached_ms.append((time.perf_counter() - t0) * 1e3)
@@ -232,6 +232,9 @@ def main(argv=None) -> int:
               f"{statistics.median(uncached_ms):10.1f} {pct(uncached_ms, 0.9):8.1f} {len(uncached_ms):4d}")
         print(f"{'longest GUI stall while the encoder runs (5 ms timer gap)':58s} "
               f"{statistics.median(stall_ms):10.1f} {max(stall_ms):8.1f} {len(stall_ms):4d}")
+    identity = session.cache.identity
+    # the rows replace the model: the widget must hold the only references to the first one
+    del sam, official, predictor, session
     if args.stalls:
         stall_rows(app, viewer, widget, stack, z, points[0], spin_until, args.hog, args.profile,
                    args.checkpoint, not args.no_distill, args.pyspy, args.rows)
@@ -239,7 +242,7 @@ def main(argv=None) -> int:
         print(f"cached start-up in a plain script (same model, same cache): load() {script_s[1]:.1f} s "
               f"(imports {script_s[0]:.1f} s)")
     print(f"\nmachine: {machine()}")
-    print(f"model: {session.cache.identity}")
+    print(f"model: {identity}")
     viewer.close()
     return 0
 
@@ -483,6 +486,8 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profi
 
     import numpy as np
 
+    from napari_mobilesam._napari import gc_freeze
+
     watch = StallWatch()
     spy = PySpy(pyspy, Path(tempfile.mkdtemp(prefix="mobilesam-pyspy-"))) if pyspy else None
     spied: list = []
@@ -507,10 +512,10 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profi
 
     viewer.dims.set_point(0, float(z))  # propagate from the annotated slice
     spin_until(lambda: widget.current_z() == z and not widget.busy)
-    session = widget.session
     fresh = iter(range(stack.image.shape[0] - 1, -1, -1))
 
     def before_first_click():  # a fresh slice in view, nothing embedded (not measured)
+        session = widget.session  # the model-load row replaces it: never keep the old one
         session.cache.cancel_prefetch()
         session.cache.wait_prefetch(timeout=300)
         session.cache.clear_memory()
@@ -548,13 +553,16 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profi
     loads: list[float] = []
 
     def model_load():
+        import weakref
+
         from napari_mobilesam.models.choice import ModelChoice
 
-        state["t0"], state["old"] = time.perf_counter(), widget._model.sam
+        # a weak reference: holding the replaced model here would keep it alive after the swap
+        state["t0"], state["old"] = time.perf_counter(), weakref.ref(widget._model.sam)
         return widget._model.load(ModelChoice("checkpoint", checkpoint, "cpu"), retry=True)
 
     def loaded():
-        if widget._model.sam is state["old"] or widget._model.loading:
+        if widget._model.sam is state["old"]() or widget._model.loading:
             return False
         if "t1" not in state or state["t1"] < state["t0"]:
             state["t1"] = time.perf_counter()
@@ -583,9 +591,11 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profi
                 if words and not any(w in name for w in words):
                     continue
                 print(f"  measuring: {name} ({label})", flush=True)
+                rounds = gc_freeze.collections_done()
                 longest, p99 = watched(start, done, prepare)
+                rounds = gc_freeze.collections_done() - rounds
                 results.append((f"{name} ({label})", longest, p99, watch.top(), watch.culprits(),
-                                spied[-1], watch.gc_summary()))
+                                spied[-1], watch.gc_summary() + f"; gc_freeze rounds: {rounds}"))
                 spin_until(lambda: not widget.busy, timeout=1800)
         finally:
             for h in hogs:

@@ -95,3 +95,18 @@ def dask_client(n_workers: int, *, processes: bool):
     finally:
         client.close()
         cluster.close()
+
+
+@pytest.fixture(autouse=True)
+def _gc_freeze_undone():
+    """A widget left open by a test must not keep the process's objects frozen for the next tests
+    (closing it undoes the freeze: ``tests/test_gc_freeze.py``); this is only the safety net."""
+    yield
+    import sys
+
+    freezer = sys.modules.get("napari_mobilesam._napari.gc_freeze")
+    if freezer is not None and freezer.held():
+        freezer._holders.clear()
+        import gc
+
+        gc.unfreeze()

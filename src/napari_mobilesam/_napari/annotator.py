@@ -16,6 +16,7 @@ import numpy as np
 from napari.layers import Labels
 
 from ..core.session import ObjectPrediction
+from . import gc_freeze
 from . import prompt_layers as pl
 from .auto_actions import AutomaticActions
 from .embedder import SliceEmbedder, prompt_key
@@ -93,6 +94,7 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
             self._commit_on_answer = False
         if self.session is not None and self.session is not session:
             self.session.close(wait=False)  # a running prefetch must not hold the GUI
+            gc_freeze.collect_when_gone(self.session, after_ms=1000)  # its embeddings must not stay frozen
         self.image, self.session = image, session
         self._embedder.use(session)
 
@@ -287,11 +289,27 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
         target = self._created_targets.get(id(self.image))
         if target is None or target not in self._viewer.layers:
             target = pl.make_target_layer(self.image)
-            self._viewer.layers.insert(self._viewer.layers.index(self.image) + 1, target)
+            self._insert_unselected(target, self._viewer.layers.index(self.image) + 1)
             self._created_targets[id(self.image)] = target
         self._say.reset_choices()
         self._c.target.value = target
         return target
+
+    def _insert_unselected(self, layer, index: int) -> None:
+        """Insert ``layer`` without making it the active one. napari activates an inserted layer,
+        which makes its layer list switch the layer controls panel (a relayout and repaint of the
+        window: 0.3 s measured at the end of a propagation on 2 cores) and our widget then makes
+        the prompts layer active again (a second switch). The selection stays as it was: the
+        prompts layer stays ready for the next object."""
+        layers = self._viewer.layers
+        activate = getattr(layers, "_activate_on_insert", None)  # napari's switch (private)
+        if activate is not None:
+            layers._activate_on_insert = False
+        try:
+            layers.insert(index, layer)
+        finally:
+            if activate is not None:
+                layers._activate_on_insert = activate
 
     def commit(self) -> list[int]:
         """Write the previewed object(s) into the target layer (one undo step); returns the ids.

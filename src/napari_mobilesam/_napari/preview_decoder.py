@@ -145,6 +145,8 @@ class PreviewDecoder:
             except RuntimeError:  # the relay was deleted: the widget is gone
                 log.debug("napari-mobilesam: preview answer after the widget closed", exc_info=True)
                 return
+            # waiting for the next request must not keep this one's session (and model) alive
+            del request, answer
 
     def _deliver(self, answer: DecodeAnswer) -> None:
         with self._cond:

@@ -39,6 +39,7 @@ from qtpy.QtCore import QTimer
 
 from ..core.session import Session
 from ..models.choice import ModelChoice
+from . import gc_freeze
 from . import prompt_layers as pl
 from .annotator import Annotator
 from .controls import NEW_LAYER, CloseWatcher, SegmentControls, error_message, hint_text
@@ -144,9 +145,11 @@ class SegmentWidget(Container):
         return [(NEW_LAYER, NEW_LAYER), *layers]
 
     def _on_layers_changed(self, event=None) -> None:
+        removed = getattr(event, "value", None) if getattr(event, "type", "") == "removed" else None
+        if removed is not None:
+            gc_freeze.collect_when_gone(removed)  # its data must not stay frozen
         if self._closed or self._helpers.changing:
             return
-        removed = getattr(event, "value", None) if getattr(event, "type", "") == "removed" else None
         if removed is not None:
             self._helpers.forget_layer(removed)
         self.reset_choices()
@@ -202,9 +205,17 @@ class SegmentWidget(Container):
     def set_model(self, sam, request: ModelChoice | None = None) -> None:
         """Use an already loaded ``Sam`` (what the loader calls; tests pass ``vit_t_test`` here)."""
         request = request or ModelChoice(getattr(sam, "napari_mobilesam_info", {}).get("model", "custom"))
+        old = self._model.sam
         self._model.set_loaded(sam, request)
         self._c.automatic.set_has_decoder(self._model.has_decoder)
         self._new_session()
+        if self._closed:
+            return
+        # the heavy imports and the model are in: full collections skip them from now on
+        gc_freeze.hold(self)
+        if old is not None and old is not sam:
+            gc_freeze.collect_when_gone(old, after_ms=1000)  # a replaced model must not stay frozen
+        gc_freeze.freeze()
 
     def set_session(self, session: Session, description: str = "custom session") -> None:
         """Use a ready-made :class:`Session` for the current image (e.g. one with an oracle predictor)."""
@@ -427,7 +438,8 @@ class SegmentWidget(Container):
             return
         self._closed = True
         steps = (self._unbind_keys, self._disconnect_viewer, self._slice_timer.stop,
-                 self._restore_timer.stop, self._stop_background, self._drop_preview_layer)
+                 self._restore_timer.stop, self._stop_background, self._drop_preview_layer,
+                 lambda: gc_freeze.release(self))
         for step in steps:
             try:
                 step()

@@ -63,6 +63,12 @@ class Task:
         self.stop_requested = True
 
 
+def _call(holder: dict, name: str, arg: Any) -> None:
+    callback = holder.get(name)
+    if callback is not None:
+        callback(arg)
+
+
 def start_task(
     fn: Callable[[Callable[[int, int], None], Callable[[], bool]], Any],
     *,
@@ -115,12 +121,12 @@ def start_task(
     relay.progressed.connect(show)
     if on_progress is not None:
         relay.progressed.connect(on_progress)
-    holder: dict[str, Any] = {}
+    holder: dict[str, Any] = {"fn": fn}
 
     def run():
-        worker, task = holder["worker"], holder["task"]
+        worker, task, body = holder["worker"], holder["task"], holder.pop("fn")
         try:
-            return fn(relay.progressed.emit, lambda: bool(worker.abort_requested) or task.stop_requested)
+            return body(relay.progressed.emit, lambda: bool(worker.abort_requested) or task.stop_requested)
         finally:
             release_freed_memory()  # in this thread (the call releases the GIL), not the GUI's
 
@@ -138,15 +144,22 @@ def start_task(
             task.pbar.update(state["n"])
         worker.finished.connect(task.pbar.close)
 
+    # the callbacks too are reached through the holder (emptied at the end, see below)
+    holder["on_result"], holder["on_error"] = on_result, on_error
     if on_result is not None:
-        worker.returned.connect(on_result)
+        worker.returned.connect(lambda value: _call(holder, "on_result", value))
     if on_error is not None:
-        worker.errored.connect(on_error)
+        worker.errored.connect(lambda exc: _call(holder, "on_error", exc))
     if progress_after_ms > 0:
         QTimer.singleShot(int(progress_after_ms), make_pbar)
     else:
         make_pbar()
     if on_finished is not None:
         worker.finished.connect(on_finished)
+    # napari's task list keeps finished workers (their function and signal connections), and
+    # run -> holder -> worker -> run is a cycle: ``run`` takes ``fn`` out of the holder, the
+    # callbacks are called through it, and it is emptied at the end, so what ``fn`` and the
+    # callbacks hold (a session, a model) goes by reference counting, frozen or not (gc_freeze)
+    worker.finished.connect(holder.clear)
     worker.start()
     return task
