@@ -146,6 +146,20 @@ def test_widget_masks_while_converting_then_switches(make_napari_viewer, qtbot, 
                     and widget.session.is_embedded(z), timeout=120_000)
     assert widget.session.cache.identity.split(":")[2] == "openvino"
 
+    # another model replaces the switched one: it is freed by reference counting (the switch's
+    # callbacks, still connected to napari's finished worker, do not hold it)
+    import weakref
+
+    from napari_mobilesam._napari import gc_freeze
+
+    switched = weakref.ref(widget._model.sam)
+    rounds = gc_freeze.collections_done()
+    widget.load_model(ModelChoice("vit_t_test", "", "cpu", "eager"))
+    qtbot.waitUntil(lambda: widget._model.sam is not None and widget._model.sam is not switched()
+                    and not widget.busy, timeout=120_000)
+    qtbot.waitUntil(lambda: switched() is None, timeout=5_000)
+    assert gc_freeze.collections_done() == rounds  # no full collection was needed
+
 
 @pytest.mark.gui
 def test_closing_the_widget_stops_the_conversion(make_napari_viewer, qtbot, stack, monkeypatch, fresh_cache):

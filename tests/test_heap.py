@@ -75,7 +75,8 @@ def test_freed_blocks_are_reused_in_every_thread_and_released():
     assert plain["main"] > PAGES // 2 and plain["thread"] > PAGES // 2  # glibc's default: faulted afresh
     reused = _probe("reuse")
     assert reused["set"] is True
-    assert reused["main"] < PAGES // 10 and reused["thread"] < PAGES // 10  # freed blocks reused
+    # freed blocks reused (one activation of the eight may still be faulted in: 8192 pages)
+    assert reused["main"] < PAGES // 4 and reused["thread"] < PAGES // 4
     assert reused["released"] > 60 << 20  # the kept activations given back on release
 
 

@@ -300,16 +300,23 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
         which makes its layer list switch the layer controls panel (a relayout and repaint of the
         window: 0.3 s measured at the end of a propagation on 2 cores) and our widget then makes
         the prompts layer active again (a second switch). The selection stays as it was: the
-        prompts layer stays ready for the next object."""
+        prompts layer stays ready for the next object. napari's switch is private (and warns
+        that plugins may lose it from 0.10): without it the layer is inserted as usual."""
+        import warnings
+
         layers = self._viewer.layers
-        activate = getattr(layers, "_activate_on_insert", None)  # napari's switch (private)
-        if activate is not None:
-            layers._activate_on_insert = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the private-attribute warning
+            activate = getattr(layers, "_activate_on_insert", None)
+            if activate is not None:
+                layers._activate_on_insert = False
         try:
             layers.insert(index, layer)
         finally:
             if activate is not None:
-                layers._activate_on_insert = activate
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    layers._activate_on_insert = activate
 
     def commit(self) -> list[int]:
         """Write the previewed object(s) into the target layer (one undo step); returns the ids.

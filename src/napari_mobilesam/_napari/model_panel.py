@@ -20,6 +20,7 @@ dock; then the fast encoder takes over (:class:`ConversionFollower`).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
@@ -442,10 +443,19 @@ class ConversionFollower:
                 return None  # cancelled
             return conversion.build()
 
+        # the callbacks stay connected to napari's worker (kept after it finishes, its
+        # connections held by Qt, out of the garbage collector's sight): they must not keep the
+        # model alive once another one replaces it
+        model = weakref.ref(sam)
+
+        def switch(parts) -> None:
+            if (loaded := model()) is not None:
+                self._switch(conversion, loaded, request, parts)
+
         self.task = start_task(
             wait_and_build,
             description=f"MobileSAM: {self.MESSAGE}",
-            on_result=lambda parts: self._switch(conversion, sam, request, parts),
+            on_result=switch,
             on_error=lambda exc: self._failed(conversion, request, exc),
         )
 
@@ -474,5 +484,6 @@ class ConversionFollower:
         conversion, self.running, self.sam = self.running, None, None
         if conversion is not None:
             conversion.cancel()
-        if self.task is not None and not self.task.done:
-            self.task.cancel()
+        task, self.task = self.task, None
+        if task is not None and not task.done:
+            task.cancel()
