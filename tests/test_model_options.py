@@ -61,6 +61,18 @@ def _choose_fixture_file(widget, msdir) -> None:
     _pick(widget._device_combo, "cpu")
 
 
+def _fixture_with_options(make_napari_viewer, stack, msdir, backend: str, precision: str):
+    """The widget with the fixture's micro-sam model file chosen, the advanced rows shown and
+    ``backend`` / ``precision`` picked; (widget, its model panel)."""
+    _, _, widget = _open(make_napari_viewer, stack)
+    panel = widget._model
+    _choose_fixture_file(widget, msdir)
+    _toggle(panel.advanced)
+    _pick(panel.backend, backend)
+    _pick(panel.precision, precision)
+    return widget, panel
+
+
 def _load(qtbot, widget, timeout=300_000) -> None:
     QTest.mouseClick(widget._model.load_btn.native, Qt.MouseButton.LeftButton)
     wait_idle(qtbot, widget, timeout=timeout)
@@ -101,12 +113,7 @@ def test_options_chosen_in_the_widget_reach_the_loaded_model(make_napari_viewer,
 
     popups = []
     monkeypatch.setattr(sw, "show_error", popups.append)
-    viewer, dock, widget = _open(make_napari_viewer, stack)
-    panel = widget._model
-    _choose_fixture_file(widget, msdir)
-    _toggle(panel.advanced)
-    _pick(panel.backend, "eager")
-    _pick(panel.precision, "bf16")
+    widget, panel = _fixture_with_options(make_napari_viewer, stack, msdir, "eager", "bf16")
     # the engine refuses bf16 with the eager backend: its message in the status line
     _load(qtbot, widget)
     assert widget.session is None and "failed" in panel.status.value
@@ -193,12 +200,7 @@ def test_ais_decoder_precision_reaches_the_openvino_decoder_after_the_first_conv
 
     monkeypatch.setattr(BackgroundConversion, "nice", 0)  # not waiting for idle time on a busy machine
     monkeypatch.setenv("NAPARI_MOBILESAM_CACHE", str(tmp_path / "cache"))
-    viewer, dock, widget = _open(make_napari_viewer, stack)
-    panel = widget._model
-    _choose_fixture_file(widget, msdir)
-    _toggle(panel.advanced)
-    _pick(panel.backend, "openvino")
-    _pick(panel.precision, "fp32")
+    widget, panel = _fixture_with_options(make_napari_viewer, stack, msdir, "openvino", "fp32")
     _pick(panel.ais_precision, "mixed")
     _load(qtbot, widget, timeout=600_000)
     assert "converting" in panel.status.value.lower() or "fast OpenVINO encoder" in panel.status.value, panel.status.value
