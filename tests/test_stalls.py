@@ -434,3 +434,36 @@ def test_the_widgets_model_load_computes_the_dense_positional_encoding_in_its_wo
     assert conversion is None and calls == [False], calls
     Session(sam, stack.image, cache_dir=None).close()  # the GUI thread's part
     assert calls == [False], "the session computed the positional encoding again"
+
+
+@pytest.mark.gui
+def test_a_quick_model_load_adds_no_progress_bar_a_slow_one_does(make_napari_viewer, qtbot, stack, monkeypatch):
+    """Adding a bar to napari's activity dock repaints the whole window on the GUI thread: a model
+    load shows one only when it lasts longer than ``_LOAD_PROGRESS_AFTER_MS`` (the status line says
+    "loading" at once)."""
+    import time
+
+    from napari_mobilesam._napari import model_panel
+    from napari_mobilesam.models.choice import ModelChoice
+
+    monkeypatch.setenv("NAPARI_MOBILESAM_DEV", "1")
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(stack.image, name="nuclei")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-mobilesam", "Segment (MobileSAM)")
+    quick = widget.load_model(ModelChoice("vit_t_test", "", "cpu", "eager"))
+    assert "loading" in widget._model.status.value
+    wait_idle(qtbot, widget)
+    assert quick.done and quick.pbar is None
+
+    real = model_panel.load_for_widget
+
+    def slow(request):
+        time.sleep(0.5)
+        return real(request)
+
+    monkeypatch.setattr(model_panel, "load_for_widget", slow)
+    monkeypatch.setattr(model_panel, "_LOAD_PROGRESS_AFTER_MS", 100)
+    slow_task = widget.load_model(ModelChoice("vit_t_test", "", "cpu", "torch"))
+    qtbot.waitUntil(lambda: slow_task.pbar is not None, timeout=30_000)
+    wait_idle(qtbot, widget)
+    assert widget._model.request.backend == "torch"

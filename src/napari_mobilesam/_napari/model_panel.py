@@ -108,6 +108,14 @@ def _advanced_combo(label: str, choices: dict[str, str], tooltip: str) -> ComboB
     return combo
 
 
+#: A model load's bar appears in the activity dock only if the load lasts longer: a cached start
+#: takes 1.7-2.6 s in napari here, and adding a bar costs the GUI thread a whole-window repaint
+#: (napari's ``add_progress_bar`` processes events: 147 ms in software OpenGL, the longest gap of
+#: the model-load row). The status line says "loading" at once; a first start (download,
+#: conversion) still shows its bar.
+_LOAD_PROGRESS_AFTER_MS = 3000
+
+
 def _microsam_offline_message(model: str) -> str:
     from ..models.weights import weights_path
 
@@ -339,6 +347,7 @@ class ModelPanel:
             description=f"MobileSAM: loading {request.describe()}",
             on_result=lambda loaded: self._loaded(*loaded, request),
             on_error=lambda exc: self._fail(request, model_error_message(exc, request), exc),
+            progress_after_ms=_LOAD_PROGRESS_AFTER_MS,
         )
         return self.task
 
