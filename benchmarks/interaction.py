@@ -104,13 +104,15 @@ def main(argv=None) -> int:
         radius_range=(11 * s, 22 * s),
         z_radius_range=(3, 6),
     )
+    # the viewer before the model: napari keeps a snapshot of the creating function's locals
+    # (for its console), which would hold the first model for good
+    app = QApplication.instance() or QApplication([])
+    viewer = napari.Viewer(show=True)
     print(f"stack {stack.image.shape} ready; loading the model...", flush=True)
     t = time.perf_counter()
     sam = load_model("vit_t", args.checkpoint, "cpu", backend=args.backend)
     load_s = time.perf_counter() - t
 
-    app = QApplication.instance() or QApplication([])
-    viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1400, 900)
     viewer.add_image(stack.image, name="nuclei")
     widget = SegmentWidget(viewer)
@@ -334,6 +336,9 @@ class StallWatch:
                 name = "GUI" if ident == self._main else names.get(ident, str(ident))
                 seen[name] = (self._key(f, 4), (id(f), f.f_lasti))
             self.trace.append((woke, woke - asked - 0.005, seen))
+            # frame objects keep their function's locals after it returns: held here until the
+            # next late beat, they kept a replaced model (a prefetch's compute_embedding) alive
+            del frames, frame, f
 
     def start(self):
         self.gaps.clear()
@@ -605,8 +610,7 @@ def stall_rows(app, viewer, widget, stack, z, point, spin_until, hog: int, profi
     print(f"{'what':58s} {'longest ms':>10s} {'p99 ms':>8s}")
     for name, longest, p99, top, culprits, gil, collections in results:
         print(f"{name:58s} {longest:10.1f} {p99:8.1f}")
-        if profile:
-            print(f"    garbage collections: {collections}")
+        print(f"    garbage collections: {collections}")
         for stack_text, n in top if profile else ():
             print(f"    {n:4d} x  {stack_text}")
         for gap, held, lines in culprits if profile else ():

@@ -101,3 +101,37 @@ def test_a_freeze_made_by_someone_else_is_left_alone(make_napari_viewer, qtbot):
         assert 0.9 * theirs < gc.get_freeze_count() <= theirs  # and unfroze nothing of theirs
     finally:
         gc.unfreeze()
+
+
+def test_the_check_waits_while_a_thread_still_uses_what_was_released(make_napari_viewer, qtbot, monkeypatch):
+    """A replaced session whose prefetch is finishing a slice is still alive at the check: the
+    check waits while its ``busy`` says so (no full collection, which would free nothing), and
+    when the thread lets go it is freed by reference counting, with no round at all."""
+    import threading
+
+    monkeypatch.setattr(gc_freeze, "_RECHECK_MS", 50)
+    viewer, widget = _widget_with_model(make_napari_viewer, qtbot, _new_sam(0))
+
+    class Released:  # a FAKE session: a worker thread holds it until ``go`` is set
+        def __init__(self):
+            self.go = threading.Event()
+
+        def busy(self):
+            return not self.go.is_set()
+
+    released = Released()
+    go = released.go
+    worker = threading.Thread(target=lambda s=released: s.go.wait(30))
+    worker.start()
+    ref = weakref.ref(released)
+    rounds = gc_freeze.collections_done()
+    gc_freeze.collect_when_gone(released, after_ms=0, wait_while=released.busy)
+    del released  # only the worker's frame holds it now
+    qtbot.wait(400)  # several checks fall due meanwhile
+    assert ref() is not None and gc_freeze.collections_done() == rounds  # waited, no collection
+    go.set()
+    worker.join(10)
+    qtbot.waitUntil(lambda: ref() is None, timeout=5_000)
+    qtbot.wait(200)
+    assert gc_freeze.collections_done() == rounds  # freed by reference counting: no round
+    widget.close_widget()

@@ -94,7 +94,9 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
             self._commit_on_answer = False
         if self.session is not None and self.session is not session:
             self.session.close(wait=False)  # a running prefetch must not hold the GUI
-            gc_freeze.collect_when_gone(self.session, after_ms=1000)  # its embeddings must not stay frozen
+            # its embeddings must not stay frozen; not while its prefetch (a thread holding the
+            # cache, which holds the model) is still computing a slice
+            gc_freeze.collect_when_gone(self.session, after_ms=1000, wait_while=self.session.cache.busy)
         self.image, self.session = image, session
         self._embedder.use(session)
 

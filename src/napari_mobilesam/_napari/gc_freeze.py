@@ -40,8 +40,12 @@ __all__ = ["hold", "release", "freeze", "collect_when_gone", "held", "collection
 log = logging.getLogger(__name__)
 
 _holders: dict[int, str] = {}  # id(holder) -> what it is (for logs)
-_state: dict[str, Any] = {"outside": False, "collections": 0, "timer": None}
-_released: list[weakref.ref] = []
+_state: dict[str, Any] = {"outside": False, "collections": 0, "timer": None, "waited": 0}
+_released: list[tuple[weakref.ref, Any]] = []  # (what was released, wait_while or None)
+
+#: How often a check waiting for a busy holder looks again, and for how long at most.
+_RECHECK_MS = 500
+_MAX_WAIT_MS = 60_000
 
 
 def held() -> bool:
@@ -81,22 +85,29 @@ def release(holder: Any) -> None:
     _state["outside"] = False
 
 
-def collect_when_gone(*objects: Any, after_ms: int = 0) -> None:
+def collect_when_gone(*objects: Any, after_ms: int = 0, wait_while=None) -> None:
     """``objects`` were just released (a removed layer, a replaced model or session). ``after_ms``
     later (at least one event-loop turn), if any of them is still alive (cyclic garbage, perhaps
     frozen), undo the freeze, collect everything and freeze again. Releases that fall due
-    together cost one collection."""
+    together cost one collection.
+
+    ``wait_while``: a bound method telling whether a thread may still be using them (a replaced
+    session's ``busy``: its prefetch finishing a slice holds the session and its model); while it
+    says so the check is put off (every 0.5 s, 60 s at most): a collection then would free
+    nothing and cost a full scan of the heap on the GUI thread. It is held weakly (a strong
+    reference to a released session's method would keep the session alive)."""
     if not held():
         return
     for obj in objects:
         if obj is None:
             continue
         try:
-            _released.append(weakref.ref(obj))
+            _released.append((weakref.ref(obj), None if wait_while is None else weakref.WeakMethod(wait_while)))
         except TypeError:  # not weakly referenceable: judge by the others
             continue
     if not _released:
         return
+    _state["waited"] = 0
     timer = _state.get("timer")
     if timer is None:
         from qtpy.QtCore import QTimer
@@ -109,8 +120,18 @@ def collect_when_gone(*objects: Any, after_ms: int = 0) -> None:
     timer.start(max(int(after_ms), 0))
 
 
+def _busy(wait: weakref.WeakMethod | None) -> bool:
+    method = None if wait is None else wait()
+    return method is not None and bool(method())
+
+
 def _collect_if_alive() -> None:
-    alive = [ref for ref in _released if ref() is not None]
+    alive = [(ref, wait) for ref, wait in _released if ref() is not None]
+    if alive and held() and _state["waited"] < _MAX_WAIT_MS and any(_busy(w) for _, w in alive):
+        _released[:] = alive  # still in use by a thread: look again later
+        _state["waited"] += _RECHECK_MS
+        _state["timer"].start(_RECHECK_MS)
+        return
     _released.clear()
     if not alive or not held():
         return

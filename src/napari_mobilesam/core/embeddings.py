@@ -408,6 +408,12 @@ class EmbeddingCache:
                 f.cancel()
             self._prefetch_jobs = [f for f in self._prefetch_jobs if not f.done()]
 
+    def busy(self) -> bool:
+        """Whether an embedding is being computed or a prefetch is queued (its thread holds the
+        model until it ends)."""
+        with self._lock:
+            return bool(self._inflight) or any(not f.done() for f in self._prefetch_jobs)
+
     def wait_prefetch(self, timeout: float | None = None) -> None:
         """Block until every submitted prefetch has finished (or ``timeout`` seconds)."""
         with self._lock:
