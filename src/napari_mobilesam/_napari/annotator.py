@@ -96,7 +96,9 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
             self.session.close(wait=False)  # a running prefetch must not hold the GUI
             # its embeddings must not stay frozen; not while its prefetch (a thread holding the
             # cache, which holds the model) is still computing a slice
-            gc_freeze.collect_when_gone(self.session, after_ms=1000, wait_while=self.session.cache.busy)
+            cache = getattr(self.session, "cache", None)  # None for a session without one (an oracle's)
+            gc_freeze.collect_when_gone(self.session, after_ms=1000,
+                                        wait_while=None if cache is None else cache.busy)
         self.image, self.session = image, session
         self._embedder.use(session)
 
