@@ -20,10 +20,10 @@ The cost, and its bound: cyclic garbage among frozen objects is never collected 
 e.g. a napari layer alive at the freeze and deleted later, or a replaced model with its session
 and embedding cache. So at the moments that create such garbage the freeze is undone, one full
 collection runs and the survivors are frozen again (:func:`collect_when_gone`): a layer removed
-from the viewer (one event-loop turn later), a model or a session replaced (one second later:
-a running prefetch or embedding call may still hold it for that long); only if what was released
-is still alive then (not freed by reference counting), and releases that fall due together cost
-one collection. The last :func:`release` (the dock closed, the
+from the viewer (one event-loop turn later), a model or a session replaced (one second later,
+and not while the replaced session's cache still computes a slice: that thread holds the cache
+and the model, and frees them when it ends); only if what was released is still alive then (not
+freed by reference counting), and releases that fall due together cost one collection. The last :func:`release` (the dock closed, the
 distillation finished) undoes the freeze. When something else in the process had frozen objects
 before us, nothing here freezes or unfreezes anything (``gc.unfreeze`` cannot tell theirs from ours).
 """
