@@ -176,6 +176,7 @@ def test_options_are_remembered_and_old_or_bad_settings_files_still_load(make_na
     # a model without a decoder: its request leaves the AIS precision at auto, the file keeps it
     _pick(again._model_combo, "vit_t")
     assert again.model_request().ais_precision == "auto"
+    again.close_widget()
     assert load_settings().ais_precision == "bf16"
 
     # unknown values and wrong types fall back to the defaults, the rest is kept
@@ -184,6 +185,7 @@ def test_options_are_remembered_and_old_or_bad_settings_files_still_load(make_na
     third = sw.SegmentWidget(viewer)
     assert third.model_request() == ModelChoice("vit_t_lm", "", "cpu", semantics="standard")
     assert not third._model.advanced.value
+    third.close_widget()
 
 
 @pytest.mark.slow

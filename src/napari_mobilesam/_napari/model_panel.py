@@ -20,7 +20,6 @@ dock; then the fast encoder takes over (:class:`ConversionFollower`).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
@@ -397,11 +396,11 @@ def options_note(sam, request: ModelChoice) -> str:
         from ..models.registry import ais_decoder
 
         decoder = ais_decoder(sam)
+        # the only fallback is float32 (a torch decoder has no precision: float32 too)
         if decoder is not None and getattr(decoder, "precision", "fp32") != request.ais_precision:
             why = ("CPU without bf16" if getattr(decoder, "backend_name", "") == "openvino"
                    else "needs OpenVINO")
-            got = {"fp32": "float32"}.get(getattr(decoder, "precision", "fp32"), "float32")
-            note += f"\nAIS decoder in {got} ({why})"
+            note += f"\nAIS decoder in float32 ({why})"
     return note
 
 
@@ -452,19 +451,10 @@ class ConversionFollower:
                 return None  # cancelled
             return conversion.build()
 
-        # the callbacks stay connected to napari's worker (kept after it finishes, its
-        # connections held by Qt, out of the garbage collector's sight): they must not keep the
-        # model alive once another one replaces it
-        model = weakref.ref(sam)
-
-        def switch(parts) -> None:
-            if (loaded := model()) is not None:
-                self._switch(conversion, loaded, request, parts)
-
         self.task = start_task(
             wait_and_build,
             description=f"MobileSAM: {self.MESSAGE}",
-            on_result=switch,
+            on_result=lambda parts: self._switch(conversion, sam, request, parts),
             on_error=lambda exc: self._failed(conversion, request, exc),
         )
 

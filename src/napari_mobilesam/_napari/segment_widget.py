@@ -432,9 +432,10 @@ class SegmentWidget(Container):
 
         Called when the dock is closed (its × button), when the widget is deleted and when the
         viewer closes. Nothing a running task computes is written afterwards. Safe to call twice
-        and while Qt is tearing the window down.
+        and while Qt is tearing the window down, or after Python's collector has cleared a
+        widget that was never shown or closed (its Qt object's ``destroyed`` comes last).
         """
-        if self._closed:
+        if self.__dict__.get("_closed", True):  # closed, or already torn down
             return
         self._closed = True
         steps = (self._unbind_keys, self._disconnect_viewer, self._slice_timer.stop,

@@ -71,14 +71,13 @@ def reuse_freed_memory() -> bool:
             ok = bool(libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES)) and bool(libc.mallopt(_M_ARENA_MAX, 1))
             log.debug("allocator: blocks up to %d bytes from the heap, freed memory kept for reuse", threshold)
         _state["set"] = ok
+        _state["libc"] = libc if ok else None
         return ok
 
 
 def release_freed_memory() -> None:
     """Return the heap's free pages to the system (``malloc_trim``); a no-op unless
     :func:`reuse_freed_memory` set the allocator."""
-    if not _state.get("set"):
-        return
-    libc = _libc()
+    libc = _state.get("libc")
     if libc is not None:
         libc.malloc_trim(0)

@@ -144,8 +144,8 @@ def _traced(module: nn.Module, example):
 
     ``ov.convert_model(module, example_input=...)`` traces with torch's ``check_trace``, which runs
     the module twice more and compares the graphs: three forward passes instead of one (for the
-    AIS decoder at 1024², 84 of the 104 s a conversion took here). The IR is the same without
-    the check; parity with the torch module is what our tests check."""
+    AIS decoder at 1024², 65 of the 84 s its conversion took here, profiled). The IR is the same
+    without the check; parity with the torch module is what our tests check."""
     try:
         from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
     except ImportError:  # an OpenVINO without it: its own tracing, with the check
