@@ -39,7 +39,7 @@ from qtpy.QtCore import QTimer
 
 from ..core.session import Session
 from ..models.choice import ModelChoice
-from . import gc_freeze
+from . import gc_freeze, retire
 from . import prompt_layers as pl
 from .annotator import Annotator
 from .controls import NEW_LAYER, CloseWatcher, SegmentControls, error_message, hint_text
@@ -209,12 +209,17 @@ class SegmentWidget(Container):
         self._model.set_loaded(sam, request)
         self._c.automatic.set_has_decoder(self._model.has_decoder)
         self._new_session()
+        gone = None
+        if old is not None and old is not sam:
+            # freed on a background thread: OpenVINO's destructors take ~100 ms (GIL released)
+            gone = retire.retire(old, "replaced model")
         if self._closed:
             return
         # the heavy imports and the model are in: full collections skip them from now on
         gc_freeze.hold(self)
-        if old is not None and old is not sam:
-            gc_freeze.collect_when_gone(old, after_ms=1000)  # a replaced model must not stay frozen
+        if gone is not None:  # a replaced model must not stay frozen (unless the thread freed it)
+            gc_freeze.collect_when_gone(old, after_ms=1000, wait_while=gone.busy)
+        del old
         gc_freeze.freeze()
 
     def set_session(self, session: Session, description: str = "custom session") -> None:
