@@ -47,7 +47,7 @@ from qtpy.QtCore import QObject
 from qtpy.QtCore import Signal as QtSignal
 
 from ..models.devices import device_choices
-from . import gc_freeze
+from . import gc_freeze, gil_share
 from .distill_plot import LossPlot
 from .workers import Task, start_task
 
@@ -298,6 +298,7 @@ class DistillWidget(Container):
         self._busy = True
         self._run_btn.enabled, self._cancel_btn.enabled = False, True
         gc_freeze.hold(self)  # full collections in the run skip what exists now (see gc_freeze)
+        gil_share.hold(self)  # the GUI gets the GIL back sooner from the run's thread
         self.task = start_task(
             self._work(cfg, self._relay), description="MobileSAM: distillation",
             on_result=self._on_done, on_error=self._on_error, on_finished=self._on_finished,
@@ -399,6 +400,7 @@ class DistillWidget(Container):
         self._run_btn.enabled, self._cancel_btn.enabled = True, False
         self._busy = False
         gc_freeze.release(self)
+        gil_share.release(self)
 
     def _error(self, message: str) -> None:
         """Show an error as a napari notification and in the status line, as the Segment panel does."""

@@ -39,7 +39,7 @@ from qtpy.QtCore import QTimer
 
 from ..core.session import Session
 from ..models.choice import ModelChoice
-from . import gc_freeze, retire
+from . import gc_freeze, gil_share, retire
 from . import prompt_layers as pl
 from .annotator import Annotator
 from .controls import NEW_LAYER, CloseWatcher, SegmentControls, error_message, hint_text
@@ -79,6 +79,7 @@ class SegmentWidget(Container):
         self._build_controls()
         self._start_watching()
         self._on_image_changed(self._image_combo.value)
+        gil_share.hold(self)  # worker threads running Python hand the GIL back to the GUI sooner
 
     # ------------------------------------------------------------------ construction steps
     def _init_state(self) -> None:
@@ -445,7 +446,7 @@ class SegmentWidget(Container):
         self._closed = True
         steps = (self._unbind_keys, self._disconnect_viewer, self._slice_timer.stop,
                  self._restore_timer.stop, self._stop_background, self._drop_preview_layer,
-                 lambda: gc_freeze.release(self))
+                 lambda: gc_freeze.release(self), lambda: gil_share.release(self))
         for step in steps:
             try:
                 step()
