@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="AIS/APG: smallest object, in pixels (default: AIS 0, APG 25)")
     auto.add_argument("--ais-tiling", default="auto", choices=("auto", "stitched", "blocks"),
                       help="AIS on tiled slices: stitched (micro-sam's: whole-slice maps and "
-                      "watershed, about 64 bytes per pixel), blocks (tile by tile, memory bounded) "
+                      "watershed, about 50 bytes per pixel), blocks (tile by tile, memory bounded) "
                       "or auto (stitched up to 2048 x 2048 pixels, blocks beyond)")
     auto.add_argument("--mode", default="auto", choices=("auto", "ais", "apg", "grid"),
                       help="automatic mode (default auto: ais for a model with a decoder, else grid)")
