@@ -187,3 +187,70 @@ def test_segment_slice_ais_takes_the_chosen_path():
     assert n_instances(stitched) >= 4
     assert n_instances(blocks) == n_instances(stitched)
     assert same_assignment(blocks, stitched) >= 0.999
+
+
+class ReadRecorder:
+    """A lazy 2D image (like a zarr array) that records the shape of every read."""
+
+    def __init__(self, a: np.ndarray):
+        self.a, self.shape, self.dtype, self.ndim = a, a.shape, a.dtype, a.ndim
+        self.reads: list[tuple[int, ...]] = []
+
+    def __getitem__(self, key):
+        out = self.a[key]
+        self.reads.append(np.shape(out))
+        return out
+
+
+def test_a_tiled_session_reads_one_window_at_a_time():
+    """``Session.segment_automatically`` on a tiled slice above ``stitch_max_pixels``: block-wise
+    AIS reads tile windows only (never the whole slice) and gives ``segment_slice_ais``'s labels.
+    Through the fake network of ``fake_ais.py`` (NOT a model)."""
+    from fake_ais import fake_ais_model
+
+    from napari_mobilesam.core.session import Session
+    from napari_mobilesam.volume.instance import segment_slice_ais
+
+    sam = fake_ais_model()
+    yy, xx = np.mgrid[:320, :320]
+    image = np.full((320, 320), 100, np.uint16)
+    for r, c in ((60, 60), (160, 160), (250, 90), (90, 250), (128, 128)):
+        image[(yy - r) ** 2 + (xx - c) ** 2 <= 22**2] = 2000
+    lazy = ReadRecorder(image)
+    session = Session(sam, lazy, cache_dir=None, tile=128, halo=32)
+    assert session.tiled
+    params = AISParams(stitch_max_pixels=256 * 256)
+    lazy.reads.clear()
+    labels = session.segment_automatically(0, ais_params=params)
+    assert lazy.reads and max(h * w for h, w in lazy.reads) <= 128 * 128
+    assert labels.dtype == np.int32 and n_instances(labels) >= 4
+    want = segment_slice_ais(sam, image, params, grid=session.predictor.grid)
+    np.testing.assert_array_equal(labels, want)
+    lazy.reads.clear()
+    session.segment_automatically(0, ais_params=AISParams())  # 320² is below the default: whole
+    assert max(h * w for h, w in lazy.reads) == 320 * 320
+
+
+def test_batch_auto_passes_the_tiling_on():
+    """``segment_stack_auto(..., ais_params=AISParams(tiling="blocks"))`` on tiled slices: windows
+    only, the block-wise labels (stitched through z). Fake network (NOT a model)."""
+    from fake_ais import fake_ais_model
+
+    from napari_mobilesam import batch
+    from napari_mobilesam.core.tiles import TileGrid
+    from napari_mobilesam.volume.instance import segment_slice_ais
+
+    sam = fake_ais_model()
+    yy, xx = np.mgrid[:320, :320]
+    image = np.full((1, 320, 320), 100, np.uint16)
+    for r, c in ((60, 60), (160, 160), (250, 90), (90, 250)):
+        image[0][(yy - r) ** 2 + (xx - c) ** 2 <= 22**2] = 2000
+    lazy = ReadRecorder(image)
+    params = AISParams(tiling="blocks")
+    out = batch.segment_stack_auto(lazy, model=sam, mode="ais", tile=128, halo=32, ais_params=params,
+                                   progress=False)
+    ais_reads = [s for s in lazy.reads if len(s) == 2]  # (rows, cols) windows of slice 0
+    assert ais_reads and max(h * w for h, w in ais_reads) <= 128 * 128
+    want = segment_slice_ais(sam, image[0], params, grid=TileGrid((320, 320), 128, 32))
+    assert n_instances(out[0]) == n_instances(want) >= 4
+    assert same_assignment(out[0], want) == 1.0
