@@ -194,7 +194,6 @@ def test_block_wise_ais_grows_only_by_its_output(nuclei_tile, monkeypatch):
             assert out.shape == image.shape
             peaks[how].append(peak)
             found[how, side] = int(np.count_nonzero(np.unique(out)))
-            print(how, side, peak / MIB)
         outs.append(side * side * 4)  # the int32 labels slice
     assert found["blocks", 1024] > 20 and found["blocks", 2048] > 3 * found["blocks", 1024]
     assert abs(found["blocks", 2048] - found["stitched", 2048]) <= 0.05 * found["stitched", 2048]

@@ -271,6 +271,8 @@ def segment_slice_ais(
     Untiled, the labels are uint64 (micro-sam's dtype).
     """
     p = params or AISParams()
+    if not hasattr(image, "shape"):
+        image = np.asarray(image)
     if tile_shape is not None or grid is not None:
         from ..core.tiles import TileGrid
 
