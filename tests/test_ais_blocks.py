@@ -254,3 +254,33 @@ def test_batch_auto_passes_the_tiling_on():
     want = segment_slice_ais(sam, image[0], params, grid=TileGrid((320, 320), 128, 32))
     assert n_instances(out[0]) == n_instances(want) >= 4
     assert same_assignment(out[0], want) == 1.0
+
+
+def test_merge_keeps_an_object_seen_differently_by_two_tiles_once():
+    """Two tiles (cores: columns 0-50 and 50-100, windows 0-70 and 30-100) that see an object
+    across their border a little differently: with ``min_new``/``extend``/``rescue`` it is one
+    object, its part in the second core included; with the plain rule it is doubled or lost."""
+    from napari_mobilesam.core.tiles import Tile
+    from napari_mobilesam.volume.tiled import merge_tile_labels
+
+    a = Tile(0, (0, 0), (0, 20, 0, 70), (0, 20, 0, 50))
+    b = Tile(1, (0, 1), (0, 20, 30, 100), (0, 20, 50, 100))
+
+    def pieces(cols_a, cols_b):
+        la = np.zeros(a.shape, np.uint64)
+        la[5:15, cols_a[0] : cols_a[1]] = 1
+        lb = np.zeros(b.shape, np.uint64)
+        lb[5:15, cols_b[0] - 30 : cols_b[1] - 30] = 7
+        return [(a, la), (b, lb)]
+
+    opts = dict(min_new=0.5, rescue=True, extend=True)
+    # both copies have their centre in their own core: one object, columns 38-62
+    two = pieces((38, 60), (42, 62))
+    assert merge_tile_labels((20, 100), two).max() == 2  # plain rule: a second object
+    out = merge_tile_labels((20, 100), two, **opts)
+    assert out.max() == 1 and np.array_equal(np.flatnonzero(out[10]), np.arange(38, 62))
+    # each copy has its centre in the other's core: kept by the later tile
+    none = pieces((42, 60), (38, 60))
+    assert merge_tile_labels((20, 100), none).max() == 0  # plain rule: lost
+    out = merge_tile_labels((20, 100), none, **opts)
+    assert out.max() == 1 and np.array_equal(np.flatnonzero(out[10]), np.arange(38, 60))
