@@ -165,3 +165,41 @@ def test_tiled_click_grows_only_by_its_masks():
     growth, masks_growth = peaks[1] - peaks[0], sizes[1] - sizes[0]
     assert growth < 1.15 * masks_growth, (
         f"peak grew by {growth / MIB:.1f} MiB for {masks_growth / MIB:.1f} MiB more masks")
+
+
+def test_block_wise_ais_grows_only_by_its_output(nuclei_tile, monkeypatch):
+    """AIS of a tiled slice, 1024² and 2048² in 512-pixel tiles (halo 64), through the fake
+    network of ``fake_ais.py`` (NOT a model: the real input conversion, encoder/decoder calls, maps
+    cropping, post-processing and merging around a pooling "encoder" and brightness "decoder").
+    Block-wise, the peak grows by the int32 output slice plus the line of tile cores held
+    (6 bytes per pixel of a row of tiles); micro-sam's stitched post-processing (the contrast
+    that shows what is measured) by whole-slice maps and watershed temporaries, 10 times the output.
+    The process's maps cache has its own fixed budget; it is off here so that what grows is the
+    segmentation itself."""
+    from fake_ais import fake_ais_model
+
+    from napari_mobilesam.core.tiles import TileGrid
+    from napari_mobilesam.models.ais_decoder import MAPS_CACHE
+    from napari_mobilesam.volume.instance import AISParams, segment_slice_ais
+
+    monkeypatch.setattr(MAPS_CACHE, "max_bytes", 0)
+    sam = fake_ais_model()
+    peaks = {"blocks": [], "stitched": []}
+    outs, found = [], {}
+    for side in (1024, 2048):
+        _, image = repeated(nuclei_tile, side)
+        grid = TileGrid(image.shape, 512, 64)  # every tile 512² (micro-sam's are larger inside)
+        for how in peaks:
+            peak, out = traced_peak(lambda: segment_slice_ais(sam, image, AISParams(tiling=how), grid=grid))
+            assert out.shape == image.shape
+            peaks[how].append(peak)
+            found[how, side] = int(np.count_nonzero(np.unique(out)))
+        outs.append(side * side * 4)  # the int32 labels slice
+    assert found["blocks", 1024] > 20 and found["blocks", 2048] > 3 * found["blocks", 1024]
+    assert abs(found["blocks", 2048] - found["stitched", 2048]) <= 0.05 * found["stitched", 2048]
+    out_growth = outs[1] - outs[0]
+    growth = peaks["blocks"][1] - peaks["blocks"][0]
+    assert growth < 1.5 * out_growth, (
+        f"block-wise AIS peak grew by {growth / MIB:.1f} MiB for {out_growth / MIB:.1f} MiB more output")
+    stitched_growth = peaks["stitched"][1] - peaks["stitched"][0]
+    assert stitched_growth > 5 * out_growth  # the stitched path's maps and watershed do grow

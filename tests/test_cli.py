@@ -181,3 +181,24 @@ def test_precision_flags_reach_the_model_choice(tmp_path, stack_file, monkeypatc
                    "--no-progress")
         assert code == cli.EXIT_MODEL
         assert seen[-1].model == "vit_t_lm" and (seen[-1].precision, seen[-1].ais_precision) == want
+
+
+def test_ais_tiling_flag_reaches_the_ais_parameters(tmp_path, stack_file, monkeypatch, capsys):
+    """--ais-tiling is passed to segment_stack_auto in ``ais_params`` (replaced by a recorder
+    that stops the run); default auto; other values refused by the parser."""
+    from napari_mobilesam import batch
+    from napari_mobilesam.errors import ModelError
+
+    seen = []
+
+    def record(data, **kwargs):
+        seen.append(kwargs["ais_params"])
+        raise ModelError("recorded: stop here")
+
+    monkeypatch.setattr(batch, "segment_stack_auto", record)
+    for flags, want in (([], "auto"), (["--ais-tiling", "blocks"], "blocks"),
+                        (["--ais-tiling", "stitched"], "stitched")):
+        assert run("auto", stack_file, "-o", tmp_path / "out.tif", *flags, "--no-progress") == cli.EXIT_MODEL
+        assert seen[-1].tiling == want
+    assert run("auto", stack_file, "-o", tmp_path / "out.tif", "--ais-tiling", "tiles") == cli.EXIT_USAGE
+    assert "--ais-tiling" in capsys.readouterr().err

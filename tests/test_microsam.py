@@ -590,6 +590,25 @@ def test_tiled_ais_matches(lm_openvino, expected):
     assert same_assignment(labels, expected["tiled/ais_blockwise"]) >= 0.999
 
 
+def test_block_wise_tiled_ais_agrees_with_stitched(lm_openvino, expected):
+    """The fixture's tiled image in micro-sam's tiles, post-processed window by window (the path
+    of slices above ``AISParams.stitch_max_pixels``): against the whole-image post-processing of
+    the stitched maps (``tiled/ais_global``; the stitched path matches it, test_tiled_ais_matches)
+    99.96 % same assignment and 440 instances for 439 were measured, about micro-sam's own
+    block-wise result (99.98 %). After test_tiled_ais_matches the decoder's maps come from the
+    process's maps cache: only the six encoder runs are repeated."""
+    from napari_mobilesam.volume.instance import AISParams, segment_slice_ais
+
+    labels = segment_slice_ais(lm_openvino, expected["tiled/image"], AISParams(tiling="blocks"),
+                               tile_shape=512, halo=64)
+    assert labels.dtype == np.int32
+    want = n_instances(expected["tiled/ais_global"])
+    assert abs(n_instances(labels) - want) <= max(1, round(0.005 * want))
+    assert same_assignment(labels, expected["tiled/ais_global"]) >= 0.999
+    assert same_assignment(expected["tiled/ais_global"], labels) >= 0.999
+    assert same_assignment(labels, expected["tiled/ais_blockwise"]) >= 0.999
+
+
 def test_a_finetuned_microsam_file_loads_as_checkpoint_with_microsam_semantics(msdir, tmp_path):
     """A user's micro-sam fine-tuned file (combined layout) chosen as a plain checkpoint file."""
     from napari_mobilesam.models.choice import ModelChoice

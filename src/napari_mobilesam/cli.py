@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="AIS: foreground probability threshold")
     auto.add_argument("--min-size", type=int, default=None,
                       help="AIS/APG: smallest object, in pixels (default: AIS 0, APG 25)")
+    auto.add_argument("--ais-tiling", default="auto", choices=("auto", "stitched", "blocks"),
+                      help="AIS on tiled slices: stitched (micro-sam's: whole-slice maps and "
+                      "watershed, about 50 bytes per pixel), blocks (tile by tile, memory bounded) "
+                      "or auto (stitched up to 2048 x 2048 pixels, blocks beyond)")
     auto.add_argument("--mode", default="auto", choices=("auto", "ais", "apg", "grid"),
                       help="automatic mode (default auto: ais for a model with a decoder, else grid)")
     from .volume.apg import PROMPT_KINDS, APGParams
@@ -342,7 +346,7 @@ def _run_one(args, stack: Path, out: Path, prompts_path: Path | None, model: Any
         seeds = dict(center_distance_threshold=args.center_distance_threshold,
                      boundary_distance_threshold=args.boundary_distance_threshold,
                      foreground_threshold=args.foreground_threshold)
-        ais = AISParams(**seeds, min_size=args.min_size or 0)
+        ais = AISParams(**seeds, min_size=args.min_size or 0, tiling=args.ais_tiling)
         apg = APGParams(**seeds, prompts=args.apg_prompts, min_iou=args.apg_min_iou,
                         min_stability=args.apg_min_stability, nms_threshold=args.nms_threshold,
                         multimask=args.apg_multimask, refine_with_boxes=args.apg_refine,

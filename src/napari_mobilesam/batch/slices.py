@@ -257,12 +257,13 @@ def slice_segmenter(predictor, source, params: Any, ais_params: Any, mode: str =
         apg = APGParams.of(apg_params)
         return lambda z: segment_slice_apg(predictor, z, apg)
     if mode == "ais":
-        from ..volume.instance import segment_slice_ais
+        from ..volume.instance import SliceWindows, segment_slice_ais
 
         if not tiled:
             return lambda z: segment_slice_ais(predictor.sam, source.raw(z), ais_params)
-
-        return lambda z: segment_slice_ais(predictor.sam, source.raw(z), ais_params, grid=predictor.grid)
+        # read window by window: the block-wise post-processing (AISParams.tiling) never holds the slice
+        return lambda z: segment_slice_ais(predictor.sam, SliceWindows(source, z), ais_params,
+                                           grid=predictor.grid)
     if tiled:
         return lambda z: segment_slice_tiled(predictor, z, params)
     return lambda z: segment_slice(predictor, z, params).labels

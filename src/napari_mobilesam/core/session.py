@@ -302,8 +302,9 @@ class Session:
         ``"apg"``, micro-sam's automatic prompt generation: prompts from the decoder's maps
         answered by SAM on the same embedding (:func:`~napari_mobilesam.volume.apg.segment_slice_apg`,
         parameters ``apg_params``, an ``APGParams``). All run tile by tile on tiled slices (AIS:
-        decoder maps of the session's tile grid, post-processed as one image). A further mode
-        plugs in here and in ``AUTO_MODES``.
+        decoder maps of the session's tile grid, post-processed as one image up to
+        ``ais_params.stitch_max_pixels``, tile by tile beyond: ``AISParams.tiling``). A further
+        mode plugs in here and in ``AUTO_MODES``.
 
         On untiled slices AIS and APG use the session's embedding of the slice (a slice clicked on
         is not embedded again) and the process's decoded maps (:data:`~napari_mobilesam.models.ais_decoder.MAPS_CACHE`):
@@ -322,8 +323,11 @@ class Session:
                 from ..volume.instance import instances_from_maps
 
                 return instances_from_maps(*microsam_maps(self.predictor, z), ais_params).astype(np.int32)
-            labels = segment_slice_ais(self.sam, self.source.raw(z), ais_params, grid=self.predictor.grid)
-            return labels.astype(np.int32)
+            from ..volume.instance import SliceWindows
+
+            labels = segment_slice_ais(self.sam, SliceWindows(self.source, z), ais_params,
+                                       grid=self.predictor.grid)
+            return labels.astype(np.int32, copy=False)
         if self.tiled:
             from ..volume.tiled import segment_slice_tiled
 

@@ -30,8 +30,13 @@ import numpy as np
 
 from ..errors import InputError, ModelError
 
+#: How tiled slices are post-processed (see :class:`AISParams`).
+AIS_TILINGS = ("auto", "stitched", "blocks")
+
 __all__ = [
+    "AIS_TILINGS",
     "AISParams",
+    "SliceWindows",
     "instances_from_maps",
     "decoder_maps",
     "tiled_decoder_maps",
@@ -57,6 +62,18 @@ class AISParams:
         Gaussian sigma (pixels) for both distance maps; 0 skips it.
     min_size : int
         Objects with fewer pixels are removed and the ids made consecutive (0: keep all).
+    tiling : {"auto", "stitched", "blocks"}
+        How a tiled slice is post-processed (not a micro-sam parameter; untiled slices ignore it).
+        ``"stitched"``: micro-sam's way, the tiles' maps stitched into whole-slice maps and
+        post-processed as one image (about 50 bytes per slice pixel at the peak);
+        ``"blocks"``: the same stitched maps post-processed one tile window at a time and the
+        windows' objects merged (:mod:`napari_mobilesam.volume.ais_blocks`; held: one tile's
+        work, about a line of tiles' maps, and the int32 output slice); ``"auto"``: stitched up
+        to ``stitch_max_pixels``, blocks beyond.
+    stitch_max_pixels : int
+        Largest slice (rows × cols) that ``"auto"`` post-processes stitched. Default 2048²: about
+        200 MiB at the peak there (traced), where a 10 000² slice would need about 5 GB; below it
+        the labels are micro-sam's exactly (see ``docs/bigimages.md``).
     """
 
     center_distance_threshold: float = 0.5
@@ -65,6 +82,8 @@ class AISParams:
     foreground_smoothing: float = 1.0
     distance_smoothing: float = 1.6
     min_size: int = 0
+    tiling: str = "auto"
+    stitch_max_pixels: int = 2048 * 2048
 
     def __post_init__(self) -> None:
         for name in ("center_distance_threshold", "boundary_distance_threshold",
@@ -72,9 +91,23 @@ class AISParams:
             v = getattr(self, name)
             if not 0.0 <= float(v) <= 1.0:
                 raise InputError(f"{name} must lie in [0, 1], got {v!r}")
-        for name in ("foreground_smoothing", "distance_smoothing", "min_size"):
+        for name in ("foreground_smoothing", "distance_smoothing", "min_size", "stitch_max_pixels"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.tiling not in AIS_TILINGS:
+            raise InputError(f"unknown AIS tiling {self.tiling!r}: choose one of {', '.join(AIS_TILINGS)}")
+
+    @property
+    def smoothing_radius(self) -> int:
+        """Pixels a smoothed map value depends on around it: ceil(3σ) of the larger sigma."""
+        return int(math.ceil(3 * max(self.foreground_smoothing, self.distance_smoothing)))
+
+    def tiling_for(self, shape: tuple[int, int]) -> str:
+        """``"stitched"`` or ``"blocks"``: how a tiled slice of ``shape`` (rows, cols) is
+        post-processed (``tiling``, with ``"auto"`` decided by ``stitch_max_pixels``)."""
+        if self.tiling != "auto":
+            return self.tiling
+        return "stitched" if int(shape[0]) * int(shape[1]) <= self.stitch_max_pixels else "blocks"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,9 +223,26 @@ def tiled_decoder_maps(
     return maps
 
 
+class SliceWindows:
+    """Slice ``z`` of a ``SliceSource`` read window by window: ``windows[rows, cols]`` is
+    ``source.raw(z, (rows, cols))`` (a lazy array reads only that part), ``np.asarray(windows)``
+    the whole slice; ``shape`` is the slice's ``(H, W)``."""
+
+    def __init__(self, source: Any, z: int):
+        self.source, self.z = source, int(z)
+        self.shape = tuple(source.slice_shape)
+
+    def __getitem__(self, region: tuple[slice, slice]) -> np.ndarray:
+        return self.source.raw(self.z, tuple(region))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self.source.raw(self.z)
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+
 def segment_slice_ais(
     sam: Any,
-    image: np.ndarray,
+    image: Any,
     params: AISParams | None = None,
     decoder: Any = None,
     *,
@@ -200,16 +250,42 @@ def segment_slice_ais(
     halo: int | tuple[int, int] = (64, 64),
     grid: Any = None,
 ) -> np.ndarray:
-    """AIS labels ``(H, W)`` uint64 of one slice (see :func:`decoder_maps`, :func:`instances_from_maps`).
+    """AIS labels ``(H, W)`` of one slice (see :func:`decoder_maps`, :func:`instances_from_maps`).
 
-    With ``tile_shape`` (micro-sam's tiling) or a ``grid`` the maps come from
-    :func:`tiled_decoder_maps` and are post-processed as one image (micro-sam's whole-image
-    post-processing of stitched maps), so objects crossing tiles are one instance.
+    ``image``: ``(H, W)`` or ``(H, W, C)`` array (numpy, or lazy: dask, zarr, :class:`SliceWindows`).
+
+    With ``tile_shape`` (micro-sam's tiling, ``TileGrid.from_cores(shape, tile_shape, halo)``) or a
+    ``grid`` the slice is done tile by tile, in one of two ways (``params.tiling``, see
+    :class:`AISParams`; ``"auto"`` chooses by ``params.stitch_max_pixels``):
+
+    - ``"stitched"``, micro-sam's: the tiles' maps are stitched by :func:`tiled_decoder_maps` and
+      post-processed as one image. Labels uint64, micro-sam's. The whole slice is read and the
+      maps and watershed temporaries are slice-sized (about 50 bytes per pixel).
+    - ``"blocks"``: the tiles are read and decoded one at a time and the same stitched maps are
+      post-processed window by window, the windows' objects merged
+      (:func:`~napari_mobilesam.volume.ais_blocks.segment_slice_ais_blocks`). Labels int32 (the
+      only slice-sized array); 99.96 % of pixels as the stitched path on the micro-sam fixture.
+
+    Objects crossing tiles are one instance in both.
+
+    Untiled, the labels are uint64 (micro-sam's dtype).
     """
+    p = params or AISParams()
+    if not hasattr(image, "shape"):
+        image = np.asarray(image)
     if tile_shape is not None or grid is not None:
-        maps = tiled_decoder_maps(sam, image, tile_shape or 512, halo, decoder, grid=grid)
-        return instances_from_maps(*maps, params)
-    return instances_from_maps(*decoder_maps(sam, image, decoder), params)
+        from ..core.tiles import TileGrid
+
+        shape = tuple(image.shape[:2])
+        if grid is None:
+            grid = TileGrid.from_cores(shape, tile_shape, halo)
+        if p.tiling_for(shape) == "blocks":
+            from .ais_blocks import segment_slice_ais_blocks
+
+            return segment_slice_ais_blocks(sam, image, grid, p, decoder)
+        maps = tiled_decoder_maps(sam, np.asarray(image), decoder=decoder, grid=grid)
+        return instances_from_maps(*maps, p)
+    return instances_from_maps(*decoder_maps(sam, np.asarray(image), decoder), p)
 
 
 def segment_stack_ais(
