@@ -171,7 +171,7 @@ def test_segment_slice_ais_takes_the_chosen_path():
     (micro-sam's), block-wise int32; both find the same bright blobs."""
     from fake_ais import fake_ais_model
 
-    from napari_mobilesam.volume.instance import segment_slice_ais
+    from napari_mobilesam.volume.ais import segment_slice_ais
 
     sam = fake_ais_model()
     yy, xx = np.mgrid[:300, :300]
@@ -209,7 +209,7 @@ def test_a_tiled_session_reads_one_window_at_a_time():
     from fake_ais import fake_ais_model
 
     from napari_mobilesam.core.session import Session
-    from napari_mobilesam.volume.instance import segment_slice_ais
+    from napari_mobilesam.volume.ais import segment_slice_ais
 
     sam = fake_ais_model()
     yy, xx = np.mgrid[:320, :320]
@@ -238,7 +238,7 @@ def test_batch_auto_passes_the_tiling_on():
 
     from napari_mobilesam import batch
     from napari_mobilesam.core.tiles import TileGrid
-    from napari_mobilesam.volume.instance import segment_slice_ais
+    from napari_mobilesam.volume.ais import segment_slice_ais
 
     sam = fake_ais_model()
     yy, xx = np.mgrid[:320, :320]

@@ -498,7 +498,7 @@ def test_ais_precision_is_checked(engine_sam_test):
 
 
 def test_ais_stack_is_stitched_through_z(lm_openvino, expected):
-    from napari_mobilesam.volume.instance import segment_stack_ais
+    from napari_mobilesam.volume.ais import segment_stack_ais
 
     image = expected["image"]
     stack = np.stack([image, image])
@@ -566,7 +566,7 @@ def test_maps_cache_keys_and_bounds():
 
 def test_ais_needs_a_decoder(engine_sam_test):
     from napari_mobilesam.errors import ModelError
-    from napari_mobilesam.volume.instance import segment_slice_ais
+    from napari_mobilesam.volume.ais import segment_slice_ais
 
     with pytest.raises(ModelError, match="vit_t_lm"):
         segment_slice_ais(engine_sam_test, np.zeros((64, 64), np.uint16))
@@ -597,7 +597,8 @@ def test_block_wise_tiled_ais_agrees_with_stitched(lm_openvino, expected):
     99.96 % same assignment and 440 instances for 439 were measured, about micro-sam's own
     block-wise result (99.98 %). After test_tiled_ais_matches the decoder's maps come from the
     process's maps cache: only the six encoder runs are repeated."""
-    from napari_mobilesam.volume.instance import AISParams, segment_slice_ais
+    from napari_mobilesam.volume.ais import segment_slice_ais
+    from napari_mobilesam.volume.instance import AISParams
 
     labels = segment_slice_ais(lm_openvino, expected["tiled/image"], AISParams(tiling="blocks"),
                                tile_shape=512, halo=64)

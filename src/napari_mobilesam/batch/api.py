@@ -373,7 +373,7 @@ def segment_stack_auto(
     ``mode`` chooses how a slice is segmented:
 
     - ``"ais"``: the model's AIS decoder (micro-sam's ``vit_t_lm``, ...; parameters ``ais_params``,
-      an ``AISParams``; :func:`napari_mobilesam.volume.instance.segment_slice_ais`);
+      an ``AISParams``; :func:`napari_mobilesam.volume.ais.segment_slice_ais`);
     - ``"apg"``: prompts generated from that decoder's maps, decoded by SAM (parameters
       ``apg_params``, an ``APGParams`` or dict; :func:`napari_mobilesam.volume.apg.segment_slice_apg`);
     - ``"grid"``: the prompt-based mode of any model: candidate prompts from the image, batched

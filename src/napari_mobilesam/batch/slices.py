@@ -257,7 +257,8 @@ def slice_segmenter(predictor, source, params: Any, ais_params: Any, mode: str =
         apg = APGParams.of(apg_params)
         return lambda z: segment_slice_apg(predictor, z, apg)
     if mode == "ais":
-        from ..volume.instance import SliceWindows, segment_slice_ais
+        from ..volume.ais import segment_slice_ais
+        from ..volume.instance import SliceWindows
 
         if not tiled:
             return lambda z: segment_slice_ais(predictor.sam, source.raw(z), ais_params)

@@ -296,7 +296,7 @@ class Session:
         """All objects of slice ``z`` as an ``(H, W)`` int32 label image (ids 1..N). Slow: worker.
 
         ``mode`` (see :meth:`automatic_mode`): ``"ais"``, micro-sam's decoder maps and seeded
-        watershed on the raw slice (:func:`~napari_mobilesam.volume.instance.segment_slice_ais`,
+        watershed on the raw slice (:func:`~napari_mobilesam.volume.ais.segment_slice_ais`,
         parameters ``ais_params``, an ``AISParams``); ``"grid"``, the prompt-based point grid
         (:mod:`napari_mobilesam.volume.automatic`, parameters ``params``, an ``AutoParams``);
         ``"apg"``, micro-sam's automatic prompt generation: prompts from the decoder's maps
@@ -316,7 +316,7 @@ class Session:
 
             return segment_slice_apg(self.predictor, z, apg_params).astype(np.int32)
         if mode == "ais":
-            from ..volume.instance import segment_slice_ais
+            from ..volume.ais import segment_slice_ais
 
             if not self.tiled:  # the maps of the session's own (float32) embedding of micro-sam's input
                 from ..volume.apg import microsam_maps

@@ -11,8 +11,8 @@ For models with an AIS decoder (``vit_t_lm``, ``vit_t_em_organelles``, ...; see
    distances are small inside the foreground, a seeded watershed on the boundary distances
    restricted to the foreground, an optional size filter.
 
-Stacks run slice by slice and are stitched through z with
-:class:`napari_mobilesam.volume.automatic.Stitcher`. All arrays are napari's (row, col) order.
+Whole slices, tiled slices and stacks (stitched through z) are run by
+:mod:`napari_mobilesam.volume.ais`. All arrays are napari's (row, col) order.
 
 The post-processing is written on SciPy / scikit-image and reproduces micro-sam 1.8.14's
 (bioimage-cpp's Gaussian with mirror borders and radius ceil(3σ), 8-connected seeds numbered in
@@ -22,7 +22,6 @@ row-major order, 4-connected watershed) label for label on the parity fixture.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,8 +39,6 @@ __all__ = [
     "instances_from_maps",
     "decoder_maps",
     "tiled_decoder_maps",
-    "segment_slice_ais",
-    "segment_stack_ais",
     "smooth",
 ]
 
@@ -238,82 +235,3 @@ class SliceWindows:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         a = self.source.raw(self.z)
         return a if dtype is None else a.astype(dtype, copy=False)
-
-
-def segment_slice_ais(
-    sam: Any,
-    image: Any,
-    params: AISParams | None = None,
-    decoder: Any = None,
-    *,
-    tile_shape: int | tuple[int, int] | None = None,
-    halo: int | tuple[int, int] = (64, 64),
-    grid: Any = None,
-) -> np.ndarray:
-    """AIS labels ``(H, W)`` of one slice (see :func:`decoder_maps`, :func:`instances_from_maps`).
-
-    ``image``: ``(H, W)`` or ``(H, W, C)`` array (numpy, or lazy: dask, zarr, :class:`SliceWindows`).
-
-    With ``tile_shape`` (micro-sam's tiling, ``TileGrid.from_cores(shape, tile_shape, halo)``) or a
-    ``grid`` the slice is done tile by tile, in one of two ways (``params.tiling``, see
-    :class:`AISParams`; ``"auto"`` chooses by ``params.stitch_max_pixels``):
-
-    - ``"stitched"``, micro-sam's: the tiles' maps are stitched by :func:`tiled_decoder_maps` and
-      post-processed as one image. Labels uint64, micro-sam's. The whole slice is read and the
-      maps and watershed temporaries are slice-sized (about 50 bytes per pixel).
-    - ``"blocks"``: the tiles are read and decoded one at a time and the same stitched maps are
-      post-processed window by window, the windows' objects merged
-      (:func:`~napari_mobilesam.volume.ais_blocks.segment_slice_ais_blocks`). Labels int32 (the
-      only slice-sized array); 99.96 % of pixels as the stitched path on the micro-sam fixture.
-
-    Objects crossing tiles are one instance in both.
-
-    Untiled, the labels are uint64 (micro-sam's dtype).
-    """
-    p = params or AISParams()
-    if not hasattr(image, "shape"):
-        image = np.asarray(image)
-    if tile_shape is not None or grid is not None:
-        from ..core.tiles import TileGrid
-
-        shape = tuple(image.shape[:2])
-        if grid is None:
-            grid = TileGrid.from_cores(shape, tile_shape, halo)
-        if p.tiling_for(shape) == "blocks":
-            from .ais_blocks import segment_slice_ais_blocks
-
-            return segment_slice_ais_blocks(sam, image, grid, p, decoder)
-        maps = tiled_decoder_maps(sam, np.asarray(image), decoder=decoder, grid=grid)
-        return instances_from_maps(*maps, p)
-    return instances_from_maps(*decoder_maps(sam, np.asarray(image), decoder), p)
-
-
-def segment_stack_ais(
-    sam: Any,
-    stack: Any,
-    params: AISParams | None = None,
-    decoder: Any = None,
-    *,
-    min_iou: float = 0.3,
-    min_overlap: float = 0.6,
-    max_gap: int = 1,
-    progress: Callable[[int], None] | None = None,
-) -> Iterator[np.ndarray]:
-    """AIS of every slice of ``stack``, stitched through z; yields ``(H, W)`` int32 slices in order.
-
-    ``stack``: a ``(Z, H, W)`` array (or any sequence of 2D slices; a ``SliceSource`` gives its raw
-    slices). Only one slice is held at a time besides the stitcher's short history. ``min_iou``,
-    ``min_overlap``, ``max_gap``: see :class:`~napari_mobilesam.volume.automatic.Stitcher`.
-    ``progress(z)`` is called after each slice.
-    """
-    from .automatic import Stitcher
-
-    dec = _decoder_of(sam, decoder)
-    stitcher = Stitcher(min_iou, min_overlap, max_gap)
-    n = len(stack)
-    for z in range(n):
-        raw = stack.raw(z) if hasattr(stack, "raw") else np.asarray(stack[z])
-        labels = segment_slice_ais(sam, raw, params, dec)
-        yield stitcher.add(labels)
-        if progress is not None:
-            progress(z)
