@@ -89,7 +89,8 @@ def ais_parts(sam, image, runs, key):
     from napari_mobilesam.core.preprocess import microsam_rgb, preprocess_rgb
     from napari_mobilesam.models.ais_decoder import maps_for_image
     from napari_mobilesam.models.registry import ais_decoder
-    from napari_mobilesam.volume.instance import instances_from_maps, segment_slice_ais
+    from napari_mobilesam.volume.ais import segment_slice_ais
+    from napari_mobilesam.volume.instance import instances_from_maps
 
     dec = ais_decoder(sam)
     rgb = microsam_rgb(image)
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from napari_mobilesam.models.registry import ais_decoder, load_model
-    from napari_mobilesam.volume.instance import segment_slice_ais
+    from napari_mobilesam.volume.ais import segment_slice_ais
 
     ms = REFERENCE / "microsam"
     print(machine())
@@ -298,7 +299,7 @@ def microsam_rows(args, sam, rows) -> list[str]:
     import subprocess
     import tempfile
 
-    from napari_mobilesam.volume.instance import segment_slice_ais
+    from napari_mobilesam.volume.ais import segment_slice_ais
 
     wanted = {k: v for k, v in images().items() if k in args.sizes.split(",")}
     notes = []

@@ -180,7 +180,8 @@ def test_block_wise_ais_grows_only_by_its_output(nuclei_tile, monkeypatch):
 
     from napari_mobilesam.core.tiles import TileGrid
     from napari_mobilesam.models.ais_decoder import MAPS_CACHE
-    from napari_mobilesam.volume.instance import AISParams, segment_slice_ais
+    from napari_mobilesam.volume.ais import segment_slice_ais
+    from napari_mobilesam.volume.instance import AISParams
 
     monkeypatch.setattr(MAPS_CACHE, "max_bytes", 0)
     sam = fake_ais_model()

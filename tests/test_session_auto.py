@@ -37,7 +37,8 @@ def test_modes_resolve_and_refuse_ais_without_a_decoder(stack, fake_sam, engine_
 
 
 def test_ais_slice_is_segment_slice_ais_untiled_and_tiled(stack, fake_sam):
-    from napari_mobilesam.volume.instance import AISParams, segment_slice_ais
+    from napari_mobilesam.volume.ais import segment_slice_ais
+    from napari_mobilesam.volume.instance import AISParams
 
     z = int(round(stack.centers[0][0]))
     params = AISParams(min_size=5)

@@ -133,7 +133,8 @@ def test_ais_mode_and_parameters_follow_the_loaded_model(make_napari_viewer, qtb
 
 
 def test_ais_slice_button_previews_the_engine_labels_and_c_commits_all(make_napari_viewer, qtbot, stack, fake_sam):
-    from napari_mobilesam.volume.instance import AISParams, segment_slice_ais
+    from napari_mobilesam.volume.ais import segment_slice_ais
+    from napari_mobilesam.volume.instance import AISParams
 
     viewer, widget, image = _open(make_napari_viewer, stack.image)
     widget.set_model(fake_sam, ModelChoice("vit_t_test"))
@@ -208,7 +209,7 @@ def test_stack_button_writes_stitched_ais_labels_as_one_undo_step_keeping_drawn_
     make_napari_viewer, qtbot, fake_sam
 ):
     from napari_mobilesam.data import synthetic_nuclei
-    from napari_mobilesam.volume.instance import segment_stack_ais
+    from napari_mobilesam.volume.ais import segment_stack_ais
 
     small = synthetic_nuclei(shape=(4, 96, 96), n_nuclei=5, radius_range=(9, 12), z_radius_range=(2, 3), seed=3)
     viewer, widget, image = _open(make_napari_viewer, small.image)
