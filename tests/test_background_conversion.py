@@ -178,16 +178,21 @@ def test_closing_the_widget_stops_the_conversion(make_napari_viewer, qtbot, stac
         assert conversion._proc.poll() is not None
 
 
-def test_the_switch_brings_the_ais_decoder_in_its_chosen_precision(fresh_cache, msdir):
+def test_the_switch_brings_the_ais_decoder_in_its_chosen_precision(fresh_cache, msdir,
+                                                                    microsam_ais_decoder_ir):
     """A model with micro-sam's AIS decoder: torch float32 until the switch, then the OpenVINO
-    decoder in ``ais_precision`` (before, the decoder stayed torch float32 after a first start)."""
+    decoder in ``ais_precision`` (before, the decoder stayed torch float32 after a first start).
+    The encoder's conversion is this cache's first; the AIS decoder's IR (converted once per
+    session, see conftest) is there already: the switch compiles it in its precision."""
     import openvino as ov
+    from conftest import seed_ir
 
     from napari_mobilesam.models.backends.openvino import _openvino_has_bf16
     from napari_mobilesam.models.registry import ais_decoder
 
     choice = ModelChoice("vit_t_test", device="cpu", decoder=str(msdir / "vit_t_decoder.pt"),
                          ais_precision="mixed")
+    seed_ir(microsam_ais_decoder_ir, fresh_cache)
     sam, conversion = choice.load_without_waiting()
     assert conversion is not None
     assert not hasattr(ais_decoder(sam), "backend_name")  # the torch module meanwhile
