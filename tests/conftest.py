@@ -121,7 +121,6 @@ def microsam_ais_decoder_ir(msdir, tmp_path_factory) -> Path:
     start) that give the model this decoder copy the folder into their own cache
     (:func:`seed_ir`): the decoder's conversion (an eager pass at 1024² for the trace, then
     OpenVINO's conversion) is not what they check."""
-    pytest.importorskip("openvino")
     import torch
 
     from napari_mobilesam.models.ais_decoder import load_ais_decoder
