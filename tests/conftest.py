@@ -110,3 +110,35 @@ def _gc_freeze_undone():
         import gc
 
         gc.unfreeze()
+
+
+@pytest.fixture(scope="session")
+def microsam_ais_decoder_ir(msdir, tmp_path_factory) -> Path:
+    """Folder of the OpenVINO IR of the micro-sam fixture's AIS decoder (``vit_t_decoder.pt``,
+    micro-sam's BatchNorm on each call's statistics), converted once per session (per xdist
+    worker) into the session's cache, where the micro-sam models loaded with the OpenVINO backend
+    (``tests/test_microsam.py``) find it. Tests about another conversion (the encoder's first
+    start) that give the model this decoder copy the folder into their own cache
+    (:func:`seed_ir`): the decoder's conversion (an eager pass at 1024² for the trace, then
+    OpenVINO's conversion) is not what they check."""
+    import torch
+
+    from napari_mobilesam.models.ais_decoder import load_ais_decoder
+    from napari_mobilesam.models.backends.openvino import OpenVINOAISDecoder
+
+    decoder = load_ais_decoder(torch.load(msdir / "vit_t_decoder.pt", weights_only=True))
+    with pytest.MonkeyPatch.context() as mp:  # the session's cache, whatever a test set
+        mp.setenv("NAPARI_MOBILESAM_CACHE", str(tmp_path_factory.getbasetemp() / "napari-mobilesam-cache"))
+        ir = OpenVINOAISDecoder(decoder, precision="fp32").ir_path.parent
+    return ir
+
+
+def seed_ir(ir_folder: Path, cache: Path) -> Path:
+    """Copy a converted IR folder (see :func:`microsam_ais_decoder_ir`) into the cache folder
+    ``cache`` (what ``NAPARI_MOBILESAM_CACHE`` names), under the name the engine looks for."""
+    import shutil
+
+    target = Path(cache) / "openvino" / ir_folder.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ir_folder, target)
+    return target

@@ -47,12 +47,25 @@ def _image():
 CHOICE = ModelChoice("vit_t_test", device="cpu")
 
 
-def test_first_mask_before_the_conversion_then_the_fast_encoder(fresh_cache):
+def test_first_mask_before_the_conversion_then_the_fast_encoder(fresh_cache, msdir, microsam_ais_decoder_ir):
+    """Masks at once, the conversion behind them, then the fast encoder.
+
+    The second start (same encoder) brings micro-sam's AIS decoder with ``ais_precision``
+    "mixed" (this merges the former test of the switch with such a model, which converted the
+    same encoder once more): torch float32 until the switch, then the OpenVINO decoder in its
+    chosen precision (before, the decoder stayed torch float32 after a first start). The AIS
+    decoder's IR (converted once per session, see conftest) is in the cache already: the switch
+    compiles it in its precision."""
+    from conftest import seed_ir
+
+    seed_ir(microsam_ais_decoder_ir, fresh_cache)
     lock = lock_path(build_sam("vit_t_test").image_encoder)
     with held(lock):
         sam, conversion = CHOICE.load_without_waiting()
-        _, second = CHOICE.load_without_waiting()  # another start meanwhile: waits on the lock
+        # another start meanwhile: waits on the lock
+        sam_ais, second = _ais_choice(msdir).load_without_waiting()
         assert conversion is not None and conversion.running and second.running
+        _check_ais_torch(sam_ais)
         assert model_identity(sam).endswith(":torch:fp32")  # the exact path at once
         session = Session(sam, _image(), cache_dir=None)
         first = session.predict(0, points=np.array([[45.0, 45.0]]), labels=np.array([1]))
@@ -63,6 +76,7 @@ def test_first_mask_before_the_conversion_then_the_fast_encoder(fresh_cache):
     assert second.wait(timeout=600), second.error
     # never two conversions of one model at a time: one converted, the other found the IR
     assert sorted(c.output.split(" in ")[0] for c in (conversion, second)) == ["already cached", "converted"]
+    _check_ais_switch(sam_ais, second)
     conversion.switch(sam, conversion.build())
     assert model_identity(sam).split(":")[2] == "openvino"
     assert not session.is_embedded(0)  # torch embeddings are not reused: recomputed lazily
@@ -178,22 +192,27 @@ def test_closing_the_widget_stops_the_conversion(make_napari_viewer, qtbot, stac
         assert conversion._proc.poll() is not None
 
 
-def test_the_switch_brings_the_ais_decoder_in_its_chosen_precision(fresh_cache, msdir):
-    """A model with micro-sam's AIS decoder: torch float32 until the switch, then the OpenVINO
-    decoder in ``ais_precision`` (before, the decoder stayed torch float32 after a first start)."""
+def _ais_choice(msdir):
+    return ModelChoice("vit_t_test", device="cpu", decoder=str(msdir / "vit_t_decoder.pt"),
+                       ais_precision="mixed")
+
+
+def _check_ais_torch(sam):
+    from napari_mobilesam.models.registry import ais_decoder
+
+    assert not hasattr(ais_decoder(sam), "backend_name")  # the torch module meanwhile
+
+
+def _check_ais_switch(sam, conversion):
     import openvino as ov
 
     from napari_mobilesam.models.backends.openvino import _openvino_has_bf16
     from napari_mobilesam.models.registry import ais_decoder
 
-    choice = ModelChoice("vit_t_test", device="cpu", decoder=str(msdir / "vit_t_decoder.pt"),
-                         ais_precision="mixed")
-    sam, conversion = choice.load_without_waiting()
-    assert conversion is not None
-    assert not hasattr(ais_decoder(sam), "backend_name")  # the torch module meanwhile
     assert conversion.wait(timeout=600), conversion.error
     conversion.switch(sam, conversion.build())
     decoder = ais_decoder(sam)
     assert decoder.backend_name == "openvino" and decoder.batchnorm == "batch"
     assert decoder.precision == ("mixed" if _openvino_has_bf16(ov.Core()) else "fp32")
     assert model_identity(sam).split(":")[2] == "openvino"
+

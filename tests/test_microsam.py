@@ -106,14 +106,16 @@ def test_checkpoint_layouts_load_strictly(msdir, tmp_path):
         load_ais_decoder(wrong)
 
 
-def test_build_sam_takes_every_layout_and_semantics(msdir, tmp_path):
+def test_build_sam_takes_every_layout_and_semantics(msdir, tmp_path, lm_models):
     from napari_mobilesam.models.registry import ais_decoder, build_sam, model_info
 
     plain = torch.load(msdir / "vit_t.pt", weights_only=True)
     dec = torch.load(msdir / "vit_t_decoder.pt", weights_only=True)
     torch.save({"model_state": {f"sam.{k}": v for k, v in plain.items()}, "decoder_state": dec},
                tmp_path / "combined.pt")
-    a = build_sam("vit_t_lm", msdir / "vit_t.pt", decoder=msdir / "vit_t_decoder.pt")
+    # build_sam("vit_t_lm", msdir / "vit_t.pt", decoder=msdir / "vit_t_decoder.pt"): the module's
+    # lm_models build it so, semantics left at the model's default
+    a = lm_models["microsam"]
     b = build_sam("vit_t_lm", tmp_path / "combined.pt")
     assert model_info(a)["semantics"] == "microsam"  # the micro-sam models' default
     assert ais_decoder(a).batchnorm == "batch" and ais_decoder(b).batchnorm == "batch"
@@ -216,13 +218,15 @@ def test_params_are_checked():
 
 @pytest.fixture(scope="module")
 def lm_models(msdir):
-    """The fixture's weights as micro-sam runs them and with standard semantics (eager float32)."""
+    """The fixture's weights as micro-sam runs them and with standard semantics (eager float32).
+    micro-sam's semantics is the model's default: left unset (test_build_sam_takes_every_layout_and_semantics
+    checks that default on this model)."""
     from napari_mobilesam.models.registry import build_sam
 
     torch.manual_seed(0)
     return {
         sem: build_sam("vit_t_lm", msdir / "vit_t.pt", decoder=msdir / "vit_t_decoder.pt",
-                       semantics=sem)
+                       **({} if sem == "microsam" else {"semantics": sem}))
         for sem in ("microsam", "standard")
     }
 
@@ -240,17 +244,52 @@ def test_embedding_matches(lm_models, expected, sem, prefix):
     assert np.abs(emb - expected[prefix + "embedding"]).max() < 1e-4
 
 
-def test_decoder_maps_and_labels_from_stored_embedding(lm_models, expected):
-    """micro-sam semantics: decoder BatchNorm on the call's statistics (the unprefixed arrays)."""
-    from napari_mobilesam.models.ais_decoder import maps_for_image
+@pytest.fixture(scope="module")
+def stored_embedding_pass(lm_models, expected):
+    """One eager float32 pass of the micro-sam-semantics decoder on the stored embedding (the
+    decoder costs seconds per call at 1024²), shared by the two tests below: its maps, and a copy
+    of the standard-semantics decoder whose running statistics got the one update micro-sam's
+    training-mode call on this embedding made (see
+    test_standard_semantics_decoder_matches_eval_arrays). Each BatchNorm of the micro-sam decoder
+    hands its input, which is the input the training-mode call's BatchNorm sees (batch statistics
+    in both), to torch's own ``BatchNorm2d.forward`` of the copy's BatchNorm in training mode."""
+    import copy
+
+    from torch import nn
+
+    from napari_mobilesam.models.ais_decoder import BatchNorm, maps_for_image
     from napari_mobilesam.models.registry import ais_decoder
-    from napari_mobilesam.volume.instance import instances_from_maps
 
     dec = ais_decoder(lm_models["microsam"])
+    std = copy.deepcopy(ais_decoder(lm_models["standard"]))
+    ours = [m for m in dec.modules() if isinstance(m, BatchNorm)]
+    theirs = [m for m in std.modules() if isinstance(m, BatchNorm)]
+    assert len(ours) == len(theirs) > 0
+
+    def update(bn):
+        def hook(module, args):  # torch's training-mode BatchNorm updates running stats
+            bn.train()
+            nn.BatchNorm2d.forward(bn, args[0])
+            bn.eval()
+        return hook
+
+    handles = [m.register_forward_pre_hook(update(bn)) for m, bn in zip(ours, theirs)]
+    try:
+        with torch.no_grad():
+            out = dec(torch.from_numpy(expected["embedding"]))
+    finally:
+        for h in handles:
+            h.remove()
     with torch.inference_mode():
-        maps = maps_for_image(dec(torch.from_numpy(expected["embedding"])),
-                              tuple(expected["input_size"]), tuple(expected["original_size"]))
-    maps = maps[0].numpy()
+        maps = maps_for_image(out, tuple(expected["input_size"]), tuple(expected["original_size"]))
+    return maps[0].numpy(), std
+
+
+def test_decoder_maps_and_labels_from_stored_embedding(stored_embedding_pass, expected):
+    """micro-sam semantics: decoder BatchNorm on the call's statistics (the unprefixed arrays)."""
+    from napari_mobilesam.volume.instance import instances_from_maps
+
+    maps, _ = stored_embedding_pass
     for i, name in enumerate(MAPS):
         assert np.abs(maps[i] - expected[f"decoder/{name}"]).max() < 1e-3, name
     labels = instances_from_maps(*maps)
@@ -343,33 +382,26 @@ def test_microsam_models_default_to_float32(msdir, engine_sam_test):
     assert precision_for(engine_sam_test, "auto") == "auto"
 
 
-def test_standard_semantics_decoder_matches_eval_arrays(lm_models, expected):
+def test_standard_semantics_decoder_matches_eval_arrays(lm_models, expected, stored_embedding_pass):
     """Standard semantics: BatchNorm on running statistics (the ``eval/`` arrays).
 
     The fixture's ``eval/`` maps were computed after micro-sam's training-mode decoder had run
     once on the image, which moved its running statistics (torch's momentum 0.1 update, unbiased
-    variance); we reproduce that one update with torch's own BatchNorm2d before comparing.
+    variance); we reproduce that one update with torch's own BatchNorm2d before comparing (during
+    the micro-sam decoder's pass on the same embedding: ``stored_embedding_pass``).
     """
-    import copy
-    import types
-
-    from torch import nn
-
     from napari_mobilesam.models.ais_decoder import BatchNorm, maps_for_image
     from napari_mobilesam.models.registry import ais_decoder
     from napari_mobilesam.volume.instance import instances_from_maps
 
-    dec = copy.deepcopy(ais_decoder(lm_models["standard"]))
+    _, dec = stored_embedding_pass
     assert dec.batchnorm == "running"
     bns = [m for m in dec.modules() if isinstance(m, BatchNorm)]
-    for bn in bns:  # one micro-sam call: torch's training-mode BatchNorm updates running stats
-        bn.forward = types.MethodType(nn.BatchNorm2d.forward, bn)
-        bn.train()
-    with torch.no_grad():
-        dec(torch.from_numpy(expected["embedding"]))
-    for bn in bns:
-        del bn.forward
-        bn.eval()
+    model_bns = [m for m in ais_decoder(lm_models["standard"]).modules() if isinstance(m, BatchNorm)]
+    assert all(not bn.training for bn in bns)
+    # the update happened (to the copy only): one step of torch's momentum update each
+    assert all(int(bn.num_batches_tracked) == int(m.num_batches_tracked) + 1 for bn, m in zip(bns, model_bns))
+    assert any(not torch.equal(bn.running_mean, m.running_mean) for bn, m in zip(bns, model_bns))
     with torch.inference_mode():
         maps = maps_for_image(dec(torch.from_numpy(expected["eval/embedding"])),
                               tuple(expected["input_size"]), tuple(expected["original_size"]))
@@ -385,14 +417,39 @@ def test_standard_semantics_decoder_matches_eval_arrays(lm_models, expected):
 
 
 @pytest.fixture(scope="module")
-def lm_openvino(msdir):
+def lm_openvino(msdir, microsam_ais_decoder_ir):
+    # microsam_ais_decoder_ir: the AIS decoder's IR, converted once per session in the session's
+    # cache (other modules copy it); this model's encoder is converted here
     from napari_mobilesam.models.registry import load_model
 
     return load_model("vit_t_lm", msdir / "vit_t.pt", "cpu", backend="openvino", precision="fp32",
                       decoder=msdir / "vit_t_decoder.pt")
 
 
-def test_ais_end_to_end_with_openvino(lm_openvino, expected):
+@pytest.fixture(scope="module")
+def session_ais(lm_openvino, expected):
+    """A session (the widget's engine) on the fixture image: a click, then AIS on that slice, with
+    the process's maps cache emptied first so that the decoder's runs are counted. The decoded
+    maps stay in that cache: the other tests of this image through ``lm_openvino`` (stand-alone
+    path, stack) take them from there instead of decoding the same embedding again."""
+    from types import SimpleNamespace
+
+    from napari_mobilesam.core.session import Session
+    from napari_mobilesam.models.ais_decoder import MAPS_CACHE
+
+    MAPS_CACHE.clear()
+    session = Session(lm_openvino, expected["image"][None], cache_dir=None)
+    session.predict(0, points=[(141.0, 200.0)], labels=[1])
+    clicked = session.cache.stats.computed
+    misses = MAPS_CACHE.misses
+    labels = session.segment_automatically(0, mode="ais")
+    return SimpleNamespace(session=session, clicked=clicked, computed=session.cache.stats.computed,
+                           decoded=MAPS_CACHE.misses - misses, labels=labels)
+
+
+def test_ais_end_to_end_with_openvino(lm_openvino, expected, session_ais):
+    """The stand-alone path (decoder_maps): its maps are micro-sam's (from the maps cache when the
+    session's embedding of the slice has the same bits: exactly what decoding would return)."""
     from napari_mobilesam.models.registry import ais_decoder
     from napari_mobilesam.volume.instance import decoder_maps, instances_from_maps
 
@@ -497,7 +554,8 @@ def test_ais_precision_is_checked(engine_sam_test):
         apply_decoder_backend(object(), engine_sam_test, "fp16")
 
 
-def test_ais_stack_is_stitched_through_z(lm_openvino, expected):
+def test_ais_stack_is_stitched_through_z(lm_openvino, expected, session_ais):
+    # session_ais: this slice's maps are in the process's maps cache (only the encoder runs here)
     from napari_mobilesam.volume.ais import segment_stack_ais
 
     image = expected["image"]
@@ -510,11 +568,11 @@ def test_ais_stack_is_stitched_through_z(lm_openvino, expected):
     assert same_assignment(out[0], expected["ais/default"]) >= 0.999
 
 
-def test_session_ais_reuses_the_clicked_embedding_and_the_decoded_maps(lm_openvino, expected, cases):
+def test_session_ais_reuses_the_clicked_embedding_and_the_decoded_maps(lm_openvino, expected, cases,
+                                                                       session_ais):
     """In a session (the widget's engine) AIS uses the slice's embedding already computed for a
     click, gives the labels of the stand-alone path, and AIS again with other thresholds or APG
     afterwards only post-process: the decoder does not run again."""
-    from napari_mobilesam.core.session import Session
     from napari_mobilesam.models.ais_decoder import MAPS_CACHE
     from napari_mobilesam.volume.apg import APGParams
     from napari_mobilesam.volume.instance import (
@@ -524,20 +582,21 @@ def test_session_ais_reuses_the_clicked_embedding_and_the_decoded_maps(lm_openvi
     )
 
     image = expected["image"]
-    MAPS_CACHE.clear()
-    session = Session(lm_openvino, image[None], cache_dir=None)
-    session.predict(0, points=[(141.0, 200.0)], labels=[1])
-    assert session.cache.stats.computed == 1
-    misses = MAPS_CACHE.misses
-    labels = session.segment_automatically(0, mode="ais")
-    assert session.cache.stats.computed == 1  # the click's embedding, not a second one
-    assert MAPS_CACHE.misses == misses + 1  # decoded once
+    session, labels = session_ais.session, session_ais.labels
+    assert session_ais.clicked == 1
+    assert session_ais.computed == 1  # the click's embedding, not a second one
+    assert session_ais.decoded == 1  # decoded once
     assert same_assignment(labels, expected["ais/default"]) >= 0.999
 
+    misses, hits = MAPS_CACHE.misses, MAPS_CACHE.hits
     custom = AISParams(**cases["ais_settings"]["custom"])
     again = session.segment_automatically(0, mode="ais", ais_params=custom)
-    session.segment_automatically(0, mode="apg", apg_params=APGParams(multimask=True))
-    assert MAPS_CACHE.misses == misses + 1 and MAPS_CACHE.hits >= 2  # no decoding since
+    # a low centre-distance threshold: a few seeds (each one a prompt through SAM's decoder);
+    # what matters here is where APG's maps come from
+    session.segment_automatically(0, mode="apg",
+                                  apg_params=APGParams(multimask=True, center_distance_threshold=0.01))
+    assert MAPS_CACHE.misses == misses and MAPS_CACHE.hits >= hits + 2  # no decoding since
+    assert session.cache.stats.computed == 1
     assert n_instances(again) != n_instances(labels)  # the thresholds did apply
     assert np.array_equal(again, instances_from_maps(*decoder_maps(lm_openvino, image), custom))
 
@@ -572,14 +631,23 @@ def test_ais_needs_a_decoder(engine_sam_test):
         segment_slice_ais(engine_sam_test, np.zeros((64, 64), np.uint16))
 
 
-def test_tiled_ais_matches(lm_openvino, expected):
+@pytest.fixture(scope="module")
+def tiled_maps(lm_openvino, expected):
+    """micro-sam's tiled maps of the fixture's tiled image (six tiles: six encoder and decoder
+    runs); the tiles' decoded maps stay in the process's maps cache for the block-wise path."""
+    from napari_mobilesam.volume.instance import tiled_decoder_maps
+
+    return tiled_decoder_maps(lm_openvino, expected["tiled/image"])
+
+
+def test_tiled_ais_matches(tiled_maps, expected):
     """micro-sam's tiled AIS (tile 512, halo 64): stitched maps within 5e-3, whole-image labels
     against ``tiled/ais_global``, and micro-sam's own block-wise result within its limit. Through
     the float32 OpenVINO path (what a CPU user runs; about 2.6x faster than eager torch on these
     six tiles)."""
-    from napari_mobilesam.volume.instance import instances_from_maps, tiled_decoder_maps
+    from napari_mobilesam.volume.instance import instances_from_maps
 
-    maps = tiled_decoder_maps(lm_openvino, expected["tiled/image"])
+    maps = tiled_maps
     for i, name in enumerate(MAPS):
         want = expected[f"tiled/{name}_u16"].astype(np.float32) / 65535
         assert np.abs(maps[i] - want).max() < 5e-3, name
@@ -590,13 +658,13 @@ def test_tiled_ais_matches(lm_openvino, expected):
     assert same_assignment(labels, expected["tiled/ais_blockwise"]) >= 0.999
 
 
-def test_block_wise_tiled_ais_agrees_with_stitched(lm_openvino, expected):
+def test_block_wise_tiled_ais_agrees_with_stitched(lm_openvino, expected, tiled_maps):
     """The fixture's tiled image in micro-sam's tiles, post-processed window by window (the path
     of slices above ``AISParams.stitch_max_pixels``): against the whole-image post-processing of
     the stitched maps (``tiled/ais_global``; the stitched path matches it, test_tiled_ais_matches)
     99.96 % same assignment and 440 instances for 439 were measured, about micro-sam's own
-    block-wise result (99.98 %). After test_tiled_ais_matches the decoder's maps come from the
-    process's maps cache: only the six encoder runs are repeated."""
+    block-wise result (99.98 %). After tiled_maps (test_tiled_ais_matches) the decoder's maps come
+    from the process's maps cache: only the six encoder runs are repeated."""
     from napari_mobilesam.volume.ais import segment_slice_ais
     from napari_mobilesam.volume.instance import AISParams
 

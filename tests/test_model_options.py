@@ -190,18 +190,22 @@ def test_options_are_remembered_and_old_or_bad_settings_files_still_load(make_na
 
 @pytest.mark.slow
 def test_ais_decoder_precision_reaches_the_openvino_decoder_after_the_first_conversion(
-        make_napari_viewer, qtbot, stack, msdir, monkeypatch, tmp_path):
+        make_napari_viewer, qtbot, stack, msdir, monkeypatch, tmp_path, microsam_ais_decoder_ir):
     """The widget's first start of new weights converts in the background: the AIS decoder must
     get the chosen precision when the OpenVINO encoder takes over (it stayed torch float32).
-    A cache of its own: the session's may hold these weights' IR already (no first start then)."""
+    A cache of its own: the session's may hold these weights' IR already (no first start then);
+    only the AIS decoder's IR (converted once per session, see conftest) is copied into it, so
+    the switch compiles that decoder in its precision instead of converting it again."""
     pytest.importorskip("openvino")
     import openvino as ov
+    from conftest import seed_ir
 
     from napari_mobilesam.models.backends.background import BackgroundConversion
     from napari_mobilesam.models.backends.openvino import _openvino_has_bf16
 
     monkeypatch.setattr(BackgroundConversion, "nice", 0)  # not waiting for idle time on a busy machine
     monkeypatch.setenv("NAPARI_MOBILESAM_CACHE", str(tmp_path / "cache"))
+    seed_ir(microsam_ais_decoder_ir, tmp_path / "cache")
     widget, panel = _fixture_with_options(make_napari_viewer, stack, msdir, "openvino", "fp32")
     _pick(panel.ais_precision, "mixed")
     _load(qtbot, widget, timeout=600_000)

@@ -505,7 +505,9 @@ class OpenVINOAISDecoder(nn.Module):
         self.batchnorm = decoder.batchnorm
         src = copy.deepcopy(decoder).cpu().float().eval()
         src.weights_digest = self.weights_digest
-        example = torch.zeros(1, *self.embed_shape)
+        # traced on a small embedding: the graph has no fixed sizes (it is compiled for
+        # embed_shape below), and tracing at 64² ran the whole decoder at 1024² once (seconds)
+        example = torch.zeros(1, self.embed_shape[0], 8, 8)
         self.ir_path, self.converted = openvino_ir(
             src, f"ais-decoder-{self.batchnorm}", example, img_size=self.embed_shape[-1]
         )
