@@ -33,31 +33,44 @@ def write_ome_zarr(path, data):
 
 @pytest.fixture(scope="module")
 def image_zarr(tmp_path_factory):
-    """4 slices of 300 x 420 (the random test model only needs texture, not nuclei)."""
+    """3 slices of 300 x 256: 2 tiles of 256 (halo 32) a slice (the random test model only needs
+    texture, not nuclei; each tile is one encoder pass, so the image is no bigger than that)."""
     from scipy import ndimage as ndi
 
     rng = np.random.default_rng(2)
-    image = (ndi.gaussian_filter(rng.random((4, 300, 420)), (0, 6, 6)) * 60000).astype(np.uint16)
+    image = (ndi.gaussian_filter(rng.random((3, 300, 256)), (0, 6, 6)) * 60000).astype(np.uint16)
     st = SimpleNamespace(image=image)
     return write_ome_zarr(tmp_path_factory.mktemp("big") / "image.zarr", image), st
+
+
+AUTO = dict(model="vit_t_test", backend="eager", tile=256, halo=32,
+            params=dict(min_iou=0, min_stability=0, grid=2, max_area_fraction=0.6, max_points=3))
+
+
+@pytest.fixture(scope="module")
+def tiled_auto(image_zarr):
+    """The batch API's labels of the whole (tiled) input, in memory: the reference of the CLI run
+    and of the resumed run, computed once."""
+    from napari_mobilesam.core.tiles import TileGrid
+
+    src, st = image_zarr
+    assert len(TileGrid(st.image.shape[1:], 256, 32)) == 2
+    data, _ = open_image(src)
+    return segment_stack_auto(data, **AUTO)
 
 
 def run(*argv) -> int:
     return cli.main([str(a) for a in argv])
 
 
-def test_cli_auto_ome_zarr_in_and_out_tiled(tmp_path, image_zarr):
+def test_cli_auto_ome_zarr_in_and_out_tiled(tmp_path, image_zarr, tiled_auto):
     src, st = image_zarr
     out = tmp_path / "labels.zarr"
     assert run("auto", src, "-o", out, *MODEL, *LOOSE, "--tile", "256", "--halo", "32", "--no-progress") == 0
     labels, meta = open_ome_zarr(out)
     assert labels.shape == st.image.shape and meta.levels[0].shape == st.image.shape
     # the same as the batch API on the same (tiled) input, in memory
-    data, _ = open_image(src)
-    expected = segment_stack_auto(data, model="vit_t_test", backend="eager", tile=256, halo=32,
-                                  params=dict(min_iou=0, min_stability=0, grid=2, max_area_fraction=0.6,
-                                              max_points=3))
-    np.testing.assert_array_equal(np.asarray(labels), expected)
+    np.testing.assert_array_equal(np.asarray(labels), tiled_auto)
     # an existing output is never replaced without --overwrite; the input is never the output
     assert run("auto", src, "-o", out, *MODEL, "--no-progress") == cli.EXIT_OUTPUT
     assert run("auto", src, "-o", src, *MODEL, "--overwrite", "--no-progress") == cli.EXIT_OUTPUT
@@ -84,20 +97,21 @@ class Interrupted(Exception):
     pass
 
 
-def test_interrupted_auto_run_resumes_to_the_same_labels(tmp_path, image_zarr):
+def test_interrupted_auto_run_resumes_to_the_same_labels(tmp_path, image_zarr, tiled_auto):
+    """Stopped after 2 of the 3 slices, resumed: the labels of an uninterrupted run."""
     src, _ = image_zarr
     data, meta = open_image(src)
-    opts = dict(model="vit_t_test", backend="eager", tile=256, halo=32, metadata=meta,
-                params=dict(min_iou=0, min_stability=0, grid=2, max_area_fraction=0.6, max_points=3))
-    whole = segment_stack_auto(data, **opts)
+    opts = dict(AUTO, metadata=meta)
+    whole = tiled_auto
+    assert whole[2].any()  # the slice the resumed run computes has objects
 
-    def stop_after_three(done, total):
+    def stop_after_two(done, total):
         if done >= 2:
             raise Interrupted
 
     out = tmp_path / "labels.zarr"
     with pytest.raises(Interrupted):
-        segment_stack_auto(data, out=out, progress=stop_after_three, **opts)
+        segment_stack_auto(data, out=out, progress=stop_after_two, **opts)
     assert not out.exists(), "an unfinished output is never in the final place"
     with pytest.raises(Exception, match="partial|resume|exists"):
         segment_stack_auto(data, out=out, **opts)  # a fresh run does not silently drop the partial
@@ -106,12 +120,19 @@ def test_interrupted_auto_run_resumes_to_the_same_labels(tmp_path, image_zarr):
 
 
 def test_segment_stack_prompts_on_a_tiled_2d_image_and_resume(tmp_path):
+    """2 slices of 300 x 420, tiles of 256 (2 x 2 a slice: each an encoder pass); objects in
+    opposite corner tiles of slice 0 and in the middle of slice 1."""
+    from napari_mobilesam.core.tiles import TileGrid
+
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 1000, (2, 700, 900)).astype(np.uint16)
-    pts = [(0, 100, 100), (0, 650, 850), (1, 350, 450)]
+    image = rng.integers(0, 1000, (2, 300, 420)).astype(np.uint16)
+    grid = TileGrid(image.shape[1:], 256, 32)
+    pts = [(0, 40, 40), (0, 270, 390), (1, 150, 210)]
+    assert grid.grid_shape == (2, 2) and {grid.tile_at(*p[1:]).index for p in pts[:2]} == {0, 3}
     prm = prompts_from_arrays(pts, object_ids=[1, 2, 3])
     lab = segment_stack(image, prm, model="vit_t_test", backend="eager", tile=256, halo=32)
     assert lab.shape == image.shape
+    assert {1, 2} <= set(np.unique(lab[0])) and 3 in np.unique(lab[1])
     out = tmp_path / "p.zarr"
     segment_stack(image, prm, model="vit_t_test", backend="eager", tile=256, halo=32, out=out)
     np.testing.assert_array_equal(np.asarray(open_ome_zarr(out)[0]), lab)

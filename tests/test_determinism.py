@@ -93,10 +93,10 @@ def _disturb(sam, rgbs) -> None:
     st = synthetic_nuclei(shape=(10, 200, 330), n_nuclei=6, z_radius_range=(2.0, 3.0), seed=1)
     pts = np.array([[5, 60, 80], [5, 120, 200], [5, 150, 40]], float)
     segment_stack(st.image, pts, model=sam)
-    propagate_stack(st.image, pts, model=sam, z_range=(3, 8))
+    propagate_stack(st.image, pts, model=sam, z_range=(4, 7))
     segment_stack_auto(st.image, model=sam, z_range=(4, 6))
-    big = synthetic_nuclei(shape=(1, 700, 560), n_nuclei=10, seed=2).image
-    segment_stack(big, np.array([[0, 100, 100], [0, 600, 500]], float), model=sam, tile=384, halo=64)
+    big = synthetic_nuclei(shape=(1, 640, 400), n_nuclei=10, seed=2).image  # 2 x 2 tiles
+    segment_stack(big, np.array([[0, 100, 100], [0, 560, 340]], float), model=sam, tile=384, halo=64)
     for precision in ("fp32", "bf16"):  # the same IR compiled at other precisions
         _embed(_load(precision), rgbs[:1])
     threads = torch.get_num_threads()

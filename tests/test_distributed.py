@@ -42,15 +42,15 @@ def _loads(client) -> dict[str, int]:
 def test_auto_on_two_workers_equals_one_process(client, stack, tmp_path):
     assert len(client.scheduler_info()["workers"]) == 2
     assert all(addr.startswith("tcp://127.0.0.1:") for addr in client.scheduler_info()["workers"])
-    single = segment_stack_auto(stack, params=PARAMS, z_range=(1, 7), **MODEL)
-    assert single[1:7].any()
-    spread = segment_stack_auto(stack, params=PARAMS, z_range=(1, 7), client=client, **MODEL)
+    single = segment_stack_auto(stack, params=PARAMS, z_range=(1, 5), **MODEL)
+    assert single[1:5].any()
+    spread = segment_stack_auto(stack, params=PARAMS, z_range=(1, 5), client=client, **MODEL)
     assert spread.dtype == single.dtype and np.array_equal(spread, single)
     loads = _loads(client)
     assert sorted(loads.values()) == [1, 1], loads  # both workers worked, each loaded once
     # Streaming to a file through the cluster: same labels; the workers reuse their model.
     out = tmp_path / "auto.tif"
-    segment_stack_auto(stack, params=PARAMS, z_range=(1, 7), client=client, out=out, **MODEL)
+    segment_stack_auto(stack, params=PARAMS, z_range=(1, 5), client=client, out=out, **MODEL)
     assert np.array_equal(tifffile.imread(out), single)
     assert _loads(client) == loads
 
@@ -70,14 +70,14 @@ def test_propagation_with_embeddings_from_two_workers_equals_one_process(client,
 
     prompts = prompts_from_arrays([[4, 40, 40], [4, 70, 70]], object_ids=[1, 2])
     options = dict(min_score=0.0, min_overlap=0.0, area_ratio=(0.0, 100.0))
-    single = propagate_stack(stack, prompts, z_range=(1, 8), **options, **MODEL)
-    assert (single[1:8] > 0).any(axis=(1, 2)).sum() > 1, "followed over several slices"
+    single = propagate_stack(stack, prompts, z_range=(2, 7), **options, **MODEL)
+    assert (single[2:7] > 0).any(axis=(1, 2)).sum() > 1, "followed over several slices"
 
     def no_local_encoder(*args, **kwargs):
         raise AssertionError("with a client, this process must not run the encoder")
 
     monkeypatch.setattr(embeddings, "compute_embedding", no_local_encoder)
-    spread = propagate_stack(stack, prompts, z_range=(1, 8), client=client, **options, **MODEL)
+    spread = propagate_stack(stack, prompts, z_range=(2, 7), client=client, **options, **MODEL)
     assert np.array_equal(spread, single)
     assert all(n == 1 for n in _loads(client).values())  # each worker loaded the model once
 
@@ -90,11 +90,12 @@ def test_cluster_needs_a_loadable_model_spec(client, stack, engine_sam_test):
 
 
 def test_cli_dask_workers_flag(tmp_path, stack):
-    """`--dask-workers 2` starts a local cluster and gives the single-process labels."""
+    """`--dask-workers 2` starts a local cluster and gives the single-process labels (2 slices:
+    one for each worker)."""
     from napari_mobilesam import cli
 
     path = tmp_path / "stack.tif"
-    tifffile.imwrite(path, stack[2:5])
+    tifffile.imwrite(path, stack[2:4])
     opts = ["--model", "vit_t_test", "--backend", "eager", "--min-iou", "0", "--min-stability", "0",
             "--grid", "2", "--max-points", "3", "--max-area-fraction", "0.6", "--no-progress"]
     assert cli.main(["auto", str(path), "-o", str(tmp_path / "one.tif"), *opts]) == 0
@@ -103,16 +104,17 @@ def test_cli_dask_workers_flag(tmp_path, stack):
 
 
 def test_cli_propagate_with_dask_workers(tmp_path, stack):
-    """`segment --propagate --dask-workers 2`: the workers embed, the labels are the same."""
+    """`segment --propagate --dask-workers 2`: the workers embed, the labels are the same (3
+    slices, the prompt on the middle one)."""
     from napari_mobilesam import cli
 
     path = tmp_path / "stack.tif"
-    tifffile.imwrite(path, stack)
+    tifffile.imwrite(path, stack[3:6])
     csv = tmp_path / "prompts.csv"
-    csv.write_text("z,row,col,label,object_id\n4,40,40,1,1\n")
+    csv.write_text("z,row,col,label,object_id\n1,40,40,1,1\n")
     opts = ["--prompts", str(csv), "--propagate", "--model", "vit_t_test", "--backend", "eager",
             "--no-progress"]
     assert cli.main(["segment", str(path), "-o", str(tmp_path / "one.tif"), *opts]) == 0
     assert cli.main(["segment", str(path), "-o", str(tmp_path / "two.tif"), "--dask-workers", "2", *opts]) == 0
     one = tifffile.imread(tmp_path / "one.tif")
-    assert one[4].any() and np.array_equal(tifffile.imread(tmp_path / "two.tif"), one)
+    assert one[1].any() and np.array_equal(tifffile.imread(tmp_path / "two.tif"), one)
