@@ -45,6 +45,40 @@ def _x(seed=0):
     return torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(scope="module")
+def eager_ref():
+    """The eager encoder's output for ``_x()`` with ``test_sam``'s weights, computed once: every
+    ``test_sam`` has the same (seeded) weights."""
+    from napari_mobilesam.models.registry import build_sam
+
+    sam = _randomize(build_sam("vit_t_test", seed=5))
+    with torch.no_grad():
+        return sam.image_encoder(_x())
+
+
+@pytest.fixture(scope="module")
+def _converted_once(tmp_path_factory):
+    """A cache folder holding ``test_sam``'s encoder and decoder IRs, converted once for the module's
+    tests that are about running the IRs, not about converting them."""
+    from napari_mobilesam.models.backends import OpenVINOEncoder, OpenVINOMaskDecoder
+    from napari_mobilesam.models.registry import build_sam
+
+    folder = tmp_path_factory.mktemp("warm") / "cache"
+    sam = _randomize(build_sam("vit_t_test", seed=5))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NAPARI_MOBILESAM_CACHE", str(folder))
+        assert OpenVINOEncoder(sam.image_encoder, "fp32").converted
+        OpenVINOMaskDecoder(sam.mask_decoder)
+    return folder
+
+
+@pytest.fixture
+def warm_cache(_converted_once, monkeypatch):
+    """The module's cache folder with ``test_sam``'s IRs already converted."""
+    monkeypatch.setenv("NAPARI_MOBILESAM_CACHE", str(_converted_once))
+    return _converted_once
+
+
 def test_choose_device():
     from napari_mobilesam.models.backends import choose_device
 
@@ -55,7 +89,7 @@ def test_choose_device():
         choose_device("graphics-card")
 
 
-def test_fold_batchnorm_is_exact_and_removes_bn(test_sam):
+def test_fold_batchnorm_is_exact_and_removes_bn(test_sam, eager_ref):
     import copy
 
     from napari_mobilesam.models.backends import fold_batchnorm
@@ -65,18 +99,18 @@ def test_fold_batchnorm_is_exact_and_removes_bn(test_sam):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     x = _x()
     with torch.no_grad():
-        ref, out = enc(x), folded(x)
+        ref, out = eager_ref, folded(x)
     assert float((ref - out).abs().max()) < 1e-4 * float(ref.abs().max())
 
 
 @pytest.mark.parametrize("precision", ["fp32", "mixed", "bf16"])
-def test_torch_encoder(test_sam, precision):
+def test_torch_encoder(test_sam, eager_ref, precision):
     from napari_mobilesam.models.backends import TorchEncoder
 
     enc = TorchEncoder(test_sam.image_encoder, torch.device("cpu"), precision)
     x = _x()
     with torch.no_grad():
-        ref, out = test_sam.image_encoder(x), enc(x)
+        ref, out = eager_ref, enc(x)
     assert out.dtype == torch.float32 and out.shape == (1, 256, 64, 64)
     err = float((ref - out).abs().max())
     if precision == "fp32":
@@ -85,7 +119,7 @@ def test_torch_encoder(test_sam, precision):
         assert 0 < err < 0.5  # bf16 really ran, and still computes the same function
 
 
-def test_openvino_encoder_ir_cached_and_keyed_by_weights(test_sam, fresh_cache):
+def test_openvino_encoder_ir_cached_and_keyed_by_weights(test_sam, eager_ref, fresh_cache):
     from napari_mobilesam.models.backends import OpenVINOEncoder
     from napari_mobilesam.models.registry import build_sam
 
@@ -93,8 +127,7 @@ def test_openvino_encoder_ir_cached_and_keyed_by_weights(test_sam, fresh_cache):
     first = OpenVINOEncoder(test_sam.image_encoder, "fp32")
     assert first.converted
     assert all(p.is_relative_to(fresh_cache / "openvino") for p in first.ir_paths)
-    with torch.no_grad():
-        ref = test_sam.image_encoder(x)
+    ref = eager_ref
     out = first(x)
     assert out.dtype == torch.float32 and out.shape == (1, 256, 64, 64)
     assert float((ref - out).abs().max()) < 1e-4
@@ -146,12 +179,13 @@ def test_conversion_runs_the_module_once(fresh_cache):
         assert np.abs(out - want).max() < 1e-5, kind
 
 
-def test_openvino_encoder_is_thread_safe(test_sam):
+def test_openvino_encoder_is_thread_safe(test_sam, warm_cache):
     from concurrent.futures import ThreadPoolExecutor
 
     from napari_mobilesam.models.backends import OpenVINOEncoder
 
     enc = OpenVINOEncoder(test_sam.image_encoder, "fp32")
+    assert not enc.converted  # the module's IR
     xs = [_x(i) for i in range(4)]
     alone = [enc(x) for x in xs]
     with ThreadPoolExecutor(4) as pool:
@@ -174,7 +208,7 @@ def test_interrupted_conversion_leaves_nothing(test_sam, fresh_cache, monkeypatc
     assert list((fresh_cache / "openvino").iterdir()) == []
 
 
-def test_openvino_decoder_matches_torch(test_sam, fresh_cache):
+def test_openvino_decoder_matches_torch(test_sam, warm_cache):
     from napari_mobilesam.models.backends import OpenVINOMaskDecoder
 
     torch_dec = test_sam.mask_decoder
@@ -223,7 +257,7 @@ def test_fast_decoder_is_the_same_function(test_sam):
     assert m1.shape == (2, 1, 256, 256) and torch.allclose(m1, m[:, :1]) and torch.allclose(i1, i[:, :1])
 
 
-def test_openvino_decoder_reuses_the_image_only_while_unchanged(test_sam, fresh_cache):
+def test_openvino_decoder_reuses_the_image_only_while_unchanged(test_sam, warm_cache):
     from napari_mobilesam.models.backends import OpenVINOMaskDecoder
 
     torch_dec = test_sam.mask_decoder
@@ -277,7 +311,7 @@ def test_cached_dense_pe_follows_the_prompt_encoder(test_sam):
     assert twin.prompt_encoder.get_dense_pe.prompt_encoder is twin.prompt_encoder
 
 
-def test_apply_backend_choices_and_identities(test_sam, fresh_cache):
+def test_apply_backend_choices_and_identities(test_sam, warm_cache):
     from segment_anything import SamPredictor
 
     from napari_mobilesam.models.backends import (
@@ -294,6 +328,7 @@ def test_apply_backend_choices_and_identities(test_sam, fresh_cache):
     eager = apply_backend(fresh(), "cpu", "eager")
     torch32 = apply_backend(fresh(), "cpu", "torch", "fp32")
     ov32 = apply_backend(fresh(), "cpu", "openvino", "fp32")
+    assert not ov32.image_encoder.converted  # the module's IR (conversion is tested above)
     ovmix = apply_backend(fresh(), "cpu", "openvino", "mixed")
     auto = apply_backend(fresh(), "cpu")
     assert isinstance(torch32.image_encoder, TorchEncoder)
@@ -442,16 +477,18 @@ def test_real_model_torch_fp32_parity(reference_dir):
     _assert_fp32_parity(*_fixture_run(sam, reference_dir))
 
 
-def test_damaged_cached_ir_is_rebuilt_and_reported(test_sam, fresh_cache, caplog):
+def test_damaged_cached_ir_is_rebuilt_and_reported(test_sam, fresh_cache, _converted_once, caplog):
     """#12 item 8: a truncated model.bin in the IR cache is detected, named and rebuilt."""
     import logging
+    import shutil
 
     from napari_mobilesam.models.backends import OpenVINOEncoder
 
+    shutil.copytree(_converted_once / "openvino", fresh_cache / "openvino")  # an intact cached IR
     first = OpenVINOEncoder(test_sam.image_encoder, "fp32")
     x = _x(3)
     want = first(x)
-    assert first.converted
+    assert not first.converted and first.ir_paths[-1].is_relative_to(fresh_cache)
     folder = first.ir_paths[-1].parent
     data = (folder / "model.bin").read_bytes()
     (folder / "model.bin").write_bytes(data[: len(data) // 2])
