@@ -46,8 +46,13 @@ def _isolated_cache(tmp_path_factory):
     the session (per xdist worker), set before any fixture runs, so module-scoped models (and the
     dask workers they start) convert into the same folder the tests read, once."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NAPARI_MOBILESAM_CACHE", str(tmp_path_factory.getbasetemp() / "napari-mobilesam-cache"))
+        mp.setenv("NAPARI_MOBILESAM_CACHE", str(_session_cache(tmp_path_factory)))
         yield
+
+
+def _session_cache(tmp_path_factory) -> Path:
+    """The session's cache folder (one per xdist worker)."""
+    return tmp_path_factory.getbasetemp() / "napari-mobilesam-cache"
 
 
 @pytest.fixture(scope="session")
@@ -119,16 +124,14 @@ def microsam_ais_decoder_ir(msdir, tmp_path_factory) -> Path:
     worker) into the session's cache, where the micro-sam models loaded with the OpenVINO backend
     (``tests/test_microsam.py``) find it. Tests about another conversion (the encoder's first
     start) that give the model this decoder copy the folder into their own cache
-    (:func:`seed_ir`): the decoder's conversion (an eager pass at 1024² for the trace, then
-    OpenVINO's conversion) is not what they check."""
-    import torch
-
+    (:func:`seed_ir`): the decoder's conversion is not what they check."""
     from napari_mobilesam.models.ais_decoder import load_ais_decoder
     from napari_mobilesam.models.backends.openvino import OpenVINOAISDecoder
+    from napari_mobilesam.models.checkpoint import read_state_dict
 
-    decoder = load_ais_decoder(torch.load(msdir / "vit_t_decoder.pt", weights_only=True))
+    decoder = load_ais_decoder(read_state_dict(msdir / "vit_t_decoder.pt"))
     with pytest.MonkeyPatch.context() as mp:  # the session's cache, whatever a test set
-        mp.setenv("NAPARI_MOBILESAM_CACHE", str(tmp_path_factory.getbasetemp() / "napari-mobilesam-cache"))
+        mp.setenv("NAPARI_MOBILESAM_CACHE", str(_session_cache(tmp_path_factory)))
         ir = OpenVINOAISDecoder(decoder, precision="fp32").ir_path.parent
     return ir
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_microsam import MAPS, n_instances, same_assignment
 
 from napari_mobilesam.core.tiles import TileGrid
 from napari_mobilesam.errors import InputError
 from napari_mobilesam.volume.ais_blocks import instances_by_blocks, stitched_windows
 from napari_mobilesam.volume.instance import AISParams, instances_from_maps
-
-MAPS = ("foreground", "center_distances", "boundary_distances")
 
 
 class WindowFakeDecoder:
@@ -37,21 +36,6 @@ class WindowFakeDecoder:
         o0, _, p0, _ = tile.outer
         win[:, r0 - o0 : r1 - o0, c0 - p0 : c1 - p0] = self.maps[:, r0:r1, c0:c1]
         return win
-
-
-def same_assignment(result: np.ndarray, expected: np.ndarray) -> float:
-    """Each result instance mapped to the expected label it overlaps most: the fraction of pixels
-    whose mapped value is the expected label (the micro-sam fixture README's measure)."""
-    r, e = result.astype(np.int64).ravel(), expected.astype(np.int64).ravel()
-    _, r_inv = np.unique(r, return_inverse=True)
-    e_ids, e_inv = np.unique(e, return_inverse=True)
-    table = np.zeros((r_inv.max() + 1, e_inv.max() + 1), np.int64)
-    np.add.at(table, (r_inv, e_inv), 1)
-    return float((e_ids[table.argmax(axis=1)][r_inv] == e).mean())
-
-
-def n_instances(labels: np.ndarray) -> int:
-    return int(np.count_nonzero(np.unique(labels)))
 
 
 def maps_of_disks(shape, disks) -> np.ndarray:

@@ -215,4 +215,3 @@ def _check_ais_switch(sam, conversion):
     assert decoder.backend_name == "openvino" and decoder.batchnorm == "batch"
     assert decoder.precision == ("mixed" if _openvino_has_bf16(ov.Core()) else "fp32")
     assert model_identity(sam).split(":")[2] == "openvino"
-
