@@ -136,6 +136,22 @@ def microsam_ais_decoder_ir(msdir, tmp_path_factory) -> Path:
     return ir
 
 
+@pytest.fixture(scope="session")
+def lm_openvino(msdir, microsam_ais_decoder_ir, tmp_path_factory):
+    """The micro-sam fixture as ``vit_t_lm`` on the OpenVINO backend in float32, loaded once per
+    session (per xdist worker): its encoder and mask decoder are converted into the session's
+    cache here (the AIS decoder by ``microsam_ais_decoder_ir``), where every later load of these
+    weights with the OpenVINO backend in this session finds them (``tests/test_microsam.py``,
+    and the dask worker processes of ``tests/test_cluster_microsam.py``, which inherit
+    ``NAPARI_MOBILESAM_CACHE``)."""
+    from napari_mobilesam.models.registry import load_model
+
+    with pytest.MonkeyPatch.context() as mp:  # the session's cache, whatever a test set
+        mp.setenv("NAPARI_MOBILESAM_CACHE", str(_session_cache(tmp_path_factory)))
+        return load_model("vit_t_lm", msdir / "vit_t.pt", "cpu", backend="openvino", precision="fp32",
+                          decoder=msdir / "vit_t_decoder.pt")
+
+
 def seed_ir(ir_folder: Path, cache: Path) -> Path:
     """Copy a converted IR folder (see :func:`microsam_ais_decoder_ir`) into the cache folder
     ``cache`` (what ``NAPARI_MOBILESAM_CACHE`` names), under the name the engine looks for."""

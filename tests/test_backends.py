@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -501,3 +502,23 @@ def test_damaged_cached_ir_is_rebuilt_and_reported(test_sam, fresh_cache, _conve
     caplog.clear()
     third = OpenVINOEncoder(test_sam.image_encoder, "fp32")  # intact now: reused silently
     assert not third.converted and "damaged" not in caplog.text
+
+
+def test_openvino_follows_omp_num_threads(tmp_path, monkeypatch):
+    """OMP_NUM_THREADS caps OpenVINO's threads as it caps torch's (the CPU plugin ignores the
+    variable itself); unset or not a positive integer, the plugin's default stays."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from napari_mobilesam.models.backends.openvino import _compile, omp_threads
+
+    x = ops.parameter([1, 8], ov.Type.f32)
+    xml = tmp_path / "relu.xml"
+    ov.save_model(ov.Model([ops.relu(x)], [x]), xml)
+    for value, expected in (("1", 1), ("3", 3), ("", None), ("0", None), ("two", None)):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert omp_threads() == expected, value
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert int(_compile(xml, "fp32").get_property("INFERENCE_NUM_THREADS")) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert int(_compile(xml, "fp32").get_property("INFERENCE_NUM_THREADS")) != 1 or (os.cpu_count() or 1) == 1

@@ -416,14 +416,7 @@ def test_standard_semantics_decoder_matches_eval_arrays(lm_models, expected, sto
 # -- end to end through our default CPU backend ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def lm_openvino(msdir, microsam_ais_decoder_ir):
-    # microsam_ais_decoder_ir: the AIS decoder's IR, converted once per session in the session's
-    # cache (other modules copy it); this model's encoder is converted here
-    from napari_mobilesam.models.registry import load_model
-
-    return load_model("vit_t_lm", msdir / "vit_t.pt", "cpu", backend="openvino", precision="fp32",
-                      decoder=msdir / "vit_t_decoder.pt")
+# lm_openvino: the fixture model on OpenVINO, a session fixture of conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -249,7 +249,23 @@ def _compile(xml: Path, precision: str, shape=None, edit=None):
         "EXECUTION_MODE_HINT": "PERFORMANCE",
         "CPU_DENORMALS_OPTIMIZATION": False,
     }
+    threads = omp_threads()
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = threads
     return core.compile_model(model, "CPU", config)
+
+
+def omp_threads() -> int | None:
+    """The thread count that ``OMP_NUM_THREADS`` asks for (a positive integer), else None.
+
+    torch reads that variable at start-up for its own thread pool; OpenVINO's CPU plugin ignores
+    it, so :func:`_compile` passes it on as ``INFERENCE_NUM_THREADS``: one variable caps both (a
+    process sharing the cores with others, e.g. one of several test or dask workers, otherwise
+    runs as many threads as the machine has cores, and they wait for each other). Unset, empty
+    or not a positive integer: OpenVINO's default (every core), as torch does then.
+    """
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 class OpenVINOEncoder(nn.Module):
