@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -521,4 +520,7 @@ def test_openvino_follows_omp_num_threads(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert int(_compile(xml, "fp32").get_property("INFERENCE_NUM_THREADS")) == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert int(_compile(xml, "fp32").get_property("INFERENCE_NUM_THREADS")) != 1 or (os.cpu_count() or 1) == 1
+    # unset: what the plugin chooses itself for the same latency hint (machines differ: compare)
+    plugin_default = ov.Core().compile_model(str(xml), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    assert (int(_compile(xml, "fp32").get_property("INFERENCE_NUM_THREADS"))
+            == int(plugin_default.get_property("INFERENCE_NUM_THREADS")))
