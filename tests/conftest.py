@@ -5,6 +5,7 @@ GUI tests use napari's ``make_napari_viewer`` (pytest-qt) and run under Xvfb thr
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,8 +52,33 @@ def _isolated_cache(tmp_path_factory):
 
 
 def _session_cache(tmp_path_factory) -> Path:
-    """The session's cache folder (one per xdist worker)."""
-    return tmp_path_factory.getbasetemp() / "napari-mobilesam-cache"
+    """The session's cache folder (one per xdist worker). Under pytest-xdist its ``openvino``
+    folder is a link to one folder that every worker of the run shares: an IR converted by one
+    worker is found by the others (the engine writes IRs to a temporary folder and renames it, so
+    concurrent conversions are safe; :func:`shared_conversion` makes the second one wait instead).
+    Embeddings and weights stay per worker."""
+    cache = tmp_path_factory.getbasetemp() / "napari-mobilesam-cache"
+    if os.environ.get("PYTEST_XDIST_WORKER") and not (cache / "openvino").exists():
+        shared = tmp_path_factory.getbasetemp().parent / "napari-mobilesam-openvino"
+        shared.mkdir(exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "openvino").symlink_to(shared, target_is_directory=True)
+    return cache
+
+
+@contextmanager
+def shared_conversion(tmp_path_factory, name: str):
+    """Hold a lock named ``name`` shared by the run's xdist workers while converting: a worker that
+    needs the same IR waits for the first one's and then finds it in the shared folder."""
+    import fcntl
+
+    lock = tmp_path_factory.getbasetemp().parent / f".napari-mobilesam-{name}.lock"
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
@@ -120,8 +146,8 @@ def _gc_freeze_undone():
 @pytest.fixture(scope="session")
 def microsam_ais_decoder_ir(msdir, tmp_path_factory) -> Path:
     """Folder of the OpenVINO IR of the micro-sam fixture's AIS decoder (``vit_t_decoder.pt``,
-    micro-sam's BatchNorm on each call's statistics), converted once per session (per xdist
-    worker) into the session's cache, where the micro-sam models loaded with the OpenVINO backend
+    micro-sam's BatchNorm on each call's statistics), converted once per run (the xdist
+    workers share the IR folder) into the session's cache, where the micro-sam models loaded with the OpenVINO backend
     (``tests/test_microsam.py``) find it. Tests about another conversion (the encoder's first
     start) that give the model this decoder copy the folder into their own cache
     (:func:`seed_ir`): the decoder's conversion is not what they check."""
@@ -130,8 +156,8 @@ def microsam_ais_decoder_ir(msdir, tmp_path_factory) -> Path:
     from napari_mobilesam.models.checkpoint import read_state_dict
 
     decoder = load_ais_decoder(read_state_dict(msdir / "vit_t_decoder.pt"))
-    with pytest.MonkeyPatch.context() as mp:  # the session's cache, whatever a test set
-        mp.setenv("NAPARI_MOBILESAM_CACHE", str(_session_cache(tmp_path_factory)))
+    with pytest.MonkeyPatch.context() as mp, shared_conversion(tmp_path_factory, "ais-decoder"):
+        mp.setenv("NAPARI_MOBILESAM_CACHE", str(_session_cache(tmp_path_factory)))  # whatever a test set
         ir = OpenVINOAISDecoder(decoder, precision="fp32").ir_path.parent
     return ir
 
@@ -139,15 +165,15 @@ def microsam_ais_decoder_ir(msdir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def lm_openvino(msdir, microsam_ais_decoder_ir, tmp_path_factory):
     """The micro-sam fixture as ``vit_t_lm`` on the OpenVINO backend in float32, loaded once per
-    session (per xdist worker): its encoder and mask decoder are converted into the session's
-    cache here (the AIS decoder by ``microsam_ais_decoder_ir``), where every later load of these
+    session (per xdist worker): its encoder and mask decoder are converted once per run (the
+    workers share the IR folder) into the session's cache here (the AIS decoder by ``microsam_ais_decoder_ir``), where every later load of these
     weights with the OpenVINO backend in this session finds them (``tests/test_microsam.py``,
     and the dask worker processes of ``tests/test_cluster_microsam.py``, which inherit
     ``NAPARI_MOBILESAM_CACHE``)."""
     from napari_mobilesam.models.registry import load_model
 
-    with pytest.MonkeyPatch.context() as mp:  # the session's cache, whatever a test set
-        mp.setenv("NAPARI_MOBILESAM_CACHE", str(_session_cache(tmp_path_factory)))
+    with pytest.MonkeyPatch.context() as mp, shared_conversion(tmp_path_factory, "lm"):
+        mp.setenv("NAPARI_MOBILESAM_CACHE", str(_session_cache(tmp_path_factory)))  # whatever a test set
         return load_model("vit_t_lm", msdir / "vit_t.pt", "cpu", backend="openvino", precision="fp32",
                           decoder=msdir / "vit_t_decoder.pt")
 

@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 MAPS = ("foreground", "center_distances", "boundary_distances")
 
@@ -75,6 +76,43 @@ def test_decoder_state_dict_matches_microsam_key_for_key(msdir):
                          (AISDecoder(transposed=False), interp)):
         got = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         assert got == want
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("batchnorm", ["batch", "running"])
+def test_eager_fast_paths_compute_the_exported_form(transposed, batchnorm):
+    """Run eagerly, the decoder takes torch's fused norms and (CPU) a matrix-product transposed
+    convolution; traced for OpenVINO it keeps the mean/variance form. Both give the same maps, and
+    the traced graph really has no fused ops (what the IR is built from). Two images of 8×8 (a batch:
+    batch statistics span both) → 128² maps; random weights and running statistics."""
+    from napari_mobilesam.models.ais_decoder import AISDecoder, _conv_transpose_2x2
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 48, 5, 7)
+    w, b = torch.randn(48, 16, 2, 2), torch.randn(16)
+    assert torch.allclose(_conv_transpose_2x2(x, w, b), F.conv_transpose2d(x, w, b, stride=2), atol=1e-5)
+
+    dec = AISDecoder(transposed=transposed).eval()
+    with torch.no_grad():
+        for m in dec.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    dec.batchnorm = batchnorm
+    z = torch.randn(2, 256, 8, 8)
+    with torch.no_grad():
+        eager = dec(z)
+        traced = torch.jit.trace(dec, z, check_trace=False)
+        exported = traced(z)
+    assert eager.shape == (2, 3, 128, 128)
+    assert torch.allclose(eager, exported, atol=1e-5), float((eager - exported).abs().max())
+    graph = str(traced.inlined_graph)
+    assert "aten::instance_norm" not in graph
+    assert "aten::addmm" not in graph  # transposed convolutions stay convolutions in the IR
+    if batchnorm == "batch":
+        assert "aten::batch_norm" not in graph
 
 
 def test_checkpoint_layouts_load_strictly(msdir, tmp_path):
