@@ -28,6 +28,17 @@ from napari_mobilesam.models.registry import ais_decoder, model_info
 pytestmark = pytest.mark.gui
 
 
+@pytest.fixture(autouse=True)
+def _no_neighbour_prefetch(monkeypatch):
+    """Each load embeds the slice in view and then prefetches its four neighbours: four more
+    encoder passes per load (eager float32, seconds each at one thread) that these tests, about
+    which options reach the model, do not look at, and that slowed the OpenVINO conversion
+    running meanwhile. Prefetching is tested in test_segment_widget.py."""
+    from napari_mobilesam._napari.embedder import SliceEmbedder
+
+    monkeypatch.setattr(SliceEmbedder, "neighbours", staticmethod(lambda z: []))
+
+
 def _open(make_napari_viewer, stack):
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1400, 900)
