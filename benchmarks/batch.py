@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 from _machine import describe_machine as machine  # noqa: E402 (benchmarks/ is on sys.path)
+from _machine import peak_rss_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO.parent / "shared" / "reference" / "mobile_sam_random_weights.pt"
@@ -184,7 +185,6 @@ def prompts_child(cfg: dict, model: dict) -> dict:
     """``segment_stack`` on one 512 x 512 slice with ``cfg["n"]`` one-point prompts; peak resident
     memory above the level after a warm-up run (model and runtime loaded; the measured run embeds
     the slice again, the same for every ``n``)."""
-    import resource
 
     from napari_mobilesam import batch
     from napari_mobilesam.data import synthetic_nuclei
@@ -205,7 +205,7 @@ def prompts_child(cfg: dict, model: dict) -> dict:
     t = time.perf_counter()  # (N, 3) (z, row, col) points: one object each
     batch.segment_stack(img, np.column_stack([np.zeros(n), pts]), model=sam, cache_bytes=0)
     dt = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return {"peak_above_mb": (peak - base) / 2**20, "seconds": dt}
 
 

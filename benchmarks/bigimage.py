@@ -13,10 +13,14 @@ lazily and, untiled (the whole slice resized to the encoder's 1024 pixels, as SA
   tile);
 * reports the process's peak resident memory before automatic mode and at the end.
 
+Peak RSS is the process's own ``VmHWM`` (``_machine.peak_rss_mib``): a child's ``ru_maxrss`` and
+``os.wait4`` include the parent's RSS at the fork (the parent here holds the slice it generated),
+which inflated the figures recorded before 2026-12-03 11:00 UTC at 10 000².
+
 Then an OME-Zarr stack (``--depth`` slices of 2048 x 2048; the issue's stack is ``--depth 100``)
 goes through the real command line, ``napari-mobilesam auto STACK.zarr -o LABELS.zarr
 --max-points N`` in a child process (tiled, stitched through z, labels streamed into an OME-Zarr
-label store): seconds per slice done in this run and the child's peak RSS (``os.wait4``). With
+label store): seconds per slice done in this run and the child's peak RSS. With
 ``--workdir DIR`` the stack and its labels are kept in DIR, so a run interrupted with Ctrl-C (the
 command line keeps its finished slices) continues with ``--resume``; the time per slice is then
 that of the slices done in the resumed run.
@@ -49,7 +53,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _machine import describe_machine as machine  # noqa: E402 (benchmarks/ is on sys.path)
+from _machine import RUN_WITH_PEAK, peak_rss_mib  # noqa: E402 (benchmarks/ is on sys.path)
+from _machine import describe_machine as machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO.parent / "shared" / "reference" / "mobile_sam_random_weights.pt"
@@ -114,8 +119,6 @@ def _clicks(pred, store: str, clicks: int) -> dict:
 def run_slice(store: str, tiled: bool, auto: bool, max_points: int = 256, clicks: int = 20) -> dict:
     """In a fresh process: clicks (``clicks`` >= 2; 0: none) and automatic mode on slice 0 of
     ``store``."""
-    import resource
-
     from napari_mobilesam.core.embeddings import EmbeddingCache
     from napari_mobilesam.core.predictor import SlicePredictor
     from napari_mobilesam.core.source import SliceSource
@@ -134,17 +137,17 @@ def run_slice(store: str, tiled: bool, auto: bool, max_points: int = 256, clicks
     if clicks >= 2:
         res.update(_clicks(pred, store, clicks))
         res["tiles_embedded"] = cache.stats.computed
-        res["clicks_peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["clicks_peak_mib"] = peak_rss_mib()
     if auto:
         params = auto_params(max_points)
-        res["before_auto_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["before_auto_mib"] = peak_rss_mib()
         t0 = time.perf_counter()
         lab = segment_slice_tiled(pred, 0, params) if tiled else segment_slice(pred, 0, params).labels
         res["auto_s"] = time.perf_counter() - t0
-        res["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["peak_mib"] = peak_rss_mib()
         res["output_mib"] = lab.nbytes / 2**20
         res["auto_objects"] = int(lab.max())  # ids 1..N (no slice-sized unique before the peak is read)
-    res["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["peak_mib"] = peak_rss_mib()
     return res
 
 
@@ -189,22 +192,25 @@ def run_stack_cli(store: Path, labels: Path, depth: int, max_points: int, resume
                   keep_all: bool = False) -> dict:
     """``napari-mobilesam auto STORE -o LABELS`` in a child process (tiled automatic mode, labels
     streamed into an OME-Zarr label store, stitched through z): seconds per slice done in this run
-    (model loading included) and the child's peak RSS (``os.wait4``). ``resume`` continues an
+    (model loading included) and the child's own peak RSS. ``resume`` continues an
     interrupted run's output; otherwise an existing output is replaced."""
     before = _done_slices(labels) if resume else 0
     if resume and before == depth and labels.exists():
         return {"slices": depth, "done_before": before, "done_now": 0, "interrupted": False,
                 "s_per_slice": None, "peak_mib": None}
-    cmd = [sys.executable, "-m", "napari_mobilesam.cli", "auto", str(store), "-o", str(labels),
+    cmd = [sys.executable, "-c", RUN_WITH_PEAK, "napari_mobilesam.cli", "auto", str(store), "-o", str(labels),
            "--model", "vit_t", "--checkpoint", str(WEIGHTS), "--max-points", str(max_points),
            "--cache-mb", "64", "--no-progress", "--resume" if resume else "--overwrite",
            *(KEEP_ALL if keep_all else ())]
     log = labels.with_suffix(".log")
+    peak_file = labels.with_suffix(".peak")
+    peak_file.unlink(missing_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                 env=dict(os.environ, PEAK_RSS_FILE=str(peak_file)))
         try:
-            _, status, usage = os.wait4(child.pid, 0)
+            _, status, _usage = os.wait4(child.pid, 0)
         except KeyboardInterrupt:  # the child got the Ctrl-C too and keeps its finished slices
             child.wait()
             raise
@@ -216,7 +222,7 @@ def run_stack_cli(store: Path, labels: Path, depth: int, max_points: int, resume
         raise RuntimeError(f"{' '.join(cmd)} failed ({child.returncode}):\n{log.read_text()[-3000:]}")
     done_now = (_done_slices(labels) if interrupted else depth) - before
     return {"slices": depth, "done_before": before, "done_now": done_now, "interrupted": interrupted,
-            "s_per_slice": dt / max(done_now, 1), "peak_mib": usage.ru_maxrss / 1024,
+            "s_per_slice": dt / max(done_now, 1), "peak_mib": float(peak_file.read_text()) if peak_file.exists() else None,
             "objects": _objects(labels) if not interrupted else None}
 
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 from _machine import describe_machine as machine  # noqa: E402 (benchmarks/ is on sys.path)
+from _machine import peak_rss_bytes  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mobile_sam_random_weights.pt"
 
@@ -62,7 +62,7 @@ def child(n: int, mode: str) -> dict:
     else:
         out = pred.predict_many(0, prompts)
         kept = sum(o.masks.nbytes + o.low_res.nbytes for o in out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return {"peak_above_mb": (peak - base) / 2**20, "results_mb": kept / 2**20, "max_batch": pred.max_batch}
 
 

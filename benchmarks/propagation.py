@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 from _machine import describe_machine as machine  # noqa: E402 (benchmarks/ is on sys.path)
+from _machine import peak_rss_bytes  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mobile_sam_random_weights.pt"
 
@@ -127,7 +127,7 @@ def child(args) -> dict:
             pred.predict_many(zc, [{"points": [centres[zc] + j]} for j in range(5)])
             many.append(time.perf_counter() - t)
         cache.close()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = peak_rss_bytes()
     return {
         "n": args.n,
         "encoder_s": enc,
