@@ -69,16 +69,12 @@ def _session_cache(tmp_path_factory) -> Path:
 @contextmanager
 def shared_conversion(tmp_path_factory, name: str):
     """Hold a lock named ``name`` shared by the run's xdist workers while converting: a worker that
-    needs the same IR waits for the first one's and then finds it in the shared folder."""
-    import fcntl
+    needs the same IR waits for the first one's and then finds it in the shared folder (the
+    engine's own cross-process lock, the one background conversions take)."""
+    from napari_mobilesam.models.backends.background import _exclusive
 
-    lock = tmp_path_factory.getbasetemp().parent / f".napari-mobilesam-{name}.lock"
-    with open(lock, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with _exclusive(tmp_path_factory.getbasetemp().parent / f".napari-mobilesam-{name}.lock"):
+        yield
 
 
 @pytest.fixture(scope="session")
