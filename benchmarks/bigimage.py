@@ -198,7 +198,8 @@ def run_stack_cli(store: Path, labels: Path, depth: int, max_points: int, resume
     if resume and before == depth and labels.exists():
         return {"slices": depth, "done_before": before, "done_now": 0, "interrupted": False,
                 "s_per_slice": None, "peak_mib": None}
-    cmd = [sys.executable, "-c", RUN_WITH_PEAK, "napari_mobilesam.cli", "auto", str(store), "-o", str(labels),
+    cmd = [sys.executable, "-c", RUN_WITH_PEAK, "napari_mobilesam.cli",  # the CLI, reporting its peak
+           "auto", str(store), "-o", str(labels),
            "--model", "vit_t", "--checkpoint", str(WEIGHTS), "--max-points", str(max_points),
            "--cache-mb", "64", "--no-progress", "--resume" if resume else "--overwrite",
            *(KEEP_ALL if keep_all else ())]
@@ -222,7 +223,8 @@ def run_stack_cli(store: Path, labels: Path, depth: int, max_points: int, resume
         raise RuntimeError(f"{' '.join(cmd)} failed ({child.returncode}):\n{log.read_text()[-3000:]}")
     done_now = (_done_slices(labels) if interrupted else depth) - before
     return {"slices": depth, "done_before": before, "done_now": done_now, "interrupted": interrupted,
-            "s_per_slice": dt / max(done_now, 1), "peak_mib": float(peak_file.read_text()) if peak_file.exists() else None,
+            "s_per_slice": dt / max(done_now, 1),
+            "peak_mib": float(peak_file.read_text()) if peak_file.exists() else None,  # None: killed
             "objects": _objects(labels) if not interrupted else None}
 
 

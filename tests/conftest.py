@@ -142,9 +142,9 @@ def _gc_freeze_undone():
 @pytest.fixture(scope="session")
 def microsam_ais_decoder_ir(msdir, tmp_path_factory) -> Path:
     """Folder of the OpenVINO IR of the micro-sam fixture's AIS decoder (``vit_t_decoder.pt``,
-    micro-sam's BatchNorm on each call's statistics), converted once per run (the xdist
-    workers share the IR folder) into the session's cache, where the micro-sam models loaded with the OpenVINO backend
-    (``tests/test_microsam.py``) find it. Tests about another conversion (the encoder's first
+    micro-sam's BatchNorm on each call's statistics), converted once per run (the xdist workers
+    share the IR folder) into the session's cache, where the micro-sam models loaded with the
+    OpenVINO backend (``tests/test_microsam.py``) find it. Tests about another conversion (the encoder's first
     start) that give the model this decoder copy the folder into their own cache
     (:func:`seed_ir`): the decoder's conversion is not what they check."""
     from napari_mobilesam.models.ais_decoder import load_ais_decoder
@@ -162,10 +162,10 @@ def microsam_ais_decoder_ir(msdir, tmp_path_factory) -> Path:
 def lm_openvino(msdir, microsam_ais_decoder_ir, tmp_path_factory):
     """The micro-sam fixture as ``vit_t_lm`` on the OpenVINO backend in float32, loaded once per
     session (per xdist worker): its encoder and mask decoder are converted once per run (the
-    workers share the IR folder) into the session's cache here (the AIS decoder by ``microsam_ais_decoder_ir``), where every later load of these
-    weights with the OpenVINO backend in this session finds them (``tests/test_microsam.py``,
-    and the dask worker processes of ``tests/test_cluster_microsam.py``, which inherit
-    ``NAPARI_MOBILESAM_CACHE``)."""
+    workers share the IR folder) into the session's cache here (the AIS decoder by
+    ``microsam_ais_decoder_ir``), where every later load of these weights with the OpenVINO
+    backend finds them (``tests/test_microsam.py``, and the dask worker processes of
+    ``tests/test_cluster_microsam.py``, which inherit ``NAPARI_MOBILESAM_CACHE``)."""
     from napari_mobilesam.models.registry import load_model
 
     with pytest.MonkeyPatch.context() as mp, shared_conversion(tmp_path_factory, "lm"):

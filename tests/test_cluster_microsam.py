@@ -37,7 +37,7 @@ def client():
 
 @pytest.fixture(scope="module")
 def model(msdir, lm_openvino):
-    # lm_openvino: the IRs of these weights, converted once per session into the session's cache
+    # lm_openvino: the IRs of these weights, converted once per run into the session's cache
     return ModelChoice("vit_t_lm", str(msdir / "vit_t.pt"), "cpu", "openvino",
                        decoder=str(msdir / "vit_t_decoder.pt"), ais_precision="bf16")
 
