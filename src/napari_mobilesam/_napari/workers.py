@@ -44,7 +44,6 @@ class Task:
         self.description = description
         self.done = False
         self.stop_requested = False
-        worker.finished.connect(self._on_finished)
 
     def _on_finished(self) -> None:
         self.done = True
@@ -161,5 +160,9 @@ def start_task(
     # callbacks are called through it, and it is emptied at the end, so what ``fn`` and the
     # callbacks hold (a session, a model) goes by reference counting, frozen or not (gc_freeze)
     worker.finished.connect(holder.clear)
+    # ``done`` last: each slot of the worker's ``finished`` is its own queued call on the GUI
+    # thread, and an event-loop pass can run between them; connected first, the task looked
+    # done (the widget idle) before its end was handled (the live preview still shown)
+    worker.finished.connect(task._on_finished)
     worker.start()
     return task
