@@ -467,3 +467,19 @@ def test_a_quick_model_load_adds_no_progress_bar_a_slow_one_does(make_napari_vie
     qtbot.waitUntil(lambda: slow_task.pbar is not None, timeout=30_000)
     wait_idle(qtbot, widget)
     assert widget._model.request.backend == "torch"
+
+
+def test_a_task_is_done_only_after_its_end_was_handled(qtbot):
+    """``Task.done`` (what the widget's ``busy`` reads) turns True after every other slot of the
+    worker's ``finished`` signal ran: each slot is its own queued call on the GUI thread, and a
+    test or the user could see the widget idle between them (a cancelled propagation's live
+    preview was still shown after the widget said idle)."""
+    from napari_mobilesam._napari.workers import start_task
+
+    seen, holder = [], {}
+    task = start_task(lambda report, cancelled: 7, description="MobileSAM: test task",
+                      on_result=lambda value: seen.append(("result", holder["task"].done)),
+                      on_finished=lambda: seen.append(("finished", holder["task"].done)))
+    holder["task"] = task
+    qtbot.waitUntil(lambda: task.done, timeout=10_000)
+    assert seen == [("result", False), ("finished", False)]
