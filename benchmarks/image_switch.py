@@ -38,7 +38,6 @@ def main(argv=None) -> int:
     import contextlib
 
     import napari
-    import numpy as np
     from qtpy.QtWidgets import QApplication
 
     from napari_mobilesam._napari import helper_layers
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
         med = statistics.median(times)
         print(f"{name:45s} {med:10.0f} {max(times):8.0f} {len(times):4d} {med / base:11.2f}x")
     print(f"\nmachine: {describe_machine()}")
-    return 0 if np.isfinite(base) else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -123,15 +123,6 @@ class HelperLayers:
                 if helpers is self.current:
                     self.current, self.image = None, None
 
-    def remove_all(self) -> None:
-        """Take every helper layer out of the viewer (the widget is closing)."""
-        with self._batch():
-            for helpers in self._sets.values():
-                self._take_out(helpers)
-        self._sets.clear()
-        self._images.clear()
-        self.current = self.image = None
-
     def _take_out(self, helpers: HelperSet) -> None:
         self.changing = True
         try:
