@@ -35,9 +35,14 @@ OLD = b"labels of an earlier run, to be kept until a new file is complete"
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("faults")
+    return _write_inputs(tmp_path_factory.mktemp("faults"), slice(4, 6))  # 2 slices with nuclei: a short run
+
+
+def _write_inputs(d: Path, zs: slice) -> Path:
+    """stack.tif (the slices ``zs`` of a 12 x 64 x 64 nuclei stack) and prompts.csv in ``d``."""
+    d.mkdir(parents=True, exist_ok=True)
     st = synthetic_nuclei((12, 64, 64), n_nuclei=5, seed=2, z_radius_range=(2, 3), radius_range=(8, 12))
-    image, labels = st.image[4:6], st.labels[4:6]  # 2 slices, each with nuclei: a short run
+    image, labels = st.image[zs], st.labels[zs]
     tifffile.imwrite(d / "stack.tif", image, compression="zlib")
     rows = ["z,row,col,label,object_id"]
     for z in range(labels.shape[0]):
@@ -177,7 +182,9 @@ def test_two_processes_on_one_cache_folder_and_a_kill(inputs, tmp_path):
     # (a killed writer may leave a hidden *.npy.*.tmp file: never read, since entries are *.npy)
 
 
-def test_sigterm_mid_run_cleans_up(inputs, tmp_path):
+def test_sigterm_mid_run_cleans_up(tmp_path):
+    # the whole 12-slice stack: the 2-slice run could end within the second waited below
+    inputs = _write_inputs(tmp_path / "in", slice(None))
     out = tmp_path / "labels.tif"
     out.write_bytes(OLD)
     proc = _spawn(_argv("segment", inputs, out))
