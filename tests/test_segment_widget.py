@@ -616,7 +616,8 @@ def test_picking_another_image_rebuilds_the_canvas_scene_once(make_napari_viewer
     for image, n in ((second, 1), (first, 2), (second, 3)):
         widget._image_combo.value = image
         assert len(rebuilds) == n, (image.name, len(rebuilds))
-    assert len(viewer.layers) == 2 + 3 and widget.points_layer in viewer.layers
+    # two images, the current one's three helpers and the empty labels layer made for it
+    assert len(viewer.layers) == 2 + 3 + 1 and widget.points_layer in viewer.layers
 
 
 def test_opening_the_widget_after_opengl_does_not_crash_torch_imports(qtbot):

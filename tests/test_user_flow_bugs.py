@@ -203,7 +203,8 @@ def test_8_helper_layers_come_back_and_do_not_pile_up(make_napari_viewer, qtbot,
     images = [image] + [viewer.add_image(stack.image[i], name=f"slice {i}") for i in (2, 4, 6)]
     for each in images[1:] + images[:1]:
         widget._image_combo.value = each
-    assert len(viewer.layers) == len(images) + 3, [layer.name for layer in viewer.layers]
+    # the images, the current image's three helpers and its (empty) made labels layer
+    assert len(viewer.layers) == len(images) + 3 + 1, [layer.name for layer in viewer.layers]
     assert len(widget.points_layer.data) == 1, "the first image's prompts were kept"
 
 

@@ -170,7 +170,7 @@ def test_repropagate_says_why_it_cannot_start(make_napari_viewer, qtbot, stack):
     z, r, c, _gt = nucleus(stack, 0)
     go_to(viewer, image, z)
     key(viewer, Qt.Key.Key_R, SHIFT)
-    assert "Pick the Labels layer" in widget.status
+    assert "'nuclei labels' holds no labels yet: commit an object first" in widget.status
     click(viewer, image, [z, r, c])
     wait_preview(qtbot, widget)
     key(viewer, Qt.Key.Key_C)

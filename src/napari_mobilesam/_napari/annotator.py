@@ -47,7 +47,6 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
         self.image = None
         self.session = None
         self.closed = False
-        self._created_targets: dict[int, Labels] = {}  # id(image) -> Labels layer made for it
         self._suspend_prompt_events = False
         self._refining: tuple[Labels, int] | None = None  # (layer, label) being corrected
         self._preview_z: int | None = None
@@ -283,44 +282,39 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
 
     # ------------------------------------------------------------------ target, commit, clear
     def target_layer(self, create: bool = True) -> Labels | None:
-        """The Labels layer commits go into (created with the image's shape when asked for)."""
+        """The Labels layer commits go into: the one chosen in the widget, else the layer made for
+        the image (put back in the viewer, or made with the image's shape, when asked for)."""
         choice = self._c.target.value
         if isinstance(choice, Labels) and choice in self._viewer.layers:
             pl.check_target_layer(choice, self.image)
             return choice
         if not create or self.image is None:
             return None
-        target = self._created_targets.get(id(self.image))
-        if target is None or target not in self._viewer.layers:
-            target = pl.make_target_layer(self.image)
-            self._insert_unselected(target, self._viewer.layers.index(self.image) + 1)
-            self._created_targets[id(self.image)] = target
+        target = self._helpers.ensure_target(self.image)
         self._say.reset_choices()
         self._c.target.value = target
         return target
 
-    def _insert_unselected(self, layer, index: int) -> None:
-        """Insert ``layer`` without making it the active one. napari activates an inserted layer,
-        which makes its layer list switch the layer controls panel (a relayout and repaint of the
-        window: 0.3 s measured at the end of a propagation on 2 cores) and our widget then makes
-        the prompts layer active again (a second switch). The selection stays as it was: the
-        prompts layer stays ready for the next object. napari's switch is private (and warns
-        that plugins may lose it from 0.10): without it the layer is inserted as usual."""
-        import warnings
+    def _empty_made_target(self, target) -> bool:
+        """True (and says so) when ``target`` is the layer made for the image, still empty."""
+        if not self._helpers.untouched(target):
+            return False
+        self._say.info(f"{target.name!r} holds no labels yet: commit an object first (C), or pick a "
+                       "Labels layer that holds labels in 'labels'.")
+        return True
 
-        layers = self._viewer.layers
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # the private-attribute warning
-            activate = getattr(layers, "_activate_on_insert", None)
-            if activate is not None:
-                layers._activate_on_insert = False
+    def choose_target_for_pick(self) -> bool:
+        """At an image pick: whether the image needs its made target (the widget's choice is not
+        a Labels layer of the user's that fits this image; a layer made for another image never
+        counts)."""
+        choice = self._c.target.value
+        if not isinstance(choice, Labels) or choice not in self._viewer.layers or self._helpers.is_made_target(choice):
+            return True
         try:
-            layers.insert(index, layer)
-        finally:
-            if activate is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)
-                    layers._activate_on_insert = activate
+            pl.check_target_layer(choice, self.image)
+        except ValueError:
+            return True
+        return False
 
     def commit(self) -> list[int]:
         """Write the previewed object(s) into the target layer (one undo step); returns the ids.
@@ -377,6 +371,8 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
         target = self._c.target.value
         if self.image is None or not isinstance(target, Labels):
             self._say.info("Pick the Labels layer in 'labels' and select the label to refine (picker, key L).")
+            return False
+        if self._empty_made_target(target):
             return False
         z, label = self.current_z(), int(target.selected_label)
         self._refining = (target, label)

@@ -75,6 +75,8 @@ class PropagateActions:
         if not isinstance(target, Labels):
             self._say.info("Pick a Labels layer in 'labels' first (and select a label: picker, key L).")
             return None
+        if self._empty_made_target(target):
+            return None
         try:
             pl.check_target_layer(target, self.image)
             run = label_run(

@@ -154,6 +154,8 @@ class RepropagateActions:
             self._say.info("Pick the Labels layer in 'labels' and select the label to re-propagate "
                            "(picker, key L).")
             return None
+        if self._empty_made_target(target):
+            return None
         try:
             pl.check_target_layer(target, self.image)
         except ValueError as exc:

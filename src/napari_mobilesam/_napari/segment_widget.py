@@ -280,10 +280,13 @@ class SegmentWidget(Container):
         self._z_to.value = geom.n_slices - 1
         self._c.enable_stack(geom.is_stack)
         self._c.name_axis(pl.axis_name(image) if geom.is_stack else "z")
-        self._helpers.show(image)
+        made = self._annotator.choose_target_for_pick()
+        self._helpers.show(image, target=made)
         self._helpers.current.points.feature_defaults["positive"] = not self._negative_default
         self._annotator._select_prompts()
         self.reset_choices()
+        if made:
+            self._c.target.value = self._helpers.target_of(image)
         self._show_status(f"Image {image.name!r}: click on an object.")
         self._new_session()
 
