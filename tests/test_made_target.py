@@ -164,3 +164,20 @@ def test_deleting_the_image_removes_its_empty_made_layer(make_napari_viewer, qtb
     qtbot.wait(100)
     assert made not in viewer.layers
     assert _labels_layers(viewer) == []
+
+
+def test_a_big_image_gets_its_layer_at_the_first_commit(make_napari_viewer, qtbot, stack, monkeypatch):  # noqa: F811
+    """Above ``MADE_AT_PICK_MAX_VOXELS`` (here lowered to below the test stack) the layer, a full
+    uint32 array, is made only when the first object is committed."""
+    from napari_mobilesam._napari import annotator
+
+    monkeypatch.setattr(annotator, "MADE_AT_PICK_MAX_VOXELS", stack.image.size - 1)
+    viewer, _dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack)
+    assert widget.target_layer(create=False) is None and _labels_layers(viewer) == []
+    z, r, c, gt = nucleus(stack, 0)
+    go_to(viewer, image, z)
+    click(viewer, image, [z, r, c])
+    wait_preview(qtbot, widget)
+    key(viewer, Qt.Key.Key_C)
+    made = widget.target_layer(create=False)
+    assert made.name == "nuclei labels" and ((made.data[z] > 0) == (stack.labels[z] == gt)).all()

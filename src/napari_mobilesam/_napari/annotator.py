@@ -25,6 +25,8 @@ from .preview_decoder import DecodeAnswer, DecodeRequest, PreviewDecoder
 from .propagate_actions import PropagateActions
 from .repropagate_action import HandEdits, RepropagateActions
 
+MADE_AT_PICK_MAX_VOXELS = 2**28  # the image's labels layer is made at the pick up to 1 GiB (uint32)
+
 __all__ = ["Annotator"]
 
 
@@ -304,9 +306,13 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
         return True
 
     def choose_target_for_pick(self) -> bool:
-        """At an image pick: whether the image needs its made target (the widget's choice is not
-        a Labels layer of the user's that fits this image; a layer made for another image never
-        counts)."""
+        """At an image pick: whether to make the image's labels layer now: the widget's choice is
+        not a Labels layer of the user's that fits this image (a layer made for another image
+        never counts), and the layer has at most ``MADE_AT_PICK_MAX_VOXELS`` voxels (a bigger one,
+        a full uint32 array, is made at the first commit or propagation, as before: a user who only
+        looks at a big image does not get one)."""
+        if int(np.prod(pl.image_geometry(self.image).shape, dtype=np.int64)) > MADE_AT_PICK_MAX_VOXELS:
+            return False
         choice = self._c.target.value
         if not isinstance(choice, Labels) or choice not in self._viewer.layers or self._helpers.is_made_target(choice):
             return True

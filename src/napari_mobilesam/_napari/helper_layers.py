@@ -135,7 +135,10 @@ class HelperLayers:
             if image is not None:
                 self.current = self._ensure(image)
                 if target:
-                    self.ensure_target(image)
+                    try:
+                        self.ensure_target(image)
+                    except (MemoryError, ValueError):
+                        pass  # made (and the failure reported) at the first commit instead
         return self.current
 
     def restore_missing(self) -> bool:
