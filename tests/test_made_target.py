@@ -181,3 +181,4 @@ def test_a_big_image_gets_its_layer_at_the_first_commit(make_napari_viewer, qtbo
     key(viewer, Qt.Key.Key_C)
     made = widget.target_layer(create=False)
     assert made.name == "nuclei labels" and ((made.data[z] > 0) == (stack.labels[z] == gt)).all()
+

@@ -237,3 +237,16 @@ def test_9_preview_looks_unlike_committed_labels_and_every_control_has_a_tooltip
 
     missing = [getattr(w, "label", "") or getattr(w, "text", "") for w in controls(widget) if not w.tooltip]
     assert not missing, f"controls without a tooltip: {missing}"
+
+
+def test_the_prompts_controls_show_add_mode_after_another_image_was_picked(make_napari_viewer, qtbot, stack):  # noqa: F811
+    """napari makes a re-inserted layer's controls with the pan/zoom button checked, whatever the
+    layer's mode: the widget showed the move tool while clicks added points."""
+    viewer, _dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack)
+    other = viewer.add_image(stack.image[3], name="slice 3")
+    for each in (other, image):
+        widget._image_combo.value = each
+        qtbot.wait(50)
+        controls = viewer.window._qt_viewer.controls.widgets[widget.points_layer]
+        assert widget.points_layer.mode == "add"
+        assert controls.addition_button.isChecked() and not controls.panzoom_button.isChecked()

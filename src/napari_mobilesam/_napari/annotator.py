@@ -109,7 +109,12 @@ class Annotator(PropagateActions, AutomaticActions, RepropagateActions):
         if points is None or points not in self._viewer.layers:
             return
         self._viewer.layers.selection.active = points
-        points.mode = "add"
+        if points.mode == "add":
+            # napari makes new layer controls (a layer put back in the list) with the pan/zoom
+            # button checked whatever the layer's mode: say the mode again so that they show it
+            points.events.mode(mode=points.mode)
+        else:
+            points.mode = "add"
 
     @property
     def busy(self) -> bool:
