@@ -182,3 +182,25 @@ def test_a_big_image_gets_its_layer_at_the_first_commit(make_napari_viewer, qtbo
     made = widget.target_layer(create=False)
     assert made.name == "nuclei labels" and ((made.data[z] > 0) == (stack.labels[z] == gt)).all()
 
+
+
+def test_a_layer_that_cannot_be_made_at_the_pick_is_reported_at_the_commit(
+    make_napari_viewer, qtbot, stack, monkeypatch  # noqa: F811
+):
+    """Out of memory when the pick makes the labels layer: the pick still works (prompts ready),
+    and the commit, which tries again, says what went wrong; nothing is written."""
+    from napari_mobilesam._napari import prompt_layers
+
+    def no_memory(image, name=None):
+        raise MemoryError("Unable to allocate 1.00 GiB for an array with shape (16, 128, 128)")
+
+    monkeypatch.setattr(prompt_layers, "make_target_layer", no_memory)
+    viewer, _dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack)
+    assert widget.target_layer(create=False) is None and widget.points_layer in viewer.layers
+    z, r, c, _gt = nucleus(stack, 0)
+    go_to(viewer, image, z)
+    click(viewer, image, [z, r, c])
+    wait_preview(qtbot, widget)
+    key(viewer, Qt.Key.Key_C)
+    assert "memory" in widget.status.lower(), widget.status
+    assert _labels_layers(viewer) == [] and widget.preview_layer.data.any(), "the object is still there to commit"

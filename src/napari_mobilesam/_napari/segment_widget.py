@@ -285,8 +285,9 @@ class SegmentWidget(Container):
         self._helpers.current.points.feature_defaults["positive"] = not self._negative_default
         self._annotator._select_prompts()
         self.reset_choices()
-        if made:
-            self._c.target.value = self._helpers.target_of(image)
+        made_layer = self._helpers.target_of(image) if made else None
+        if made_layer is not None and made_layer in self._viewer.layers:  # (None if making it failed)
+            self._c.target.value = made_layer
         self._show_status(f"Image {image.name!r}: click on an object.")
         self._new_session()
 
