@@ -14,6 +14,7 @@ from typing import Any
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from ..core.heap import release_freed_memory
+from .spinner import calm_spinners
 
 __all__ = ["Task", "start_task"]
 
@@ -138,6 +139,10 @@ def start_task(
     def make_pbar() -> None:
         if task.done or task.pbar is not None:
             return
+        try:  # the bar starts napari's spinner: slowed where each frame costs a software repaint
+            calm_spinners()
+        except Exception:  # noqa: BLE001 - a cosmetic speed-up must never stop a task
+            pass
         task.pbar = progress(total=state["total"], desc=description)
         if state["n"]:
             task.pbar.update(state["n"])
