@@ -37,6 +37,16 @@ def _count_inserts(viewer) -> list:
     return inserted
 
 
+def _commit_at(viewer, qtbot, widget, image, zrc) -> None:
+    """Show slice z, click (row, col) with the mouse, wait for the preview, press C."""
+    z = zrc[0]
+    go_to(viewer, image, z)
+    qtbot.wait(200)
+    click(viewer, image, list(zrc))
+    wait_preview(qtbot, widget)
+    key(viewer, Qt.Key.Key_C)
+
+
 def test_the_image_pick_makes_the_target_so_commit_and_propagation_insert_no_layer(
     make_napari_viewer, qtbot, stack  # noqa: F811
 ):
@@ -48,10 +58,7 @@ def test_the_image_pick_makes_the_target_so_commit_and_propagation_insert_no_lay
     assert viewer.layers.selection.active is widget.points_layer, "the prompts stay ready for clicks"
     inserted = _count_inserts(viewer)
     z, r, c, gt = nucleus(stack, 0)
-    go_to(viewer, image, z)
-    click(viewer, image, [z, r, c])
-    wait_preview(qtbot, widget)
-    key(viewer, Qt.Key.Key_C)
+    _commit_at(viewer, qtbot, widget, image, (z, r, c))
     assert (target.data[z] > 0).sum() == (stack.labels[z] == gt).sum()
     z2, r2, c2, gt2 = nucleus(stack, 1)
     go_to(viewer, image, z2)
@@ -84,10 +91,7 @@ def test_a_target_with_labels_stays_and_each_image_commits_into_its_own(make_nap
     viewer, _dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack)
     first = widget.target_layer(create=False)
     z, r, c, gt = nucleus(stack, 0)
-    go_to(viewer, image, z)
-    click(viewer, image, [z, r, c])
-    wait_preview(qtbot, widget)
-    key(viewer, Qt.Key.Key_C)
+    _commit_at(viewer, qtbot, widget, image, (z, r, c))
     twin = viewer.add_image(stack.image.copy(), name="twin")
     widget._image_combo.value = twin
     oracle = GroundTruthOracle(stack.labels, np.asarray(twin.data), rgb=False)
@@ -96,11 +100,7 @@ def test_a_target_with_labels_stays_and_each_image_commits_into_its_own(make_nap
     second = widget.target_layer(create=False)
     assert second is not first and second.name == "twin labels"
     written = first.data.copy()
-    go_to(viewer, twin, z)
-    qtbot.wait(200)
-    click(viewer, twin, [z, r, c])
-    wait_preview(qtbot, widget)
-    key(viewer, Qt.Key.Key_C)
+    _commit_at(viewer, qtbot, widget, twin, (z, r, c))
     np.testing.assert_array_equal(first.data, written)
     assert ((second.data[z] > 0) == (stack.labels[z] == gt)).all()
     viewer.layers.remove(twin)
@@ -133,11 +133,7 @@ def test_a_fitting_labels_layer_of_the_user_is_kept_and_no_layer_is_made(make_na
     assert made not in viewer.layers and not [n for n in inserted if n.endswith(" labels")], inserted
     widget.set_session(Session(None, image.data, rgb=False, predictor=oracle))  # (a model makes it itself)
     z, r, c, gt = nucleus(stack, 0)
-    go_to(viewer, image, z)
-    qtbot.wait(200)
-    click(viewer, image, [z, r, c])
-    wait_preview(qtbot, widget)
-    key(viewer, Qt.Key.Key_C)
+    _commit_at(viewer, qtbot, widget, image, (z, r, c))
     assert ((mine.data[z] > 0) == (stack.labels[z] == gt)).all()
 
 
@@ -148,10 +144,7 @@ def test_a_deleted_made_layer_is_made_again_at_the_next_commit(make_napari_viewe
     qtbot.wait(100)
     assert made not in viewer.layers, "a made layer the user deletes is not forced back"
     z, r, c, gt = nucleus(stack, 0)
-    go_to(viewer, image, z)
-    click(viewer, image, [z, r, c])
-    wait_preview(qtbot, widget)
-    key(viewer, Qt.Key.Key_C)
+    _commit_at(viewer, qtbot, widget, image, (z, r, c))
     again = widget.target_layer(create=False)
     assert again is not made and again in viewer.layers
     assert ((again.data[z] > 0) == (stack.labels[z] == gt)).all()
@@ -175,10 +168,7 @@ def test_a_big_image_gets_its_layer_at_the_first_commit(make_napari_viewer, qtbo
     viewer, _dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack)
     assert widget.target_layer(create=False) is None and _labels_layers(viewer) == []
     z, r, c, gt = nucleus(stack, 0)
-    go_to(viewer, image, z)
-    click(viewer, image, [z, r, c])
-    wait_preview(qtbot, widget)
-    key(viewer, Qt.Key.Key_C)
+    _commit_at(viewer, qtbot, widget, image, (z, r, c))
     made = widget.target_layer(create=False)
     assert made.name == "nuclei labels" and ((made.data[z] > 0) == (stack.labels[z] == gt)).all()
 
@@ -198,9 +188,6 @@ def test_a_layer_that_cannot_be_made_at_the_pick_is_reported_at_the_commit(
     viewer, _dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack)
     assert widget.target_layer(create=False) is None and widget.points_layer in viewer.layers
     z, r, c, _gt = nucleus(stack, 0)
-    go_to(viewer, image, z)
-    click(viewer, image, [z, r, c])
-    wait_preview(qtbot, widget)
-    key(viewer, Qt.Key.Key_C)
+    _commit_at(viewer, qtbot, widget, image, (z, r, c))
     assert "memory" in widget.status.lower(), widget.status
     assert _labels_layers(viewer) == [] and widget.preview_layer.data.any(), "the object is still there to commit"
