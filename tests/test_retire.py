@@ -78,5 +78,8 @@ def test_set_model_frees_the_replaced_model_off_the_gui_thread(make_napari_viewe
     widget.set_model(build_sam("vit_t_test", seed=1), ModelChoice("vit_t_test"))
     qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
     qtbot.waitUntil(lambda: ref() is None, timeout=20_000)
+    # the model's weak reference dies as its deallocation starts; the encoder (and the tracer)
+    # go later in that same deallocation, which a GIL switch can interrupt: wait for it
+    qtbot.waitUntil(lambda: bool(freed), timeout=20_000)
     assert freed == ["mobilesam-retire"]
     widget.close_widget()
