@@ -250,3 +250,33 @@ def test_the_prompts_controls_show_add_mode_after_another_image_was_picked(make_
         controls = viewer.window._qt_viewer.controls.widgets[widget.points_layer]
         assert widget.points_layer.mode == "add"
         assert controls.addition_button.isChecked() and not controls.panzoom_button.isChecked()
+
+
+def test_layers_deleted_together_get_one_answer_and_closing_the_viewer_opens_no_batch(
+    make_napari_viewer, qtbot, stack  # noqa: F811
+):
+    """napari removes several layers in one batched update (the delete button on a selection, the
+    viewer closing: every layer). The widget answered each removal on its own: it showed the next
+    image's helpers while that image was about to go too, and each of its own layer swaps ended
+    napari's batch early (the canvas rebuilt its scene and collected garbage: about 0.3 s a time
+    while a closing viewer hung). The other images are stacks too: napari 0.9.2 itself crashes in
+    software OpenGL when one delete takes a stack and a 2D image and leaves 2D images."""
+    from qtpy.QtTest import QTest
+
+    viewer, _dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack)
+    other = viewer.add_image(stack.image[3:9], name="stack 3")
+    kept = viewer.add_image(stack.image[5:11], name="stack 5")
+    inserted, batches = [], []
+    viewer.layers.events.inserted.connect(lambda e: inserted.append(e.value.name))
+    viewer.layers.events.end_batch.connect(lambda e: batches.append(1))
+    viewer.layers.selection = {image, other}
+    QTest.mouseClick(viewer.window._qt_viewer.layerButtons.deleteButton, Qt.MouseButton.LeftButton)
+    qtbot.wait(100)
+    assert image not in viewer.layers and other not in viewer.layers
+    assert inserted and all(name.startswith("stack 5 ") for name in inserted), inserted
+    assert widget.image_layer is kept and viewer.layers.selection.active is widget.points_layer
+    assert not [layer.name for layer in viewer.layers if not layer.name.startswith("stack 5")]
+
+    inserted.clear(), batches.clear()
+    viewer.close()
+    assert inserted == [] and len(batches) == 1, (inserted, len(batches))

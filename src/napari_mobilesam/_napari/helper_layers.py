@@ -101,6 +101,11 @@ class HelperLayers:
         finally:
             self.changing = before
 
+    @property
+    def batching(self) -> bool:
+        """Whether a batched layer-list update of these helpers is open."""
+        return self._batching
+
     @contextlib.contextmanager
     def _batch(self):
         """napari's batched layer-list update: the canvas rebuilds its scene graph (and runs its
@@ -126,6 +131,14 @@ class HelperLayers:
         it. With ``target``, ``image``'s made target is put in the viewer too (made now if it has
         none), in the same batched layer-list update.
         """
+        if image is None:  # a batch only if a layer goes (its end makes the canvas collect garbage)
+            with self._changing():
+                if self.current is not None:
+                    self._take_out(self.current)
+                if self.image is not None:
+                    self._take_out_untouched_target(self.image)
+                self.image, self.current = None, None
+            return None
         with self._changing(), self._batch():
             if self.image is not None and image is not self.image:
                 if self.current is not None:
@@ -182,10 +195,12 @@ class HelperLayers:
                     self.current, self.image = None, None
 
     def _take_out(self, helpers: HelperSet) -> None:
+        present = [layer for layer in helpers.layers() if layer is not None and layer in self._layers]
+        if not present:  # no batch: its end makes the canvas rebuild its scene and collect garbage
+            return
         with self._changing(), self._batch():
-            for layer in helpers.layers():
-                if layer is not None and layer in self._layers:
-                    self._layers.remove(layer)
+            for layer in present:
+                self._layers.remove(layer)
 
     # ------------------------------------------------------------------ made targets
     def target_of(self, image):

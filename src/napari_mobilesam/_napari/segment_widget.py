@@ -88,6 +88,8 @@ class SegmentWidget(Container):
         self._closed = False
         self._note = ""  # the status line's text below the running task's line
         self._annotator: Annotator | None = None
+        self._batch_depth = 0  # napari's batched layer-list updates in progress (not ours)
+        self._batch_missed = False  # a layer change came in one: answered once at its end
 
     def _build_controls(self) -> None:
         self._model = ModelPanel(load_settings(), self.set_model, self._model_failed)
@@ -127,6 +129,8 @@ class SegmentWidget(Container):
             button.changed.connect(lambda *_, act=action: act())
         self._viewer.layers.events.inserted.connect(self._on_layers_changed)
         self._viewer.layers.events.removed.connect(self._on_layers_changed)
+        self._viewer.layers.events.begin_batch.connect(self._on_batch_begin)
+        self._viewer.layers.events.end_batch.connect(self._on_batch_end)
         self._viewer.dims.events.current_step.connect(self._on_dims_changed)
         self._bind_keys()
         self._close_watcher = CloseWatcher(self.close_widget)
@@ -153,12 +157,38 @@ class SegmentWidget(Container):
             return
         if removed is not None:
             self._helpers.forget_layer(removed)
+        if self._batch_depth:
+            self._batch_missed = True
+            return
         self.reset_choices()
         self._helpers.forget_deleted_images()
         if self._image is not None and self._image not in self._viewer.layers:
             self._on_image_changed(self._image_combo.value)
         elif self._helpers.current is not None:
             self._restore_timer.start()  # after the removal: not while napari clears the list
+
+    def _on_batch_begin(self, _event=None) -> None:
+        if not self._helpers.batching:
+            self._batch_depth += 1
+
+    def _on_batch_end(self, _event=None) -> None:
+        """napari removed (or inserted) several layers in one batch (the viewer closing, the
+        delete-layers button): the widget answers once, at its end, not once per layer (choosing
+        and showing the next image's helpers while the viewer takes every layer out)."""
+        if self._helpers.batching or not self._batch_depth:
+            return
+        self._batch_depth -= 1
+        if not self._batch_depth and self._batch_missed:
+            self._batch_missed = False
+            self._on_layers_changed()
+
+    def reset_choices(self, *args) -> None:
+        """Refresh the image and labels choices (napari calls it at every layer change; within
+        a batched layer-list update, once at its end)."""
+        if getattr(self, "_batch_depth", 0):
+            self._batch_missed = True
+            return
+        super().reset_choices(*args)
 
     def _restore_helpers(self) -> None:
         """Create again a helper layer the user deleted (unless the image went too)."""
@@ -467,6 +497,8 @@ class SegmentWidget(Container):
     def _disconnect_viewer(self) -> None:
         self._viewer.layers.events.inserted.disconnect(self._on_layers_changed)
         self._viewer.layers.events.removed.disconnect(self._on_layers_changed)
+        self._viewer.layers.events.begin_batch.disconnect(self._on_batch_begin)
+        self._viewer.layers.events.end_batch.disconnect(self._on_batch_end)
         self._viewer.dims.events.current_step.disconnect(self._on_dims_changed)
 
     def _stop_background(self) -> None:
