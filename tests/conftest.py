@@ -124,6 +124,43 @@ def dask_client(n_workers: int, *, processes: bool):
         cluster.close()
 
 
+_FROZEN = {"module": None, "modules": 0}
+
+
+@pytest.fixture(autouse=True)
+def _long_lived_objects_frozen(request):
+    """Full garbage collections in the test processes scan only what was made since the last
+    module with viewers began.
+
+    A test process holds torch, napari, OpenVINO and the session's models: several hundred
+    thousand objects the cyclic collector tracks, and every full collection (napari runs one at
+    the end of each batched layer-list change: an image picked, a viewer closed) scanned them all,
+    0.3-0.4 s each, about a third of the GUI tests' time. At the first test of each module that
+    makes viewers (and whenever a test imported many modules: napari, at the first viewer) the
+    previous freeze is undone, garbage collected and what lives then frozen (``gc.freeze``), so
+    what a module leaves is freed at the next such module. Tests of the widgets' own freeze
+    (``gc_freeze``) run unfrozen: with the marker ``gc_unfrozen``; the widgets leave gc alone while
+    objects are frozen.
+    """
+    import gc
+    import sys
+
+    if request.node.get_closest_marker("gc_unfrozen") is not None:
+        if _FROZEN["module"] is not None:
+            gc.unfreeze()
+            _FROZEN["module"] = None
+    elif (
+        _FROZEN["module"] is None
+        or len(sys.modules) > _FROZEN["modules"] + 300
+        or ("make_napari_viewer" in request.fixturenames and _FROZEN["module"] != request.module.__name__)
+    ):
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        _FROZEN.update(module=request.module.__name__, modules=len(sys.modules))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _gc_freeze_undone():
     """A widget left open by a test must not keep the process's objects frozen for the next tests

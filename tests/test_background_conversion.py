@@ -124,6 +124,7 @@ def test_backends_other_than_openvino_never_convert(fresh_cache):
 
 # --------------------------------------------------------------------------- the widget
 @pytest.mark.gui
+@pytest.mark.gc_unfrozen  # the widget's own freeze: its collections are counted
 def test_widget_masks_while_converting_then_switches(make_napari_viewer, qtbot, stack, monkeypatch, fresh_cache):
     """Real clicks on the canvas: masks come from the torch path while the conversion waits on
     its lock, the activity dock shows the conversion, then the fast encoder takes over."""

@@ -14,7 +14,7 @@ from napari_mobilesam._napari import gc_freeze
 from napari_mobilesam._napari import segment_widget as sw
 from napari_mobilesam.models.choice import ModelChoice
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.gc_unfrozen]  # the process unfrozen: these test the freeze
 
 
 def _widget_with_model(make_napari_viewer, qtbot, sam):
