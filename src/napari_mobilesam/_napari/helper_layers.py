@@ -131,15 +131,10 @@ class HelperLayers:
         it. With ``target``, ``image``'s made target is put in the viewer too (made now if it has
         none), in the same batched layer-list update.
         """
-        if image is None:  # a batch only if a layer goes (its end makes the canvas collect garbage)
-            with self._changing():
-                if self.current is not None:
-                    self._take_out(self.current)
-                if self.image is not None:
-                    self._take_out_untouched_target(self.image)
-                self.image, self.current = None, None
-            return None
-        with self._changing(), self._batch():
+        # showing nothing opens no batch of its own (its end makes the canvas collect garbage):
+        # the take-outs below open one only when a layer goes
+        batch = self._batch() if image is not None else contextlib.nullcontext()
+        with self._changing(), batch:
             if self.image is not None and image is not self.image:
                 if self.current is not None:
                     self._take_out(self.current)
