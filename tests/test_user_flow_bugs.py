@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QPoint, Qt
 from test_user_flow import (
     SHIFT,
     click,
@@ -127,6 +127,60 @@ def test_5_a_long_report_does_not_widen_the_dock(make_napari_viewer, qtbot, stac
     qtbot.wait(500)
     assert dock.width() <= width + 2, (width, dock.width())
     assert viewer.window._qt_window.size() == window, "the report made the window grow"
+
+
+def _wheel_down(widget, notches: int) -> None:
+    """A mouse-wheel turn over ``widget`` (towards the user: content moves up)."""
+    from qtpy.QtCore import QPointF
+    from qtpy.QtGui import QWheelEvent
+    from qtpy.QtWidgets import QApplication
+
+    at = QPointF(widget.width() / 2, widget.height() / 2)
+    event = QWheelEvent(at, QPointF(widget.mapToGlobal(at.toPoint())), QPoint(0, 0), QPoint(0, -120 * notches),
+                        Qt.MouseButton.NoButton, Qt.KeyboardModifier.NoModifier, Qt.ScrollPhase.NoScrollPhase, False)
+    QApplication.sendEvent(widget, event)
+
+
+def test_both_panels_fit_the_window_and_their_lower_controls_scroll_into_view(
+    make_napari_viewer, qtbot, stack  # noqa: F811
+):
+    """The Segment widget with the distillation panel docked below it in a 1400 × 900 window: the
+    window keeps its height (it grew to about 1600 px, past the bottom of the screen, and again
+    with every longer status line, the canvas resizing and repainting each time), each dock keeps
+    room for its first controls, and the controls below the fold scroll into view with the wheel
+    and work when clicked."""
+    from qtpy.QtTest import QTest
+
+    from napari_mobilesam._napari.controls import DOCK_MIN_HEIGHT
+
+    viewer, dock, widget, _image, _oracle = open_session(make_napari_viewer, qtbot, stack)
+    window = viewer.window._qt_window
+    dock2, panel = viewer.window.add_plugin_dock_widget("napari-mobilesam", "Fine-tune by distillation (MobileSAM)")
+    qtbot.wait(300)
+    assert window.height() <= 900, window.size()
+    assert min(dock.height(), dock2.height()) >= DOCK_MIN_HEIGHT, (dock.height(), dock2.height())
+    canvas = viewer.window._qt_viewer.canvas.native
+    size = canvas.size()
+    panel._status.value = "\n".join(["validation before: embedding MSE 2.096, mask mIoU 1.000"] * 4)
+    widget._status.value = "\n".join(["propagated 40 slices: object 1 stopped at z 3 and z 37"] * 4)
+    qtbot.wait(300)
+    assert canvas.size() == size and window.height() <= 900, (canvas.size(), window.size())
+
+    # the shorter dock (napari sizes a new dock against the others): a checkbox below its fold
+    short, check = (widget, widget._limit_z) if dock.height() < dock2.height() else (panel, panel._overwrite)
+    box, viewport = check.native, short.native.viewport()
+
+    def in_view() -> bool:
+        top = box.mapTo(viewport, QPoint(0, 0)).y()
+        return top >= 0 and top + box.height() <= viewport.height()
+
+    assert short.native.verticalScrollBar().maximum() > 0
+    assert not in_view(), (dock.height(), dock2.height(), viewport.height(), box.mapTo(viewport, QPoint(0, 0)).y())
+    _wheel_down(viewport, 10)
+    qtbot.waitUntil(in_view, timeout=2000)
+    before = check.value
+    QTest.mouseClick(box, Qt.MouseButton.LeftButton, pos=QPoint(8, box.height() // 2))
+    assert check.value is (not before)
 
 
 def test_6_offline_first_click_one_short_message_naming_the_widget_choice(

@@ -21,11 +21,12 @@ from magicgui.widgets import (
 )
 from qtpy.QtCore import QEvent, QObject
 from qtpy.QtGui import QTextOption
-from qtpy.QtWidgets import QFrame, QSizePolicy
+from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy
 
 from .auto_panel import AutoPanel
 
-__all__ = ["SegmentControls", "LABEL_SCOPES", "NEW_LAYER", "hint_text", "error_message", "CloseWatcher"]
+__all__ = ["SegmentControls", "LABEL_SCOPES", "NEW_LAYER", "hint_text", "error_message", "CloseWatcher",
+           "DockContainer", "DOCK_MIN_HEIGHT"]
 
 log = logging.getLogger(__name__)
 
@@ -210,3 +211,43 @@ class CloseWatcher(QObject):
         except Exception:  # noqa: BLE001 - an exception here would abort PyQt
             log.debug("napari-mobilesam: close watcher", exc_info=True)
         return False
+
+
+#: The least height of a dock's controls before they scroll (napari shrinks a dock to its minimum
+#: when it adds another one below it): the image, model and first buttons stay in view.
+DOCK_MIN_HEIGHT = 300
+
+
+class DockContainer(Container):
+    """A magicgui Container that scrolls vertically inside its napari dock.
+
+    napari docks a magicgui widget's ``native``, and the window then cannot be shorter than the
+    sum of its docks' minimum heights: the Segment widget alone asked for about 850 px, and with
+    the distillation panel below it the window grew to about 1600 px, past the bottom of the
+    screen, and grew again each time a status line got longer (the canvas resized and repainted
+    with it). Here ``native`` is a scroll area around the controls (magicgui's own
+    ``scrollable=True`` keeps the inner widget as ``native``, which napari would dock without
+    the scroll area), so a dock asks for at most :data:`DOCK_MIN_HEIGHT` and scrolls when the
+    window is shorter than its controls. ``inner`` is the widget that holds the layout.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(scrollable=True, **kwargs)
+        backend = self._widget
+        self.inner = backend._mgui_get_native_widget()
+        scroll = backend._mgui_get_root_native_widget()
+        assert isinstance(scroll, QScrollArea)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        # magicgui watches the inner widget's parent: docking moves the scroll area
+        scroll.installEventFilter(backend._event_filter)
+
+    @property
+    def native(self):
+        """The scroll area napari docks (the controls' layout is on :attr:`inner`)."""
+        return self._widget._mgui_get_root_native_widget()
+
+    def end_layout(self) -> None:
+        """Call once the controls are in: keeps them at the top of a taller dock and sets the
+        dock's least height."""
+        self.inner.layout().addStretch(1)
+        self.native.setMinimumHeight(min(self.inner.minimumSizeHint().height(), DOCK_MIN_HEIGHT))

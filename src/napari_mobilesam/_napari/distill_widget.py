@@ -48,6 +48,7 @@ from qtpy.QtCore import Signal as QtSignal
 
 from ..models.devices import device_choices
 from . import gc_freeze, gil_share
+from .controls import DockContainer
 from .distill_plot import LossPlot
 from .workers import Task, start_task
 
@@ -104,7 +105,7 @@ def _validation_got_worse(before: dict, after: dict) -> bool | None:
     return after.get("mse", 0.0) > before.get("mse", 0.0)  # same masks: judge by the embeddings
 
 
-class DistillWidget(Container):
+class DistillWidget(DockContainer):
     """The distillation dock panel (see the module docstring).
 
     Public API used by scripts and tests: :meth:`config` (the settings as a ``DistillConfig``, or
@@ -179,8 +180,9 @@ class DistillWidget(Container):
             self._progress, self._status,
         ])
         self.plot = LossPlot()
-        self.native.layout().addWidget(self.plot)
+        self.inner.layout().addWidget(self.plot)
         self.append(self._use_btn)
+        self.end_layout()
         self._status.native.setWordWrap(True)
 
     # ---- choices

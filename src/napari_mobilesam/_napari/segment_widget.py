@@ -32,7 +32,6 @@ import logging
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import Container
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
@@ -42,7 +41,14 @@ from ..models.choice import ModelChoice
 from . import gc_freeze, gil_share, retire
 from . import prompt_layers as pl
 from .annotator import Annotator
-from .controls import NEW_LAYER, CloseWatcher, SegmentControls, error_message, hint_text
+from .controls import (
+    NEW_LAYER,
+    CloseWatcher,
+    DockContainer,
+    SegmentControls,
+    error_message,
+    hint_text,
+)
 from .helper_layers import HelperLayers
 from .model_panel import ModelPanel
 from .settings import load_settings
@@ -63,7 +69,7 @@ HINT = hint_text()
 _DEBOUNCE_MS = 120
 
 
-class SegmentWidget(Container):
+class SegmentWidget(DockContainer):
     """MobileSAM interactive segmentation dock widget.
 
     Parameters
@@ -95,6 +101,7 @@ class SegmentWidget(Container):
         self._model = ModelPanel(load_settings(), self.set_model, self._model_failed)
         self._c = c = SegmentControls(self._image_choices, self._target_choices)
         self.extend(c.layout(self._model.widgets))
+        self.end_layout()
         # the names the tests and the distillation panel use
         self._image_combo, self._target_combo, self._hint, self._status = c.image, c.target, c.hint, c.status
         self._model_combo, self._checkpoint = self._model.combo, self._model.checkpoint
