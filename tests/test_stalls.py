@@ -469,6 +469,29 @@ def test_a_quick_model_load_adds_no_progress_bar_a_slow_one_does(make_napari_vie
     assert widget._model.request.backend == "torch"
 
 
+@pytest.mark.gui
+def test_a_propagation_gets_its_progress_bar_in_a_later_turn_of_the_event_loop(make_napari_viewer, qtbot, stack):
+    """Shift-S starts the run at once (status, Stop and Cancel); napari's bar, whose insertion
+    repaints the whole window, comes ``BAR_AFTER_MS`` later in its own event-loop turn, and then
+    counts the slices (the GroundTruthOracle stands in for the model, 0.1 s a slice)."""
+    from qtpy.QtCore import Qt
+
+    from napari_mobilesam._napari.long_tasks import BAR_AFTER_MS
+
+    viewer, _dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack, delay=0.1)
+    z, r, c, _gt = nucleus(stack, 0)
+    go_to(viewer, image, z)
+    click(viewer, image, (z, r, c), qtbot=qtbot)
+    wait_preview(qtbot, widget)
+    key(viewer, Qt.Key.Key_S, SHIFT)
+    task = widget._annotator._runner.task
+    assert widget.busy and widget._stop_btn.enabled and task.pbar is None
+    qtbot.waitUntil(lambda: task.pbar is not None, timeout=BAR_AFTER_MS + 5000)
+    assert task.pbar.total == stack.image.shape[0]
+    qtbot.waitUntil(lambda: task.pbar.n > 0, timeout=10_000)
+    wait_idle(qtbot, widget)
+
+
 def test_a_task_is_done_only_after_its_end_was_handled(qtbot):
     """``Task.done`` (what the widget's ``busy`` reads) turns True after every other slot of the
     worker's ``finished`` signal ran: each slot is its own queued call on the GUI thread, and a
