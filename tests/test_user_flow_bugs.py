@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from qtpy.QtCore import QPoint, Qt
 from test_user_flow import (
     SHIFT,
@@ -110,6 +111,65 @@ def test_4_a_script_closing_the_viewer_exits_cleanly(qtbot):
         out = subprocess.run([sys.executable, "-c", _SCRIPT_CLOSE], capture_output=True, text=True,
                              timeout=300, env=env)
         assert out.returncode == 0 and "closed cleanly" in out.stdout, (run, out.returncode, out.stderr[-3000:])
+
+
+_SCRIPT_ENDS_WHILE_RUNNING = """
+import sys, tempfile, time
+from pathlib import Path
+import numpy as np, napari
+from qtpy.QtWidgets import QApplication
+from napari_mobilesam.core.session import Session
+from napari_mobilesam.data import synthetic_nuclei
+from napari_mobilesam.testing import GroundTruthOracle
+
+def spin(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        QApplication.instance().processEvents()
+        time.sleep(0.005)
+
+viewer = napari.Viewer(show=True)
+stack = synthetic_nuclei(shape=(12, 96, 96), n_nuclei=5, radius_range=(8, 12), z_radius_range=(3, 5), seed=3)
+image = viewer.add_image(stack.image, name="nuclei")
+if sys.argv[1] == "propagation":
+    _, widget = viewer.window.add_plugin_dock_widget("napari-mobilesam", "Segment (MobileSAM)")
+    widget.set_session(Session(None, image.data, rgb=False,
+                               predictor=GroundTruthOracle(stack.labels, np.asarray(image.data), delay=0.3)))
+    z, r, c = (int(round(v)) for v in stack.centers[0])
+    viewer.dims.set_point(0, z)
+    widget.points_layer.add([z, r, c])
+    spin(0.5)
+    assert widget.propagate() is not None
+else:
+    from napari_mobilesam.distillation.data import save_teacher_checkpoint, vit_teacher_encoder
+    folder = Path(tempfile.mkdtemp())
+    _, panel = viewer.window.add_plugin_dock_widget("napari-mobilesam", "Fine-tune by distillation (MobileSAM)")
+    panel.enable_dev_models()
+    panel._teacher.value = save_teacher_checkpoint(vit_teacher_encoder("tiny", seed=1), folder / "teacher.pth")
+    panel._layers.value = [image]
+    panel._student.value = "vit_t_test"
+    panel._epochs.value, panel._batch.value = 50, 1
+    panel._device.value = "cpu"
+    panel._output.value = folder / "student.pt"
+    assert panel.run() is not None
+spin(1.0)
+print("the script ends while the task runs", flush=True)
+"""
+
+
+@pytest.mark.parametrize("task", ["propagation", "distillation"])
+def test_a_script_that_ends_while_a_task_runs_exits_cleanly(qtbot, task):
+    """A script that starts a propagation or a distillation and ends without closing the viewer:
+    the task is stopped before the interpreter shuts down (was exit status 139, a segmentation
+    fault, and 134 for the distillation); the GroundTruthOracle stands in for the model in the
+    propagation, the tiny dev models train in the distillation."""
+    assert os.environ.get("DISPLAY"), "needs the Xvfb display"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", _SCRIPT_ENDS_WHILE_RUNNING, task], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+    assert "the script ends while the task runs" in out.stdout
+    assert "napari-mobilesam: stopping before exit" in out.stderr, out.stderr[-2000:]
 
 
 def test_5_a_long_report_does_not_widen_the_dock(make_napari_viewer, qtbot, stack):  # noqa: F811

@@ -8,6 +8,10 @@ the widget's Cancel button, or by calling ``task.cancel()``.
 
 from __future__ import annotations
 
+import atexit
+import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +20,14 @@ from qtpy.QtCore import QObject, QTimer, Signal
 from ..core.heap import release_freed_memory
 from .spinner import calm_spinners
 
-__all__ = ["Task", "start_task"]
+__all__ = ["Task", "start_task", "EXIT_WAIT_S"]
+
+#: At the interpreter's exit, how long to wait for running tasks to stop (see :func:`_stop_at_exit`):
+#: a cancelled distillation stops after its current step (about 10 s for the first one here).
+EXIT_WAIT_S = 60.0
+
+_running: set = set()  # Tasks whose body runs now (in a worker thread)
+_running_lock = threading.Lock()
 
 
 class _Relay(QObject):
@@ -45,6 +56,7 @@ class Task:
         self.description = description
         self.done = False
         self.stop_requested = False
+        self.body_returned = threading.Event()  # set in the worker thread when ``fn`` returned
 
     def _on_finished(self) -> None:
         self.done = True
@@ -125,10 +137,15 @@ def start_task(
 
     def run():
         worker, task, body = holder["worker"], holder["task"], holder.pop("fn")
+        with _running_lock:
+            _running.add(task)
         try:
             return body(relay.progressed.emit, lambda: bool(worker.abort_requested) or task.stop_requested)
         finally:
             release_freed_memory()  # in this thread (the call releases the GIL), not the GUI's
+            with _running_lock:
+                _running.discard(task)
+            task.body_returned.set()
 
     run.__name__ = run.__qualname__ = description
     worker = create_worker(run, _start_thread=False, _ignore_errors=on_error is not None)
@@ -171,3 +188,34 @@ def start_task(
     worker.finished.connect(task._on_finished)
     worker.start()
     return task
+
+
+@atexit.register
+def _stop_at_exit(timeout: float = EXIT_WAIT_S) -> None:
+    """A script that ends while a task runs (without closing the viewer or running napari's event
+    loop): cancel every running task and wait until each body has returned and napari's worker
+    has finished, at most ``timeout`` seconds in all. Otherwise the interpreter shuts down under a
+    worker thread of Qt's pool that still runs Python: its next signal hits a deleted Qt object
+    (abort, exit status 134) or the thread is stopped inside Qt's frames (segmentation fault, 139)."""
+    with _running_lock:
+        tasks = list(_running)
+    if not tasks:
+        return
+    names = ", ".join(task.description for task in tasks)
+    print(f"napari-mobilesam: stopping before exit ({names}; up to {timeout:.0f} s)…", file=sys.stderr, flush=True)
+    for task in tasks:
+        try:
+            task.cancel()
+        except Exception:  # noqa: BLE001 - the worker may be gone already
+            pass
+    end = time.monotonic() + timeout
+    for task in tasks:
+        task.body_returned.wait(max(0.0, end - time.monotonic()))
+    try:  # napari's run() still emits the end signals after the body: let the pool go idle
+        from qtpy.QtCore import QThreadPool
+
+        pool = QThreadPool.globalInstance()
+        while pool.activeThreadCount() and time.monotonic() < end:
+            time.sleep(0.01)
+    except Exception:  # noqa: BLE001 - Qt may be half torn down already
+        pass
