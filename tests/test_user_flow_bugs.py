@@ -219,6 +219,8 @@ def test_both_panels_fit_the_window_and_their_lower_controls_scroll_into_view(
     qtbot.wait(300)
     assert window.height() <= 900, window.size()
     assert min(dock.height(), dock2.height()) >= DOCK_MIN_HEIGHT, (dock.height(), dock2.height())
+    for panel_ in (widget, panel):  # as wide as the controls need: nothing cut off on the right
+        assert panel_.native.viewport().width() >= panel_.inner.minimumSizeHint().width(), panel_
     canvas = viewer.window._qt_viewer.canvas.native
     size = canvas.size()
     panel._status.value = "\n".join(["validation before: embedding MSE 2.096, mask mIoU 1.000"] * 4)

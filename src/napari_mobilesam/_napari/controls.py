@@ -19,14 +19,14 @@ from magicgui.widgets import (
     SpinBox,
     TextEdit,
 )
-from qtpy.QtCore import QEvent, QObject
+from qtpy.QtCore import QEvent, QObject, QSize, Qt
 from qtpy.QtGui import QTextOption
 from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy
 
 from .auto_panel import AutoPanel
 
 __all__ = ["SegmentControls", "LABEL_SCOPES", "NEW_LAYER", "hint_text", "error_message", "CloseWatcher",
-           "DockContainer", "DOCK_MIN_HEIGHT"]
+           "DockContainer", "DOCK_MIN_HEIGHT", "wrapping"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def hint_text(axis: str = "z") -> str:
     )
 
 
-def _wrapping(label: Label) -> Label:
+def wrapping(label: Label) -> Label:
     """A label that wraps its text and never widens the dock (long reports wrap instead)."""
     label.native.setWordWrap(True)
     policy = label.native.sizePolicy()
@@ -80,7 +80,7 @@ class SegmentControls:
     def __init__(self, image_choices, target_choices):
         self.image = ComboBox(label="image", choices=image_choices)
         self.image.tooltip = "The image layer to segment (2D, RGB, or a stack: z or t first)"
-        self.hint = _wrapping(Label(value=hint_text()))
+        self.hint = wrapping(Label(value=hint_text()))
         self.hint.tooltip = "How to prompt: these keys work while the widget is open"
         self.target = ComboBox(label="labels", choices=target_choices)
         self.target.tooltip = "The Labels layer objects are committed into ('(new layer)': made for you)"
@@ -218,6 +218,35 @@ class CloseWatcher(QObject):
 DOCK_MIN_HEIGHT = 300
 
 
+class _DockScroll(QScrollArea):
+    """Vertical scroll area of a :class:`DockContainer`: as wide as the controls need (no
+    horizontal scrolling), at most :data:`DOCK_MIN_HEIGHT` tall at the least."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+        self.setWidget(inner)
+
+    def _bar(self) -> int:
+        return self.verticalScrollBar().sizeHint().width()
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        need = self.widget().minimumSizeHint()
+        return QSize(need.width() + self._bar(), min(need.height(), DOCK_MIN_HEIGHT))
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        want = self.widget().sizeHint()
+        return QSize(want.width() + self._bar(), want.height())
+
+    def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
+        if obj is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()  # controls shown or hidden: the dock asks again
+        return super().eventFilter(obj, event)
+
+
 class DockContainer(Container):
     """A magicgui Container that scrolls vertically inside its napari dock.
 
@@ -227,27 +256,25 @@ class DockContainer(Container):
     screen, and grew again each time a status line got longer (the canvas resized and repainted
     with it). Here ``native`` is a scroll area around the controls (magicgui's own
     ``scrollable=True`` keeps the inner widget as ``native``, which napari would dock without
-    the scroll area), so a dock asks for at most :data:`DOCK_MIN_HEIGHT` and scrolls when the
-    window is shorter than its controls. ``inner`` is the widget that holds the layout.
+    the scroll area), so a dock needs at most :data:`DOCK_MIN_HEIGHT` and scrolls when the
+    window is shorter than its controls. ``inner`` is magicgui's widget that holds the layout.
     """
 
     def __init__(self, **kwargs):
-        super().__init__(scrollable=True, **kwargs)
+        super().__init__(**kwargs)
         backend = self._widget
         self.inner = backend._mgui_get_native_widget()
-        scroll = backend._mgui_get_root_native_widget()
-        assert isinstance(scroll, QScrollArea)
-        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self._scroll = _DockScroll(self.inner)
+        self._scroll._magic_widget = self  # how napari's dock finds the magicgui widget
         # magicgui watches the inner widget's parent: docking moves the scroll area
-        scroll.installEventFilter(backend._event_filter)
+        self._scroll.installEventFilter(backend._event_filter)
 
     @property
     def native(self):
         """The scroll area napari docks (the controls' layout is on :attr:`inner`)."""
-        return self._widget._mgui_get_root_native_widget()
+        scroll = getattr(self, "_scroll", None)  # magicgui asks for it while being made
+        return scroll if scroll is not None else self._widget._mgui_get_native_widget()
 
     def end_layout(self) -> None:
-        """Call once the controls are in: keeps them at the top of a taller dock and sets the
-        dock's least height."""
+        """Call once the controls are in: keeps them at the top of a taller dock."""
         self.inner.layout().addStretch(1)
-        self.native.setMinimumHeight(min(self.inner.minimumSizeHint().height(), DOCK_MIN_HEIGHT))

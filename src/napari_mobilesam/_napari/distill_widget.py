@@ -48,7 +48,7 @@ from qtpy.QtCore import Signal as QtSignal
 
 from ..models.devices import device_choices
 from . import gc_freeze, gil_share
-from .controls import DockContainer
+from .controls import DockContainer, wrapping
 from .distill_plot import LossPlot
 from .workers import Task, start_task
 
@@ -183,7 +183,7 @@ class DistillWidget(DockContainer):
         self.inner.layout().addWidget(self.plot)
         self.append(self._use_btn)
         self.end_layout()
-        self._status.native.setWordWrap(True)
+        wrapping(self._status)  # a long report wraps instead of widening the dock
 
     # ---- choices
 
