@@ -220,7 +220,8 @@ DOCK_MIN_HEIGHT = 300
 
 class _DockScroll(QScrollArea):
     """Vertical scroll area of a :class:`DockContainer`: as wide as the controls need (no
-    horizontal scrolling), at most :data:`DOCK_MIN_HEIGHT` tall at the least."""
+    horizontal scrolling); its least height is the controls' or :data:`DOCK_MIN_HEIGHT`,
+    whichever is smaller."""
 
     def __init__(self, inner):
         super().__init__()
@@ -250,8 +251,8 @@ class _DockScroll(QScrollArea):
 class DockContainer(Container):
     """A magicgui Container that scrolls vertically inside its napari dock.
 
-    napari docks a magicgui widget's ``native``, and the window then cannot be shorter than the
-    sum of its docks' minimum heights: the Segment widget alone asked for about 850 px, and with
+    napari docks a magicgui widget's ``native``, and a window cannot be shorter than the sum of
+    its docks' least heights: the Segment widget alone asked for about 850 px, and with
     the distillation panel below it the window grew to about 1600 px, past the bottom of the
     screen, and grew again each time a status line got longer (the canvas resized and repainted
     with it). Here ``native`` is a scroll area around the controls (magicgui's own
