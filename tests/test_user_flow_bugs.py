@@ -245,6 +245,29 @@ def test_both_panels_fit_the_window_and_their_lower_controls_scroll_into_view(
     assert check.value is (not before)
 
 
+def test_the_panels_still_show_hide_and_close_as_magicgui_widgets(make_napari_viewer, qtbot):
+    """magicgui's ``show()``, ``visible`` and ``close()`` act on the scroll area that holds the
+    controls: ``show()`` outside a dock opens the panel as its own window (it showed nothing
+    while they acted on the controls inside the scroll area)."""
+    from napari_mobilesam._napari.distill_widget import DistillWidget
+    from napari_mobilesam._napari.segment_widget import SegmentWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((4, 64, 64), np.uint8), name="img")
+    for cls in (SegmentWidget, DistillWidget):
+        panel = cls(viewer)
+        panel.show()
+        qtbot.waitUntil(lambda: panel.native.isVisible(), timeout=2000)  # noqa: B023
+        assert panel.visible and panel.native.isWindow() and panel.inner.isVisible()
+        panel.visible = False
+        assert not panel.native.isVisible()
+        panel.show()
+        panel.close()
+        assert not panel.native.isVisible() and not panel.visible
+        if isinstance(panel, SegmentWidget):
+            panel.close_widget()
+
+
 def test_6_offline_first_click_one_short_message_naming_the_widget_choice(
     make_napari_viewer, qtbot, stack, monkeypatch  # noqa: F811
 ):

@@ -269,6 +269,10 @@ class DockContainer(Container):
         self._scroll._magic_widget = self  # how napari's dock finds the magicgui widget
         # magicgui watches the inner widget's parent: docking moves the scroll area
         self._scroll.installEventFilter(backend._event_filter)
+        # and it shows, hides and closes the inner widget: ``show()`` outside a dock, a window
+        backend._mgui_set_visible = self._scroll.setVisible
+        backend._mgui_get_visible = self._scroll.isVisible
+        backend._mgui_close_widget = self._scroll.close
 
     @property
     def native(self):
