@@ -212,10 +212,13 @@ def _stop_at_exit(timeout: float = EXIT_WAIT_S) -> None:
     for task in tasks:
         task.body_returned.wait(max(0.0, end - time.monotonic()))
     try:  # napari's run() still emits the end signals after the body: let the pool go idle
-        from qtpy.QtCore import QThreadPool
+        from qtpy.QtCore import QCoreApplication, QThreadPool
 
         pool = QThreadPool.globalInstance()
         while pool.activeThreadCount() and time.monotonic() < end:
             time.sleep(0.01)
+        # no event loop will deliver what the tasks posted (progress, a distillation's events);
+        # dropped now, while Python runs: Qt would free those holding Python objects after it
+        QCoreApplication.removePostedEvents(None)
     except Exception:  # noqa: BLE001 - Qt may be half torn down already
         pass
