@@ -475,9 +475,9 @@ def test_a_propagation_gets_its_progress_bar_in_a_later_turn_of_the_event_loop(
 ):
     """Shift-S starts the run at once (status, Stop and Cancel); napari's bar, whose insertion
     repaints the whole window, comes ``BAR_AFTER_MS`` later in its own event-loop turn, and then
-    counts the slices (the GroundTruthOracle stands in for the model, 0.1 s a slice). The bar is
-    looked at when the start returns (the key's own event processing may outlast the delay on a
-    loaded machine)."""
+    counts the slices against the engine's total (the GroundTruthOracle stands in for the model,
+    0.1 s a slice). The bar is looked at when the start returns (the key's own event processing
+    may outlast the delay on a loaded machine)."""
     import time
 
     from qtpy.QtCore import Qt
@@ -503,7 +503,9 @@ def test_a_propagation_gets_its_progress_bar_in_a_later_turn_of_the_event_loop(
     assert widget.busy and widget._stop_btn.enabled and at_start["pbar"] is None
     qtbot.waitUntil(lambda: task.pbar is not None, timeout=BAR_AFTER_MS + 5000)
     assert time.monotonic() - at_start["t"] >= BAR_AFTER_MS / 1000  # a timer never fires early
-    assert task.pbar.total == stack.image.shape[0]
+    # the bar starts at the stack's depth; by now the engine's reports may have lowered it to
+    # their own upper bound, which shrinks where the object ends
+    assert 0 < task.pbar.total <= stack.image.shape[0]
     qtbot.waitUntil(lambda: task.pbar.n > 0, timeout=10_000)
     wait_idle(qtbot, widget)
 
