@@ -1,1 +1,2 @@
-"""Files in and out: prompts (CSV, napari layer data, arrays) and stacks (lazy TIFF in, labels out)."""
+"""Files in and out: prompts (CSV, napari layer data, arrays), stacks (lazy TIFF in, labels out)
+and the labels autosave (Zarr)."""
