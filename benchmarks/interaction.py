@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     from napari_mobilesam.models.registry import load_model
 
     os.environ.setdefault("NAPARI_MOBILESAM_CONFIG", tempfile.mkdtemp(prefix="mobilesam-config-"))
+    os.environ.setdefault("NAPARI_MOBILESAM_AUTOSAVE_DIR", tempfile.mkdtemp(prefix="mobilesam-autosave-"))
     os.environ.pop("NAPARI_MOBILESAM_CACHE", None)  # embeddings in memory only: easy to drop
     n_z = max(16, n_uncached * 3 + 6, args.slices if args.stalls else 0)
     s = args.size / 256

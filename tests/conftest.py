@@ -95,8 +95,9 @@ def engine_sam_reference(reference_dir):
 
 @pytest.fixture(autouse=True)
 def _config_dir(tmp_path, monkeypatch):
-    """Each test reads and writes its own widget settings file."""
+    """Each test reads and writes its own widget settings file and autosave folder."""
     monkeypatch.setenv("NAPARI_MOBILESAM_CONFIG", str(tmp_path / "config"))
+    monkeypatch.setenv("NAPARI_MOBILESAM_AUTOSAVE_DIR", str(tmp_path / "autosave"))
     monkeypatch.delenv("NAPARI_MOBILESAM_DEV", raising=False)
 
 

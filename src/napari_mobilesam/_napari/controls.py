@@ -13,6 +13,7 @@ from magicgui.widgets import (
     CheckBox,
     ComboBox,
     Container,
+    FileEdit,
     Label,
     LineEdit,
     PushButton,
@@ -84,6 +85,15 @@ class SegmentControls:
         self.hint.tooltip = "How to prompt: these keys work while the widget is open"
         self.target = ComboBox(label="labels", choices=target_choices)
         self.target.tooltip = "The Labels layer objects are committed into ('(new layer)': made for you)"
+        self.autosave = CheckBox(text="autosave labels", value=True)
+        self.autosave.tooltip = (
+            "Keep the labels layer on disk, written 2 s after each change (only the slices that "
+            "changed), and offer it back when this image is opened again"
+        )
+        self.autosave_folder = FileEdit(label="autosave to", mode="d", value="")
+        self.autosave_folder.tooltip = "Folder of the autosaves (empty: the per-user data folder of napari-mobilesam)"
+        self.restore = PushButton(text="Restore autosaved labels", visible=False)
+        self.restore.tooltip = "Add the labels autosaved for this image as a new Labels layer"
         self.keep_existing = CheckBox(text="keep existing labels (commit only paints background)", value=True)
         self.keep_existing.tooltip = "On: commits and propagations never paint over labels already there"
         self.commit = PushButton(text="Commit [C]")
@@ -149,6 +159,8 @@ class SegmentControls:
             *model_widgets,
             self.hint,
             self.target,
+            self.autosave_folder,
+            row(self.autosave, self.restore),
             self.keep_existing,
             row(self.commit, self.clear),
             row(self.refine, self.repropagate),
@@ -180,7 +192,7 @@ class SegmentControls:
     def all(self) -> list:
         """Every control (for tooltip checks)."""
         return [
-            self.image, self.hint, self.target, self.keep_existing, self.commit, self.clear,
+            self.image, self.hint, self.target, self.autosave, self.autosave_folder, self.restore, self.keep_existing, self.commit, self.clear,
             self.refine, self.repropagate, self.limit, self.z_from, self.z_to, self.propagate, self.scope, self.ids,
             self.propagate_labels, self.auto, self.auto_stack, self.stop, self.cancel, self.status,
             *self.automatic.all(),

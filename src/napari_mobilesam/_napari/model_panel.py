@@ -21,6 +21,7 @@ dock; then the fast encoder takes over (:class:`ConversionFollower`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, PushButton
 
@@ -31,6 +32,7 @@ from .settings import (
     MICROSAM_FILE,
     WidgetSettings,
     device_choices,
+    load_settings,
     model_choices,
     save_settings,
 )
@@ -287,12 +289,12 @@ class ModelPanel:
         key = self.combo.value
         if key not in model_choices():  # dev-only test models are not persisted
             return
-        save_settings(WidgetSettings(
-            key, self._path(self.checkpoint) if key in _FILE_KEYS else "", self.device.value,
-            self._path(self.decoder) if key == MICROSAM_FILE else "",
-            self.backend.value, self.precision.value, self.semantics.value, self.ais_precision.value,
-            bool(self.advanced.value),
-        ))
+        save_settings(replace(
+            load_settings(), model=key, checkpoint=self._path(self.checkpoint) if key in _FILE_KEYS else "",
+            device=self.device.value, decoder=self._path(self.decoder) if key == MICROSAM_FILE else "",
+            backend=self.backend.value, precision=self.precision.value, semantics=self.semantics.value,
+            ais_precision=self.ais_precision.value, advanced=bool(self.advanced.value),
+        ))  # the widget's other settings (autosave) as they are
 
     def _on_advanced_toggled(self, _value=None) -> None:
         self._update_visibility()

@@ -37,10 +37,12 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
 from ..core.session import Session
+from ..io.autosave import autosave_folder
 from ..models.choice import ModelChoice
 from . import gc_freeze, gil_share, retire
 from . import prompt_layers as pl
 from .annotator import Annotator
+from .autosave_action import Autosaver
 from .controls import (
     NEW_LAYER,
     CloseWatcher,
@@ -98,8 +100,11 @@ class SegmentWidget(DockContainer):
         self._batch_missed = False  # a layer change came in one: answered once at its end
 
     def _build_controls(self) -> None:
-        self._model = ModelPanel(load_settings(), self.set_model, self._model_failed)
+        settings = load_settings()
+        self._model = ModelPanel(settings, self.set_model, self._model_failed)
         self._c = c = SegmentControls(self._image_choices, self._target_choices)
+        c.autosave.value = settings.autosave
+        c.autosave_folder.value = settings.autosave_folder or autosave_folder()  # shown as a real folder
         self.extend(c.layout(self._model.widgets))
         self.end_layout()
         # the names the tests and the distillation panel use
@@ -114,6 +119,7 @@ class SegmentWidget(DockContainer):
         say = SimpleNamespace(status=self._show_status, info=self._info, warn=self._warn,
                               report=self._report, reset_choices=self.reset_choices)
         self._annotator = Annotator(self._viewer, self._helpers, c, self._model, say)
+        self._autosaver = Autosaver(c, self._viewer, say, on_restored=self._annotator._select_prompts)
         self._slice_timer = QTimer(self.native)
         self._slice_timer.setSingleShot(True)
         self._slice_timer.setInterval(_DEBOUNCE_MS)
@@ -126,6 +132,7 @@ class SegmentWidget(DockContainer):
     def _start_watching(self) -> None:
         c = self._c
         c.image.changed.connect(self._on_image_changed)
+        c.target.changed.connect(self._follow_target)
         for button, action in (
             (c.commit, self.commit), (c.clear, self.clear_prompts), (c.refine, self.refine_selected_label),
             (c.repropagate, self.repropagate_selected_label),
@@ -303,12 +310,14 @@ class SegmentWidget(DockContainer):
             return
         self._annotator.use(None, None)
         if image is None:
+            self._autosaver.follow(None, None)
             self._helpers.show(None)
             self._show_status("Open or pick an image layer to segment.")
             return
         try:
             geom = pl.image_geometry(image)
         except ValueError as exc:
+            self._autosaver.follow(None, None)
             self._helpers.show(None)
             self._report(exc, "choosing the image")
             return
@@ -326,7 +335,20 @@ class SegmentWidget(DockContainer):
         if made_layer is not None and made_layer in self._viewer.layers:  # (None if making it failed)
             self._c.target.value = made_layer
         self._show_status(f"Image {image.name!r}: click on an object.")
+        self._follow_target()
+        self._autosaver.update_offer()  # its note (labels autosaved earlier) replaces the line above
         self._new_session()
+
+    def _follow_target(self, _value=None) -> None:
+        """The autosave follows the layer the widget writes into (the one picked in 'labels',
+        else the one made for the image)."""
+        if self._closed:
+            return
+        image, choice = self._image, self._c.target.value
+        layer = choice if isinstance(choice, Labels) else None
+        if layer is None and image is not None:
+            layer = self._helpers.target_of(image)
+        self._autosaver.follow(image, layer)
 
     @property
     def _image(self):
@@ -485,7 +507,7 @@ class SegmentWidget(DockContainer):
         if self.__dict__.get("_closed", True):  # closed, or already torn down
             return
         self._closed = True
-        steps = (self._unbind_keys, self._disconnect_viewer, self._slice_timer.stop,
+        steps = (self._autosaver.close, self._unbind_keys, self._disconnect_viewer, self._slice_timer.stop,
                  self._restore_timer.stop, self._stop_background, self._drop_preview_layer,
                  lambda: gc_freeze.release(self), lambda: gil_share.release(self))
         for step in steps:

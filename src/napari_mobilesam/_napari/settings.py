@@ -1,5 +1,5 @@
-"""Persisted choices of the segmentation widget (model, checkpoint, decoder file, device, and the
-advanced model options: backend, precision, semantics, AIS decoder precision).
+"""Persisted choices of the segmentation widget (model, checkpoint, decoder file, device, the
+advanced model options: backend, precision, semantics, AIS decoder precision; and autosave).
 
 The choices are kept in a small JSON file so that they survive a napari restart:
 ``$NAPARI_MOBILESAM_CONFIG/segment_widget.json`` when that variable is set, otherwise in the
@@ -99,6 +99,10 @@ class WidgetSettings:
         names them (``"auto"``: the engine's choice for the model and device).
     advanced : bool
         Whether the advanced model options are shown.
+    autosave : bool
+        Whether the labels of the image being segmented are autosaved (``io/autosave.py``).
+    autosave_folder : str
+        Where ("": :func:`napari_mobilesam.io.autosave.autosave_folder`).
     """
 
     model: str = "vit_t"
@@ -110,6 +114,8 @@ class WidgetSettings:
     semantics: str = "auto"
     ais_precision: str = "auto"
     advanced: bool = False
+    autosave: bool = True
+    autosave_folder: str = ""
 
 
 def settings_path() -> Path:
