@@ -248,7 +248,7 @@ class Autosaver:
         """Offer the newest autosave of the image when the layer written into has no labels."""
         self._offer = None
         image = self._image
-        if image is not None and self.enabled and not self._has_labels(self._layer):
+        if image is not None and self.enabled:
             try:
                 shape = pl.image_geometry(image).shape
                 found = store.find_autosaves(self.folder(), image.name, shape, _source(image))
@@ -256,7 +256,8 @@ class Autosaver:
                 found = []
             mine = {s.path for s in self._stores.values() if s.saves}
             found = [p for p in found if p not in mine]
-            self._offer = found[0] if found else None
+            if found and not self._has_labels(self._layer):  # (a scan of the layer: only when needed)
+                self._offer = found[0]
         self._show_offer()
 
     def _show_offer(self) -> None:

@@ -26,12 +26,14 @@ from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy
 
 from .auto_panel import AutoPanel
 
-__all__ = ["SegmentControls", "LABEL_SCOPES", "NEW_LAYER", "hint_text", "error_message", "CloseWatcher",
+__all__ = ["SegmentControls", "LABEL_SCOPES", "NEW_LAYER", "NO_CHANNEL", "hint_text", "error_message", "CloseWatcher",
            "DockContainer", "DOCK_MIN_HEIGHT", "wrapping"]
 
 log = logging.getLogger(__name__)
 
 NEW_LAYER = "(new layer)"
+#: The channel combo boxes' choice for "no further channel".
+NO_CHANNEL = "(none)"
 
 #: What "Propagate labels" takes from the labels layer.
 LABEL_SCOPES = ("selected label", "labels on this slice", "all labels", "these ids")
@@ -74,13 +76,20 @@ class SegmentControls:
 
     Parameters
     ----------
-    image_choices, target_choices : callable
-        magicgui choice callbacks for the image and target-labels combo boxes.
+    image_choices, target_choices, channel_choices : callable
+        magicgui choice callbacks for the image, target-labels and channel combo boxes.
     """
 
-    def __init__(self, image_choices, target_choices):
+    def __init__(self, image_choices, target_choices, channel_choices):
         self.image = ComboBox(label="image", choices=image_choices)
         self.image.tooltip = "The image layer to segment (2D, RGB, or a stack: z or t first)"
+        self.channel2 = ComboBox(label="+ channel", choices=channel_choices, value=NO_CHANNEL)
+        self.channel2.tooltip = (
+            "A second channel the model sees with the image (an image layer of the same shape, e.g. a "
+            "membrane stain beside the nuclei): the image goes to the model as red, this one as green"
+        )
+        self.channel3 = ComboBox(label="+ channel", choices=channel_choices, value=NO_CHANNEL)
+        self.channel3.tooltip = "A third channel (blue); each channel is scaled to its own intensity range"
         self.hint = wrapping(Label(value=hint_text()))
         self.hint.tooltip = "How to prompt: these keys work while the widget is open"
         self.target = ComboBox(label="labels", choices=target_choices)
@@ -91,7 +100,9 @@ class SegmentControls:
             "changed), and offer it back when this image is opened again"
         )
         self.autosave_folder = FileEdit(label="autosave to", mode="d", value="")
-        self.autosave_folder.tooltip = "Folder of the autosaves (empty: the per-user data folder of napari-mobilesam)"
+        self.autosave_folder.tooltip = "Folder of the autosaves (at first: the per-user data folder of napari-mobilesam)"
+        self.autosave_folder.line_edit.tooltip = self.autosave_folder.tooltip
+        self.autosave_folder.choose_btn.tooltip = "Browse for the autosave folder"
         self.restore = PushButton(text="Restore autosaved labels", visible=False)
         self.restore.tooltip = "Add the labels autosaved for this image as a new Labels layer"
         self.keep_existing = CheckBox(text="keep existing labels (commit only paints background)", value=True)
@@ -156,6 +167,7 @@ class SegmentControls:
 
         return [
             self.image,
+            row(self.channel2, self.channel3, labels=True),
             *model_widgets,
             self.hint,
             self.target,
@@ -192,7 +204,7 @@ class SegmentControls:
     def all(self) -> list:
         """Every control (for tooltip checks)."""
         return [
-            self.image, self.hint, self.target, self.autosave, self.autosave_folder, self.restore, self.keep_existing, self.commit, self.clear,
+            self.image, self.channel2, self.channel3, self.hint, self.target, self.autosave, self.autosave_folder, self.restore, self.keep_existing, self.commit, self.clear,
             self.refine, self.repropagate, self.limit, self.z_from, self.z_to, self.propagate, self.scope, self.ids,
             self.propagate_labels, self.auto, self.auto_stack, self.stop, self.cancel, self.status,
             *self.automatic.all(),

@@ -45,6 +45,7 @@ from .annotator import Annotator
 from .autosave_action import Autosaver
 from .controls import (
     NEW_LAYER,
+    NO_CHANNEL,
     CloseWatcher,
     DockContainer,
     SegmentControls,
@@ -94,6 +95,7 @@ class SegmentWidget(DockContainer):
         self._helpers = HelperLayers(self._viewer.layers, self._on_prompts_changed, self._on_points_press)
         self._negative_default = False
         self._closed = False
+        self._picking = False  # an image pick in progress (the channel choices are reset)
         self._note = ""  # the status line's text below the running task's line
         self._annotator: Annotator | None = None
         self._batch_depth = 0  # napari's batched layer-list updates in progress (not ours)
@@ -102,7 +104,7 @@ class SegmentWidget(DockContainer):
     def _build_controls(self) -> None:
         settings = load_settings()
         self._model = ModelPanel(settings, self.set_model, self._model_failed)
-        self._c = c = SegmentControls(self._image_choices, self._target_choices)
+        self._c = c = SegmentControls(self._image_choices, self._target_choices, self._channel_choices)
         c.autosave.value = settings.autosave
         c.autosave_folder.value = settings.autosave_folder or autosave_folder()  # shown as a real folder
         self.extend(c.layout(self._model.widgets))
@@ -132,6 +134,8 @@ class SegmentWidget(DockContainer):
     def _start_watching(self) -> None:
         c = self._c
         c.image.changed.connect(self._on_image_changed)
+        c.channel2.changed.connect(self._on_channels_changed)
+        c.channel3.changed.connect(self._on_channels_changed)
         c.target.changed.connect(self._follow_target)
         for button, action in (
             (c.commit, self.commit), (c.clear, self.clear_prompts), (c.refine, self.refine_selected_label),
@@ -154,6 +158,44 @@ class SegmentWidget(DockContainer):
     # ------------------------------------------------------------------ choices
     def _image_choices(self, _widget=None) -> list[tuple[str, Any]]:
         return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _channel_choices(self, _widget=None) -> list[tuple[str, Any]]:
+        """Image layers that can join the image as further channels: not RGB, same spatial shape."""
+        image = self._image
+        choices: list[tuple[str, Any]] = [(NO_CHANNEL, NO_CHANNEL)]
+        if image is None or image.rgb:
+            return choices
+        try:
+            shape = pl.image_geometry(image).shape
+        except ValueError:
+            return choices
+        for layer in self._viewer.layers:
+            if isinstance(layer, Image) and layer is not image and not layer.rgb:
+                try:
+                    if pl.image_geometry(layer).shape == shape:
+                        choices.append((layer.name, layer))
+                except ValueError:
+                    continue
+        return choices
+
+    def channel_layers(self) -> list:
+        """The image layers chosen as further channels (none, one or two), in order."""
+        found = []
+        for combo in (self._c.channel2, self._c.channel3):
+            layer = combo.value
+            if isinstance(layer, Image) and layer in self._viewer.layers and layer is not self._image \
+                    and layer not in found:
+                found.append(layer)
+        return found
+
+    def _on_channels_changed(self, _value=None) -> None:
+        if self._closed or self._picking or self._image is None:
+            return
+        self._new_session()
+        extra = self.channel_layers()
+        names = " + ".join(repr(layer.name) for layer in [self._image, *extra])
+        self._show_status(f"The model sees {names} as {'red, green' if len(extra) == 1 else 'red, green, blue'}."
+                          if extra else f"The model sees {self._image.name!r} alone.")
 
     def _target_choices(self, _widget=None) -> list[tuple[str, Any]]:
         layers = [
@@ -296,13 +338,26 @@ class SegmentWidget(DockContainer):
             self._annotator.use(image, None)
             return
         try:
-            session = Session(self._model.sam, pl._level0(image.data), rgb=bool(image.rgb))
+            session = Session(self._model.sam, self._session_input(image), rgb=bool(image.rgb))
         except Exception as exc:  # noqa: BLE001 - a bad image must not break the viewer
             self._annotator.use(image, None)
             self._report(exc, f"preparing image {image.name!r}")
             return
         self._annotator.use(image, session)
         self._on_slice_settled()
+
+    def _session_input(self, image):
+        """The image's data, or, with further channels chosen, a lazy multichannel source of them
+        (channels last, each scaled to its own range; slices are read as the model needs them)."""
+        extra = self.channel_layers()
+        if not extra:
+            return pl._level0(image.data)
+        import dask.array as da
+
+        from ..core.source import SliceSource
+
+        planes = [da.asarray(pl._level0(layer.data)) for layer in [image, *extra]]  # numpy, zarr or dask
+        return SliceSource(da.stack(planes, axis=-1), channel_axis=-1, normalize="auto")
 
     # ------------------------------------------------------------------ image and helper layers
     def _on_image_changed(self, image) -> None:
@@ -322,6 +377,13 @@ class SegmentWidget(DockContainer):
             self._report(exc, "choosing the image")
             return
         self._annotator.use(image, None)
+        self._picking = True  # another image: no further channels (they were the last image's)
+        try:
+            self._c.channel2.reset_choices()
+            self._c.channel3.reset_choices()
+            self._c.channel2.value = self._c.channel3.value = NO_CHANNEL
+        finally:
+            self._picking = False
         self._z_from.max = self._z_to.max = geom.n_slices - 1
         self._z_to.value = geom.n_slices - 1
         self._c.enable_stack(geom.is_stack)

@@ -300,7 +300,8 @@ class LabelsAutosave:
                 self._digests = None if self._array is None else self._digests
                 raise OSError(f"cannot autosave labels to {self.folder}: {exc.strerror or exc}; choose "
                               "another autosave folder (or turn autosave off)") from exc
-            self.saves += 1
+            if self._digests is not None:
+                self.saves += 1  # saves into this session's own file
             return written
 
 
