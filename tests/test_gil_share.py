@@ -13,9 +13,16 @@ from napari_mobilesam._napari import gil_share
 
 @pytest.fixture
 def interval():
-    before = sys.getswitchinterval()
+    """A 5 ms interval and no holder: a widget another test left open (never docked, not yet
+    collected) must not decide what these tests see."""
+    before, holders, state = sys.getswitchinterval(), set(gil_share._holders), dict(gil_share._state)
+    gil_share._holders.clear()
+    gil_share._state["before"] = None
     sys.setswitchinterval(0.005)
     yield
+    gil_share._holders.clear()
+    gil_share._holders.update(holders)
+    gil_share._state.update(state)
     sys.setswitchinterval(before)
 
 

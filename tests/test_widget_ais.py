@@ -85,6 +85,7 @@ def test_model_menu_offers_microsam_models_and_remembers_a_microsam_file(make_na
     assert again._model_combo.value == "microsam_file" and again.model_request() == want
     assert not again._decoder.native.isHidden()
     assert set(MODEL_CHOICES) <= {key for _label, key in again._model._choices()}
+    again.close_widget()  # never docked: nothing else closes it (it holds gil_share until then)
 
 
 def test_microsam_model_offline_says_what_to_do_in_the_widget(make_napari_viewer, qtbot, stack, monkeypatch):
