@@ -36,6 +36,10 @@ def main(argv=None) -> int:
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY") and shutil.which("xvfb-run"):
         return subprocess.call(["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", sys.executable, *sys.argv])
 
+    import tempfile
+
+    # an autosave from an earlier run would show its Restore button in the pictures
+    os.environ.setdefault("NAPARI_MOBILESAM_AUTOSAVE_DIR", tempfile.mkdtemp(prefix="mobilesam-shots-"))
     import napari
     import numpy as np
     from qtpy.QtWidgets import QApplication
