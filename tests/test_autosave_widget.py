@@ -208,3 +208,41 @@ def test_autosave_off_writes_nothing(make_napari_viewer, qtbot, stack):
     _commit_nucleus(viewer, qtbot, widget, image, stack, 0)
     qtbot.wait(autosave_action.AFTER_MS + 1000)
     assert not Path(widget._autosaver.folder()).exists() or not any(Path(widget._autosaver.folder()).iterdir())
+
+
+_ENDS_WITH_THE_VIEWER_OPEN = r"""
+import sys, time
+import numpy as np, napari
+from qtpy.QtWidgets import QApplication
+from napari_mobilesam.data import synthetic_nuclei
+
+stack = synthetic_nuclei(shape=(12, 128, 128), n_nuclei=8, radius_range=(7, 12), z_radius_range=(2, 4), seed=0)
+viewer = napari.Viewer(show=True)
+image = viewer.add_image(stack.image, name="nuclei")
+_, widget = viewer.window.add_plugin_dock_widget("napari-mobilesam", "Segment (MobileSAM)")
+target = widget.target_layer()
+target.paint((3, 40, 40), 6)  # the brush, 0.2 s before the script ends: no autosave yet
+end = time.time() + 0.2
+while time.time() < end:
+    QApplication.processEvents()
+    time.sleep(0.01)
+assert widget._autosaver.saved_at is None
+np.save(sys.argv[1], np.asarray(target.data))
+print("the script ends with the viewer open", flush=True)
+"""
+
+
+def test_a_script_ending_with_the_viewer_open_autosaves_its_last_change(qtbot, tmp_path, stack):
+    """No event loop, no close: the viewer is closed at the interpreter's exit (workers
+    ._close_viewers), so the widget writes its last change; exit status 0."""
+    assert os.environ.get("DISPLAY"), "needs the Xvfb display"
+    drawn = tmp_path / "drawn.npy"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", _ENDS_WITH_THE_VIEWER_OPEN, str(drawn)], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+    assert "the script ends with the viewer open" in out.stdout
+    expected = np.load(drawn)
+    assert expected.any()
+    (path,) = store.find_autosaves(os.environ["NAPARI_MOBILESAM_AUTOSAVE_DIR"], "nuclei", stack.image.shape)
+    np.testing.assert_array_equal(store.read_autosave(path).labels, expected)

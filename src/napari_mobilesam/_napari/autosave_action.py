@@ -217,7 +217,7 @@ class Autosaver:
                 target.save(pl._level0(self._layer.data))
                 self._dirty = False
                 self.saved_at = time.time()
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - called from Qt slots and at exit: it must not raise
             log.warning("napari-mobilesam: the last autosave failed: %s", exc)
 
     def close(self) -> None:

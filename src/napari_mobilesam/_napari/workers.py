@@ -190,17 +190,38 @@ def start_task(
     return task
 
 
-@atexit.register
 def _stop_at_exit(timeout: float = EXIT_WAIT_S) -> None:
     """A script that ends while a task runs (without closing the viewer or running napari's event
     loop): cancel every running task and wait until each body has returned and napari's worker
     has finished, at most ``timeout`` seconds in all. Otherwise the interpreter shuts down under a
     worker thread of Qt's pool that still runs Python: its next signal hits a deleted Qt object
-    (abort, exit status 134) or the thread is stopped inside Qt's frames (segmentation fault, 139)."""
+    (abort, exit status 134) or the thread is stopped inside Qt's frames (segmentation fault, 139).
+    Then the viewers still open are closed (:func:`_close_viewers`)."""
     with _running_lock:
         tasks = list(_running)
-    if not tasks:
+    if tasks:
+        _stop_tasks(tasks, timeout)
+    _close_viewers()
+
+
+def _close_viewers() -> None:
+    """Close the viewers a script left open, while Python still runs: our widgets close as they
+    do when the user closes the window (the labels' last autosave is written). Otherwise PyQt's
+    own exit handler, which runs after this one, deletes the windows while it walks its table of
+    Python wrappers, and the Python code the deletion runs (the widgets' ``destroyed`` handlers)
+    runs inside that walk: where the rare segmentation fault at the exit of a script that ended
+    during a distillation was seen (docs/reliability.md)."""
+    napari = sys.modules.get("napari")
+    if napari is None:
         return
+    for viewer in list(getattr(napari.Viewer, "_instances", ())):
+        try:
+            viewer.close()
+        except Exception:  # noqa: BLE001 - Qt may be half torn down already
+            pass
+
+
+def _stop_tasks(tasks: list, timeout: float) -> None:
     names = ", ".join(task.description for task in tasks)
     print(f"napari-mobilesam: stopping before exit ({names}; up to {timeout:.0f} s)…", file=sys.stderr, flush=True)
     for task in tasks:
@@ -222,3 +243,23 @@ def _stop_at_exit(timeout: float = EXIT_WAIT_S) -> None:
         QCoreApplication.removePostedEvents(None)
     except Exception:  # noqa: BLE001 - Qt may be half torn down already
         pass
+
+
+def _register_exit_handler() -> None:
+    """Run :func:`_stop_at_exit` when the interpreter starts to shut down: with ``threading``'s
+    own exit hooks (``threading._register_atexit``, what ``concurrent.futures`` uses), which run
+    before Python joins its threads and before thread pools refuse new work, so a last autosave
+    (zarr writes through such a pool) still works; ``atexit`` where that hook is missing."""
+    import concurrent.futures.thread  # noqa: F401 - its hook (pools refuse new work) first registered, so run after ours
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(_stop_at_exit)
+            return
+        except RuntimeError:  # the interpreter is already shutting down
+            return
+    atexit.register(_stop_at_exit)
+
+
+_register_exit_handler()
