@@ -145,7 +145,6 @@ while True:
 """
 
 
-@pytest.mark.slow
 def test_a_process_killed_while_saving_leaves_every_slice_readable(tmp_path):
     """``kill -9`` in the middle of saves: every slice reads back whole, from one save or another."""
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_WHILE_SAVING, str(tmp_path)],
