@@ -43,7 +43,7 @@ def hint_text(axis: str = "z") -> str:
     """The key and mouse help shown in the widget."""
     return (
         "Click: positive point · Shift/Ctrl-click: negative point · N: swap the two\n"
-        "Boxes layer: draw a rectangle (R) for a box prompt\n"
+        "Boxes layer: draw a rectangle (R) for a box prompt, or scribble over the object (T)\n"
         f"C: commit · Shift-C: clear · Shift-S: propagate through {axis}"
     )
 

@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..io.prompts import Prompts, prompts_from_points, prompts_from_shapes
+from ..io.prompts import (
+    Prompts,
+    prompts_from_points,
+    prompts_from_shapes,
+    scribble_points,
+)
 from .label_writes import (  # noqa: F401 (part of this module's interface)
     next_free_label,
     replace_label_on_slice,
@@ -321,12 +326,25 @@ def layer_prompts(image, points=None, boxes=None) -> Prompts:
     :func:`~napari_mobilesam.io.prompts.prompts_from_shapes` (the one napari -> prompts converter),
     after mapping the layers' data through world coordinates into the image's ``(z, row, col)``
     (``(row, col)`` for a 2D image: slice 0). Only rectangles are boxes; with several on one slice
-    the most recently drawn one counts.
+    the most recently drawn one counts. Paths drawn in the boxes layer are scribbles: positive
+    points spread along them (:func:`~napari_mobilesam.io.prompts.scribble_points`).
     """
     out = Prompts()
+    coords = np.zeros((0, 3 if image_geometry(image).is_stack else 2))
+    positive = np.zeros(0, bool)
     if points is not None and len(points.data):
         coords = _to_image_coords(points, np.asarray(points.data), image)
         positive = np.asarray(points.features["positive"], dtype=bool)
+    if boxes is not None and len(boxes.data):  # scribbles (paths) are positive points along them
+        for vertices, kind in zip(boxes.data, boxes.shape_type, strict=True):
+            if kind == "path":
+                path = _to_image_coords(boxes, np.asarray(vertices), image)
+                if path.shape[1] == 3:
+                    path[:, 0] = np.round(path[:, 0])
+                along = scribble_points(path)
+                coords = np.concatenate([coords, along.reshape(-1, coords.shape[1])])
+                positive = np.concatenate([positive, np.ones(len(along), bool)])
+    if len(coords):
         out = prompts_from_points(coords, labels=positive, object_ids=np.ones(len(coords), int))
     if boxes is not None and len(boxes.data):
         last: dict[int, np.ndarray] = {}  # slice -> corners of its last rectangle

@@ -24,7 +24,15 @@ __all__ = [
     "prompts_from_points",
     "prompts_from_shapes",
     "prompts_from_arrays",
+    "scribble_points",
+    "SCRIBBLE_MAX_POINTS",
 ]
+
+#: At most this many positive points are taken along one scribble (SAM's masks get worse with
+#: many points; micro-sam's own prompt generators stay in this range too).
+SCRIBBLE_MAX_POINTS = 8
+#: One point per this many pixels of scribble, up to :data:`SCRIBBLE_MAX_POINTS`.
+SCRIBBLE_STEP = 12.0
 
 
 PromptsError = PromptError  # the name this module used before the error classes were unified
@@ -328,6 +336,41 @@ def prompts_from_shapes(
     if len(ids) != len(boxes):
         raise PromptsError(f"{len(boxes)} boxes need {len(boxes)} object ids, got {len(ids)}")
     return Prompts(boxes=np.array(boxes).reshape(-1, 5), box_ids=ids)
+
+
+def scribble_points(vertices: np.ndarray, max_points: int = SCRIBBLE_MAX_POINTS,
+                    step: float = SCRIBBLE_STEP) -> np.ndarray:
+    """Points spread evenly along a scribble (a drawn path), its two ends included.
+
+    Parameters
+    ----------
+    vertices : (K, 3) or (K, 2) float
+        The path's vertices in (z, row, col) (all on one slice) or (row, col) pixels.
+    max_points, step
+        One point per ``step`` pixels of length, at least 2 (1 for a path of one point or of no
+        length), at most ``max_points``.
+
+    Returns
+    -------
+    (P, 3) or (P, 2) float64, in the vertices' layout.
+    """
+    v = np.asarray(vertices, np.float64)
+    if v.ndim != 2 or v.shape[1] not in (2, 3) or len(v) == 0:
+        raise PromptsError(f"a scribble needs (K, 3) or (K, 2) vertices, got shape {v.shape}")
+    if v.shape[1] == 3 and np.ptp(v[:, 0]) > 1e-6:
+        raise PromptsError(f"the scribble is not on one slice (its vertices have z {np.unique(v[:, 0])})")
+    plane = v[:, -2:]
+    arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(plane, axis=0), axis=1))])
+    length = float(arc[-1])
+    if length <= 0:
+        return v[:1].copy()
+    n = int(np.clip(np.ceil(length / float(step)) + 1, 2, max(2, int(max_points))))
+    at = np.linspace(0.0, length, n)
+    rows = np.interp(at, arc, plane[:, 0])
+    cols = np.interp(at, arc, plane[:, 1])
+    if v.shape[1] == 2:
+        return np.stack([rows, cols], axis=1)
+    return np.stack([np.full(n, v[0, 0]), rows, cols], axis=1)
 
 
 def prompts_from_arrays(
