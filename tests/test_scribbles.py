@@ -40,32 +40,39 @@ def test_points_are_spread_evenly_along_the_path_ends_included():
         scribble_points(np.zeros((3, 4)))
 
 
+def _scribble_across(viewer, widget, image, stack, label):
+    """On the slice where nucleus ``label`` is largest: T in the boxes layer (napari's path tool)
+    and a real drag across the middle of the nucleus. Returns (z, row, col0, col1) of the stroke."""
+    z = int(np.argmax((stack.labels == label).sum(axis=(1, 2))))
+    rows, cols = np.nonzero(stack.labels[z] == label)
+    r, c = int(np.median(rows)), int(np.median(cols))
+    half = max(2, (cols.max() - cols.min()) // 4)
+    go_to(viewer, image, z)
+    look_at(viewer, image, (z, r, c))
+    viewer.layers.selection.active = widget.boxes_layer
+    key(viewer, Qt.Key.Key_T)
+    assert widget.boxes_layer.mode == "add_path"
+    drag(viewer, image, (z, r, c - half), (z, r, c + half), steps=8)
+    return z, r, c - half, c + half
+
+
 @pytest.mark.gui
 def test_a_scribble_drawn_with_the_mouse_previews_commits_and_propagates(make_napari_viewer, qtbot, stack):
-    """T in the boxes layer (napari's path tool), a real drag across a nucleus: the preview is
+    """A real drag across a nucleus with napari's path tool in the boxes layer: the preview is
     that nucleus (the GroundTruthOracle answers the points along the stroke); C commits it and
     removes the scribble; a scribble is a seed of propagation like a click."""
     viewer, _dock, widget, image, _oracle = open_session(make_napari_viewer, qtbot, stack)
-    index = int(np.argmax([(stack.labels == i).sum() for i in range(1, stack.labels.max() + 1)]))
-    label = index + 1
-    z = int(np.argmax((stack.labels == label).sum(axis=(1, 2))))
-    rows, cols = np.nonzero(stack.labels[z] == label)
-    r0, c0 = int(np.median(rows)), int(np.median(cols))
-    half = max(2, (cols.max() - cols.min()) // 4)
-    go_to(viewer, image, z)
-    look_at(viewer, image, (z, r0, c0))
+    sizes = [(stack.labels == i).sum() for i in range(1, stack.labels.max() + 1)]
+    label = int(np.argmax(sizes)) + 1
     boxes = widget.boxes_layer
-    viewer.layers.selection.active = boxes
-    key(viewer, Qt.Key.Key_T)  # napari's "add path" tool
-    assert boxes.mode == "add_path"
-    drag(viewer, image, (z, r0, c0 - half), (z, r0, c0 + half), steps=8)
+    z, r0, c_from, c_to = _scribble_across(viewer, widget, image, stack, label)
     assert list(boxes.shape_type) == ["path"], list(boxes.shape_type)
     wait_preview(qtbot, widget)
     np.testing.assert_array_equal(widget.preview_layer.data[0] > 0, stack.labels[z] == label)
     prompt = pl.slice_prompt(pl.layer_prompts(image, widget.points_layer, boxes), z)
     assert len(prompt.points) >= 3 and set(np.asarray(prompt.labels).tolist()) == {1}
     assert np.all(np.abs(prompt.points[:, 0] - r0) <= 1.5), prompt.points  # (row, col) along the stroke
-    assert prompt.points[:, 1].min() <= c0 - half + 1.5 and prompt.points[:, 1].max() >= c0 + half - 1.5
+    assert prompt.points[:, 1].min() <= c_from + 1.5 and prompt.points[:, 1].max() >= c_to - 1.5
     key(viewer, Qt.Key.Key_C)
     target = widget.target_layer(create=False)
     np.testing.assert_array_equal(target.data[z] > 0, stack.labels[z] == label)
@@ -74,15 +81,7 @@ def test_a_scribble_drawn_with_the_mouse_previews_commits_and_propagates(make_na
     # a scribble on another nucleus, then Shift-S: it seeds the propagation as clicks do
     other = next(i for i in range(1, stack.labels.max() + 1)
                  if i != label and (stack.labels == i).sum(axis=(1, 2)).astype(bool).sum() >= 3)
-    z2 = int(np.argmax((stack.labels == other).sum(axis=(1, 2))))
-    rows, cols = np.nonzero(stack.labels[z2] == other)
-    r2, c2 = int(np.median(rows)), int(np.median(cols))
-    half2 = max(2, (cols.max() - cols.min()) // 4)
-    go_to(viewer, image, z2)
-    look_at(viewer, image, (z2, r2, c2))
-    viewer.layers.selection.active = boxes
-    key(viewer, Qt.Key.Key_T)
-    drag(viewer, image, (z2, r2, c2 - half2), (z2, r2, c2 + half2), steps=8)
+    z2, _r, _c0, _c1 = _scribble_across(viewer, widget, image, stack, other)
     wait_preview(qtbot, widget)
     key(viewer, Qt.Key.Key_S, SHIFT)
     wait_idle(qtbot, widget)
