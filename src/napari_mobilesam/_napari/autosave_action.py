@@ -124,7 +124,7 @@ class Autosaver:
         self._dirty = True
         if self._offer is not None and self._has_labels(self._layer):
             self._offer = None  # labels drawn now: restoring would add a second set
-            self._show_offer()
+            self.show_offer()
         self._timer.start()
 
     def _on_switched(self, _value=None) -> None:
@@ -258,9 +258,10 @@ class Autosaver:
             found = [p for p in found if p not in mine]
             if found and not self._has_labels(self._layer):  # (a scan of the layer: only when needed)
                 self._offer = found[0]
-        self._show_offer()
+        self.show_offer()
 
-    def _show_offer(self) -> None:
+    def show_offer(self) -> None:
+        """Show or hide the Restore button for the offer found last, and say so in the status line."""
         button = self._c.restore
         if self._offer is None:
             button.visible = False
@@ -291,17 +292,13 @@ class Autosaver:
         layers = self._viewer.layers
         # below the prompt layers (they stay visible and clickable), just above the image
         layers.insert(layers.index(image) + 1 if image in layers else len(layers), layer)
-        own = store.LabelsAutosave(self.folder(), image.name, tuple(saved.labels.shape), saved.labels.dtype,
-                                   source=_source(image))
-        if path == own.path:
+        self._c.target.value = layer  # follow() through the target's change; the offer goes
+        own = self._store_for(layer)
+        if own is not None and own.path == path and not own.saves:
             try:
                 own.adopt()  # this session continues that file
             except Exception as exc:  # noqa: BLE001 - then its first save starts a new file, this one kept
                 log.debug("napari-mobilesam: not continuing autosave %s: %s", path, exc)
-        self._stores[(id(image), str(self.folder()), tuple(saved.labels.shape), saved.labels.dtype.str)] = own
-        self._offer = None
-        self._c.target.value = layer  # follow() is called through the target's change
-        self._show_offer()
         note = f" ({len(saved.damaged)} damaged chunks read as background)" if saved.damaged else ""
         self._say.status(f"Restored {saved.describe()} into {layer.name!r}{note}.")
         if self._on_restored is not None:

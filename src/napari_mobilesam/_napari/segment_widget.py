@@ -398,7 +398,7 @@ class SegmentWidget(DockContainer):
             self._c.target.value = made_layer
         self._show_status(f"Image {image.name!r}: click on an object.")
         self._follow_target()
-        self._autosaver.update_offer()  # its note (labels autosaved earlier) replaces the line above
+        self._autosaver.show_offer()  # its note (labels autosaved earlier) replaces the line above
         self._new_session()
 
     def _follow_target(self, _value=None) -> None:

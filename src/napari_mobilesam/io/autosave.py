@@ -90,9 +90,11 @@ def find_autosaves(folder: str | Path, image_name: str, shape: tuple[int, ...], 
     """Every autosave of that image in ``folder`` that holds labels, newest first (the current
     one, then those a later session moved aside)."""
     main = autosave_path(folder, image_name, shape, source)
-    found = [p for p in main.parent.glob(f"{main.stem}*.zarr")
-             if p.is_dir() and _meta(p).get("empty") is False] if main.parent.is_dir() else []
-    return sorted(found, key=read_autosave_time, reverse=True)
+    if not main.parent.is_dir():
+        return []
+    metas = [(p, _meta(p)) for p in main.parent.glob(f"{main.stem}*.zarr") if p.is_dir()]
+    found = [(float(m.get("saved", p.stat().st_mtime)), p) for p, m in metas if m.get("empty") is False]
+    return [p for _saved, p in sorted(found, key=lambda item: item[0], reverse=True)]
 
 
 def _meta(path: Path) -> dict:
@@ -297,7 +299,6 @@ class LabelsAutosave:
                     self._array.attrs[ATTRS_KEY] = {"image": self.image_name, "source": self.source,
                                                     "saved": time.time(), "empty": empty, "digests": self._digests}
             except OSError as exc:
-                self._digests = None if self._array is None else self._digests
                 raise OSError(f"cannot autosave labels to {self.folder}: {exc.strerror or exc}; choose "
                               "another autosave folder (or turn autosave off)") from exc
             if self._digests is not None:
